@@ -1,0 +1,25 @@
+"""fsmoe-compiler: a torch.compile backend for Mixture-of-Experts training.
+
+``torch.compile(model, backend="fsmoe")`` works without importing this package
+(entry point ``torch_dynamo_backends``); importing it gives the user-facing
+helpers ``explain``, ``report`` and the options dataclass ``FSMoEConfig``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["FSMoEConfig", "explain", "report", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy so that `import fsmoe_compiler.scheduler` never drags torch in.
+    if name == "FSMoEConfig":
+        from fsmoe_compiler.config import FSMoEConfig
+
+        return FSMoEConfig
+    if name in ("explain", "report"):
+        from fsmoe_compiler import inspect as _inspect
+
+        return getattr(_inspect, name)
+    raise AttributeError(f"module 'fsmoe_compiler' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""fsmoe_compiler.sim"""

@@ -1,0 +1,1 @@
+"""Runtime helpers: process-group topology, launching local ranks, execution. Never imports passes or the scheduler."""
