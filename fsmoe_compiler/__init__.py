@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return FSMoEConfig
     if name in ("explain", "report"):
-        from fsmoe_compiler import inspect as _inspect
+        from fsmoe_compiler import introspect as _introspect
 
-        return getattr(_inspect, name)
+        return getattr(_introspect, name)
     raise AttributeError(f"module 'fsmoe_compiler' has no attribute {name!r}")

@@ -1,0 +1,130 @@
+"""The ``fsmoe`` torch.compile backend: aot_autograd with our pass pipeline on both graphs.
+
+Dynamo hands us an FX graph; aot_autograd splits it into forward and backward
+ATen graphs and gives each to a graph compiler that runs ``run_passes``. If a
+pass fails, the unmodified graph runs and the report says why (``strict=True``
+raises instead). Registered as the ``fsmoe`` entry point of
+``torch_dynamo_backends``, so ``torch.compile(model, backend="fsmoe")`` works
+without importing this package.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+
+from fsmoe_compiler import records
+from fsmoe_compiler.config import FSMoEConfig
+from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.recognize import recognize
+from fsmoe_compiler.passes.verify import graph_signature, verify
+
+
+class FSMoECompileError(RuntimeError):
+    """A pass could not apply and ``strict=True`` asked for an error instead of a fallback."""
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The pass pipeline, applied to the forward and the backward graph alike."""
+    gm = recognize(gm, ctx)  # find MoE regions: router, dispatch, expert, combine
+    gm = verify(gm, ctx)  # inputs, outputs, collective order unchanged; else fall back
+    return gm
+
+
+def fsmoe_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None, **kwargs: Any
+) -> Callable:
+    """Compile a Dynamo graph: aot_autograd with ``run_passes`` on the forward and backward graphs."""
+    if kwargs:
+        raise ValueError(
+            f"the fsmoe backend takes only options=..., got {sorted(kwargs)}; "
+            f"valid options go in options: {[f for f in FSMoEConfig.__dataclass_fields__]}"
+        )
+    config = FSMoEConfig.from_options(options)
+    record = records.new_record(config, example_inputs)
+    return aot_autograd(
+        fw_compiler=_graph_compiler("forward", config, record),
+        bw_compiler=_graph_compiler("backward", config, record),
+    )(gm, example_inputs)
+
+
+def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
+    def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        ctx = PassContext(graph_kind=kind, strict=config.strict, config=config, original=graph_signature(gm))
+        _dump(config, record, kind, "before", gm)
+        fallback = None
+        try:
+            result = run_passes(_copy_graph_module(gm), ctx)
+        except Exception as exc:  # any pass failure: run the unmodified graph, say why
+            if config.strict:
+                raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc
+            fallback = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"fsmoe: {kind} graph falls back to the unmodified graph ({fallback})", stacklevel=2)
+            result = gm
+        if config.check_ranks:  # on every path, so no rank waits alone in the gather
+            _check_ranks_agree(kind, ctx.regions.get(kind, []) if fallback is None else [])
+        record.graphs.append(
+            records.GraphReport(
+                kind=kind,
+                regions=list(ctx.regions.get(kind, [])),
+                notes=list(ctx.notes),
+                fallback=fallback,
+                num_nodes=len(result.graph.nodes),
+            )
+        )
+        _dump(config, record, kind, "after", result)
+        return make_boxed_func(result.forward)
+
+    return compile_graph
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph passes may edit while ``gm`` stays intact for the fallback."""
+    graph = fx.Graph()
+    graph._codegen = copy.copy(gm.graph._codegen)
+    graph.graph_copy(gm.graph, {}, return_output_node=True)
+    out = fx.GraphModule(gm, graph)
+    out.meta = dict(getattr(gm, "meta", {}))
+    return out
+
+
+class RanksDisagree(ValueError):
+    """Ranks found different MoE regions; their collectives would not match."""
+
+
+def _region_summary(regions: list) -> list[tuple]:
+    return [(r.layer, r.router, r.num_experts, r.top_k, r.capacity, r.dropless) for r in regions]
+
+
+def _check_ranks_agree(kind: str, regions: list) -> None:
+    """Raise ``RanksDisagree`` if another rank found different regions in this graph."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    mine = _region_summary(regions)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise RanksDisagree(
+                f"fsmoe: in the {kind} graph rank {dist.get_rank()} found MoE regions {mine} "
+                f"but rank {rank} found {theirs} (layer, router, experts, top-k, capacity, dropless); "
+                "all ranks must run the same model"
+            )
+
+
+def _dump(config: FSMoEConfig, record: records.CompileRecord, kind: str, stage: str, gm: fx.GraphModule) -> None:
+    if config.dump_dir is None:
+        return
+    os.makedirs(config.dump_dir, exist_ok=True)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    path = os.path.join(config.dump_dir, f"graph{record.id}_{kind}_{stage}_rank{rank}.py")
+    with open(path, "w") as f:
+        f.write(gm.print_readable(print_output=False))

@@ -1,0 +1,68 @@
+"""What the backend remembers about each compile, for ``report`` and ``explain``.
+
+Dynamo hands the backend a model's parameters as graph inputs, so a record
+keeps weak references to them; ``records_for(model)`` finds the records whose
+parameters belong to ``model`` without reaching into Dynamo's internals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+_counter = itertools.count()
+
+
+@dataclass
+class GraphReport:
+    """One aot_autograd graph after the pass pipeline.
+
+    ``fallback`` is the reason the unmodified graph was used instead, or None.
+    """
+
+    kind: str  # "forward" | "backward"
+    regions: list
+    notes: list[str]
+    fallback: str | None
+    num_nodes: int
+
+
+@dataclass
+class CompileRecord:
+    """One Dynamo graph compiled by the fsmoe backend and its aot graphs."""
+
+    id: int
+    config: Any
+    param_refs: list[weakref.ref] = field(default_factory=list, repr=False)
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    def owns_any(self, params: Iterable[torch.Tensor]) -> bool:
+        mine = {id(p) for p in (r() for r in self.param_refs) if p is not None}
+        return any(id(p) in mine for p in params)
+
+    def latest(self, kind: str) -> GraphReport | None:
+        """The most recently compiled graph of ``kind`` (recompiles replace earlier ones)."""
+        found = [g for g in self.graphs if g.kind == kind]
+        return found[-1] if found else None
+
+
+_RECORDS: list[CompileRecord] = []
+
+
+def new_record(config: Any, example_inputs: Iterable[Any]) -> CompileRecord:
+    """Register a compile and remember which parameters it was given."""
+    params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params])
+    _RECORDS.append(record)
+    return record
+
+
+def records_for(model: torch.nn.Module) -> list[CompileRecord]:
+    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first."""
+    params = list(model.parameters())
+    _RECORDS[:] = [r for r in _RECORDS if not r.param_refs or any(ref() is not None for ref in r.param_refs)]
+    return [r for r in _RECORDS if r.owns_any(params)]
