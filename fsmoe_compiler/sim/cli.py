@@ -1,0 +1,193 @@
+"""``fsmoe simulate``: replay the scheduler on layer grids or one configured layer stack.
+
+Two modes:
+
+* ``--grid fsmoe``: FSMoE's 1458 layers on each cost preset (or ``--preset
+  NAME``); prints per preset the speedup of our schedule over ``sequential``,
+  ``tutel`` and ``fsmoe_paper`` (geomean / min / max), the ceiling on that
+  speedup (geomean of baseline / lower bound), the gap to the lower bound,
+  solver time per layer and how often CP-SAT proved optimality. ``--json PATH``
+  writes the same as JSON.
+* ``--config B=4,L=512,M=2048,H=8192,f=2.4,gpus=32,ffn=gpt [--layers 4]``: one
+  layer (or a stack of identical blocks); prints each method's makespan and,
+  with ``--trace out.json``, writes all methods' schedules as one Chrome trace.
+
+The lead's ``fsmoe_compiler/cli.py`` mounts this through
+:func:`add_simulate_parser`; ``python -m fsmoe_compiler.sim.cli`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tabulate import tabulate
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    from fsmoe_compiler.sim.presets import DEFAULT_PRESETS, preset_names
+
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--grid", metavar="NAME", help="run a layer grid: 'fsmoe' (FSMoE's 1458 layers)")
+    mode.add_argument(
+        "--config",
+        metavar="K=V,...",
+        help="one layer, e.g. B=4,L=512,M=2048,H=8192,f=2.4,gpus=32,ffn=gpt (required B, L, M, f; "
+        "H defaults to 4*M, gpus to 16, ffn to gpt)",
+    )
+    p.add_argument(
+        "--preset",
+        action="append",
+        metavar="NAME",
+        help=f"cost preset, repeatable: {', '.join(preset_names())} (grid default: all of "
+        f"{', '.join(DEFAULT_PRESETS)}; --config default: fsmoe-testbed)",
+    )
+    p.add_argument("--layers", type=int, default=1, help="blocks (attention + MoE) in the stack (default 1)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="run only the first N grid points")
+    p.add_argument("--workers", type=int, default=1, help="processes for the grid (default 1)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S", help="CP-SAT time limit per solve, seconds")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--trace", metavar="PATH", help="(--config) write the schedules as a Chrome trace")
+    p.add_argument("--refit", action="store_true", help="re-measure the 'local' preset instead of using its cache")
+    p.set_defaults(func=run_simulate)
+
+
+def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``simulate`` subcommand on ``subparsers`` (``set_defaults(func=run_simulate)``)."""
+    p = subparsers.add_parser(
+        "simulate",
+        help="replay the scheduler on FSMoE's 1458-layer grid or one layer stack, against the baselines",
+        description=__doc__.split("\n\n", 1)[1].split("The lead")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _configure(p)
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"fsmoe simulate: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Entry of ``fsmoe simulate``; returns the exit code (2 on a usage error)."""
+    from fsmoe_compiler.sim.grid import ConfigError, get_grid, parse_config
+    from fsmoe_compiler.sim.presets import DEFAULT_PRESETS, PRESETS, preset_names
+
+    presets = args.preset or (list(DEFAULT_PRESETS) if args.grid else ["fsmoe-testbed"])
+    for name in presets:
+        if name not in PRESETS:
+            return _fail(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
+    if args.layers < 1:
+        return _fail(f"--layers must be >= 1, got {args.layers}")
+    if args.workers < 1:
+        return _fail(f"--workers must be >= 1, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        return _fail(f"--limit must be >= 1, got {args.limit}")
+    if args.grid:
+        if args.trace:
+            return _fail("--trace needs --config (one layer stack), not --grid")
+        try:
+            specs = get_grid(args.grid)
+        except ValueError as e:
+            return _fail(str(e))
+        if args.limit is not None:
+            specs = specs[: args.limit]
+        return _run_grid(args, specs, presets)
+    try:
+        spec = parse_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    return _run_config(args, spec, presets)
+
+
+def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
+    from fsmoe_compiler.sim.simulate import simulate_grid
+    from fsmoe_compiler.sim.summary import summarize, summary_rows
+
+    summaries = []
+    t_all = time.perf_counter()
+    for name in presets:
+        t0 = time.perf_counter()
+        try:
+            results = simulate_grid(
+                specs, name, layers=args.layers, workers=args.workers, time_limit_s=args.time_limit, refit=args.refit
+            )
+        except ValueError as e:
+            return _fail(str(e))
+        wall = time.perf_counter() - t0
+        summaries.append(summarize(results, name, wall_s=wall))
+        print(f"[{name}] {len(results)} points in {wall:.1f} s", file=sys.stderr)
+    headers, rows = summary_rows(summaries)
+    print(f"grid {args.grid}: {len(specs)} layers x {args.layers} block(s), speedup = baseline makespan / ours "
+          f"(forward + backward); ceiling = geomean(baseline / lower bound)")
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(f"total wall time {time.perf_counter() - t_all:.1f} s")
+    if args.json:
+        out = {
+            "grid": args.grid,
+            "layers": args.layers,
+            "points": len(specs),
+            "wall_s": time.perf_counter() - t_all,
+            "presets": {s.preset: s.to_json() for s in summaries},
+        }
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
+    from fsmoe_compiler.report.trace import schedule_to_chrome_trace
+    from fsmoe_compiler.sim.presets import get_preset
+    from fsmoe_compiler.sim.simulate import simulate_point
+    from fsmoe_compiler.sim.summary import LOWER_BOUND, METHODS, OURS
+
+    out_json: dict = {"config": None, "layers": args.layers, "presets": {}}
+    traces: dict = {}
+    rows = []
+    for name in presets:
+        try:
+            costs = get_preset(name, spec.gpus, refit=args.refit)
+        except ValueError as e:
+            return _fail(str(e))
+        res, schedules = simulate_point(spec, costs, layers=args.layers, time_limit_s=args.time_limit, keep_schedules=True)
+        out_json["config"] = res.config
+        out_json["presets"][name] = {
+            "makespan_ms": res.makespan_ms,
+            "solver_s": res.solver_s,
+            "optimal": res.optimal,
+            "detail": res.detail,
+        }
+        for m in METHODS:
+            ms = res.makespan_ms[m]
+            speed = "" if m in (OURS, LOWER_BOUND) else f"{ms / res.makespan_ms[OURS]:.3f}x"
+            rows.append([name if m == OURS else "", m, f"{ms:.3f}", speed])
+        for m, sched in schedules.items():
+            traces[f"{name}: {m}" if len(presets) > 1 else m] = sched
+        detail = ", ".join(f"{k}={v}" for k, v in res.detail.items())
+        rows.append(["", f"({detail}; solver {res.solver_s * 1e3:.0f} ms, "
+                         f"{'proved optimal' if res.optimal else 'not proved optimal'})", "", ""])
+    print(f"layer {args.config} x {args.layers} block(s): makespan of forward + backward")
+    print(tabulate(rows, headers=["preset", "method", "makespan ms", "speedup of ours"], tablefmt="github"))
+    if args.trace:
+        schedule_to_chrome_trace(traces, args.trace, metadata={"config": args.config, "layers": args.layers})
+        print(f"wrote Chrome trace {args.trace} ({len(traces)} schedules; open in https://ui.perfetto.dev)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out_json, indent=1))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fsmoe_compiler.sim.cli ...``: the simulate subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="fsmoe simulate", description=__doc__.split("\n\n", 1)[1].split("The lead")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
