@@ -1,0 +1,209 @@
+"""List scheduling and fixed-order replay: fast schedules without a solver.
+
+``list_schedule`` is a serial schedule-generation scheme with insertion: tasks
+are taken in priority order (longest remaining path first, the critical-path
+rule) and each is put in the earliest gap of its resource that is long enough
+and after its predecessors end. ``fixed_order_schedule`` runs tasks in a given
+per-resource order, each as early as possible: that is how a system with one
+FIFO stream per resource executes (the baselines), and how a solver's order is
+turned back into exact float times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from bisect import bisect_right
+from typing import Callable
+
+from fsmoe_compiler.scheduler.schedule import Schedule
+from fsmoe_compiler.scheduler.taskgraph import RESOURCES, GraphArrays, TaskGraph
+
+
+def tails(arr: GraphArrays) -> list[float]:
+    """Longest path from each task to the end of the graph, the task's own duration included."""
+    tail = [0.0] * len(arr.ids)
+    dur, succs = arr.dur, arr.succs
+    for i in reversed(arr.topo):
+        best = 0.0
+        for j in succs[i]:
+            if tail[j] > best:
+                best = tail[j]
+        tail[i] = best + dur[i]
+    return tail
+
+
+def heads(arr: GraphArrays) -> list[float]:
+    """Earliest start of each task if resources were unlimited."""
+    head = [0.0] * len(arr.ids)
+    dur, preds = arr.dur, arr.preds
+    for i in arr.topo:
+        best = 0.0
+        for j in preds[i]:
+            e = head[j] + dur[j]
+            if e > best:
+                best = e
+        head[i] = best
+    return head
+
+
+def critical_path(graph: TaskGraph) -> float:
+    """Length of the longest dependency chain (ms)."""
+    arr = graph.arrays()
+    return max(tails(arr), default=0.0)
+
+
+def _to_schedule(graph: TaskGraph, arr: GraphArrays, start: list[float], method: str, status: str,
+                 t0: float, meta: dict | None = None) -> Schedule:
+    ids, dur, res = arr.ids, arr.dur, arr.res
+    end = [s + d for s, d in zip(start, dur)]
+    rank = [0] * len(ids)
+    for k, i in enumerate(arr.topo):
+        rank[i] = k
+    order: dict[str, list[str]] = {r: [] for r in RESOURCES}
+    for i in sorted(range(len(ids)), key=lambda i: (start[i], end[i], rank[i])):
+        order[RESOURCES[res[i]]].append(ids[i])
+    return Schedule(start=dict(zip(ids, start)), end=dict(zip(ids, end)), order=order,
+                    makespan=max(end, default=0.0), method=method, status=status,
+                    solve_time_s=time.perf_counter() - t0, meta=dict(meta or {}))
+
+
+def list_schedule(graph: TaskGraph, priority: Callable[[int, GraphArrays, list[float]], tuple] | None = None,
+                  method: str = "heuristic") -> Schedule:
+    """Critical-path list scheduling with insertion into resource gaps.
+
+    ``priority(i, arrays, tails)`` returns a sort key (smaller runs first);
+    the default is ``-tail`` (longest remaining path first), ties by
+    topological position.
+    """
+    t0 = time.perf_counter()
+    arr = graph.arrays()
+    n = len(arr.ids)
+    tail = tails(arr)
+    rank = [0] * n
+    for k, i in enumerate(arr.topo):
+        rank[i] = k
+    key = (lambda i: (-tail[i], rank[i])) if priority is None else (lambda i: priority(i, arr, tail) + (rank[i],))
+    dur, res, preds, succs = arr.dur, arr.res, arr.preds, arr.succs
+    indeg = [len(p) for p in preds]
+    est = [0.0] * n
+    start = [0.0] * n
+    rs: list[list[float]] = [[] for _ in RESOURCES]  # busy interval starts, sorted
+    re: list[list[float]] = [[] for _ in RESOURCES]  # matching ends (also sorted: intervals are disjoint)
+    heap = [(key(i), i) for i in range(n) if indeg[i] == 0]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        d = dur[i]
+        t = est[i]
+        S, E = rs[res[i]], re[res[i]]
+        k = bisect_right(E, t)  # first interval ending after t
+        m = len(S)
+        while k < m:
+            if S[k] >= t + d:
+                break
+            if E[k] > t:
+                t = E[k]
+            k += 1
+        S.insert(k, t)
+        E.insert(k, t + d)
+        start[i] = t
+        e = t + d
+        for j in succs[i]:
+            if e > est[j]:
+                est[j] = e
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                heapq.heappush(heap, (key(j), j))
+    return _to_schedule(graph, arr, start, method, "HEURISTIC", t0)
+
+
+def fill_last_priority(graph: TaskGraph) -> Callable[[int, GraphArrays, list[float]], tuple]:
+    """Priority that schedules gradient all-reduce partitions last (they fill gaps), others by critical path."""
+    arr = graph.arrays()
+    low = [graph.tasks[t].role == "grad_sync" for t in arr.ids]
+    return lambda i, a, tail: (1 if low[i] else 0, -tail[i])
+
+
+def heuristic_schedule(graph: TaskGraph, method: str = "heuristic") -> Schedule:
+    """Best of the critical-path rule and the fill-last rule (gradient syncs go into gaps)."""
+    t0 = time.perf_counter()
+    best = list_schedule(graph, method=method)
+    if any(t.role == "grad_sync" for t in graph.tasks.values()):
+        alt = list_schedule(graph, priority=fill_last_priority(graph), method=method)
+        if alt.makespan < best.makespan - 1e-9:
+            best = alt
+    best.solve_time_s = time.perf_counter() - t0
+    return best
+
+
+def fixed_order_schedule(graph: TaskGraph, order: dict[str, list[str]], method: str = "fixed_order",
+                         status: str = "FIXED_ORDER", meta: dict | None = None) -> Schedule:
+    """Run each resource's tasks in the given order, each as early as possible.
+
+    ``order`` maps a resource to its task ids; together they must list every
+    task once. Raises ValueError if the order contradicts the dependencies
+    (a FIFO stream would deadlock).
+    """
+    t0 = time.perf_counter()
+    arr = graph.arrays()
+    n = len(arr.ids)
+    index = arr.index
+    seqs: list[list[int]] = []
+    seen = 0
+    for r in RESOURCES:
+        seq = [index[t] for t in order.get(r, [])]
+        for i in seq:
+            if RESOURCES[arr.res[i]] != r:
+                raise ValueError(f"task {arr.ids[i]!r} runs on {RESOURCES[arr.res[i]]!r}, listed under {r!r}")
+        seqs.append(seq)
+        seen += len(seq)
+    bad = [r for r in order if r not in RESOURCES]
+    if bad:
+        raise ValueError(f"unknown resource {bad[0]!r} in order; valid resources: {', '.join(RESOURCES)}")
+    if seen != n or len({i for s in seqs for i in s}) != n:
+        raise ValueError(f"order must list each of the {n} tasks exactly once, got {seen} entries")
+    dur, preds = arr.dur, arr.preds
+    done = [False] * n
+    end = [0.0] * n
+    start = [0.0] * n
+    ptr = [0] * len(RESOURCES)
+    free = [0.0] * len(RESOURCES)
+    left = n
+    while left:
+        progressed = False
+        for r, seq in enumerate(seqs):
+            while ptr[r] < len(seq):
+                i = seq[ptr[r]]
+                if not all(done[j] for j in preds[i]):
+                    break
+                s = free[r]
+                for j in preds[i]:
+                    if end[j] > s:
+                        s = end[j]
+                start[i] = s
+                end[i] = free[r] = s + dur[i]
+                done[i] = True
+                ptr[r] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            heads_ = [arr.ids[seq[ptr[r]]] for r, seq in enumerate(seqs) if ptr[r] < len(seq)]
+            raise ValueError(f"order deadlocks: the next task of every resource waits on another ({heads_})")
+    return _to_schedule(graph, arr, start, method, status, t0, meta)
+
+
+def replay(graph: TaskGraph, schedule: Schedule, method: str | None = None, status: str | None = None) -> Schedule:
+    """Left-justify ``schedule`` on ``graph``: keep each resource's order, start every task as early as possible.
+
+    ``schedule`` may come from a graph with the same task ids but another
+    resource mapping (e.g. Tutel's single comm stream); its start times then
+    give the order on ``graph``'s resources. Never later than the input.
+    """
+    arr = graph.arrays()
+    rank = {arr.ids[j]: k for k, j in enumerate(arr.topo)}
+    order: dict[str, list[str]] = {r: [] for r in RESOURCES}
+    for tid in sorted(graph.tasks, key=lambda t: (schedule.start[t], schedule.end[t], rank[t])):
+        order[graph.tasks[tid].resource].append(tid)
+    return fixed_order_schedule(graph, order, method=method or schedule.method, status=status or schedule.status,
+                                meta=schedule.meta)
