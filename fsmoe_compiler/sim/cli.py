@@ -52,6 +52,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="S", help="CP-SAT time limit per solve, seconds")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--trace", metavar="PATH", help="(--config) write the schedules as a Chrome trace")
+    p.add_argument("--validate", action="store_true", help="check every schedule with validate_schedule (slower)")
     p.add_argument("--refit", action="store_true", help="re-measure the 'local' preset instead of using its cache")
     p.set_defaults(func=run_simulate)
 
@@ -115,7 +116,13 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
         t0 = time.perf_counter()
         try:
             results = simulate_grid(
-                specs, name, layers=args.layers, workers=args.workers, time_limit_s=args.time_limit, refit=args.refit
+                specs,
+                name,
+                layers=args.layers,
+                workers=args.workers,
+                time_limit_s=args.time_limit,
+                validate=args.validate,
+                refit=args.refit,
             )
         except ValueError as e:
             return _fail(str(e))
@@ -148,12 +155,14 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
     out_json: dict = {"config": None, "layers": args.layers, "presets": {}}
     traces: dict = {}
     rows = []
+    notes: list[str] = []
     for name in presets:
         try:
             costs = get_preset(name, spec.gpus, refit=args.refit)
         except ValueError as e:
             return _fail(str(e))
-        res, schedules = simulate_point(spec, costs, layers=args.layers, time_limit_s=args.time_limit, keep_schedules=True)
+        res, plans = simulate_point(spec, costs, layers=args.layers, time_limit_s=args.time_limit,
+                                     validate=args.validate, keep_schedules=True)
         out_json["config"] = res.config
         out_json["presets"][name] = {
             "makespan_ms": res.makespan_ms,
@@ -165,15 +174,24 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
             ms = res.makespan_ms[m]
             speed = "" if m in (OURS, LOWER_BOUND) else f"{ms / res.makespan_ms[OURS]:.3f}x"
             rows.append([name if m == OURS else "", m, f"{ms:.3f}", speed])
-        for m, sched in schedules.items():
-            traces[f"{name}: {m}" if len(presets) > 1 else m] = sched
-        detail = ", ".join(f"{k}={v}" for k, v in res.detail.items())
-        rows.append(["", f"({detail}; solver {res.solver_s * 1e3:.0f} ms, "
-                         f"{'proved optimal' if res.optimal else 'not proved optimal'})", "", ""])
+        if args.trace:
+            for m, plan in plans.items():
+                if plan.schedule is not None:
+                    traces[f"{name}: {m}" if len(presets) > 1 else m] = (plan.schedule, plan.graph)
+        d = res.detail
+        notes.append(f"{name}: ours r_fwd={d.get('r_fwd')} r_bwd={d.get('r_bwd')} status={d.get('status')}, "
+                     f"solver {res.solver_s * 1e3:.0f} ms, {'proved optimal' if res.optimal else 'not proved optimal'}")
     print(f"layer {args.config} x {args.layers} block(s): makespan of forward + backward")
     print(tabulate(rows, headers=["preset", "method", "makespan ms", "speedup of ours"], tablefmt="github"))
+    for line in notes:
+        print(line)
     if args.trace:
-        schedule_to_chrome_trace(traces, args.trace, metadata={"config": args.config, "layers": args.layers})
+        schedule_to_chrome_trace(
+            {k: s for k, (s, _) in traces.items()},
+            args.trace,
+            graph={k: g for k, (_, g) in traces.items()},
+            metadata={"config": args.config, "layers": args.layers, "presets": presets},
+        )
         print(f"wrote Chrome trace {args.trace} ({len(traces)} schedules; open in https://ui.perfetto.dev)")
     if args.json:
         Path(args.json).write_text(json.dumps(out_json, indent=1))

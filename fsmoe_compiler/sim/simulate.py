@@ -1,0 +1,176 @@
+"""Replay the scheduler on layer stacks and grids under a cost preset.
+
+Each grid point is a model: a stack of ``layers`` identical blocks (attention /
+dense block, then an MoE FFN), one training step (forward then backward, dense
+gradients produced layer by layer in the backward and all-reduced over the
+inter-node link). Every method plans that step with the same task graph
+builders and costs:
+
+* ``ours`` - the scheduler's search (pipeline degrees per layer and direction,
+  gradient partitions, CP-SAT over the task graph);
+* ``sequential`` (DeepSpeed-MoE), ``tutel``, ``fsmoe_paper`` - the baselines;
+* ``lower_bound`` - a makespan no schedule can beat.
+
+The makespans are simulated time (ms) of the cost model, not measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from typing import Any, Callable, Sequence
+
+from fsmoe_compiler.scheduler.baselines import fsmoe_paper, sequential, step_lower_bound, tutel
+from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
+from fsmoe_compiler.scheduler.schedule import validate_schedule
+from fsmoe_compiler.scheduler.step import StepSchedule
+from fsmoe_compiler.sim.presets import get_preset
+from fsmoe_compiler.sim.summary import BASELINES, LOWER_BOUND, OURS, PointResult
+
+
+def _ours(specs: Sequence[LayerSpec], costs: ClusterCosts, time_limit_s: float | None) -> StepSchedule:
+    """Our plan for the step: the scheduler's search (adapter to its public entry)."""
+    from fsmoe_compiler.scheduler import baselines
+
+    return baselines.fsmoe_paper(specs, costs)  # TODO: replace with the scheduler's search once committed
+
+
+BASELINE_FNS: dict[str, Callable[[Sequence[LayerSpec], ClusterCosts], StepSchedule]] = {
+    "sequential": sequential,
+    "tutel": tutel,
+    "fsmoe_paper": fsmoe_paper,
+}
+
+
+def _is_optimal(step: StepSchedule) -> bool:
+    """True when CP-SAT proved every solve behind ``step`` optimal."""
+    meta = step.meta or {}
+    if "all_optimal" in meta:
+        return bool(meta["all_optimal"])
+    return step.status == "OPTIMAL"
+
+
+def plan_step(
+    spec: LayerSpec, costs: ClusterCosts, layers: int = 1, time_limit_s: float | None = None
+) -> dict[str, StepSchedule]:
+    """Every method's :class:`StepSchedule` for a stack of ``layers`` copies of ``spec``."""
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    specs = [spec] * layers
+    out: dict[str, StepSchedule] = {OURS: _ours(specs, costs, time_limit_s)}
+    for name, fn in BASELINE_FNS.items():
+        out[name] = fn(specs, costs)
+    out[LOWER_BOUND] = step_lower_bound(specs, costs)
+    return out
+
+
+def validate_plans(plans: dict[str, StepSchedule]) -> None:
+    """Check every method's schedule with the scheduler's ``validate_schedule`` (raises ScheduleError)."""
+    for name, step in plans.items():
+        if name == LOWER_BOUND:
+            continue
+        sched = step.schedule
+        validate_schedule(step.graph, sched)
+        if abs(sched.makespan - step.makespan) > 1e-6 * max(1.0, step.makespan):
+            raise ValueError(f"{name}: reported makespan {step.makespan} != its schedule's {sched.makespan}")
+
+
+def simulate_point(
+    spec: LayerSpec,
+    costs: ClusterCosts,
+    *,
+    layers: int = 1,
+    time_limit_s: float | None = None,
+    validate: bool = False,
+    keep_schedules: bool = False,
+) -> Any:
+    """Simulate one point: a :class:`PointResult` (and the plans, with ``keep_schedules``).
+
+    ``validate`` checks every schedule with ``validate_schedule`` (slower: it
+    builds each method's full schedule).
+    """
+    t0 = time.perf_counter()
+    plans = plan_step(spec, costs, layers, time_limit_s)
+    ours = plans[OURS]
+    if validate:
+        validate_plans(plans)
+    res = PointResult(
+        preset=costs.name,
+        config=asdict(spec),
+        makespan_ms={m: p.makespan for m, p in plans.items()},
+        solver_s=ours.solve_time_s,
+        optimal=_is_optimal(ours),
+        solves=int((ours.meta or {}).get("solves", 0)),
+        detail={"r_fwd": list(ours.r_fwd), "r_bwd": list(ours.r_bwd), "status": ours.status,
+                "point_s": round(time.perf_counter() - t0, 6)},
+    )
+    res.config.pop("signature_extra", None)
+    if keep_schedules:
+        return res, plans
+    return res
+
+
+# ---------------------------------------------------------------------------
+# grids, optionally over worker processes
+# ---------------------------------------------------------------------------
+
+_W_COSTS: dict[int, ClusterCosts] = {}
+_W_OPTS: dict[str, Any] = {}
+
+
+def _init_worker(costs_by_gpus: dict[int, ClusterCosts], opts: dict[str, Any]) -> None:
+    _W_COSTS.clear()
+    _W_COSTS.update(costs_by_gpus)
+    _W_OPTS.clear()
+    _W_OPTS.update(opts)
+
+
+def _run_chunk(specs: list[LayerSpec]) -> list[PointResult]:
+    return [simulate_point(s, _W_COSTS[s.gpus], **_W_OPTS) for s in specs]
+
+
+def simulate_grid(
+    specs: Sequence[LayerSpec],
+    preset: str | Callable[[int], ClusterCosts],
+    *,
+    layers: int = 1,
+    workers: int = 1,
+    time_limit_s: float | None = None,
+    validate: bool = False,
+    refit: bool = False,
+) -> list[PointResult]:
+    """Simulate every spec under ``preset`` (a name or ``gpus -> ClusterCosts``), in order.
+
+    Costs are resolved once per GPU count in this process (the ``local`` preset
+    measures or reads its cache here), then ``workers`` processes share the
+    points in contiguous chunks.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    make = (lambda g: get_preset(preset, g, refit=refit)) if isinstance(preset, str) else preset
+    costs_by_gpus: dict[int, ClusterCosts] = {}
+    for s in specs:
+        if s.gpus not in costs_by_gpus:
+            costs_by_gpus[s.gpus] = make(s.gpus)
+            refit = False  # measure at most once per call
+    opts = {"layers": layers, "time_limit_s": time_limit_s, "validate": validate}
+    specs = list(specs)
+    if workers == 1 or len(specs) < 2 * workers:
+        _init_worker(costs_by_gpus, opts)
+        return _run_chunk(specs)
+    n_chunks = min(len(specs), workers * 8)
+    bounds = [len(specs) * i // n_chunks for i in range(n_chunks + 1)]
+    chunks = [specs[a:b] for a, b in zip(bounds, bounds[1:])]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(costs_by_gpus, opts)) as ex:
+        out: list[PointResult] = []
+        for part in ex.map(_run_chunk, chunks):
+            out.extend(part)
+    return out
+
+
+__all__ = ["BASELINE_FNS", "BASELINES", "plan_step", "simulate_grid", "simulate_point", "validate_plans"]
