@@ -1,0 +1,365 @@
+"""Our method: search pipeline degrees and gradient slices, solve the step with CP-SAT.
+
+The step of a layer stack is forward, loss, backward. The loss is a barrier
+and so is every forward layer boundary (layer l+1's attention needs all of
+layer l), so minimising the step's makespan splits *exactly* into one problem
+per forward layer plus one problem for the whole backward stack, where the
+gradient all-reduce slices of layer l may run anywhere during the backward of
+the layers below. We therefore:
+
+1. forward, per layer (cached by ``LayerSpec.signature()``): try every
+   r in 1..max_degree with the list-scheduling heuristic, then CP-SAT (free
+   order, hinted) on the most promising degrees whose lower bound still
+   leaves room;
+2. backward, jointly over the stack: candidate degree vectors (per layer,
+   forward and backward chosen separately) times candidate gradient
+   slicings (one slice, equal slices, slices cut to the idle inter-link
+   windows of the layers below, or one bucket after the backward), each
+   scored by the heuristic on the whole backward stack; the best few are
+   solved by CP-SAT, which places the slices in idle link windows and orders
+   everything freely.
+
+Every baseline's configuration and schedule (FSMoE's, Tutel's, sequential)
+is also a feasible point of this search (their schedules are replayed on our
+graph), so the result is never worse than any baseline on the same cost model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from fsmoe_compiler.scheduler.baselines import (POW2_DEGREES, costs_key, fsmoe_paper, paper_degree, sequential, tutel,
+                                                tutel_degree)
+from fsmoe_compiler.scheduler.bounds import lower_bound
+from fsmoe_compiler.scheduler.builders import build_layer_backward, build_layer_forward, build_stack_backward, build_step
+from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
+from fsmoe_compiler.scheduler.cpsat import solve_cpsat
+from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule, heuristic_schedule, replay
+from fsmoe_compiler.scheduler.schedule import Schedule
+from fsmoe_compiler.scheduler.step import StepSchedule, concat, rename_layer
+from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
+
+EPS = 1e-9
+
+
+@dataclass
+class SearchOptions:
+    """Knobs of the search; the defaults fit a 1458-layer sweep in seconds per preset.
+
+    ``time_limit_s`` is CP-SAT's deterministic time per solve; ``cpsat_top``
+    how many of the heuristic's best candidates CP-SAT refines;
+    ``degree_top`` how many degrees per layer (by isolated backward time)
+    enter the joint backward search; ``max_parts`` the largest equal slicing
+    tried for gradients.
+    """
+
+    max_degree: int = 8
+    time_limit_s: float = 0.02
+    cpsat_top: int = 1
+    degree_top: int = 3
+    max_parts: int = 4
+    use_cpsat: bool = True
+    seed_baselines: bool = True
+
+
+class SolveCache:
+    """Results keyed by (layer signature, costs, options): identical layers are solved once."""
+
+    def __init__(self) -> None:
+        self.store: dict[tuple, object] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple):
+        v = self.store.get(key)
+        if v is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return v
+
+    def put(self, key: tuple, value) -> None:
+        self.store[key] = value
+
+    def clear(self) -> None:
+        self.store.clear()
+        self.hits = self.misses = 0
+
+
+#: The process-wide cache used when none is passed.
+CACHE = SolveCache()
+
+
+def _okey(o: SearchOptions) -> tuple:
+    return (o.max_degree, o.time_limit_s, o.cpsat_top, o.degree_top, o.max_parts, o.use_cpsat, o.seed_baselines)
+
+
+# ---------------------------------------------------------------------------
+# forward: one layer at a time
+# ---------------------------------------------------------------------------
+
+def _paper_forward_order(g: TaskGraph, r: int) -> dict[str, list[str]]:
+    esp = "F0.ag0" in g.tasks
+    ids = lambda s: [f"F0.{s}{i}" for i in range(r)]
+    return {"compute": ["F0.attn"] + ids("exp"), "inter": ids("a2a_d") + ids("a2a_c"),
+            "intra": (ids("ag") + ids("rs")) if esp else []}
+
+
+def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | None = None,
+                 cache: SolveCache | None = None) -> tuple[int, Schedule]:
+    """Best forward degree of one layer and its schedule (ids of layer 0), cached by signature."""
+    opts = opts or SearchOptions()
+    cache = CACHE if cache is None else cache
+    key = ("fwd", spec.signature(), costs_key(costs), _okey(opts))
+    hit = cache.get(key)
+    if hit is not None:
+        return hit  # type: ignore[return-value]
+    seeds: dict[int, list] = {}
+    if opts.seed_baselines:
+        rp = paper_degree(spec, costs, "forward")[0]
+        seeds.setdefault(rp, []).append("paper")
+        rt = tutel_degree(spec, costs)[0]
+        seeds.setdefault(rt, []).append("tutel")
+    cands = []
+    for r in range(1, opts.max_degree + 1):
+        g = build_layer_forward(spec, costs, r)
+        h = heuristic_schedule(g)
+        for s in seeds.get(r, ()):
+            if s == "paper":
+                alt = fixed_order_schedule(g, _paper_forward_order(g, r))
+            else:  # Tutel's single-stream schedule, replayed with AG/RS on the intra link
+                gt = build_layer_forward(spec, costs, r, comm="single")
+                order = _paper_forward_order(gt, r)
+                esp = "F0.ag0" in gt.tasks
+                comm = [x for i in range(r) for x in ((f"F0.a2a_d{i}", f"F0.ag{i}") if esp else (f"F0.a2a_d{i}",))]
+                comm += [x for i in range(r) for x in ((f"F0.rs{i}", f"F0.a2a_c{i}") if esp else (f"F0.a2a_c{i}",))]
+                alt = replay(g, fixed_order_schedule(gt, {"compute": order["compute"], "inter": comm, "intra": []}))
+            if alt.makespan < h.makespan - EPS:
+                h = alt
+        cands.append((h.makespan, r, g, h))
+    cands.sort(key=lambda c: (c[0], c[1]))
+    best_ms, best_r, _, best_s = cands[0]
+    if opts.use_cpsat:
+        for ms, r, g, h in cands[: opts.cpsat_top + 1]:
+            lb = lower_bound(g)
+            if lb >= best_ms - EPS or h.makespan <= lb + EPS:
+                continue
+            s = solve_cpsat(g, opts.time_limit_s, heuristic=h, skip_if_tight=False)
+            if s.makespan < best_ms - EPS:
+                best_ms, best_r, best_s = s.makespan, r, s
+    best_s.meta["r"] = best_r
+    out = (best_r, best_s)
+    cache.put(key, out)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# backward: the whole stack jointly
+# ---------------------------------------------------------------------------
+
+def _isolated_backward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions, cache: SolveCache):
+    """Per degree: heuristic schedule of one layer's backward without gradient slices (cached)."""
+    key = ("bwd_iso", spec.signature(), costs_key(costs), opts.max_degree)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    out = {}
+    for r in range(1, opts.max_degree + 1):
+        g = build_layer_backward(spec, costs, r, [])
+        out[r] = heuristic_schedule(g)
+    cache.put(key, out)
+    return out
+
+
+def _idle_windows(s: Schedule, resource: str = "inter") -> list[float]:
+    """Lengths of the gaps of ``resource`` inside ``s`` (from 0 to the makespan)."""
+    t = 0.0
+    gaps = []
+    for tid in s.order.get(resource, []):
+        if s.start[tid] > t + EPS:
+            gaps.append(s.start[tid] - t)
+        t = max(t, s.end[tid])
+    if s.makespan > t + EPS:
+        gaps.append(s.makespan - t)
+    return gaps
+
+
+def window_slices(specs: Sequence[LayerSpec], costs: ClusterCosts, isos: Sequence[Schedule]) -> list[list[float]]:
+    """Slice each layer's gradient to the idle inter-link gaps of the layers whose backward runs after it.
+
+    Greedy in backward order with a stack of leftovers (FSMoE's idea), but on
+    the gaps of actual schedules; where the slices then run is the solver's
+    choice. Whatever does not fit stays one slice.
+    """
+    n = len(specs)
+    ar = costs.allreduce
+    parts: list[list[float]] = [[] for _ in specs]
+    stack: list[list] = []
+    for l in reversed(range(n)):
+        if l + 1 < n:
+            stack.append([l + 1, specs[l + 1].dense_grad_elems])
+        for gap in _idle_windows(isos[l]):
+            left = gap
+            while stack and left > ar.alpha:
+                it = stack[-1]
+                take = min((left - ar.alpha) / ar.beta if ar.beta > 0 else float("inf"), it[1])
+                parts[it[0]].append(take)
+                it[1] -= take
+                left -= ar(take)
+                if it[1] <= 1e-9 * specs[it[0]].dense_grad_elems:
+                    stack.pop()
+                else:
+                    break
+    for src, el in stack:
+        if el > 0:
+            parts[src].append(el)
+    parts[0] = [specs[0].dense_grad_elems]
+    # tiny slices cost a full alpha each; merge anything under 5 % of the layer's gradient into its neighbour
+    for l, p in enumerate(parts):
+        if not p:
+            p.append(specs[l].dense_grad_elems)
+        merged: list[float] = []
+        for x in p:
+            if merged and (x < 0.05 * specs[l].dense_grad_elems or merged[-1] < 0.05 * specs[l].dense_grad_elems):
+                merged[-1] += x
+            else:
+                merged.append(x)
+        merged[-1] += specs[l].dense_grad_elems - sum(merged)
+        parts[l] = merged
+    return parts
+
+
+def _equal(specs: Sequence[LayerSpec], k: int) -> list[list[float]]:
+    return [[s.dense_grad_elems / k] * k for s in specs]
+
+
+def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchOptions | None = None,
+                  cache: SolveCache | None = None, seeds: Sequence[StepSchedule] = ()):
+    """Jointly choose r_bwd per layer and gradient slices for the backward stack; returns
+    ``(r_bwd, parts, grad_sync, graph, schedule)``. ``seeds``: baseline step schedules whose backward
+    configuration and schedule are candidates too."""
+    opts = opts or SearchOptions()
+    cache = CACHE if cache is None else cache
+    n = len(specs)
+    sigs = tuple(s.signature() for s in specs)
+    key = ("bwd", sigs, costs_key(costs), _okey(opts))
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    isos = [_isolated_backward(s, costs, opts, cache) for s in specs]
+    ranked = [sorted(iso, key=lambda r: (iso[r].makespan, r)) for iso in isos]
+    # candidate degree vectors: the k-th best isolated degree of every layer, plus the seeds' vectors
+    vecs: list[tuple[int, ...]] = []
+    for k in range(opts.degree_top):
+        v = tuple(rk[min(k, len(rk) - 1)] for rk in ranked)
+        if v not in vecs:
+            vecs.append(v)
+    for sd in seeds:
+        v = tuple(sd.r_bwd)
+        if v not in vecs:
+            vecs.append(v)
+    cands = []  # (makespan, tie, r_bwd, parts, grad_sync, graph, schedule)
+
+    def consider(rv, parts, grad_sync, seed_sched: Schedule | None = None):
+        g = build_stack_backward(specs, costs, list(rv), parts, grad_sync=grad_sync)
+        h = heuristic_schedule(g)
+        if seed_sched is not None:
+            alt = replay(g, seed_sched)
+            if alt.makespan < h.makespan - EPS:
+                h = alt
+        cands.append((h.makespan, len(cands), rv, parts, grad_sync, g, h))
+
+    slicings: list[tuple[str, object]] = [("p1", None)]
+    for k in (2, 4, 8):
+        if k <= opts.max_parts:
+            slicings.append((f"eq{k}", k))
+    slicings.append(("win", "win"))
+    for v_i, rv in enumerate(vecs):
+        for name, how in slicings:
+            if how is None:
+                parts = None
+            elif how == "win":
+                parts = window_slices(specs, costs, [isos[l][rv[l]] for l in range(n)])
+            else:
+                parts = _equal(specs, how)  # type: ignore[arg-type]
+            consider(rv, parts, "partitions")
+            if n == 1:
+                break  # a single layer has nowhere to hide its gradient: slicing only adds intercepts
+        if v_i == 0:
+            consider(rv, None, "bucket")
+    for sd in seeds:  # the baselines' own backward, replayed on our (two-link) graph
+        bw = _backward_part(sd)
+        if bw is not None:
+            consider(tuple(sd.r_bwd), [p if p else None for p in sd.grad_partitions] if any(sd.grad_partitions) else None,
+                     "partitions" if any(sd.grad_partitions) else "bucket", bw)
+    cands.sort(key=lambda c: (c[0], c[1]))
+    best = cands[0]
+    if opts.use_cpsat:
+        for c in cands[: opts.cpsat_top]:
+            g, h = c[5], c[6]
+            lb = lower_bound(g)
+            if lb >= best[0] - EPS or h.makespan <= lb + EPS:
+                continue
+            s = solve_cpsat(g, opts.time_limit_s, heuristic=h, skip_if_tight=False)
+            if s.makespan < best[0] - EPS:
+                best = (s.makespan, c[1], c[2], c[3], c[4], g, s)
+    out = (list(best[2]), best[3], best[4], best[5], best[6])
+    cache.put(key, out)
+    return out
+
+
+def _backward_part(sd: StepSchedule) -> Schedule | None:
+    """The backward half of a baseline's step schedule, shifted to start at 0."""
+    s = sd.schedule
+    g = sd.graph
+    if s is None or g is None:
+        return None
+    t0 = s.end["loss"]
+    start = {t: v - t0 for t, v in s.start.items() if g.tasks[t].phase == "backward"}
+    end = {t: s.end[t] - t0 for t in start}
+    return Schedule(start=start, end=end, order={}, makespan=max(end.values(), default=0.0), method=sd.method)
+
+
+# ---------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------
+
+def fsmoe_step(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchOptions | None = None,
+               cache: SolveCache | None = None, seeds: Sequence[StepSchedule] | None = None) -> StepSchedule:
+    """Our method on a layer stack: per-layer forward degrees, joint backward search, CP-SAT."""
+    t0 = time.perf_counter()
+    opts = opts or SearchOptions()
+    cache = CACHE if cache is None else cache
+    specs = list(specs)
+    n = len(specs)
+    if n == 0:
+        raise ValueError("fsmoe_step needs at least one LayerSpec")
+    if seeds is None and opts.seed_baselines:
+        seeds = [fsmoe_paper(specs, costs), tutel(specs, costs), sequential(specs, costs)]
+    fw = [best_forward(s, costs, opts, cache) for s in specs]
+    r_f = [r for r, _ in fw]
+    fwd_ms = sum(s.makespan for _, s in fw)
+    r_b, parts, grad_sync, bg, bs = best_backward(specs, costs, opts, cache, seeds or ())
+    statuses = [s.status for _, s in fw] + [bs.status]
+    status = "OPTIMAL" if all(st == "OPTIMAL" for st in statuses) else (
+        "FEASIBLE" if any(st in ("OPTIMAL", "FEASIBLE") for st in statuses) else "HEURISTIC")
+    part_list = [list(p) if p else ([] if grad_sync == "bucket" else [s.dense_grad_elems]) for p, s in
+                 zip(parts or [None] * n, specs)]
+
+    def graph_fn() -> TaskGraph:
+        return build_step(specs, costs, r_f, r_b, [p or None for p in part_list] if grad_sync != "bucket" else None,
+                          grad_sync=grad_sync)
+
+    def sched_fn(g: TaskGraph) -> Schedule:
+        loss = Schedule(start={"loss": 0.0}, end={"loss": 0.0}, order={"compute": ["loss"]}, makespan=0.0)
+        pieces = [rename_layer(s, "F", 0, l) for l, (_, s) in enumerate(fw)] + [loss, bs]
+        return concat(pieces, method="fsmoe", status=status)
+
+    return StepSchedule(method="fsmoe", makespan=fwd_ms + bs.makespan, forward_ms=fwd_ms, backward_ms=bs.makespan,
+                        r_fwd=r_f, r_bwd=list(r_b), grad_partitions=part_list if grad_sync != "bucket" else [[] for _ in specs],
+                        status=status, solve_time_s=time.perf_counter() - t0,
+                        meta={"grad_sync": grad_sync, "bwd_status": bs.status,
+                              "fwd_status": [s.status for _, s in fw]},
+                        _graph_fn=graph_fn, _schedule_fn=sched_fn)
