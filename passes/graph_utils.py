@@ -1,0 +1,152 @@
+"""Small helpers over ATen FX graphs used by MoE recognition: op families, shapes, networkx views.
+
+Everything here reads a graph and never edits it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def _overloads(*packets) -> frozenset:
+    """Every overload of the given op packets, so a check works whatever overload the graph uses."""
+    out = set()
+    for packet in packets:
+        out.add(packet)
+        for name in packet.overloads():
+            out.add(getattr(packet, name))
+    return frozenset(out)
+
+
+def _optional(namespace, *names) -> list:
+    """Op packets that exist in this torch build (some are newer than others)."""
+    return [getattr(namespace, n) for n in names if hasattr(namespace, n)]
+
+
+MATMUL_OPS = _overloads(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
+GROUPED_MM_OPS = _overloads(*_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
+TOPK_OPS = _overloads(aten.topk)
+SOFTMAX_OPS = _overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
+SIGMOID_OPS = _overloads(aten.sigmoid)
+SOFTMAX_BACKWARD_OPS = _overloads(aten._softmax_backward_data, aten._log_softmax_backward_data)
+SIGMOID_BACKWARD_OPS = _overloads(aten.sigmoid_backward)
+NORM_OPS = _overloads(aten.linalg_vector_norm, aten.norm, aten.rsqrt, aten.sqrt)
+SCATTER_OPS = _overloads(aten.scatter, aten.scatter_add, aten.index_put, aten.index_add, aten.index_put_, aten.index_add_,
+                         aten.scatter_add_, aten.scatter_)
+GATHER_OPS = _overloads(aten.index_select, aten.gather, aten.index)
+VIEW_OPS = _overloads(
+    aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze,
+    aten.squeeze, aten.select, aten.slice, aten.alias, aten.clone, aten._to_copy, aten.contiguous, aten.detach,
+    aten.unbind, aten.split, aten.split_with_sizes, aten.as_strided, aten.unflatten, aten.flatten,
+)
+
+
+def _c10d_ops(*names: str) -> frozenset:
+    ns = getattr(torch.ops, "_c10d_functional", None)
+    return _overloads(*_optional(ns, *names)) if ns is not None else frozenset()
+
+
+ALL_TO_ALL_OPS = _c10d_ops("all_to_all_single")
+WAIT_OPS = _c10d_ops("wait_tensor")
+COLLECTIVE_OPS = _c10d_ops("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce")
+
+
+def is_op(node: fx.Node, ops: frozenset) -> bool:
+    """``node`` calls one of ``ops``."""
+    return node.op == "call_function" and node.target in ops
+
+
+def is_getitem(node: fx.Node) -> bool:
+    import operator
+
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def val(node) -> object:
+    """The fake value aot_autograd recorded for ``node`` (tensor, SymInt, tuple) or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def is_tensor(node) -> bool:
+    return isinstance(val(node), torch.Tensor)
+
+
+def static_int(x) -> int | None:
+    """``x`` as a Python int if it is one or a SymInt with a fixed value, else None."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            expr = x.node.expr
+            if expr.is_number:
+                return int(expr)
+        except Exception:  # noqa: BLE001 - anything odd is "not static"
+            return None
+    return None
+
+
+def shape(node) -> tuple | None:
+    """The shape of a tensor-valued node with each size an int or None when symbolic."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(static_int(s) for s in v.shape)
+
+
+def numel(node) -> int | None:
+    s = shape(node)
+    if s is None or any(d is None for d in s):
+        return None
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
+def nbytes(node) -> int | None:
+    """Bytes of a tensor-valued node, None when any size is symbolic."""
+    n = numel(node)
+    if n is None:
+        return None
+    return n * val(node).element_size()
+
+
+def to_digraph(graph: fx.Graph) -> nx.DiGraph:
+    """The data-flow graph: an edge from each input node to each user, keyed by node name."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node.name)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """Input nodes of ``node`` whose values are tensors (not SymInts or tuples)."""
+    return [a for a in node.all_input_nodes if is_tensor(a)]
+
+
+def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two multiplied operands (left, right) of a matmul-family node."""
+    if not is_op(node, MATMUL_OPS):
+        return None
+    target = node.target
+    if target in _overloads(aten.addmm, aten.baddbmm):
+        a, b = node.args[1], node.args[2]
+    else:
+        a, b = node.args[0], node.args[1]
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        return a, b
+    return None
+
+
+def in_order(names: Iterable[str], graph: fx.Graph) -> list[str]:
+    """``names`` sorted in the graph's node order."""
+    wanted = set(names)
+    return [n.name for n in graph.nodes if n.name in wanted]

@@ -1,0 +1,141 @@
+"""MoE recognition on third-party-style blocks: each layer found once, sizes right, look-alikes rejected."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.recognize import ROLES, find_moe_regions, recognize
+from graph_capture import capture_graphs
+import moe_styles as ms
+
+STYLE_NAMES = ["loop", "capacity", "sort", "sort-grouped", "sort-sigmoid"]
+ROUTER = {"sort-sigmoid": "sigmoid-topk"}
+BATCH, SEQ, HIDDEN = 2, 8, 16
+TOKENS = BATCH * SEQ
+
+
+def _input() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(BATCH, SEQ, HIDDEN)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_layer(style: str, shared: bool):
+    torch.manual_seed(0)
+    moe = ms.STYLES[style](shared=shared)
+    graphs = capture_graphs(ms.Block(moe), _input())
+    return moe.expected, graphs.forward[0], graphs.backward[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _two_layers(style: str):
+    torch.manual_seed(0)
+    model = ms.Stack(ms.Block(ms.STYLES[style]()), ms.Block(ms.STYLES[style](shared=True)))
+    graphs = capture_graphs(model, _input())
+    return graphs.forward[0], graphs.backward[0]
+
+
+def _matmuls(gm, names):
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return [n for n in names if "mm" in str(by_name[n].target)]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed-only", "with-shared-expert"])
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_forward_finds_one_region_with_the_layer_sizes(style, shared):
+    expected, fw, _ = _one_layer(style, shared)
+    regions = find_moe_regions(fw, "forward")
+    assert len(regions) == 1
+    r = regions[0]
+    assert (r.layer, r.graph) == (0, "forward")
+    assert r.router == ROUTER.get(style, "softmax-topk")
+    assert r.num_experts == expected["num_experts"] == 4
+    assert r.top_k == expected["top_k"] == 2
+    assert r.capacity == expected["capacity"]
+    assert r.dropless is expected["dropless"]
+    assert r.tokens == TOKENS
+    assert r.hidden == expected["hidden"] == HIDDEN
+    assert r.ffn_hidden == expected["ffn_hidden"] == 32
+    for role in ("router", "dispatch", "expert", "combine"):
+        assert r.nodes[role], f"empty {role}"
+    assert r.all_to_all == [] and r.a2a_bytes is None
+
+
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_shared_expert_is_not_counted_as_expert(style):
+    _, fw_plain, _ = _one_layer(style, False)
+    _, fw_shared, _ = _one_layer(style, True)
+    plain = find_moe_regions(fw_plain)[0]
+    shared = find_moe_regions(fw_shared)[0]
+    assert plain.nodes["shared_expert"] == []
+    # the shared expert is a SwiGLU (3 matmuls) with a sigmoid gate (1 matmul), except in the capacity style
+    n_shared_mm = 3 if style == "capacity" else 4
+    assert len(_matmuls(fw_shared, shared.nodes["shared_expert"])) == n_shared_mm
+    assert len(_matmuls(fw_shared, shared.nodes["expert"])) == len(_matmuls(fw_plain, plain.nodes["expert"]))
+    assert not set(shared.nodes["shared_expert"]) & set(shared.nodes["expert"])
+
+
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_expert_matmuls_per_style(style):
+    _, fw, _ = _one_layer(style, False)
+    r = find_moe_regions(fw)[0]
+    by_name = {n.name: n for n in fw.graph.nodes}
+    targets = [str(by_name[n].target) for n in _matmuls(fw, r.nodes["expert"])]
+    if style == "loop":  # 4 experts x SwiGLU
+        assert targets == ["aten.mm.default"] * 12
+    elif style == "capacity":  # einsum over the expert dimension
+        assert targets == ["aten.bmm.default"] * 2
+    elif style == "sort-grouped":
+        assert targets == ["aten._grouped_mm.default"] * 2
+    else:  # one mm per expert over split sizes
+        assert targets == ["aten.mm.default"] * 8
+
+
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_two_layer_model_has_two_regions(style):
+    fw, _ = _two_layers(style)
+    regions = find_moe_regions(fw)
+    assert [r.layer for r in regions] == [0, 1]
+    assert [bool(r.nodes["shared_expert"]) for r in regions] == [False, True]
+    a, b = (set().union(*r.nodes.values()) for r in regions)
+    assert not a & b
+    assert regions[0].num_experts == regions[1].num_experts == 4
+
+
+@pytest.mark.parametrize(
+    "make",
+    [ms.DenseBlock, ms.Attention, ms.TopKNotRouting, lambda: ms.Stack(ms.DenseBlock(), ms.TopKNotRouting())],
+    ids=["dense-block", "attention", "topk-not-routing", "dense-and-topk"],
+)
+def test_look_alikes_are_not_moe(make):
+    torch.manual_seed(0)
+    graphs = capture_graphs(make(), _input().requires_grad_())
+    assert find_moe_regions(graphs.forward[0], "forward") == []
+    assert find_moe_regions(graphs.backward[0], "backward") == []
+
+
+@pytest.mark.parametrize("style", ["loop", "capacity"])
+def test_find_does_not_mutate_and_recognize_only_tags(style):
+    _, fw, bw = _one_layer(style, True)
+    for gm, kind in ((fw, "forward"), (bw, "backward")):
+        before = gm.code
+        metas = {n.name: dict(n.meta) for n in gm.graph.nodes}
+        find_moe_regions(gm, kind)
+        assert gm.code == before
+        assert {n.name: dict(n.meta) for n in gm.graph.nodes} == metas
+    ctx = PassContext(graph_kind="forward")
+    before = fw.code
+    out = recognize(fw, ctx)
+    assert out is fw and fw.code == before
+    (region,) = ctx.regions["forward"]
+    tagged = {n.name: n.meta["fsmoe"] for n in fw.graph.nodes if "fsmoe" in n.meta}
+    assert set(tagged) == set().union(*region.nodes.values())
+    for role in ROLES:
+        for name in region.nodes[role]:
+            assert tagged[name] == {"role": role, "layer": 0}
+    for n in fw.graph.nodes:  # leave the shared graph as we found it for other tests
+        n.meta.pop("fsmoe", None)
