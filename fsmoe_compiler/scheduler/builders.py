@@ -212,7 +212,7 @@ def build_step(specs: Sequence[LayerSpec], costs: ClusterCosts, r_fwd: int | Seq
     """A whole training step: forward of the stack, a zero-time ``loss`` task, backward of the stack."""
     g = build_stack_forward(specs, costs, r_fwd, comm)
     g.name = "step"
-    exits = [t.id for t in g.tasks.values() if not g.g.out_degree(t.id)]
+    exits = [t for t in g.tasks if not g.succs(t)]
     g.add("loss", "loss", "compute", 0.0, layer=len(specs) - 1, role="loss", phase="forward")
     for u in exits:
         g.add_dep(u, "loss")

@@ -51,18 +51,18 @@ def _symmetric_chunk_pairs(graph: TaskGraph) -> list[tuple[str, str]]:
             idb = {t.id for t in cb}
             ext_ok = True
             for x, y in zip(ca, cb):
-                px = {p for p in graph.g.predecessors(x.id) if p not in ida}
-                py = {p for p in graph.g.predecessors(y.id) if p not in idb}
-                sx = {s for s in graph.g.successors(x.id) if s not in ida}
-                sy = {s for s in graph.g.successors(y.id) if s not in idb}
+                px = {p for p in graph.preds(x.id) if p not in ida}
+                py = {p for p in graph.preds(y.id) if p not in idb}
+                sx = {s for s in graph.succs(x.id) if s not in ida}
+                sy = {s for s in graph.succs(y.id) if s not in idb}
                 if px != py or sx != sy:
                     ext_ok = False
                     break
             if not ext_ok:
                 continue
             # the chain's first task: one with no predecessor inside the chunk
-            heads_a = [t for t in ca if not any(p in ida for p in graph.g.predecessors(t.id))]
-            heads_b = [t for t in cb if not any(p in idb for p in graph.g.predecessors(t.id))]
+            heads_a = [t for t in ca if not any(p in ida for p in graph.preds(t.id))]
+            heads_b = [t for t in cb if not any(p in idb for p in graph.preds(t.id))]
             if len(heads_a) == 1 and len(heads_b) == 1:
                 pairs.append((heads_a[0].id, heads_b[0].id))
     return pairs

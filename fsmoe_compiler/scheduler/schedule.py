@@ -99,7 +99,7 @@ def validate_schedule(graph: TaskGraph, schedule: Schedule, eps: float = EPS) ->
             raise ScheduleError(f"task {tid!r} has invalid start {s!r} / end {e!r}")
         if abs((e - s) - t.duration) > eps * max(1.0, t.duration):
             raise ScheduleError(f"task {tid!r}: end - start = {e - s:.6f} ms but duration is {t.duration:.6f} ms")
-    for u, v in graph.g.edges():
+    for u, v in graph.deps:
         if schedule.start[v] < schedule.end[u] - eps:
             raise ScheduleError(f"dependency {u!r} -> {v!r} violated: {v!r} starts at {schedule.start[v]:.6f} "
                                 f"before {u!r} ends at {schedule.end[u]:.6f}")

@@ -71,12 +71,18 @@ class GraphArrays:
 
 
 class TaskGraph:
-    """Tasks plus dependencies ``u -> v`` (v may start only after u ends)."""
+    """Tasks plus dependencies ``u -> v`` (v may start only after u ends).
+
+    Adjacency is kept in plain dicts while building (fast); :attr:`g` is the
+    networkx DiGraph view for graph algorithms, built on first use.
+    """
 
     def __init__(self, tasks: Iterable[Task] = (), deps: Iterable[tuple[str, str]] = (), name: str = "") -> None:
         self.name = name
-        self.g = nx.DiGraph()
         self.tasks: dict[str, Task] = {}
+        self._succ: dict[str, dict[str, None]] = {}
+        self._pred: dict[str, dict[str, None]] = {}
+        self._nx: nx.DiGraph | None = None
         self._arrays: GraphArrays | None = None
         for t in tasks:
             self.add_task(t)
@@ -90,9 +96,10 @@ class TaskGraph:
             raise ValueError(f"add_task expects a Task, got {type(task).__name__}")
         if task.id in self.tasks:
             raise ValueError(f"duplicate task id {task.id!r}: each task id must be unique in a TaskGraph")
-        _check_task(task)
         self.tasks[task.id] = task
-        self.g.add_node(task.id)
+        self._succ[task.id] = {}
+        self._pred[task.id] = {}
+        self._nx = None
         self._arrays = None
         return task
 
@@ -102,16 +109,28 @@ class TaskGraph:
 
     def add_dep(self, before: str, after: str) -> None:
         """``after`` starts only once ``before`` has ended; both must exist."""
-        for x in (before, after):
-            if x not in self.tasks:
-                raise ValueError(f"dependency {before!r} -> {after!r} names unknown task {x!r}; add the task first"
-                                 f" (known tasks: {_few(self.tasks)})")
+        if before not in self.tasks or after not in self.tasks:
+            x = before if before not in self.tasks else after
+            raise ValueError(f"dependency {before!r} -> {after!r} names unknown task {x!r}; add the task first"
+                             f" (known tasks: {_few(self.tasks)})")
         if before == after:
             raise ValueError(f"dependency cycle: task {before!r} depends on itself")
-        self.g.add_edge(before, after)
+        self._succ[before][after] = None
+        self._pred[after][before] = None
+        self._nx = None
         self._arrays = None
 
     # -- queries ----------------------------------------------------------
+    @property
+    def g(self) -> nx.DiGraph:
+        """The dependency graph as a networkx DiGraph (task ids as nodes)."""
+        if self._nx is None:
+            d = nx.DiGraph()
+            d.add_nodes_from(self.tasks)
+            d.add_edges_from((u, v) for u, vs in self._succ.items() for v in vs)
+            self._nx = d
+        return self._nx
+
     def __len__(self) -> int:
         return len(self.tasks)
 
@@ -126,13 +145,13 @@ class TaskGraph:
 
     @property
     def deps(self) -> list[tuple[str, str]]:
-        return list(self.g.edges())
+        return [(u, v) for u, vs in self._succ.items() for v in vs]
 
     def preds(self, tid: str) -> list[str]:
-        return list(self.g.predecessors(tid))
+        return list(self._pred[tid])
 
     def succs(self, tid: str) -> list[str]:
-        return list(self.g.successors(tid))
+        return list(self._succ[tid])
 
     def on(self, resource: str) -> list[Task]:
         """Tasks that run on ``resource``, in insertion order."""
@@ -146,52 +165,44 @@ class TaskGraph:
         """Check the whole graph; ValueError naming the first problem found."""
         for t in self.tasks.values():
             _check_task(t)
-        for u, v in self.g.edges():
-            for x in (u, v):
-                if x not in self.tasks:
-                    raise ValueError(f"dependency {u!r} -> {v!r} names unknown task {x!r}")
-        if set(self.g.nodes()) != set(self.tasks):
-            extra = sorted(set(self.g.nodes()) - set(self.tasks))
-            raise ValueError(f"graph nodes without a Task: {extra[:5]}")
-        if not nx.is_directed_acyclic_graph(self.g):
-            cyc = nx.find_cycle(self.g)
-            raise ValueError("dependency cycle: " + " -> ".join([u for u, _ in cyc] + [cyc[0][0]]))
+        self._kahn(check=True)
         return self
 
+    def _kahn(self, check: bool = False) -> tuple[list[str], dict[str, int], list[list[int]], list[list[int]], list[int]]:
+        ids = list(self.tasks)
+        index = {tid: i for i, tid in enumerate(ids)}
+        succs = [[index[v] for v in self._succ[t]] for t in ids]
+        preds = [[index[u] for u in self._pred[t]] for t in ids]
+        indeg = [len(p) for p in preds]
+        order = [i for i in range(len(ids)) if indeg[i] == 0]
+        k = 0
+        while k < len(order):
+            for j in succs[order[k]]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    order.append(j)
+            k += 1
+        if len(order) != len(ids):
+            cyc = nx.find_cycle(self.g)
+            raise ValueError("dependency cycle: " + " -> ".join([u for u, _ in cyc] + [cyc[0][0]]))
+        return ids, index, preds, succs, order
+
     def arrays(self) -> GraphArrays:
-        """Index view (validated on first use, cached until the graph changes)."""
+        """Index view (checked on first use, cached until the graph changes)."""
         if self._arrays is None:
-            self.validate()
-            ids = list(self.tasks)
-            index = {tid: i for i, tid in enumerate(ids)}
+            ids, index, preds, succs, order = self._kahn()
             ridx = {r: i for i, r in enumerate(RESOURCES)}
-            preds: list[list[int]] = [[] for _ in ids]
-            succs: list[list[int]] = [[] for _ in ids]
-            for u, v in self.g.edges():
-                iu, iv = index[u], index[v]
-                preds[iv].append(iu)
-                succs[iu].append(iv)
-            # Kahn with insertion-order tie-breaks: deterministic.
-            indeg = [len(p) for p in preds]
-            order = [i for i in range(len(ids)) if indeg[i] == 0]
-            k = 0
-            while k < len(order):
-                for j in succs[order[k]]:
-                    indeg[j] -= 1
-                    if indeg[j] == 0:
-                        order.append(j)
-                k += 1
-            self._arrays = GraphArrays(
-                ids=ids, index=index, dur=[self.tasks[t].duration for t in ids],
-                res=[ridx[self.tasks[t].resource] for t in ids], preds=preds, succs=succs, topo=order)
+            tasks = self.tasks
+            self._arrays = GraphArrays(ids=ids, index=index, dur=[tasks[t].duration for t in ids],
+                                       res=[ridx[tasks[t].resource] for t in ids], preds=preds, succs=succs, topo=order)
         return self._arrays
 
     def copy(self) -> "TaskGraph":
-        return TaskGraph(self.tasks.values(), self.g.edges(), name=self.name)
+        return TaskGraph(self.tasks.values(), self.deps, name=self.name)
 
     def __repr__(self) -> str:
         by = {r: sum(1 for t in self.tasks.values() if t.resource == r) for r in RESOURCES}
-        return f"TaskGraph({self.name!r}, {len(self.tasks)} tasks {by}, {self.g.number_of_edges()} deps)"
+        return f"TaskGraph({self.name!r}, {len(self.tasks)} tasks {by}, {len(self.deps)} deps)"
 
 
 def _few(d: dict, n: int = 5) -> str:
