@@ -123,12 +123,51 @@ def test_ep_dropless_matches_single_process():
     _check(run_ranks(_scenarios, 2, (DROPLESS,), timeout_s=120))
 
 
+def _trace_and_errors(rank: int, world_size: int) -> dict:
+    from fsmoe_compiler.moe import DISPATCHERS, ROUTERS, MoELayer
+    from fsmoe_compiler.moe.layer import CAPACITY_ONLY_ROUTERS
+
+    out: dict = {"traced": {}}
+    try:
+        MoELayer(D_MODEL, D_FF, 3)
+    except ValueError as e:
+        out["indivisible"] = str(e)
+    for router in ROUTERS:
+        for dispatch in DISPATCHERS:
+            if router in CAPACITY_ONLY_ROUTERS and dispatch != "capacity":
+                continue
+            torch.manual_seed(0)
+            layer = MoELayer(D_MODEL, D_FF, EXPERTS, router=router, dispatch=dispatch)
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(layer)(_inputs(rank)[0])
+            a2a = sum("all_to_all_single" in str(n.target) for g in ex.graphs for n in g.graph.nodes)
+            out["traced"][(router, dispatch)] = (ex.graph_break_count, ex.graph_count, a2a)
+    try:
+        MoELayer(D_MODEL, D_FF, 4 if rank == 0 else 8)
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def test_ep_layers_trace_without_breaks_and_bad_configs_fail_clearly_on_every_rank():
+    results = run_ranks(_trace_and_errors, 2, timeout_s=150)
+    for res in results:
+        assert "must be divisible by the expert-parallel group size 2" in res["indivisible"]
+        # both ranks get the verdict, so neither is left waiting in a later collective
+        assert "rank 1 has num_experts=8, rank 0 has 4" in res["mismatch"]
+        assert len(res["traced"]) == 14
+        for (router, dispatch), (breaks, graphs, a2a) in res["traced"].items():
+            assert (breaks, graphs) == (0, 1), (router, dispatch)
+            # capacity: dispatch + combine; dropless: counts + dispatch + combine
+            assert a2a == (2 if dispatch == "capacity" else 3), (router, dispatch, a2a)
+
+
 def _mismatched(rank: int, world_size: int) -> None:
     from fsmoe_compiler.moe import MoELayer
 
     MoELayer(D_MODEL, D_FF, 4 if rank == 0 else 8)
 
 
-def test_ranks_that_disagree_fail_with_a_clear_error_not_a_hang():
+def test_a_mismatched_rank_raises_through_the_launcher_instead_of_hanging():
     with pytest.raises(RankError, match=r"rank 1 has num_experts=8, rank 0 has 4"):
         run_ranks(_mismatched, 2, timeout_s=60)
