@@ -1,0 +1,123 @@
+"""Heuristic and CP-SAT: valid schedules, CP-SAT never worse, CP-SAT optimal on small graphs (brute force)."""
+
+import itertools
+import random
+
+import pytest
+
+from fsmoe_compiler.scheduler import (RESOURCES, LayerSpec, TaskGraph, build_layer_backward, build_layer_forward,
+                                      build_stack_backward, critical_path, fixed_order_schedule, heuristic_schedule,
+                                      list_schedule, lower_bound, solve_cpsat, validate_schedule)
+from fsmoe_compiler.scheduler.costs import ClusterCosts, LinearCost
+
+COSTS = ClusterCosts(
+    name="test", a2a=LinearCost(0.3, 1.3e-6), allgather=LinearCost(0.34, 6.7e-7), reducescatter=LinearCost(0.4, 6.7e-7),
+    allreduce=LinearCost(0.5, 2.9e-6), gemm={"gpt": LinearCost(1.09, 1.53e-10), "swiglu": LinearCost(1.47, 3.17e-10)},
+    dense=LinearCost(0.2, 1.53e-10))
+
+
+def random_graph(seed: int, n: int) -> TaskGraph:
+    rng = random.Random(seed)
+    g = TaskGraph(name=f"rand{seed}")
+    for i in range(n):
+        # durations on a 0.25 ms grid so the integer CP-SAT model is exact
+        g.add(f"t{i}", "op", rng.choice(RESOURCES), rng.randint(1, 12) * 0.25)
+    for j in range(n):
+        for i in range(j):
+            if rng.random() < 0.3:
+                g.add_dep(f"t{i}", f"t{j}")
+    return g
+
+
+def brute_force(g: TaskGraph) -> float:
+    """Optimal makespan: every combination of per-resource orders, each run as early as possible."""
+    by_res = {r: [t.id for t in g.on(r)] for r in RESOURCES}
+    best = float("inf")
+    for combo in itertools.product(*(itertools.permutations(v) for v in by_res.values())):
+        order = dict(zip(by_res, map(list, combo)))
+        try:
+            s = fixed_order_schedule(g, order)
+        except ValueError:
+            continue  # contradicts a dependency
+        best = min(best, s.makespan)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpsat_matches_brute_force_optimum(seed):
+    g = random_graph(seed, 7)
+    opt = brute_force(g)
+    s = solve_cpsat(g, time_limit_s=5.0, skip_if_tight=False)
+    validate_schedule(g, s)
+    assert s.makespan == pytest.approx(opt, abs=1e-9)
+    assert s.status in ("OPTIMAL", "FALLBACK_WORSE")  # FALLBACK_WORSE only if the heuristic was already optimal
+    h = heuristic_schedule(g)
+    assert h.makespan >= opt - 1e-9
+    assert lower_bound(g) <= opt + 1e-9
+
+
+def test_heuristic_can_be_suboptimal_and_cpsat_fixes_it():
+    """A graph where greedy critical-path order is not optimal: CP-SAT must be strictly better somewhere."""
+    gaps = []
+    for seed in range(40):
+        g = random_graph(100 + seed, 8)
+        h = heuristic_schedule(g)
+        c = solve_cpsat(g, time_limit_s=2.0, heuristic=h, skip_if_tight=False)
+        validate_schedule(g, c)
+        assert c.makespan <= h.makespan + 1e-9
+        gaps.append(h.makespan - c.makespan)
+    assert max(gaps) > 0.2  # the heuristic is not always optimal...
+    assert sum(1 for x in gaps if x > 1e-9) < len(gaps)  # ...but often is
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 8])
+def test_cpsat_never_worse_than_heuristic_on_moe_layers(r):
+    spec = LayerSpec(B=4, L=512, M=2048, H=8192, f=2.4)
+    for g in (build_layer_forward(spec, COSTS, r), build_layer_backward(spec, COSTS, r)):
+        h = heuristic_schedule(g)
+        validate_schedule(g, h)
+        c = solve_cpsat(g, time_limit_s=0.05, heuristic=h)
+        validate_schedule(g, c)
+        assert c.makespan <= h.makespan + 1e-9
+        assert lower_bound(g) <= c.makespan + 1e-9
+        assert critical_path(g) <= c.makespan + 1e-9
+
+
+def test_cpsat_is_deterministic():
+    spec = LayerSpec(B=4, L=1024, M=2048, H=8192, f=2.4)
+    g = build_stack_backward([spec, spec], COSTS, [3, 3], [[spec.dense_grad_elems / 3] * 3] * 2)
+    a = solve_cpsat(g, time_limit_s=0.05, skip_if_tight=False)
+    b = solve_cpsat(g, time_limit_s=0.05, skip_if_tight=False)
+    validate_schedule(g, a)
+    assert a.makespan == b.makespan and a.start == b.start
+
+
+def test_cpsat_falls_back_to_heuristic_when_it_finds_nothing():
+    g = random_graph(7, 8)
+    h = heuristic_schedule(g)
+    s = solve_cpsat(g, time_limit_s=1e-9, heuristic=h, skip_if_tight=False)
+    validate_schedule(g, s)
+    assert s.makespan <= h.makespan + 1e-9
+    assert s.status in ("OPTIMAL", "FEASIBLE", "FALLBACK_NO_SOLUTION", "FALLBACK_WORSE")
+
+
+def test_skip_when_heuristic_meets_lower_bound():
+    g = TaskGraph()
+    g.add("a", "op", "compute", 1.0)
+    g.add("b", "op", "compute", 2.0)
+    s = solve_cpsat(g, time_limit_s=1.0)
+    assert s.status == "OPTIMAL" and s.meta.get("proof") == "meets lower bound" and s.makespan == 3.0
+
+
+def test_list_schedule_inserts_into_gaps():
+    # inter: x (1 ms) then y (needs compute c first, 5 ms); a 3 ms task z with no deps fits in the gap [1, 5)
+    g = TaskGraph()
+    g.add("c", "op", "compute", 5.0)
+    g.add("y", "op", "inter", 1.0)
+    g.add("x", "op", "inter", 1.0)
+    g.add("z", "op", "inter", 3.0)
+    g.add_dep("c", "y")
+    s = list_schedule(g)
+    validate_schedule(g, s)
+    assert s.makespan == pytest.approx(6.0)
+    assert s.end["z"] <= 5.0 + 1e-9
