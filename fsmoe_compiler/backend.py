@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
@@ -90,7 +91,9 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose graph passes may edit while ``gm`` stays intact for the fallback."""
     graph = fx.Graph()
     graph._codegen = copy.copy(gm.graph._codegen)
-    graph.graph_copy(gm.graph, {}, return_output_node=True)
+    out_value = graph.graph_copy(gm.graph, {})
+    old_output = gm.graph.output_node()
+    graph.output(out_value, type_expr=old_output.type).meta = copy.copy(old_output.meta)
     out = fx.GraphModule(gm, graph)
     out.meta = dict(getattr(gm, "meta", {}))
     return out
@@ -110,7 +113,8 @@ def _check_ranks_agree(kind: str, regions: list) -> None:
         return
     mine = _region_summary(regions)
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    with unset_fake_temporarily():  # graph compilers run under Dynamo's fake-tensor mode
+        dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
             raise RanksDisagree(

@@ -1,0 +1,173 @@
+"""The fsmoe backend: entry point, options, pass-through, fallback and strict mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fsmoe_compiler
+from fsmoe_compiler import backend as backend_mod
+from fsmoe_compiler.backend import FSMoECompileError, fsmoe_backend
+from fsmoe_compiler.config import FSMoEConfig
+
+
+class DenseBlock(nn.Module):
+    """A transformer-ish block with no MoE: attention-free MLP with a residual and a top-k elsewhere."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_entry_point_is_registered():
+    eps = [ep for ep in entry_points(group="torch_dynamo_backends") if ep.name == "fsmoe"]
+    assert len(eps) == 1
+    assert eps[0].value == "fsmoe_compiler.backend:fsmoe_backend"
+    assert eps[0].load() is fsmoe_backend
+
+
+def test_backend_string_works_without_importing_the_package():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        m = torch.nn.Linear(4, 4)
+        out = torch.compile(m, backend="fsmoe")(torch.randn(3, 4))
+        out.sum().backward()
+        assert m.weight.grad is not None
+        assert "fsmoe_compiler.backend" in sys.modules  # loaded through the entry point
+        print("ok")
+        """
+    )
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_unknown_option_names_the_key_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown fsmoe option 'pipeline_degre'.*valid options are: strict, check_ranks, dump_dir"):
+        FSMoEConfig.from_options({"pipeline_degre": 2})
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"strict": "yes"}, r"'strict' must be True or False, got 'yes'"),
+        ({"check_ranks": 1}, r"'check_ranks' must be True or False, got 1"),
+        ({"dump_dir": 3}, r"'dump_dir' must be a directory path"),
+        (["strict"], r"options must be a dict or FSMoEConfig, got list"),
+    ],
+)
+def test_bad_option_values_are_rejected_clearly(options, match):
+    with pytest.raises(ValueError, match=match):
+        FSMoEConfig.from_options(options)
+
+
+def test_bad_options_surface_through_torch_compile():
+    model = DenseBlock()
+    compiled = torch.compile(model, backend="fsmoe", options={"strickt": True})
+    with pytest.raises(Exception, match="unknown fsmoe option 'strickt'"):
+        compiled(torch.randn(2, 16))
+
+
+def test_a_model_without_moe_passes_through_with_zero_regions():
+    torch.manual_seed(0)
+    model = DenseBlock()
+    x = torch.randn(5, 16)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = _grads(model)
+    model.zero_grad()
+
+    compiled = torch.compile(model, backend="fsmoe")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7)
+
+    rep = fsmoe_compiler.report(compiled)
+    kinds = [g.kind for g in rep.graphs()]
+    assert kinds == ["forward", "backward"]
+    assert rep.regions("forward") == [] and rep.regions("backward") == []
+    assert rep.fallbacks() == []
+    assert "0 MoE region(s)" in rep.render()
+
+
+def test_report_of_a_model_never_compiled_says_so():
+    assert "no graph of this model was compiled" in fsmoe_compiler.report(DenseBlock()).render()
+
+
+def _boom(gm, ctx):
+    raise RuntimeError("recognizer exploded on purpose")
+
+
+def test_a_failing_pass_falls_back_to_the_unmodified_graph_and_says_why(monkeypatch):
+    monkeypatch.setattr(backend_mod, "recognize", _boom)
+    torch.manual_seed(0)
+    model = DenseBlock()
+    x = torch.randn(4, 16)
+    ref = model(x)
+    compiled = torch.compile(model, backend="fsmoe")
+    with pytest.warns(UserWarning, match="falls back to the unmodified graph"):
+        out = compiled(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    rep = fsmoe_compiler.report(compiled)
+    assert len(rep.fallbacks()) == 2
+    assert all("recognizer exploded on purpose" in f for f in rep.fallbacks())
+    assert "fallback to the unmodified graph: RuntimeError: recognizer exploded on purpose" in rep.render()
+
+
+def test_strict_turns_the_fallback_into_an_error(monkeypatch):
+    monkeypatch.setattr(backend_mod, "recognize", _boom)
+    compiled = torch.compile(DenseBlock(), backend="fsmoe", options={"strict": True})
+    with pytest.raises(Exception, match="fsmoe could not compile the forward graph: recognizer exploded"):
+        compiled(torch.randn(4, 16))
+
+
+def test_verify_rejects_a_pass_that_changes_the_graph_outputs(monkeypatch):
+    def drop_output(gm, ctx):
+        out = gm.graph.output_node()
+        vals = out.args[0]
+        out.args = (tuple(vals[:-1]) if len(vals) > 1 else vals,)
+        if len(vals) == 1:
+            extra = gm.graph.placeholder("extra_input")
+            extra.meta = {}
+        gm.recompile()
+        return gm
+
+    monkeypatch.setattr(backend_mod, "recognize", drop_output)
+    compiled = torch.compile(DenseBlock(), backend="fsmoe", options={"strict": True})
+    with pytest.raises(Exception, match=r"graph (output count|inputs) changed"):
+        compiled(torch.randn(4, 16)).sum().backward()
+
+
+def test_dump_dir_writes_graphs_before_and_after(tmp_path):
+    compiled = torch.compile(DenseBlock(), backend="fsmoe", options={"dump_dir": str(tmp_path)})
+    compiled(torch.randn(4, 16)).sum().backward()
+    names = sorted(os.listdir(tmp_path))
+    assert any(n.endswith("_forward_before_rank0.py") for n in names)
+    assert any(n.endswith("_backward_after_rank0.py") for n in names)
+
+
+def test_mode_argument_is_rejected_with_a_pointer_to_options():
+    compiled = torch.compile(DenseBlock(), backend="fsmoe", mode="max-autotune")
+    with pytest.raises(Exception, match=r"takes only options=\.\.\., got \['mode'\]"):
+        compiled(torch.randn(4, 16))
