@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fsmoe_compiler import records
-from fsmoe_compiler.report.tables import regions_table, roles_table
+from fsmoe_compiler.reporting.tables import regions_table, roles_table
 
 
 @dataclass

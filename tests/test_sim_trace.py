@@ -2,7 +2,7 @@
 
 import json
 
-from fsmoe_compiler.report.trace import schedule_to_chrome_trace
+from fsmoe_compiler.reporting.trace import schedule_to_chrome_trace
 from fsmoe_compiler.scheduler.schedule import Schedule, validate_schedule
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
 

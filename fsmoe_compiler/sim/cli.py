@@ -168,7 +168,7 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
 
 
 def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
-    from fsmoe_compiler.report.trace import schedule_to_chrome_trace
+    from fsmoe_compiler.reporting.trace import schedule_to_chrome_trace
     from fsmoe_compiler.sim.presets import get_preset
     from fsmoe_compiler.sim.simulate import simulate_point
     from fsmoe_compiler.sim.summary import LOWER_BOUND, METHODS, OURS

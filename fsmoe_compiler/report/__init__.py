@@ -1,1 +1,0 @@
-"""fsmoe_compiler.report"""

@@ -1,0 +1,1 @@
+"""Tables and traces for people: tabulate region tables, Chrome/Perfetto schedule traces (no torch)."""
