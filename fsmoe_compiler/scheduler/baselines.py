@@ -36,11 +36,11 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from fsmoe_compiler.scheduler.bounds import lower_bound
 from fsmoe_compiler.scheduler.builders import (attention_cost, build_layer_backward, build_layer_forward, build_step,
                                                chunk_costs)
 from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule
+from fsmoe_compiler.scheduler.layercache import costs_key, layer_eval
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.step import StepSchedule
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
@@ -117,22 +117,6 @@ def sequential(specs: Sequence[LayerSpec], costs: ClusterCosts) -> StepSchedule:
 # ---------------------------------------------------------------------------
 # tutel
 # ---------------------------------------------------------------------------
-
-_COSTS_KEYS: dict[int, tuple] = {}
-
-
-def costs_key(costs: ClusterCosts) -> tuple:
-    """A hashable key of a ClusterCosts (its gemm dict makes it unhashable)."""
-    k = _COSTS_KEYS.get(id(costs))
-    if k is None or k[0] is not costs:
-        key = (costs.name, costs.a2a, costs.allgather, costs.reducescatter, costs.allreduce,
-               tuple(sorted(costs.gemm.items())), costs.dense, costs.gpus, costs.gpus_per_node)
-        k = (costs, key)
-        if len(_COSTS_KEYS) > 1024:
-            _COSTS_KEYS.clear()
-        _COSTS_KEYS[id(costs)] = k
-    return k[1]
-
 
 _TUTEL_CACHE: dict[tuple, tuple[int, float]] = {}
 
@@ -314,12 +298,12 @@ def layer_bounds(spec: LayerSpec, costs: ClusterCosts, max_degree: int = 8) -> t
     hit = _LB_CACHE.get(key)
     if hit is not None:
         return hit
-    f = min(lower_bound(build_layer_forward(spec, costs, r)) for r in range(1, max_degree + 1))
+    f = min(layer_eval(spec, costs, r, "forward").lb for r in range(1, max_degree + 1))
     b_seg, b_inter = float("inf"), float("inf")
     for r in range(1, max_degree + 1):
-        g = build_layer_backward(spec, costs, r, [])
-        b_seg = min(b_seg, lower_bound(g))
-        b_inter = min(b_inter, g.total("inter"))
+        ev = layer_eval(spec, costs, r, "backward")
+        b_seg = min(b_seg, ev.lb)
+        b_inter = min(b_inter, ev.graph.total("inter"))
     _LB_CACHE[key] = (f, b_seg, b_inter)
     return f, b_seg, b_inter
 

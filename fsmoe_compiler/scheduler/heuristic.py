@@ -68,30 +68,28 @@ def _to_schedule(graph: TaskGraph, arr: GraphArrays, start: list[float], method:
                     solve_time_s=time.perf_counter() - t0, meta=dict(meta or {}))
 
 
-def list_schedule(graph: TaskGraph, priority: Callable[[int, GraphArrays, list[float]], tuple] | None = None,
-                  method: str = "heuristic") -> Schedule:
-    """Critical-path list scheduling with insertion into resource gaps.
-
-    ``priority(i, arrays, tails)`` returns a sort key (smaller runs first);
-    the default is ``-tail`` (longest remaining path first), ties by
-    topological position.
-    """
-    t0 = time.perf_counter()
+def list_starts(graph: TaskGraph, priority: Callable[[int, GraphArrays, list[float]], tuple] | None = None
+                ) -> tuple[list[float], float]:
+    """Core of :func:`list_schedule`: start times by task index and the makespan (no Schedule built)."""
     arr = graph.arrays()
     n = len(arr.ids)
     tail = tails(arr)
     rank = [0] * n
     for k, i in enumerate(arr.topo):
         rank[i] = k
-    key = (lambda i: (-tail[i], rank[i])) if priority is None else (lambda i: priority(i, arr, tail) + (rank[i],))
+    if priority is None:
+        keys = [(-tail[i], rank[i]) for i in range(n)]
+    else:
+        keys = [priority(i, arr, tail) + (rank[i],) for i in range(n)]
     dur, res, preds, succs = arr.dur, arr.res, arr.preds, arr.succs
     indeg = [len(p) for p in preds]
     est = [0.0] * n
     start = [0.0] * n
     rs: list[list[float]] = [[] for _ in RESOURCES]  # busy interval starts, sorted
     re: list[list[float]] = [[] for _ in RESOURCES]  # matching ends (also sorted: intervals are disjoint)
-    heap = [(key(i), i) for i in range(n) if indeg[i] == 0]
+    heap = [(keys[i], i) for i in range(n) if indeg[i] == 0]
     heapq.heapify(heap)
+    makespan = 0.0
     while heap:
         _, i = heapq.heappop(heap)
         d = dur[i]
@@ -106,16 +104,31 @@ def list_schedule(graph: TaskGraph, priority: Callable[[int, GraphArrays, list[f
                 t = E[k]
             k += 1
         S.insert(k, t)
-        E.insert(k, t + d)
-        start[i] = t
         e = t + d
+        E.insert(k, e)
+        start[i] = t
+        if e > makespan:
+            makespan = e
         for j in succs[i]:
             if e > est[j]:
                 est[j] = e
             indeg[j] -= 1
             if indeg[j] == 0:
-                heapq.heappush(heap, (key(j), j))
-    return _to_schedule(graph, arr, start, method, "HEURISTIC", t0)
+                heapq.heappush(heap, (keys[j], j))
+    return start, makespan
+
+
+def list_schedule(graph: TaskGraph, priority: Callable[[int, GraphArrays, list[float]], tuple] | None = None,
+                  method: str = "heuristic") -> Schedule:
+    """Critical-path list scheduling with insertion into resource gaps.
+
+    ``priority(i, arrays, tails)`` returns a sort key (smaller runs first);
+    the default is ``-tail`` (longest remaining path first), ties by
+    topological position.
+    """
+    t0 = time.perf_counter()
+    start, _ = list_starts(graph, priority)
+    return _to_schedule(graph, graph.arrays(), start, method, "HEURISTIC", t0)
 
 
 def fill_last_priority(graph: TaskGraph) -> Callable[[int, GraphArrays, list[float]], tuple]:
@@ -125,16 +138,27 @@ def fill_last_priority(graph: TaskGraph) -> Callable[[int, GraphArrays, list[flo
     return lambda i, a, tail: (1 if low[i] else 0, -tail[i])
 
 
+def heuristic_starts(graph: TaskGraph) -> tuple[list[float], float]:
+    """Best start times (by task index) of the critical-path rule and the fill-last rule, and the makespan."""
+    best = list_starts(graph)
+    if any(t.role == "grad_sync" for t in graph.tasks.values()):
+        alt = list_starts(graph, priority=fill_last_priority(graph))
+        if alt[1] < best[1] - 1e-9:
+            best = alt
+    return best
+
+
 def heuristic_schedule(graph: TaskGraph, method: str = "heuristic") -> Schedule:
     """Best of the critical-path rule and the fill-last rule (gradient syncs go into gaps)."""
     t0 = time.perf_counter()
-    best = list_schedule(graph, method=method)
-    if any(t.role == "grad_sync" for t in graph.tasks.values()):
-        alt = list_schedule(graph, priority=fill_last_priority(graph), method=method)
-        if alt.makespan < best.makespan - 1e-9:
-            best = alt
-    best.solve_time_s = time.perf_counter() - t0
-    return best
+    start, _ = heuristic_starts(graph)
+    return _to_schedule(graph, graph.arrays(), start, method, "HEURISTIC", t0)
+
+
+def schedule_from_starts(graph: TaskGraph, start: list[float], method: str = "heuristic",
+                         status: str = "HEURISTIC") -> Schedule:
+    """A Schedule from start times indexed like ``graph.arrays().ids``."""
+    return _to_schedule(graph, graph.arrays(), start, method, status, time.perf_counter())
 
 
 def fixed_order_schedule(graph: TaskGraph, order: dict[str, list[str]], method: str = "fixed_order",

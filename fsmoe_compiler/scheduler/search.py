@@ -30,13 +30,13 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from fsmoe_compiler.scheduler.baselines import (POW2_DEGREES, costs_key, fsmoe_paper, paper_degree, sequential, tutel,
-                                                tutel_degree)
+from fsmoe_compiler.scheduler.baselines import fsmoe_paper, paper_degree, sequential, tutel, tutel_degree
 from fsmoe_compiler.scheduler.bounds import lower_bound
-from fsmoe_compiler.scheduler.builders import build_layer_backward, build_layer_forward, build_stack_backward, build_step
+from fsmoe_compiler.scheduler.builders import build_layer_forward, build_stack_backward, build_step
 from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.cpsat import solve_cpsat
-from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule, heuristic_schedule, replay
+from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule, heuristic_starts, replay, schedule_from_starts
+from fsmoe_compiler.scheduler.layercache import costs_key, layer_eval
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.step import StepSchedule, concat, rename_layer
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
@@ -58,8 +58,8 @@ class SearchOptions:
     max_degree: int = 8
     time_limit_s: float = 0.02
     cpsat_top: int = 1
-    degree_top: int = 3
-    max_parts: int = 4
+    degree_top: int = 2
+    max_parts: int = 1
     use_cpsat: bool = True
     seed_baselines: bool = True
 
@@ -124,10 +124,12 @@ def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | Non
         seeds.setdefault(rt, []).append("tutel")
     cands = []
     for r in range(1, opts.max_degree + 1):
-        g = build_layer_forward(spec, costs, r)
-        h = heuristic_schedule(g)
-        for s in seeds.get(r, ()):
-            if s == "paper":
+        ev = layer_eval(spec, costs, r, "forward")
+        g = ev.graph
+        h: Schedule | None = None
+        ms = ev.makespan
+        for sd in seeds.get(r, ()):
+            if sd == "paper":
                 alt = fixed_order_schedule(g, _paper_forward_order(g, r))
             else:  # Tutel's single-stream schedule, replayed with AG/RS on the intra link
                 gt = build_layer_forward(spec, costs, r, comm="single")
@@ -136,19 +138,26 @@ def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | Non
                 comm = [x for i in range(r) for x in ((f"F0.a2a_d{i}", f"F0.ag{i}") if esp else (f"F0.a2a_d{i}",))]
                 comm += [x for i in range(r) for x in ((f"F0.rs{i}", f"F0.a2a_c{i}") if esp else (f"F0.a2a_c{i}",))]
                 alt = replay(g, fixed_order_schedule(gt, {"compute": order["compute"], "inter": comm, "intra": []}))
-            if alt.makespan < h.makespan - EPS:
-                h = alt
-        cands.append((h.makespan, r, g, h))
+            if alt.makespan < ms - EPS:
+                h, ms = alt, alt.makespan
+        cands.append((ms, r, ev, h))
     cands.sort(key=lambda c: (c[0], c[1]))
-    best_ms, best_r, _, best_s = cands[0]
+    best_ms, best_r, best_ev, best_h = cands[0]
+    best_s = best_h if best_h is not None else best_ev.schedule
     if opts.use_cpsat:
-        for ms, r, g, h in cands[: opts.cpsat_top + 1]:
-            lb = lower_bound(g)
-            if lb >= best_ms - EPS or h.makespan <= lb + EPS:
+        for ms, r, ev, h in cands[: opts.cpsat_top + 1]:
+            if ev.lb >= best_ms - EPS or ms <= ev.lb + EPS:
                 continue
-            s = solve_cpsat(g, opts.time_limit_s, heuristic=h, skip_if_tight=False)
+            s = solve_cpsat(ev.graph, opts.time_limit_s, heuristic=h if h is not None else ev.schedule,
+                            skip_if_tight=False)
             if s.makespan < best_ms - EPS:
                 best_ms, best_r, best_s = s.makespan, r, s
+    elif best_ms <= best_ev.lb + EPS:
+        pass
+    if best_s.status == "HEURISTIC" and best_ms <= layer_eval(spec, costs, best_r, "forward").lb + EPS:
+        best_s = Schedule(start=best_s.start, end=best_s.end, order=best_s.order, makespan=best_s.makespan,
+                          method=best_s.method, status="OPTIMAL", solve_time_s=best_s.solve_time_s,
+                          meta={"proof": "meets lower bound"})
     best_s.meta["r"] = best_r
     out = (best_r, best_s)
     cache.put(key, out)
@@ -160,17 +169,8 @@ def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | Non
 # ---------------------------------------------------------------------------
 
 def _isolated_backward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions, cache: SolveCache):
-    """Per degree: heuristic schedule of one layer's backward without gradient slices (cached)."""
-    key = ("bwd_iso", spec.signature(), costs_key(costs), opts.max_degree)
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    out = {}
-    for r in range(1, opts.max_degree + 1):
-        g = build_layer_backward(spec, costs, r, [])
-        out[r] = heuristic_schedule(g)
-    cache.put(key, out)
-    return out
+    """Per degree: heuristic schedule of one layer's backward without gradient slices (memoised)."""
+    return {r: layer_eval(spec, costs, r, "backward") for r in range(1, opts.max_degree + 1)}
 
 
 def _idle_windows(s: Schedule, resource: str = "inter") -> list[float]:
@@ -186,7 +186,7 @@ def _idle_windows(s: Schedule, resource: str = "inter") -> list[float]:
     return gaps
 
 
-def window_slices(specs: Sequence[LayerSpec], costs: ClusterCosts, isos: Sequence[Schedule]) -> list[list[float]]:
+def window_slices(specs: Sequence[LayerSpec], costs: ClusterCosts, isos: Sequence) -> list[list[float]]:
     """Slice each layer's gradient to the idle inter-link gaps of the layers whose backward runs after it.
 
     Greedy in backward order with a stack of leftovers (FSMoE's idea), but on
@@ -200,7 +200,7 @@ def window_slices(specs: Sequence[LayerSpec], costs: ClusterCosts, isos: Sequenc
     for l in reversed(range(n)):
         if l + 1 < n:
             stack.append([l + 1, specs[l + 1].dense_grad_elems])
-        for gap in _idle_windows(isos[l]):
+        for gap in _idle_windows(isos[l].schedule):
             left = gap
             while stack and left > ar.alpha:
                 it = stack[-1]
@@ -258,18 +258,19 @@ def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchO
             vecs.append(v)
     for sd in seeds:
         v = tuple(sd.r_bwd)
-        if v not in vecs:
+        if v not in vecs and max(v) <= opts.max_degree:
             vecs.append(v)
-    cands = []  # (makespan, tie, r_bwd, parts, grad_sync, graph, schedule)
+    cands = []  # (makespan, tie, r_bwd, parts, grad_sync, graph, starts or Schedule)
 
     def consider(rv, parts, grad_sync, seed_sched: Schedule | None = None):
         g = build_stack_backward(specs, costs, list(rv), parts, grad_sync=grad_sync)
-        h = heuristic_schedule(g)
+        starts, ms = heuristic_starts(g)
+        sol: object = starts
         if seed_sched is not None:
             alt = replay(g, seed_sched)
-            if alt.makespan < h.makespan - EPS:
-                h = alt
-        cands.append((h.makespan, len(cands), rv, parts, grad_sync, g, h))
+            if alt.makespan < ms - EPS:
+                sol, ms = alt, alt.makespan
+        cands.append((ms, len(cands), rv, parts, grad_sync, g, sol))
 
     slicings: list[tuple[str, object]] = [("p1", None)]
     for k in (2, 4, 8):
@@ -282,6 +283,8 @@ def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchO
                 parts = None
             elif how == "win":
                 parts = window_slices(specs, costs, [isos[l][rv[l]] for l in range(n)])
+                if all(len(p) == 1 for p in parts):
+                    continue  # same as p1
             else:
                 parts = _equal(specs, how)  # type: ignore[arg-type]
             consider(rv, parts, "partitions")
@@ -290,22 +293,32 @@ def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchO
         if v_i == 0:
             consider(rv, None, "bucket")
     for sd in seeds:  # the baselines' own backward, replayed on our (two-link) graph
+        if max(sd.r_bwd) > opts.max_degree:
+            continue
         bw = _backward_part(sd)
         if bw is not None:
             consider(tuple(sd.r_bwd), [p if p else None for p in sd.grad_partitions] if any(sd.grad_partitions) else None,
                      "partitions" if any(sd.grad_partitions) else "bucket", bw)
     cands.sort(key=lambda c: (c[0], c[1]))
+
+    def as_sched(c) -> Schedule:
+        return c[6] if isinstance(c[6], Schedule) else schedule_from_starts(c[5], c[6])
+
     best = cands[0]
+    best_s = as_sched(best)
     if opts.use_cpsat:
         for c in cands[: opts.cpsat_top]:
-            g, h = c[5], c[6]
+            g = c[5]
             lb = lower_bound(g)
-            if lb >= best[0] - EPS or h.makespan <= lb + EPS:
+            if lb >= best[0] - EPS or c[0] <= lb + EPS:
+                if c is best and c[0] <= lb + EPS:
+                    best_s.status = "OPTIMAL"
+                    best_s.meta["proof"] = "meets lower bound"
                 continue
-            s = solve_cpsat(g, opts.time_limit_s, heuristic=h, skip_if_tight=False)
-            if s.makespan < best[0] - EPS:
-                best = (s.makespan, c[1], c[2], c[3], c[4], g, s)
-    out = (list(best[2]), best[3], best[4], best[5], best[6])
+            s = solve_cpsat(g, opts.time_limit_s, heuristic=as_sched(c), skip_if_tight=False)
+            if s.makespan < best[0] - EPS or (c is best and s.status == "OPTIMAL"):
+                best, best_s = c, s
+    out = (list(best[2]), best[3], best[4], best[5], best_s)
     cache.put(key, out)
     return out
 

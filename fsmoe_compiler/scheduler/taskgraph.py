@@ -45,13 +45,16 @@ class Task:
         _check_task(self)
 
 
+_INF = float("inf")
+
+
 def _check_task(t: Task) -> None:
-    if not isinstance(t.id, str) or not t.id:
+    if type(t.id) is not str or not t.id:
         raise ValueError(f"Task id must be a non-empty string, got {t.id!r}")
     if t.resource not in RESOURCES:
         raise ValueError(f"Task {t.id!r}: unknown resource {t.resource!r}; valid resources: {', '.join(RESOURCES)}")
     d = t.duration
-    if not isinstance(d, (int, float)) or isinstance(d, bool) or math.isnan(d) or math.isinf(d) or d < 0:
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 <= d < _INF):  # NaN fails the comparison
         raise ValueError(f"Task {t.id!r}: duration must be a finite number >= 0 (ms), got {d!r}")
     if t.phase not in PHASES:
         raise ValueError(f"Task {t.id!r}: unknown phase {t.phase!r}; valid phases: {', '.join(PHASES)}")
