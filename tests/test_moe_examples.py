@@ -68,25 +68,46 @@ def test_whole_model_traces_as_one_graph(name, dispatch):
 
 
 def _train_mixtral_ep(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from fsmoe_compiler.moe import split_parameters, sync_gradients
+
     mod = importlib.import_module("examples.mixtral_moe")
     torch.manual_seed(0)
     model = mod.build_model()
     local = model.moe_layers()[0]
+    dense, experts = split_parameters(model)
     step_fn = model  # eager here; the compiled EP layer is checked in test_moe_ep (compiling costs ~10 s per rank)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses = []
+    losses, expert_scaled = [], True
     for step in range(3):
         idx, targets = mod.make_batch(4, seed=rank)  # same batch each step: the loss must fall
         loss = step_fn(idx, targets)
         opt.zero_grad()
         loss.backward()
+        before = local.experts.w1.grad.clone()
+        sync_gradients(model)
+        expert_scaled &= torch.allclose(local.experts.w1.grad, before / world_size)
         opt.step()
         losses.append(loss.item())
-    return {"losses": losses, "local_experts": local.num_local_experts, "w1": tuple(local.experts.w1.shape)}
+    # after synchronised steps every replica of the dense weights is identical
+    flat = torch.cat([p.detach().reshape(-1) for p in dense])
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    return {
+        "losses": losses,
+        "local_experts": local.num_local_experts,
+        "w1": tuple(local.experts.w1.shape),
+        "n_expert_params": len(experts),
+        "replicas_equal": all(torch.equal(g, gathered[0]) for g in gathered),
+        "expert_scaled": expert_scaled,
+    }
 
 
-def test_mixtral_trains_on_two_expert_parallel_ranks():
+def test_mixtral_trains_on_two_expert_parallel_ranks_with_synchronised_replicas():
     for res in run_ranks(_train_mixtral_ep, 2, timeout_s=150):
         assert res["local_experts"] == 2 and res["w1"] == (2, 32, 64)
+        assert res["n_expert_params"] == 2 * 3  # 2 layers x (w1, w2, w3)
+        assert res["replicas_equal"] and res["expert_scaled"]
         assert all(torch.isfinite(torch.tensor(res["losses"])))
         assert res["losses"][-1] < res["losses"][0]

@@ -19,6 +19,7 @@ from .dispatch import (
 )
 from .experts import EXPERTS, DenseFFN, Experts, GeluExperts, SwiGLUExperts
 from .layer import MoELayer
+from .parallel import split_parameters, sync_gradients
 from .routers import (
     ROUTERS,
     DeepSeekRouter,
@@ -64,4 +65,6 @@ __all__ = [
     "enable_dropless_tracing",
     "load_balancing_loss",
     "make_router",
+    "split_parameters",
+    "sync_gradients",
 ]

@@ -53,8 +53,9 @@ class MoELayer(nn.Module):
         num_experts: total experts ``E`` over the EP group (must divide evenly).
         router: one of ``ROUTERS`` (gshard, switch, sigmoid, xmoe, softmoe,
             mixtral, deepseek, expert_choice).
-        top_k: choices per token; ``None`` takes the router's default
-            (1 for switch, 2 otherwise). Expert choice uses it in its capacity.
+        top_k: choices per token; ``None`` (default) takes the router's
+            default: 2, or 1 for switch. Expert choice uses it in its
+            capacity; SoftMoE ignores it.
         dispatch: ``"capacity"`` or ``"dropless"`` (softmoe and expert_choice
             need capacity).
         capacity_factor, capacity_multiple: capacity ``C = ceil(k*T*cf/E)``
@@ -82,7 +83,7 @@ class MoELayer(nn.Module):
         d_ff: int,
         num_experts: int,
         router: str = "gshard",
-        top_k: int | None = 2,
+        top_k: int | None = None,
         dispatch: str = "capacity",
         capacity_factor: float = 1.25,
         capacity_multiple: int = 1,
@@ -94,25 +95,12 @@ class MoELayer(nn.Module):
         check_config: bool = True,
     ) -> None:
         super().__init__()
-        _choose("router", router, ROUTERS)
-        _choose("dispatch", dispatch, DISPATCHERS)
-        _choose("expert", expert, EXPERTS)
-        if router in CAPACITY_ONLY_ROUTERS and dispatch != "capacity":
-            raise ValueError(f"router {router!r} needs dispatch='capacity' (it has no per-token top-k), got {dispatch!r}")
-        if router == "switch" and top_k == 2:
-            top_k = 1  # the signature's default; switch is top-1
-        if num_experts < 1 or d_model < 1 or d_ff < 1:
-            raise ValueError(f"d_model, d_ff and num_experts must be >= 1, got {d_model}, {d_ff}, {num_experts}")
         group, ep_size, ep_rank = resolve_ep_group(ep_group)
-        if num_experts % ep_size != 0:
-            raise ValueError(
-                f"num_experts={num_experts} must be divisible by the expert-parallel group size {ep_size}"
-            )
         rkw = dict(router_kwargs or {})
         if router == "expert_choice":
             rkw.setdefault("capacity_factor", capacity_factor)
             rkw.setdefault("capacity_multiple", capacity_multiple)
-        self.config = dict(
+        self.config: dict[str, Any] = dict(
             d_model=d_model,
             d_ff=d_ff,
             num_experts=num_experts,
@@ -127,14 +115,28 @@ class MoELayer(nn.Module):
             ep_size=ep_size,
             router_kwargs=sorted(rkw.items()),
         )
+        # First, before any check that could raise on some ranks only and leave
+        # the others waiting in a collective: all ranks must agree.
         if check_config and dist.is_initialized() and ep_group != "local":
             check_ranks_agree("MoELayer config", self.config)
+        _choose("router", router, ROUTERS)
+        _choose("dispatch", dispatch, DISPATCHERS)
+        _choose("expert", expert, EXPERTS)
+        if router in CAPACITY_ONLY_ROUTERS and dispatch != "capacity":
+            raise ValueError(f"router {router!r} needs dispatch='capacity' (it has no per-token top-k), got {dispatch!r}")
+        if num_experts < 1 or d_model < 1 or d_ff < 1:
+            raise ValueError(f"d_model, d_ff and num_experts must be >= 1, got {d_model}, {d_ff}, {num_experts}")
+        if num_experts % ep_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} must be divisible by the expert-parallel group size {ep_size}"
+            )
+        self.router = make_router(router, d_model, num_experts, top_k, **rkw)
+        self.config["top_k"] = self.router.top_k
         self.d_model = d_model
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.num_local_experts = num_experts // ep_size
-        self.router = make_router(router, d_model, num_experts, top_k, **rkw)
         self.experts = make_experts(
             expert, d_model, d_ff, num_experts, self.num_local_experts, ep_rank * self.num_local_experts
         )
