@@ -193,8 +193,13 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
         }
         for m in METHODS:
             ms = res.makespan_ms[m]
+            p = plans[m]
             speed = "" if m in (OURS, LOWER_BOUND) else f"{ms / res.makespan_ms[OURS]:.3f}x"
-            rows.append([name if m == OURS else "", m, f"{ms:.3f}", speed])
+            rows.append([name if m == OURS else "", m, f"{ms:.3f}", f"{p.forward_ms:.3f}", f"{p.backward_ms:.3f}",
+                         _degrees(p.r_fwd), _degrees(p.r_bwd), speed])
+            out_json["presets"][name].setdefault("methods", {})[m] = {
+                "makespan_ms": ms, "forward_ms": p.forward_ms, "backward_ms": p.backward_ms,
+                "r_fwd": list(p.r_fwd), "r_bwd": list(p.r_bwd), "status": p.status}
         if args.trace:
             for m, plan in plans.items():
                 if plan.schedule is not None:
@@ -202,8 +207,9 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
         d = res.detail
         notes.append(f"{name}: ours r_fwd={d.get('r_fwd')} r_bwd={d.get('r_bwd')} status={d.get('status')}, "
                      f"solver {res.solver_s * 1e3:.0f} ms, {'proved optimal' if res.optimal else 'not proved optimal'}")
-    print(f"layer {args.config} x {args.layers} block(s): makespan of forward + backward")
-    print(tabulate(rows, headers=["preset", "method", "makespan ms", "speedup of ours"], tablefmt="github"))
+    print(f"layer {args.config}, model of {args.layers} block(s): step time = forward + backward (ms, simulated)")
+    headers = ["preset", "method", "step ms", "fwd ms", "bwd ms", "r_fwd", "r_bwd", "speedup of ours"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
     for line in notes:
         print(line)
     if args.trace:
@@ -217,6 +223,13 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out_json, indent=1))
     return 0
+
+
+def _degrees(rs: Sequence[int]) -> str:
+    """Pipeline degrees per layer, compact: "4" when all equal, else "4,2,8"."""
+    if not rs:
+        return "-"
+    return str(rs[0]) if len(set(rs)) == 1 else ",".join(map(str, rs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
