@@ -26,12 +26,15 @@ def _method(m: str) -> str:
 
 def schedule_step(specs: Sequence[LayerSpec], costs: ClusterCosts, method: str = "fsmoe", max_degree: int = 8,
                   time_limit_s: float = 0.02, cache: SolveCache | None = None,
-                  seeds: Sequence[StepSchedule] | None = None) -> StepSchedule:
+                  seeds: Sequence[StepSchedule] | None = None, split_weight_grads: bool = False) -> StepSchedule:
     """Schedule one training step (forward + backward) of the layer stack ``specs`` with ``method``.
 
     ``max_degree`` bounds the pipeline degrees our method and the lower bound
     consider (the baselines use {1, 2, 4, 8} as those systems do);
     ``time_limit_s`` is CP-SAT's deterministic time per solve.
+    ``split_weight_grads`` lets our method schedule weight gradients apart
+    from input gradients (see :class:`SearchOptions`); the lower bound is then
+    the one valid for that relaxation too.
     """
     m = _method(method)
     specs = list(specs)
@@ -46,13 +49,14 @@ def schedule_step(specs: Sequence[LayerSpec], costs: ClusterCosts, method: str =
     if m == "fsmoe_paper":
         return fsmoe_paper(specs, costs)
     if m == "lower_bound":
-        return step_lower_bound(specs, costs, max_degree)
-    return fsmoe_step(specs, costs, SearchOptions(max_degree=max_degree, time_limit_s=time_limit_s), cache, seeds)
+        return step_lower_bound(specs, costs, max_degree, split_weight_grads)
+    return fsmoe_step(specs, costs, SearchOptions(max_degree=max_degree, time_limit_s=time_limit_s,
+                                                  split_weight_grads=split_weight_grads), cache, seeds)
 
 
 def evaluate_layer(spec: LayerSpec, costs: ClusterCosts, methods: Sequence[str] = METHODS,
                    num_layers: int = DEFAULT_NUM_LAYERS, max_degree: int = 8, time_limit_s: float = 0.02,
-                   cache: SolveCache | None = None) -> dict[str, StepSchedule]:
+                   cache: SolveCache | None = None, split_weight_grads: bool = False) -> dict[str, StepSchedule]:
     """Every requested method on a stack of ``num_layers`` copies of ``spec``: ``{method: StepSchedule}``.
 
     The baselines are computed once and also seed our method (so it is never
@@ -69,9 +73,9 @@ def evaluate_layer(spec: LayerSpec, costs: ClusterCosts, methods: Sequence[str] 
         if name in ms or need_seeds:
             out[name] = fn(specs, costs)
     if "lower_bound" in ms:
-        out["lower_bound"] = step_lower_bound(specs, costs, max_degree)
+        out["lower_bound"] = step_lower_bound(specs, costs, max_degree, split_weight_grads)
     if need_seeds:
-        out["fsmoe"] = fsmoe_step(specs, costs, SearchOptions(max_degree=max_degree, time_limit_s=time_limit_s), cache,
-                                  seeds=[out[k] for k in base])
+        opts = SearchOptions(max_degree=max_degree, time_limit_s=time_limit_s, split_weight_grads=split_weight_grads)
+        out["fsmoe"] = fsmoe_step(specs, costs, opts, cache, seeds=[out[k] for k in base])
     keep = {_method(m) for m in methods}
     return {k: v for k, v in out.items() if k in keep} | {m: out[_method(m)] for m in methods if m not in out}

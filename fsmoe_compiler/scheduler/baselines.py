@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+from fsmoe_compiler.scheduler.bounds import lower_bound
 from fsmoe_compiler.scheduler.builders import (attention_cost, build_layer_backward, build_layer_forward, build_step,
                                                chunk_costs)
 from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
@@ -308,7 +309,25 @@ def layer_bounds(spec: LayerSpec, costs: ClusterCosts, max_degree: int = 8) -> t
     return f, b_seg, b_inter
 
 
-def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree: int = 8) -> StepSchedule:
+def _split_layer_bounds(spec: LayerSpec, costs: ClusterCosts, max_degree: int) -> float:
+    """Min over r of the bound of one layer's backward *input-gradient chain* (weight gradients removed)."""
+    key = ("split", spec.signature(), costs_key(costs), max_degree)
+    hit = _LB_CACHE.get(key)
+    if hit is not None:
+        return hit[0]
+    best = float("inf")
+    for r in range(1, max_degree + 1):
+        full = build_layer_backward(spec, costs, r, [], wgrad=True)
+        keep = [t for t in full if t.role not in ("expert_wgrad", "dense_wgrad")]
+        g = TaskGraph(keep, [(u, v) for u, v in full.deps if u in full.tasks and v in {t.id for t in keep}
+                             and u in {t.id for t in keep}])
+        best = min(best, lower_bound(g))
+    _LB_CACHE[key] = (best, 0.0, 0.0)
+    return best
+
+
+def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree: int = 8,
+                     split_weight_grads: bool = False) -> StepSchedule:
     """A bound no method's step can beat (any r in 1..max_degree, any slicing, bucketed or not).
 
     Forward layers are separated by barriers (layer l+1's attention needs all
@@ -319,6 +338,14 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
     l. So for every l: backward >= (segments L-1..l) + (inter work of the
     segments below l) + the all-reduce of the gradients of layers <= l,
     priced as one merged all-reduce (the cheapest possible).
+
+    ``split_weight_grads``: also valid for schedules that run weight gradients
+    apart (``SearchOptions.split_weight_grads``). Then only the input-gradient
+    chains are barrier-separated and a layer's all-reduce may start once its
+    attention weight gradient is done, so the bound is the minimum of the
+    plain bound and a relaxed one: for every l, (input-gradient chains above
+    l) + (all inter-link work of layers <= l) + merged all-reduce of layers <= l;
+    the chain alone; and the bound on the total compute.
     """
     t0 = time.perf_counter()
     n = len(specs)
@@ -332,6 +359,18 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
         el = sum(specs[k].dense_grad_elems for k in range(min(l, n - 1) + 1)) if l < n else \
             sum(s.dense_grad_elems for s in specs)
         best = max(best, seg + inter_below + ar(el))
+    if split_weight_grads:
+        seg = [_split_layer_bounds(s, costs, max_degree) for s in specs]
+        relaxed = sum(seg)
+        for l in range(n):
+            above = sum(seg[k] for k in range(l + 1, n))
+            inter = sum(lb[k][2] for k in range(l + 1))
+            el = sum(specs[k].dense_grad_elems for k in range(l + 1))
+            relaxed = max(relaxed, above + inter + ar(el))
+        comp = sum(2 * attention_cost(s, costs, "forward") + min(
+            r * chunk_costs(s, costs, r, "backward")["expert"][0] for r in range(1, max_degree + 1)) for s in specs)
+        relaxed = max(relaxed, comp)
+        best = min(best, relaxed)
     return StepSchedule(method="lower_bound", makespan=fwd + best, forward_ms=fwd, backward_ms=best,
                         r_fwd=[], r_bwd=[], grad_partitions=[], status="BOUND",
                         solve_time_s=time.perf_counter() - t0)

@@ -76,8 +76,14 @@ _CHAIN = ("dispatch", "gather", "expert", "scatter", "combine")
 
 
 def add_moe(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: int, layer: int, phase: str,
-            after: Sequence[str], comm: str = "split") -> list[str]:
-    """Add the r chunk chains of one MoE layer after tasks ``after``; return the exit task ids."""
+            after: Sequence[str], comm: str = "split", wgrad: bool = False) -> list[str]:
+    """Add the r chunk chains of one MoE layer after tasks ``after``; return the exit task ids.
+
+    ``wgrad`` (backward only): split each expert backward into its input
+    gradient (on the chain) and its weight gradient ``B{l}.expw{i}`` (half the
+    work each; the weight gradient only needs the gathered input and feeds
+    nothing, so it can run in any later compute gap).
+    """
     if comm not in COMM_MODES:
         raise ValueError(f"comm must be one of {COMM_MODES}, got {comm!r}")
     cc = chunk_costs(spec, costs, r, phase)
@@ -93,6 +99,12 @@ def add_moe(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: int, layer: i
             res = "compute" if role == "expert" else ("intra" if role in ("gather", "scatter") and comm == "split"
                                                       else "inter")
             tid = f"{p}{layer}.{_SHORT[role]}{i}"
+            if wgrad and role == "expert" and phase == "backward":
+                dur, size = dur / 2, size / 2
+                wid = f"B{layer}.expw{i}"
+                g.add(wid, kind, res, dur, size=size, layer=layer, chunk=i, role="expert_wgrad", phase=phase)
+                for u in prev:
+                    g.add_dep(u, wid)
             g.add(tid, kind, res, dur, size=size, layer=layer, chunk=i, role=role, phase=phase)
             for u in prev:
                 g.add_dep(u, tid)
@@ -114,20 +126,33 @@ def add_layer_forward(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: int
 
 def add_layer_backward(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: int, layer: int,
                        after: Sequence[str] = (), comm: str = "split",
-                       grad_partitions: Sequence[float] | None = None) -> str:
+                       grad_partitions: Sequence[float] | None = None, wgrad: bool = False) -> str:
     """MoE backward then attention backward of ``layer``, plus its gradient all-reduce partitions.
 
     ``grad_partitions``: element counts of the dense-gradient all-reduce
     slices (default: one slice of ``spec.dense_grad_elems``; ``[]``: none,
     e.g. when a bucket after the backward syncs them). Returns the attention
     backward's id (what the next layer's backward and the slices wait for).
+
+    ``wgrad``: split the attention backward into its input gradient
+    ``B{l}.attn`` (what the layer below waits for) and its weight gradient
+    ``B{l}.attn_w`` (what the all-reduce slices wait for), half the work each,
+    and the expert backwards likewise (see :func:`add_moe`).
     """
-    exits = add_moe(g, spec, costs, r, layer, "backward", after, comm)
+    exits = add_moe(g, spec, costs, r, layer, "backward", after, comm, wgrad)
     tid = f"B{layer}.attn"
-    g.add(tid, "attention", "compute", attention_cost(spec, costs, "backward"), size=2 * spec.attention_macs,
+    full = attention_cost(spec, costs, "backward")
+    g.add(tid, "attention", "compute", full / 2 if wgrad else full, size=(1 if wgrad else 2) * spec.attention_macs,
           layer=layer, role="dense", phase="backward")
     for u in exits:
         g.add_dep(u, tid)
+    src = tid
+    if wgrad:
+        src = f"B{layer}.attn_w"
+        g.add(src, "attention", "compute", full / 2, size=spec.attention_macs, layer=layer, role="dense_wgrad",
+              phase="backward")
+        for u in exits:
+            g.add_dep(u, src)
     parts = [spec.dense_grad_elems] if grad_partitions is None else list(grad_partitions)
     if parts and abs(sum(parts) - spec.dense_grad_elems) > 1e-6 * max(1.0, spec.dense_grad_elems):
         raise ValueError(f"layer {layer}: gradient partitions sum to {sum(parts)} elements, "
@@ -138,7 +163,7 @@ def add_layer_backward(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: in
         pid = f"B{layer}.ar{k}"
         g.add(pid, "allreduce", "inter", allreduce_cost(costs, n), size=n, layer=layer, chunk=k,
               role="grad_sync", phase="backward")
-        g.add_dep(tid, pid)
+        g.add_dep(src, pid)
     return tid
 
 
@@ -157,10 +182,10 @@ def build_layer_forward(spec: LayerSpec, costs: ClusterCosts, r: int, comm: str 
 
 
 def build_layer_backward(spec: LayerSpec, costs: ClusterCosts, r: int, grad_partitions: Sequence[float] | None = None,
-                         comm: str = "split", layer: int = 0) -> TaskGraph:
+                         comm: str = "split", layer: int = 0, wgrad: bool = False) -> TaskGraph:
     """One layer's backward: r MoE chunk chains, attention backward, gradient slices."""
     g = TaskGraph(name=f"bwd L{layer} r={r}")
-    add_layer_backward(g, spec, costs, r, layer, (), comm, grad_partitions)
+    add_layer_backward(g, spec, costs, r, layer, (), comm, grad_partitions, wgrad)
     return g
 
 
@@ -177,13 +202,15 @@ def build_stack_forward(specs: Sequence[LayerSpec], costs: ClusterCosts, r_fwd: 
 
 def build_stack_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, r_bwd: int | Sequence[int],
                          grad_partitions: Sequence[Sequence[float] | None] | None = None, comm: str = "split",
-                         grad_sync: str = "partitions", after: Sequence[str] = (), g: TaskGraph | None = None) -> TaskGraph:
+                         grad_sync: str = "partitions", after: Sequence[str] = (), g: TaskGraph | None = None,
+                         wgrad: bool = False) -> TaskGraph:
     """Backward of a stack, walking the layers in reverse.
 
     ``grad_sync``: ``"partitions"`` (per-layer slices, free to overlap the
     backward of the layers below), ``"bucket"`` (one all-reduce of all dense
     gradients after the whole backward, as DeepSpeed and Tutel run it) or
-    ``"none"``.
+    ``"none"``. ``wgrad``: split weight gradients off the backward chain
+    (see :func:`add_layer_backward`).
     """
     if grad_sync not in GRAD_SYNC_MODES:
         raise ValueError(f"grad_sync must be one of {GRAD_SYNC_MODES}, got {grad_sync!r}")
@@ -197,18 +224,21 @@ def build_stack_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, r_bwd:
     prev = list(after)
     for l in reversed(range(n)):
         p = parts[l] if grad_sync == "partitions" else []
-        prev = [add_layer_backward(g, specs[l], costs, rs[l], l, prev, comm, p)]
+        prev = [add_layer_backward(g, specs[l], costs, rs[l], l, prev, comm, p, wgrad)]
     if grad_sync == "bucket":
         total = sum(s.dense_grad_elems for s in specs)
         g.add("B.bucket", "allreduce", "inter", allreduce_cost(costs, total), size=total, layer=0,
               role="grad_sync", phase="backward")
         g.add_dep(prev[0], "B.bucket")
+        if wgrad:
+            for l in range(n):
+                g.add_dep(f"B{l}.attn_w", "B.bucket")
     return g
 
 
 def build_step(specs: Sequence[LayerSpec], costs: ClusterCosts, r_fwd: int | Sequence[int], r_bwd: int | Sequence[int],
                grad_partitions: Sequence[Sequence[float] | None] | None = None, comm: str = "split",
-               grad_sync: str = "partitions") -> TaskGraph:
+               grad_sync: str = "partitions", wgrad: bool = False) -> TaskGraph:
     """A whole training step: forward of the stack, a zero-time ``loss`` task, backward of the stack."""
     g = build_stack_forward(specs, costs, r_fwd, comm)
     g.name = "step"
@@ -216,7 +246,7 @@ def build_step(specs: Sequence[LayerSpec], costs: ClusterCosts, r_fwd: int | Seq
     g.add("loss", "loss", "compute", 0.0, layer=len(specs) - 1, role="loss", phase="forward")
     for u in exits:
         g.add_dep(u, "loss")
-    build_stack_backward(specs, costs, r_bwd, grad_partitions, comm, grad_sync, after=["loss"], g=g)
+    build_stack_backward(specs, costs, r_bwd, grad_partitions, comm, grad_sync, after=["loss"], g=g, wgrad=wgrad)
     return g
 
 

@@ -52,7 +52,12 @@ class SearchOptions:
     how many of the heuristic's best candidates CP-SAT refines;
     ``degree_top`` how many degrees per layer (by isolated backward time)
     enter the joint backward search; ``max_parts`` the largest equal slicing
-    tried for gradients.
+    tried for gradients. ``split_weight_grads`` (off by default: it changes
+    the task graph the issue specifies) lets the backward run weight
+    gradients apart from input gradients, as a compiler can reorder them: the
+    weight-gradient halves of the expert and attention backward leave the
+    critical chain and fill later compute gaps, and the all-reduce slices
+    wait only for the attention's weight gradient.
     """
 
     max_degree: int = 8
@@ -62,6 +67,7 @@ class SearchOptions:
     max_parts: int = 1
     use_cpsat: bool = True
     seed_baselines: bool = True
+    split_weight_grads: bool = False
 
 
 class SolveCache:
@@ -93,7 +99,8 @@ CACHE = SolveCache()
 
 
 def _okey(o: SearchOptions) -> tuple:
-    return (o.max_degree, o.time_limit_s, o.cpsat_top, o.degree_top, o.max_parts, o.use_cpsat, o.seed_baselines)
+    return (o.max_degree, o.time_limit_s, o.cpsat_top, o.degree_top, o.max_parts, o.use_cpsat, o.seed_baselines,
+            o.split_weight_grads)
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +326,48 @@ def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchO
             if s.makespan < best[0] - EPS or (c is best and s.status == "OPTIMAL"):
                 best, best_s = c, s
     out = (list(best[2]), best[3], best[4], best[5], best_s)
+    if opts.split_weight_grads:
+        out = _split_backward(specs, costs, opts, cands, best, best_s, as_sched)
     cache.put(key, out)
+    return out
+
+
+def split_times(sched: Schedule, graph: TaskGraph) -> Schedule:
+    """An unsplit backward schedule as a schedule of the weight-gradient-split ``graph``.
+
+    Each expert / attention backward slot [s, e) becomes its input gradient in
+    [s, m) and its weight gradient in [m, e), m the midpoint: feasible, so the
+    split search never loses to the unsplit one.
+    """
+    start = dict(sched.start)
+    for tid, t in graph.tasks.items():
+        if t.role in ("expert_wgrad", "dense_wgrad"):
+            src = tid.replace(".expw", ".exp") if t.role == "expert_wgrad" else tid[: -len("_w")]
+            s0, e0 = sched.start[src], sched.end[src]
+            mid = s0 + (e0 - s0) / 2
+            start[tid] = mid
+    return Schedule(start=start, end={t: start[t] + graph.tasks[t].duration for t in start}, order={},
+                    makespan=sched.makespan)
+
+
+def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
+    """Re-solve the best backward configurations with weight gradients split off the chain."""
+    seen = []
+    out = None
+    for c in [best] + cands[: opts.cpsat_top + 1]:
+        conf = (c[2], str(c[3]), c[4])
+        if conf in seen:
+            continue
+        seen.append(conf)
+        gs = build_stack_backward(specs, costs, list(c[2]), c[3], grad_sync=c[4], wgrad=True)
+        conv = replay(gs, split_times(best_s if c is best else as_sched(c), gs))
+        starts, ms = heuristic_starts(gs)
+        hint = conv if conv.makespan <= ms + EPS else schedule_from_starts(gs, starts)
+        s = hint
+        if opts.use_cpsat:
+            s = solve_cpsat(gs, opts.time_limit_s, heuristic=hint)
+        if out is None or s.makespan < out[4].makespan - EPS:
+            out = (list(c[2]), c[3], c[4], gs, s)
     return out
 
 
@@ -363,7 +411,7 @@ def fsmoe_step(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchOpti
 
     def graph_fn() -> TaskGraph:
         return build_step(specs, costs, r_f, r_b, [p or None for p in part_list] if grad_sync != "bucket" else None,
-                          grad_sync=grad_sync)
+                          grad_sync=grad_sync, wgrad=opts.split_weight_grads)
 
     def sched_fn(g: TaskGraph) -> Schedule:
         loss = Schedule(start={"loss": 0.0}, end={"loss": 0.0}, order={"compute": ["loss"]}, makespan=0.0)
@@ -374,5 +422,6 @@ def fsmoe_step(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchOpti
                         r_fwd=r_f, r_bwd=list(r_b), grad_partitions=part_list if grad_sync != "bucket" else [[] for _ in specs],
                         status=status, solve_time_s=time.perf_counter() - t0,
                         meta={"grad_sync": grad_sync, "bwd_status": bs.status,
+                              "split_weight_grads": opts.split_weight_grads,
                               "fwd_status": [s.status for _, s in fw]},
                         _graph_fn=graph_fn, _schedule_fn=sched_fn)
