@@ -86,12 +86,15 @@ def run_ranks(
     pg_timeout_s: float = 60.0,
     backend: str = "gloo",
     threads_per_rank: int = 1,
+    grace_s: float = 10.0,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return each rank's result.
 
     ``fn`` must be importable (module level). Raises ``RankError`` with the
-    failing rank's traceback if any rank raises or exits, and kills every rank
-    if the run is not done within ``timeout_s``.
+    failing ranks' tracebacks if any rank raises or exits (after waiting up to
+    ``grace_s`` for the others to report, so the root cause is in the message
+    beside its echoes on other ranks), and kills every rank if the run is not
+    done within ``timeout_s``.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -109,24 +112,31 @@ def run_ranks(
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while len(out) < world_size:
+        while len(out) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RankError(
-                    f"ranks {sorted(set(range(world_size)) - set(out))} did not finish within {timeout_s:.0f} s"
-                )
+                if errors:
+                    break
+                missing = sorted(set(range(world_size)) - set(out))
+                raise RankError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RankError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
+                for r, p in enumerate(procs):
+                    if r not in out and r not in errors and p.exitcode not in (None, 0):
+                        errors[r] = f"exited with code {p.exitcode} without a result"
                 continue
             if status == "error":
-                raise RankError(f"rank {rank} failed:\n{payload}")
-            out[rank] = _loads(payload)
+                if not errors:  # give the other ranks a moment to report their own cause
+                    deadline = min(deadline, time.monotonic() + grace_s)
+                errors[rank] = payload
+            else:
+                out[rank] = _loads(payload)
+        if errors:
+            raise RankError("\n".join(f"rank {r} failed:\n{errors[r]}" for r in sorted(errors)))
     finally:
         for p in procs:
             p.join(timeout=5 if len(out) == world_size else 0.1)

@@ -1,0 +1,38 @@
+"""The fsmoe command line: explain and demo, as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fsmoe_compiler.cli import main
+
+
+def test_explain_prints_forward_and_backward_region_tables(capsys):
+    assert main(["explain", "--model", "mixtral"]) == 0
+    out = capsys.readouterr().out
+    assert "== forward graph:" in out and "== backward graph:" in out
+    assert "2 MoE region(s)" in out  # the tiny Mixtral-style decoder has two MoE layers
+    for header in ("router", "experts", "top-k", "capacity", "tokens", "hidden", "ffn", "a2a bytes"):
+        assert header in out
+    assert "softmax-topk" in out
+
+
+def test_explain_rejects_an_unknown_model_with_the_valid_names():
+    with pytest.raises(ValueError, match=r"unknown example model 'llama'; valid models: gpt2, mixtral"):
+        main(["explain", "--model", "llama"])
+
+
+@pytest.mark.timeout(600)
+def test_demo_trains_on_two_ranks_and_matches_eager():
+    res = subprocess.run(
+        [sys.executable, "-m", "fsmoe_compiler.cli", "demo", "--steps", "3"],
+        capture_output=True, text=True, timeout=540,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "fsmoe matches eager step by step" in res.stdout
+    assert "== forward graph:" in res.stdout
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 4]
+    assert len(rows) == 3 and all(abs(float(e) - float(f)) <= 1e-4 * abs(float(e)) for _, e, f, _ in rows)

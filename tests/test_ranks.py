@@ -1,0 +1,39 @@
+"""Ranks that disagree about the model fail with a clear error on every rank, never a hang."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsmoe_compiler.runtime.launch import RankError, run_ranks
+
+
+def _different_expert_counts(rank: int, world_size: int) -> None:
+    import moe_styles  # the third-party-style blocks in tests/; no collectives of their own
+
+    torch.manual_seed(0)
+    model = moe_styles.LoopMoE(num_experts=4 if rank == 0 else 8)
+    compiled = torch.compile(model, backend="fsmoe")
+    compiled(torch.randn(2, 4, 16)).sum().backward()
+
+
+def _same_model(rank: int, world_size: int) -> int:
+    import fsmoe_compiler
+    import moe_styles
+
+    torch.manual_seed(0)
+    model = moe_styles.LoopMoE(num_experts=4)
+    compiled = torch.compile(model, backend="fsmoe")
+    compiled(torch.randn(2, 4, 16)).sum().backward()
+    return len(fsmoe_compiler.report(compiled).regions("forward"))
+
+
+@pytest.mark.timeout(240)
+def test_ranks_that_found_different_regions_raise_naming_both():
+    with pytest.raises(RankError, match=r"rank \d found MoE regions .* but rank \d found .*all ranks must run the same model"):
+        run_ranks(_different_expert_counts, 2, timeout_s=180, pg_timeout_s=60)
+
+
+@pytest.mark.timeout(240)
+def test_ranks_that_agree_compile_normally():
+    assert run_ranks(_same_model, 2, timeout_s=180) == [1, 1]
