@@ -345,7 +345,8 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
     attention weight gradient is done, so the bound is the minimum of the
     plain bound and a relaxed one: for every l, (input-gradient chains above
     l) + (all inter-link work of layers <= l) + merged all-reduce of layers <= l;
-    the chain alone; and the bound on the total compute.
+    (chains above l) + layer l's MoE chain + its attention weight gradient +
+    that all-reduce; the chain alone; and the bound on the total compute.
     """
     t0 = time.perf_counter()
     n = len(specs)
@@ -367,6 +368,10 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
             inter = sum(lb[k][2] for k in range(l + 1))
             el = sum(specs[k].dense_grad_elems for k in range(l + 1))
             relaxed = max(relaxed, above + inter + ar(el))
+            # layer l's MoE (its chain minus the attention input gradient), then its attention weight
+            # gradient, then the all-reduce of every gradient not produced before that
+            half = attention_cost(specs[l], costs, "backward") / 2
+            relaxed = max(relaxed, above + seg[l] - half + half + ar(el))
         comp = sum(2 * attention_cost(s, costs, "forward") + min(
             r * chunk_costs(s, costs, r, "backward")["expert"][0] for r in range(1, max_degree + 1)) for s in specs)
         relaxed = max(relaxed, comp)

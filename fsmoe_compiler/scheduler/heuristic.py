@@ -138,11 +138,23 @@ def fill_last_priority(graph: TaskGraph) -> Callable[[int, GraphArrays, list[flo
     return lambda i, a, tail: (1 if low[i] else 0, -tail[i])
 
 
+def wgrad_last_priority(graph: TaskGraph) -> Callable[[int, GraphArrays, list[float]], tuple]:
+    """Priority that runs split-off weight gradients after the input-gradient chain (they fill compute gaps)."""
+    arr = graph.arrays()
+    lvl = [1 if graph.tasks[t].role in ("expert_wgrad", "dense_wgrad") else 0 for t in arr.ids]
+    return lambda i, a, tail: (lvl[i], -tail[i])
+
+
 def heuristic_starts(graph: TaskGraph) -> tuple[list[float], float]:
-    """Best start times (by task index) of the critical-path rule and the fill-last rule, and the makespan."""
+    """Best start times (by task index) of the critical-path rule and the fill-last rules, and the makespan."""
     best = list_starts(graph)
-    if any(t.role == "grad_sync" for t in graph.tasks.values()):
+    roles = {t.role for t in graph.tasks.values()}
+    if "grad_sync" in roles:
         alt = list_starts(graph, priority=fill_last_priority(graph))
+        if alt[1] < best[1] - 1e-9:
+            best = alt
+    if "expert_wgrad" in roles or "dense_wgrad" in roles:
+        alt = list_starts(graph, priority=wgrad_last_priority(graph))
         if alt[1] < best[1] - 1e-9:
             best = alt
     return best

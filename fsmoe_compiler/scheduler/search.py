@@ -313,7 +313,7 @@ def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchO
 
     best = cands[0]
     best_s = as_sched(best)
-    if opts.use_cpsat:
+    if opts.use_cpsat and not opts.split_weight_grads:  # with the split, CP-SAT runs on the split graph instead
         for c in cands[: opts.cpsat_top]:
             g = c[5]
             lb = lower_bound(g)
@@ -351,24 +351,32 @@ def split_times(sched: Schedule, graph: TaskGraph) -> Schedule:
 
 
 def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
-    """Re-solve the best backward configurations with weight gradients split off the chain."""
-    seen = []
-    out = None
-    for c in [best] + cands[: opts.cpsat_top + 1]:
-        conf = (c[2], str(c[3]), c[4])
+    """Re-solve the best backward configurations with weight gradients split off the chain.
+
+    Candidates: the few best unsplit configurations and every seed's, each
+    scored by the heuristic on its split graph and by its unsplit schedule
+    converted (:func:`split_times`); CP-SAT then refines the best one. The
+    unsplit winner's conversion is always among them, so splitting never
+    loses.
+    """
+    pool = [best] + cands[: opts.degree_top + 1] + [c for c in cands if isinstance(c[6], Schedule)]
+    seen = set()
+    scored = []
+    for c in pool:
+        conf = (tuple(c[2]), repr(c[3]), c[4])
         if conf in seen:
             continue
-        seen.append(conf)
+        seen.add(conf)
         gs = build_stack_backward(specs, costs, list(c[2]), c[3], grad_sync=c[4], wgrad=True)
         conv = replay(gs, split_times(best_s if c is best else as_sched(c), gs))
         starts, ms = heuristic_starts(gs)
         hint = conv if conv.makespan <= ms + EPS else schedule_from_starts(gs, starts)
-        s = hint
-        if opts.use_cpsat:
-            s = solve_cpsat(gs, opts.time_limit_s, heuristic=hint)
-        if out is None or s.makespan < out[4].makespan - EPS:
-            out = (list(c[2]), c[3], c[4], gs, s)
-    return out
+        scored.append((hint.makespan, len(scored), c, gs, hint))
+    scored.sort(key=lambda x: (x[0], x[1]))
+    _, _, c, gs, s = scored[0]
+    if opts.use_cpsat:
+        s = solve_cpsat(gs, opts.time_limit_s, heuristic=s)
+    return (list(c[2]), c[3], c[4], gs, s)
 
 
 def _backward_part(sd: StepSchedule) -> Schedule | None:
