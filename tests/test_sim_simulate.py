@@ -99,3 +99,9 @@ def test_cli_errors_name_the_bad_value_and_the_choices(capsys):
     assert main(["--config", "B=4,L=512,M=2048,f=2.4", "--preset", "fsmoe-testbed", "--layers", "0"]) == 2
     assert main(["--config", "B=4,L=512,M=2048,f=2.4,gpus=24"]) == 2  # testbed measured at 16/32/48 only
     assert "gpus=24" in capsys.readouterr().err
+
+
+def test_cli_show_costs_prints_the_preset_constants(capsys):
+    assert main(["--config", "B=2,L=256,M=1024,f=1.2,gpus=48", "--show-costs"]) == 0
+    out = capsys.readouterr().out
+    assert "2.32e-06" in out and "4.951e-06" in out  # testbed A2A / all-reduce beta at 48 GPUs

@@ -60,6 +60,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="S", help="CP-SAT time limit per solve, seconds")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--trace", metavar="PATH", help="(--config) write the schedules as a Chrome trace")
+    p.add_argument("--show-costs", action="store_true", help="print each preset's alpha/beta cost models first")
     p.add_argument("--validate", action="store_true", help="check every schedule with validate_schedule (slower)")
     p.add_argument("--refit", action="store_true", help="re-measure the 'local' preset instead of using its cache")
     p.set_defaults(func=run_simulate)
@@ -103,6 +104,17 @@ def run_simulate(args: argparse.Namespace) -> int:
         return _fail(f"--limit must be >= 1, got {args.limit}")
     if args.every < 1:
         return _fail(f"--every must be >= 1, got {args.every}")
+    if args.show_costs:
+        gpus_list = sorted({16, 32, 48}) if args.grid else None
+        if not args.grid:
+            try:
+                gpus_list = [parse_config(args.config).gpus]
+            except ConfigError as e:
+                return _fail(str(e))
+        try:
+            _print_costs(presets, gpus_list, args.refit)
+        except ValueError as e:
+            return _fail(str(e))
     if args.grid:
         if args.trace:
             return _fail("--trace needs --config (one layer stack), not --grid")
@@ -223,6 +235,20 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out_json, indent=1))
     return 0
+
+
+def _print_costs(presets: list[str], gpus_list: list[int], refit: bool) -> None:
+    """Table of every preset's cost models (alpha ms, beta ms per element or per MAC) at each GPU count."""
+    from fsmoe_compiler.sim.presets import costs_table, get_preset
+
+    rows = []
+    for name in presets:
+        for gpus in gpus_list:
+            for op, a, b in costs_table(get_preset(name, gpus, refit=refit)):
+                rows.append([name, gpus, op, f"{a:.4g}", f"{b:.4g}"])
+            refit = False
+    print("cost models t(n) = alpha + beta * n (ms; n = elements, or MACs for gemm/dense)")
+    print(tabulate(rows, headers=["preset", "gpus", "op", "alpha ms", "beta ms/unit"], tablefmt="github"))
 
 
 def _degrees(rs: Sequence[int]) -> str:

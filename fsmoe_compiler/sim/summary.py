@@ -121,6 +121,11 @@ def summarize(results: Sequence[PointResult], preset: str | None = None, wall_s:
     )
 
 
+def _pct(x: float) -> str:
+    """A gap as a percentage; float noise just below 0 prints as 0.00%."""
+    return f"{100 * (0.0 if -1e-6 < x < 0 else x):.2f}%"
+
+
 def summary_rows(summaries: Sequence[PresetSummary]) -> tuple[list[str], list[list[Any]]]:
     """Headers and rows (one per preset x baseline) for tabulate."""
     headers = [
@@ -152,8 +157,8 @@ def summary_rows(summaries: Sequence[PresetSummary]) -> tuple[list[str], list[li
                     f"{st.max:.3f}x",
                     f"{s.best_possible_speedup[b]:.3f}x",
                     f"{100 * s.wins[b]:.0f}%",
-                    f"{100 * s.gap_median:.2f}%" if first else "",
-                    f"{100 * s.gap_max:.2f}%" if first else "",
+                    _pct(s.gap_median) if first else "",
+                    _pct(s.gap_max) if first else "",
                     f"{s.solver_ms_mean:.1f}" if first else "",
                     f"{100 * s.optimal_fraction:.0f}%" if first else "",
                     f"{100 * s.proved_fraction:.0f}%" if first else "",
