@@ -8,6 +8,7 @@ callers must not modify them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from fsmoe_compiler.scheduler.bounds import lower_bound
@@ -50,8 +51,9 @@ class LayerEval:
         return self._sched
 
 
-_EVALS: dict[tuple, LayerEval] = {}
-MAX_ENTRIES = 200_000
+_EVALS: "OrderedDict[tuple, LayerEval]" = OrderedDict()
+#: Least-recently-used entries beyond this are dropped (each holds a graph; a sweep touches ~16 per layer).
+MAX_ENTRIES = 4096
 
 
 def layer_eval(spec: LayerSpec, costs: ClusterCosts, r: int, phase: str) -> LayerEval:
@@ -62,9 +64,11 @@ def layer_eval(spec: LayerSpec, costs: ClusterCosts, r: int, phase: str) -> Laye
         g = build_layer_forward(spec, costs, r) if phase == "forward" else build_layer_backward(spec, costs, r, [])
         starts, ms = heuristic_starts(g)
         ev = LayerEval(g, starts, ms, lower_bound(g))
-        if len(_EVALS) >= MAX_ENTRIES:
-            _EVALS.clear()
         _EVALS[key] = ev
+        while len(_EVALS) > MAX_ENTRIES:
+            _EVALS.popitem(last=False)
+    else:
+        _EVALS.move_to_end(key)
     return ev
 
 

@@ -27,6 +27,7 @@ graph), so the result is never worse than any baseline on the same cost model.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -71,10 +72,15 @@ class SearchOptions:
 
 
 class SolveCache:
-    """Results keyed by (layer signature, costs, options): identical layers are solved once."""
+    """Results keyed by (layer signature, costs, options): identical layers are solved once.
 
-    def __init__(self) -> None:
-        self.store: dict[tuple, object] = {}
+    Least-recently-used entries beyond ``max_entries`` are dropped, so a long
+    sweep over distinct layers does not grow without bound.
+    """
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self.store: OrderedDict[tuple, object] = OrderedDict()
+        self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
 
@@ -84,10 +90,14 @@ class SolveCache:
             self.misses += 1
         else:
             self.hits += 1
+            self.store.move_to_end(key)
         return v
 
     def put(self, key: tuple, value) -> None:
         self.store[key] = value
+        self.store.move_to_end(key)
+        while len(self.store) > self.max_entries:
+            self.store.popitem(last=False)
 
     def clear(self) -> None:
         self.store.clear()
