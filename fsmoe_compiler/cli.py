@@ -49,7 +49,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from fsmoe_compiler.introspect import explain
 
     model, inputs = build_example(args.model, dispatch=args.dispatch, router=args.router)
-    result = explain(model, *inputs)
+    result = explain(model, *inputs, quiet=True)
     print(result.render(max_names=None if args.all_nodes else 8), end="")
     return 0
 

@@ -68,8 +68,13 @@ class Explanation:
         return self.render()
 
 
-def explain(model: torch.nn.Module, *inputs: Any, options: Any = None, backward: bool = True) -> Explanation:
-    """Compile ``model`` with the fsmoe backend, run it on ``inputs``, and explain what was found."""
+def explain(
+    model: torch.nn.Module, *inputs: Any, options: Any = None, backward: bool = True, quiet: bool = False
+) -> Explanation:
+    """Compile ``model`` with the fsmoe backend, run it on ``inputs``, print and return what was found.
+
+    ``backward=False`` skips the backward graph; ``quiet=True`` only returns.
+    """
     from fsmoe_compiler.backend import fsmoe_backend
 
     before = len(records._RECORDS)
@@ -83,7 +88,10 @@ def explain(model: torch.nn.Module, *inputs: Any, options: Any = None, backward:
     finally:
         for p, g in saved.items():
             p.grad = g
-    return Explanation(records._RECORDS[before:])
+    result = Explanation(records._RECORDS[before:])
+    if not quiet:
+        print(result.render(), end="")
+    return result
 
 
 def report(compiled: torch.nn.Module) -> Explanation:

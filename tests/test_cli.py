@@ -33,6 +33,7 @@ def test_demo_trains_on_two_ranks_and_matches_eager():
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "fsmoe matches eager step by step" in res.stdout
+    assert "fallback" not in res.stdout, res.stdout[-3000:]
     assert "== forward graph:" in res.stdout
     rows = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 4]
     assert len(rows) == 3 and all(abs(float(e) - float(f)) <= 1e-4 * abs(float(e)) for _, e, f, _ in rows)
