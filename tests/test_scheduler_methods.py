@@ -178,3 +178,11 @@ def test_weight_gradient_split_is_valid_never_worse_and_above_its_bound():
     assert split["lower_bound"].makespan <= plain["lower_bound"].makespan + 1e-9
     for m in ("sequential", "tutel", "fsmoe_paper"):
         assert split["lower_bound"].makespan <= split[m].makespan + 1e-9
+
+
+def test_lower_bound_stays_valid_when_our_degrees_are_capped():
+    for spec in SPECS:
+        res = evaluate_layer(spec, TESTBED, num_layers=2, max_degree=2, cache=SolveCache())
+        assert max(res["fsmoe"].r_fwd + res["fsmoe"].r_bwd) <= 2
+        for m in ("sequential", "tutel", "fsmoe_paper", "fsmoe"):
+            assert res["lower_bound"].makespan <= res[m].makespan + 1e-9, m

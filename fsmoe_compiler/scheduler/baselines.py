@@ -328,7 +328,7 @@ def _split_layer_bounds(spec: LayerSpec, costs: ClusterCosts, max_degree: int) -
 
 def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree: int = 8,
                      split_weight_grads: bool = False) -> StepSchedule:
-    """A bound no method's step can beat (any r in 1..max_degree, any slicing, bucketed or not).
+    """A bound no method's step can beat (any r in 1..max(max_degree, 8), any slicing, bucketed or not).
 
     Forward layers are separated by barriers (layer l+1's attention needs all
     of layer l), so forward >= sum of each layer's min over r of
@@ -350,6 +350,7 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
     """
     t0 = time.perf_counter()
     n = len(specs)
+    max_degree = max(max_degree, max(POW2_DEGREES))  # the baselines may use r = 8 whatever our search is limited to
     lb = [layer_bounds(s, costs, max_degree) for s in specs]
     fwd = sum(x[0] for x in lb)
     ar = costs.allreduce
