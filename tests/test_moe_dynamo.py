@@ -22,14 +22,14 @@ def test_every_router_is_covered():
 
 @pytest.mark.parametrize("router, dispatch", COMBOS)
 def test_zero_graph_breaks(router, dispatch):
+    # alternate the expert kind over the matrix: both kinds meet every dispatch, at half the cost
+    expert, shared = (("gelu", False), ("swiglu", True))[COMBOS.index((router, dispatch)) % 2]
     torch.manual_seed(0)
-    for expert, shared in (("gelu", False), ("swiglu", True)):
-        layer = MoELayer(16, 32, 4, router=router, dispatch=dispatch, expert=expert, shared_expert=shared)
-        x = torch.randn(2, 6, 16)
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(layer)(x)
-        assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
-        assert explained.graph_count == 1
+    layer = MoELayer(16, 32, 4, router=router, dispatch=dispatch, expert=expert, shared_expert=shared)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 6, 16))
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
 
 
 def test_dropless_split_sizes_are_traced_as_unbacked_symints():
