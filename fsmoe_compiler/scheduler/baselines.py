@@ -345,8 +345,10 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
     attention weight gradient is done, so the bound is the minimum of the
     plain bound and a relaxed one: for every l, (input-gradient chains above
     l) + (all inter-link work of layers <= l) + merged all-reduce of layers <= l;
-    (chains above l) + layer l's MoE chain + its attention weight gradient +
-    that all-reduce; the chain alone; and the bound on the total compute.
+    (chains above l and l) + inter work below l + that all-reduce (a layer's
+    attention weight gradient takes as long as its input gradient); (chains
+    above l) + first dispatch and gather of l + all compute of layers <= l;
+    the chain alone; the total compute.
     """
     t0 = time.perf_counter()
     n = len(specs)
@@ -363,19 +365,29 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
         best = max(best, seg + inter_below + ar(el))
     if split_weight_grads:
         seg = [_split_layer_bounds(s, costs, max_degree) for s in specs]
-        relaxed = sum(seg)
+        # least compute a layer's backward needs, and least time before its first expert chunk can start
+        comp = [attention_cost(s, costs, "backward") + min(
+            r * chunk_costs(s, costs, r, "backward")["expert"][0] for r in range(1, max_degree + 1)) for s in specs]
+        head = []
+        for s in specs:
+            h = float("inf")
+            for r in range(1, max_degree + 1):
+                cc = chunk_costs(s, costs, r, "backward")
+                h = min(h, cc["dispatch"][0] + (cc["gather"][0] if "gather" in cc else 0.0))
+            head.append(h)
+        relaxed = max(sum(seg), sum(comp))
         for l in range(n):
             above = sum(seg[k] for k in range(l + 1, n))
             inter = sum(lb[k][2] for k in range(l + 1))
+            inter_below = sum(lb[k][2] for k in range(l))
             el = sum(specs[k].dense_grad_elems for k in range(l + 1))
+            # everything of layers <= l starts after the chains above l
             relaxed = max(relaxed, above + inter + ar(el))
-            # layer l's MoE (its chain minus the attention input gradient), then its attention weight
-            # gradient, then the all-reduce of every gradient not produced before that
-            half = attention_cost(specs[l], costs, "backward") / 2
-            relaxed = max(relaxed, above + seg[l] - half + half + ar(el))
-        comp = sum(2 * attention_cost(s, costs, "forward") + min(
-            r * chunk_costs(s, costs, r, "backward")["expert"][0] for r in range(1, max_degree + 1)) for s in specs)
-        relaxed = max(relaxed, comp)
+            # the A2As below l and every all-reduce of layers <= l start after layer l's chain
+            # (its attention weight gradient takes as long as its input gradient)
+            relaxed = max(relaxed, above + seg[l] + inter_below + ar(el))
+            # all compute of layers <= l runs after the chains above l and layer l's first dispatch + gather
+            relaxed = max(relaxed, above + head[l] + sum(comp[k] for k in range(l + 1)))
         best = min(best, relaxed)
     return StepSchedule(method="lower_bound", makespan=fwd + best, forward_ms=fwd, backward_ms=best,
                         r_fwd=[], r_bwd=[], grad_partitions=[], status="BOUND",
