@@ -75,6 +75,12 @@ aten = torch.ops.aten
 
 ROLES = ("router", "dispatch", "expert", "combine", "shared_expert")
 
+# Ops whose result takes only a shape, dtype and device from their tensor input: they carry no data.
+_ALLOC_OPS = _overloads(
+    aten.new_zeros, aten.new_empty, aten.new_full, aten.new_ones, aten.zeros_like, aten.empty_like, aten.ones_like,
+    aten.full_like, aten.sym_size, aten.sym_numel, aten.sym_stride,
+)
+
 # Ops that combined (C) data may flow through and still be part of the combine:
 # un-permuting, weighting, summing over the k choices, reshaping, communication.
 _COMBINE_OPS = (
@@ -130,18 +136,23 @@ class MoERegion:
 # public entry points
 
 
-def find_moe_regions(gm: fx.GraphModule, graph: str = "forward") -> list[MoERegion]:
+def find_moe_regions(
+    gm: fx.GraphModule, graph: str = "forward", forward_regions: list[MoERegion] | None = None
+) -> list[MoERegion]:
     """All MoE regions of ``gm``, a forward or backward ATen graph of aot_autograd; reads only.
 
     Regions come in layer order: forward regions in order of appearance;
     backward regions carry the index of the forward layer they belong to
     (backward runs the layers in reverse, so the first region found in a
-    backward graph of L layers is layer L-1).
+    backward graph of L layers is layer L-1). Given the forward graph's
+    regions, a backward region takes the layer of the forward region whose
+    saved topk indices it reads, which also holds when some forward layer was
+    not found.
     """
     if graph not in ("forward", "backward"):
         raise ValueError(f"graph must be 'forward' or 'backward', got {graph!r}")
     if graph == "backward":
-        return _find_backward(gm)
+        return _find_backward(gm, forward_regions)
     return _find_forward(gm)
 
 
@@ -152,7 +163,7 @@ def recognize(gm: fx.GraphModule, ctx: Any) -> fx.GraphModule:
     every region; changes nothing else in the graph.
     """
     kind = getattr(ctx, "graph_kind", "forward")
-    regions = find_moe_regions(gm, kind)
+    regions = find_moe_regions(gm, kind, ctx.regions.get("forward") if kind == "backward" else None)
     ctx.regions[kind] = regions
     by_name = {n.name: n for n in gm.graph.nodes}
     for region in regions:
@@ -270,7 +281,8 @@ def _find_forward(gm: fx.GraphModule) -> list[MoERegion]:
         if t.name in routers:
             last_for_x[routers[t.name].x.name] = t.name
     candidates = [routers[name] for name in last_for_x.values()]
-    candidates.sort(key=lambda r: _position(graph)[r.topk.name])
+    pos = _position(graph)
+    candidates.sort(key=lambda r: pos[r.topk.name])
 
     regions: list[MoERegion] = []
     for r in candidates:
@@ -286,10 +298,8 @@ def _find_forward(gm: fx.GraphModule) -> list[MoERegion]:
     return regions
 
 
-_POSITIONS: dict[int, dict[str, int]] = {}
-
-
 def _position(graph: fx.Graph) -> dict[str, int]:
+    """Each node's index in graph (topological) order."""
     return {n.name: i for i, n in enumerate(graph.nodes)}
 
 
@@ -325,7 +335,7 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
         if n is t:
             started = True
             continue
-        if not started or n.op != "call_function" or n.name in blocked:
+        if not started or n.op != "call_function" or n.name in blocked or n.target in _ALLOC_OPS:
             continue
         ins = n.all_input_nodes
         if not any(a.name in state for a in ins):
@@ -543,7 +553,388 @@ def _shared_expert_nodes(dg, by_name, state, of, x, anc_t, desc_x) -> set[str]:
 
 # ----------------------------------------------------------------------------------------------
 # backward
+#
+# States of gradient nodes below a layer's combine fork: P (gradient permuted into expert space, before
+# any expert matmul), G (expert-side gradient, after one), U (gradient un-permuted back to token space).
+P, G, U = "P", "G", "U"
+_RANK = {P: 0, G: 1, U: 2}
 
 
-def _find_backward(gm: fx.GraphModule) -> list[MoERegion]:
-    return []
+def _is_tangent(node: fx.Node) -> bool:
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
+def _saved_index(node: fx.Node, grad: set[str]) -> bool:
+    """An integer tensor that does not depend on the incoming gradient: saved (or recomputed) routing indices."""
+    v = node.meta.get("val")
+    return (
+        isinstance(v, torch.Tensor)
+        and not v.dtype.is_floating_point
+        and v.dtype is not torch.bool
+        and node.name not in grad
+    )
+
+
+def _gradient_nodes(graph: fx.Graph) -> set[str]:
+    """Nodes whose value depends on an incoming gradient (a ``tangents_*`` input of the backward graph).
+
+    Allocations that only borrow a gradient's shape (``new_zeros``) and sizes
+    read off it (``sym_size``) carry no gradient and are left out.
+    """
+    grad: set[str] = set()
+    for n in graph.nodes:
+        if _is_tangent(n):
+            grad.add(n.name)
+        elif n.op == "call_function" and n.target not in _ALLOC_OPS:
+            v = n.meta.get("val")
+            if isinstance(v, (torch.SymInt, int, float, bool)):
+                continue
+            if any(a.name in grad for a in n.all_input_nodes):
+                grad.add(n.name)
+    return grad
+
+
+def _topk_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
+    """Gradients of topk: a scatter of a gradient into a zero [tokens, experts] tensor at saved integer indices."""
+    anchors = []
+    for n in graph.nodes:
+        if not is_op(n, _overloads(aten.scatter, aten.scatter_add)) or n.name not in grad:
+            continue
+        base, index = n.args[0], n.args[2]
+        if not (isinstance(base, fx.Node) and isinstance(index, fx.Node)):
+            continue
+        if base.name in grad and not is_op(base, _overloads(aten.new_zeros, aten.zeros, aten.zeros_like, aten.full)):
+            continue
+        if not _saved_index(index, grad):
+            continue
+        if len(shape(n) or ()) != 2:
+            continue
+        anchors.append(n)
+    return anchors
+
+
+def _has_dim(node: fx.Node, size: int) -> bool:
+    """``size`` is one of the leading (non-feature) dimensions of ``node``: a token dimension."""
+    s = shape(node)
+    return bool(s) and size in s[:-1]
+
+
+def _find_backward(gm: fx.GraphModule, forward_regions: list[MoERegion] | None = None) -> list[MoERegion]:
+    graph = gm.graph
+    dg = to_digraph(graph)
+    by_name = {n.name: n for n in graph.nodes}
+    grad = _gradient_nodes(graph)
+    pos = _position(graph)
+    found: list[tuple[MoERegion, str | None]] = []
+    seen: set[tuple] = set()
+    for s in _topk_backward_anchors(graph, grad):
+        result = _backward_region(gm, dg, by_name, pos, grad, s)
+        if result is None:
+            continue
+        key = tuple(result[0].nodes["expert"])  # anchors of one layer (group-limited routing) share experts
+        if key not in seen:
+            seen.add(key)
+            found.append(result)
+    regions = [r for r, _ in found]
+    for i, r in enumerate(regions):  # backward runs the layers in reverse
+        r.layer = len(regions) - 1 - i
+    if forward_regions:
+        _match_forward_layers(regions, [name for _, name in found], forward_regions)
+    regions.sort(key=lambda r: r.layer)
+    return regions
+
+
+def _match_forward_layers(regions: list[MoERegion], saved: list[str | None],
+                          forward_regions: list[MoERegion]) -> None:
+    """Give each backward region the index of the forward layer whose saved topk indices it reads.
+
+    aot_autograd names a saved tensor's backward input after its forward node,
+    so the topk-indices input of the backward is a router node of one forward region.
+    """
+    for r, name in zip(regions, saved):
+        for f in forward_regions:
+            if name is not None and name in f.nodes.get("router", []):
+                r.layer = f.layer
+                break
+
+
+def _idom_chain(dg: nx.DiGraph, target: str, keep: set[str]) -> list[str]:
+    """Dominators of ``target`` (nearest first) in the subgraph ``keep`` entered from a virtual root."""
+    sub = dg.subgraph(keep).copy()
+    root = "__fsmoe_root__"
+    sub.add_node(root)
+    for n in keep:
+        if sub.in_degree(n) == 0:
+            sub.add_edge(root, n)
+    idom = nx.immediate_dominators(sub, root)
+    chain, cur = [], target
+    while cur in idom and idom[cur] != cur:
+        cur = idom[cur]
+        if cur == root:
+            break
+        chain.append(cur)
+    return chain
+
+
+def _leads_to_matmul(dg: nx.DiGraph, start: str, by_name, avoid: set[str]) -> bool:
+    return any(is_op(by_name[d], MATMUL_OPS) for d in ({start} | nx.descendants(dg, start)) if d not in avoid)
+
+
+def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[MoERegion, str | None] | None:
+    graph = gm.graph
+    s_shape = shape(s)
+    dim = s.args[1] % 2
+    index = s.args[2]
+    tokens_dim = 1 - dim
+    tokens, num_experts = s_shape[tokens_dim], s_shape[dim]
+    if tokens is None:
+        return None
+    anc_s = nx.ancestors(dg, s.name)
+    desc_s = nx.descendants(dg, s.name)
+    # the fork where the gradient splits into the gate-gradient path (to s) and the expert path
+    keep = {n for n in anc_s & grad if (numel(by_name[n]) or tokens) >= tokens} | {s.name}
+    fork = None
+    for d in _idom_chain(dg, s.name, keep):
+        if _leads_to_matmul(dg, d, by_name, anc_s | desc_s):
+            fork = by_name[d]
+            break
+    if fork is None:
+        return None
+
+    # walk the gradient forward from the fork in graph order
+    state: dict[str, str] = {}
+    combine: set[str] = set()
+    if fork.target in GATHER_OPS or (is_op(fork, SCATTER_OPS) and not _has_dim(fork, tokens)):
+        state[fork.name] = P
+    combine.add(fork.name)
+    expert_mms: list[fx.Node] = []
+    depth: dict[str, int] = {}
+    started = False
+    for n in graph.nodes:
+        if n is fork:
+            started = True
+            continue
+        if not started or n.op != "call_function" or n.name not in grad:
+            continue
+        if n.name in desc_s or n is s:
+            continue
+        ins = [a for a in n.all_input_nodes if a.name in grad]
+        if not ins:
+            continue
+        src = [a for a in ins if a.name in state or a is fork]
+        if not src:
+            continue
+        if any(a.name not in state and a is not fork for a in ins):
+            continue  # meets another gradient (router, shared expert, residual): the region ends here
+        rank = max((_RANK[state[a.name]] for a in src if a.name in state), default=-1)
+        d_in = max((depth.get(a.name, 0) for a in src), default=0)
+        new: str | None
+        if is_op(n, MATMUL_OPS):
+            a, b = matmul_operands(n)
+            g_op = a if a.name in grad else b
+            other = b if g_op is a else a
+            if rank < 0:  # straight from the fork: a permutation into expert space if it leaves token space
+                leaves = _has_dim(g_op, tokens) and not _has_dim(n, tokens)
+                new = P if (leaves or _combine_matmul_pair(n, g_op, anc_s)) else None
+            elif rank >= _RANK[G] and other.name not in grad and _has_dim(other, tokens) and _has_dim(n, tokens):
+                new = U  # dispatch mask^T @ gradient: back to token order
+            elif rank == _RANK[U]:
+                new = None
+            else:
+                new = G
+                expert_mms.append(n)
+                depth[n.name] = d_in + 1
+        elif rank < 0:
+            idx = [a for a in n.all_input_nodes if _saved_index(a, grad)]
+            if (n.target in GATHER_OPS or is_op(n, ALL_TO_ALL_OPS)) and (idx or is_op(n, ALL_TO_ALL_OPS)):
+                new = P
+            elif n.target in _COMBINE_OPS and not is_op(n, SCATTER_OPS):
+                new = None
+                combine.add(n.name)
+                continue
+            else:
+                new = None
+        elif rank >= _RANK[G] and is_op(n, SCATTER_OPS) and _has_dim(n, tokens):
+            new = U
+        elif rank >= _RANK[G] and is_op(n, ALL_TO_ALL_OPS):
+            new = U if rank == _RANK[U] else G
+        else:
+            new = [P, G, U][rank]
+        if new is None:
+            continue
+        state[n.name] = new
+        depth.setdefault(n.name, d_in)
+    # nodes that only forwarded the fork (views before the permutation) join the combine
+    for name in list(combine):
+        if name != fork.name and not any(u.name in state for u in by_name[name].users):
+            combine.discard(name)
+    if not expert_mms:
+        return None
+    first = [m for m in expert_mms if depth[m.name] == 1]
+    lanes = len({_grad_operand(m, grad).name for m in first})
+    batched = [m for m in expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3]
+    a2a = [n for n in state if is_op(by_name[n], ALL_TO_ALL_OPS)]
+    if lanes < 2 and not batched and not a2a:
+        return None
+    # permuted gradient that only feeds the gate gradient belongs to the router's backward
+    feeds_experts: set[str] = set()
+    for m in expert_mms:
+        feeds_experts |= nx.ancestors(dg, m.name)
+    for name in [n for n in state if n in anc_s and n not in feeds_experts]:
+        del state[name]
+
+    of = {st: [n for n, v in state.items() if v == st] for st in (P, G, U)}
+    # entry: the gradient of the layer output, and the views/permutations between it and the fork
+    entry = fork
+    for d in [fork.name] + _idom_chain(dg, fork.name, grad | {fork.name}):
+        node = by_name[d]
+        if d != fork.name and not (node.target in VIEW_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
+                                   or is_op(node, WAIT_OPS) or _is_tangent(node)):
+            break
+        if d != fork.name and len([u for u in node.users if u.name in grad]) > 1 and d not in combine:
+            combine.add(d)
+            entry = node
+            break
+        combine.add(d)
+        entry = node
+    chain = set(combine)
+    combine = {c for c in combine if by_name[c].op == "call_function"}
+    router_bwd = _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) - set(state) - combine
+    router_kind = "unknown"
+    if any(is_op(by_name[n], SOFTMAX_BACKWARD_OPS) for n in router_bwd):
+        router_kind = "softmax-topk"
+    elif any(is_op(by_name[n], SIGMOID_BACKWARD_OPS) for n in router_bwd):
+        router_kind = "sigmoid-topk"
+    k = (shape(index) or (None, None))[dim]
+    expert_choice = tokens_dim == 1  # topk over the token dimension of [tokens, experts]
+    if expert_choice:
+        router_kind = "expert-choice"
+    hidden = (shape(entry) or (None,))[-1]
+    capacity = None
+    for name in in_order(of[P], graph):
+        sh = shape(by_name[name])
+        if sh and len(sh) == 3 and sh[0] == num_experts and sh[2] == hidden and sh[1] is not None:
+            capacity = sh[1]
+            break
+    if expert_choice:
+        capacity = k
+    ffn_hidden = None
+    for m in sorted(expert_mms, key=lambda m: pos[m.name]):
+        g_op = _grad_operand(m, grad)
+        gs, ms_ = shape(g_op), shape(m)
+        if gs and ms_ and gs[-1] == hidden and ms_[-1] not in (hidden, None) and _rows_match(gs, ms_):
+            ffn_hidden = ms_[-1]
+            break
+    shared = _shared_backward_nodes(graph, by_name, grad, chain, set(state) | combine | router_bwd)
+    nodes = {
+        "router": in_order(router_bwd, graph),
+        "dispatch": in_order(of[U], graph),
+        "expert": in_order(of[G], graph),
+        "combine": in_order(combine | set(of[P]), graph),
+        "shared_expert": in_order(shared, graph),
+    }
+    a2a = in_order(a2a, graph)
+    a2a_bytes: int | None = 0 if a2a else None
+    for name in a2a:
+        b = nbytes(by_name[name].args[0])
+        a2a_bytes = None if (b is None or a2a_bytes is None) else a2a_bytes + b
+    notes = []
+    if router_kind == "unknown":
+        notes.append("no softmax/sigmoid backward after the topk gradient")
+    saved = _saved_root(index)
+    return MoERegion(
+        layer=0, graph="backward", router=router_kind, num_experts=num_experts,
+        top_k=None if expert_choice else k, capacity=capacity, dropless=capacity is None,
+        tokens=tokens, hidden=hidden, ffn_hidden=ffn_hidden, nodes=nodes, all_to_all=a2a,
+        a2a_bytes=a2a_bytes, notes=notes,
+    ), (saved.name if saved is not None else None)
+
+
+def _combine_matmul_pair(n: fx.Node, g_op: fx.Node, anc_s: set[str]) -> bool:
+    """``n`` is a bmm whose gradient input also feeds a bmm towards the gate gradient.
+
+    The backward of ``out = combine_weights @ expert_out`` is such a pair: one
+    bmm sends the gradient into expert space, its sibling computes the gradient
+    of the combine weights, which flows into the router.
+    """
+    if not is_op(n, _overloads(aten.bmm)):
+        return False
+    return any(u is not n and is_op(u, _overloads(aten.bmm)) and u.name in anc_s for u in g_op.users)
+
+
+def _rows_match(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and a[:-1] == b[:-1]
+
+
+def _saved_root(node: fx.Node) -> fx.Node | None:
+    """The backward input (a saved forward tensor) an index tensor is a view of."""
+    cur = node
+    for _ in range(10):
+        if cur.op == "placeholder":
+            return cur
+        ins = tensor_inputs(cur)
+        if cur.target not in VIEW_OPS or not ins:
+            return None
+        cur = ins[0]
+    return None
+
+
+def _grad_operand(m: fx.Node, grad: set[str]) -> fx.Node:
+    a, b = matmul_operands(m)
+    return a if a.name in grad else b
+
+
+def _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) -> set[str]:
+    """The gradient of the gates from the fork to s, and everything below s up to where it meets other gradients."""
+    upstream = (anc_s & grad) - nx.ancestors(dg, fork.name) - {fork.name}
+    below = set()
+    for n in sorted(desc_s, key=pos.__getitem__):
+        node = by_name[n]
+        if node.op != "call_function":
+            continue
+        gins = [a for a in node.all_input_nodes if a.name in grad]
+        tokens = (shape(s) or (0,))[0]
+        ours = [a for a in gins if a.name in below or a.name == s.name or a.name in upstream]
+        if not ours or any(a not in ours and not _small_gradient(a, tokens, grad) for a in gins):
+            continue
+        below.add(n)
+    return {n for n in upstream | below | {s.name} if by_name[n].op == "call_function"}
+
+
+def _small_gradient(node: fx.Node, tokens: int, grad: set[str]) -> bool:
+    """A gradient that comes from a tensor smaller than one value per token (an auxiliary loss, a scalar)."""
+    cur = node
+    for _ in range(12):
+        n = numel(cur)
+        if n is not None and n < tokens:
+            return True
+        gins = [a for a in cur.all_input_nodes if a.name in grad]
+        if len(gins) != 1:
+            return False
+        cur = gins[0]
+    return False
+
+
+def _shared_backward_nodes(graph, by_name, grad, chain: set[str], taken: set[str]) -> set[str]:
+    """Gradient nodes of a dense expert fed only by the layer's output gradient, up to where they meet other gradients.
+
+    Connected pieces without a matmul (e.g. an auxiliary loss's gradient) are dropped.
+    """
+    branch: set[str] = set()
+    for n in graph.nodes:
+        if n.name not in grad or n.name in taken or n.name in chain or n.op != "call_function":
+            continue
+        gins = [a for a in n.all_input_nodes if a.name in grad]
+        if gins and all(a.name in chain or a.name in branch for a in gins):
+            branch.add(n.name)
+    out: set[str] = set()
+    sub = nx.Graph()
+    sub.add_nodes_from(branch)
+    for name in branch:
+        for a in by_name[name].all_input_nodes:
+            if a.name in branch:
+                sub.add_edge(a.name, name)
+    for comp in nx.connected_components(sub):
+        if any(is_op(by_name[c], MATMUL_OPS) for c in comp):
+            out |= comp
+    return out

@@ -90,7 +90,7 @@ class CapacityMoE(nn.Module):
     """
 
     def __init__(self, hidden=16, ffn=32, num_experts=4, top_k=2, capacity_factor=1.0,
-                 tokens=16, shared: bool = False) -> None:
+                 tokens=24, shared: bool = False) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity = int(math.ceil(top_k * capacity_factor * tokens / num_experts))

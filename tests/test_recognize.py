@@ -14,7 +14,7 @@ import moe_styles as ms
 
 STYLE_NAMES = ["loop", "capacity", "sort", "sort-grouped", "sort-sigmoid"]
 ROUTER = {"sort-sigmoid": "sigmoid-topk"}
-BATCH, SEQ, HIDDEN = 2, 8, 16
+BATCH, SEQ, HIDDEN = 2, 12, 16
 TOKENS = BATCH * SEQ
 
 
@@ -139,3 +139,69 @@ def test_find_does_not_mutate_and_recognize_only_tags(style):
             assert tagged[name] == {"role": role, "layer": 0}
     for n in fw.graph.nodes:  # leave the shared graph as we found it for other tests
         n.meta.pop("fsmoe", None)
+
+
+BACKWARD_EXPERT_MATMULS = {  # act-grad and weight-grad matmul per forward expert matmul
+    "loop": {"mm": 24},
+    "capacity": {"bmm": 4},
+    "sort": {"mm": 16},
+    "sort-grouped": {"_grouped_mm": 4},
+    "sort-sigmoid": {"mm": 16},
+}
+
+
+def _matmul_kinds(gm, names) -> dict[str, int]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    out: dict[str, int] = {}
+    for n in _matmuls(gm, names):
+        op = str(by_name[n].target).split(".")[1]
+        out[op] = out.get(op, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed-only", "with-shared-expert"])
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_backward_finds_one_region_with_transposed_expert_matmuls(style, shared):
+    expected, _, bw = _one_layer(style, shared)
+    regions = find_moe_regions(bw, "backward")
+    assert len(regions) == 1
+    r = regions[0]
+    assert (r.layer, r.graph) == (0, "backward")
+    assert r.router == ROUTER.get(style, "softmax-topk")
+    assert (r.num_experts, r.top_k, r.tokens, r.hidden, r.ffn_hidden) == (4, 2, TOKENS, HIDDEN, 32)
+    assert r.capacity == expected["capacity"] and r.dropless is expected["dropless"]
+    for role in ("router", "dispatch", "expert", "combine"):
+        assert r.nodes[role], f"empty {role}"
+    assert _matmul_kinds(bw, r.nodes["expert"]) == BACKWARD_EXPERT_MATMULS[style]
+    # the gate's two gradient matmuls (weight and input) are router work, not expert work
+    assert _matmul_kinds(bw, r.nodes["router"]).get("mm") == 2
+    by_name = {n.name: n for n in bw.graph.nodes}
+    router_ops = {str(by_name[n].target) for n in r.nodes["router"]}
+    assert {"aten._softmax_backward_data.default", "aten.sigmoid_backward.default"} & router_ops
+    if shared:  # SwiGLU (3 matmuls) x (input and weight gradient), plus the sigmoid gate's 2 unless ungated
+        assert _matmul_kinds(bw, r.nodes["shared_expert"]) == {"mm": 6 if style == "capacity" else 8}
+    else:
+        assert r.nodes["shared_expert"] == []
+    roles = [set(v) for v in r.nodes.values()]
+    assert sum(len(s) for s in roles) == len(set().union(*roles)), "a node has two roles"
+
+
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_backward_two_layers_map_to_forward_layers(style):
+    fw, bw = _two_layers(style)
+    regions = find_moe_regions(bw, "backward")
+    assert [r.layer for r in regions] == [0, 1]
+    assert [bool(r.nodes["shared_expert"]) for r in regions] == [False, True]
+    a, b = (set().union(*r.nodes.values()) for r in regions)
+    assert not a & b
+    # with the forward regions at hand the layer comes from the saved topk indices, and agrees
+    ctx = PassContext(graph_kind="forward")
+    recognize(fw, ctx)
+    ctx.graph_kind = "backward"
+    recognize(bw, ctx)
+    assert [(r.layer, r.nodes) for r in ctx.regions["backward"]] == [(r.layer, r.nodes) for r in regions]
+    layer_of = {n.name: n.meta["fsmoe"]["layer"] for n in bw.graph.nodes if "fsmoe" in n.meta}
+    assert set(layer_of.values()) == {0, 1}
+    for gm in (fw, bw):
+        for n in gm.graph.nodes:
+            n.meta.pop("fsmoe", None)
