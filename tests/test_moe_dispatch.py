@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from fsmoe_compiler.moe import MoELayer, capacity_positions, compute_capacity
 
@@ -146,3 +147,18 @@ def test_compiled_matches_eager_with_gradients(dispatch):
 def test_bad_options_raise_value_errors_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MoELayer(D, H, E, **kwargs)
+
+
+@pytest.mark.parametrize("router, dispatch", [("gshard", "capacity"), ("mixtral", "dropless")])
+def test_dynamic_token_counts_do_not_recompile_and_match_eager(router, dispatch):
+    torch.manual_seed(9)
+    layer = MoELayer(D, H, E, router=router, dispatch=dispatch)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for t in (6, 13):  # capacity C = ceil(k*T*cf/E) becomes a symbolic expression of T
+        x = _tokens(t=t, seed=t)
+        torch.testing.assert_close(compiled(x)[0], layer(x)[0])
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0]  # the second size reuses the graph: no recompile

@@ -145,6 +145,15 @@ def _trace_and_errors(rank: int, world_size: int) -> dict:
         MoELayer(D_MODEL, D_FF, 4 if rank == 0 else 8)
     except ValueError as e:
         out["mismatch"] = str(e)
+    # DeepSeek's bias update sums the load over ranks, so every replica moves its bias alike
+    from fsmoe_compiler.moe import DeepSeekRouter
+
+    torch.manual_seed(0)
+    router = DeepSeekRouter(D_MODEL, EXPERTS, top_k=1, bias_update_rate=0.5)
+    router(_inputs(rank)[0].reshape(-1, D_MODEL) * (rank + 1))
+    out["local_load"] = router.expert_load.clone()
+    out["summed_load"] = router.update_bias(group=dist.group.WORLD)
+    out["bias"] = router.expert_bias.clone()
     return out
 
 
@@ -155,6 +164,9 @@ def test_ep_layers_trace_without_breaks_and_bad_configs_fail_clearly_on_every_ra
         # both ranks get the verdict, so neither is left waiting in a later collective
         assert "rank 1 has num_experts=8, rank 0 has 4" in res["mismatch"]
         assert len(res["traced"]) == 14
+        torch.testing.assert_close(res["summed_load"], results[0]["local_load"] + results[1]["local_load"])
+        torch.testing.assert_close(res["bias"], results[0]["bias"])
+        assert res["bias"].abs().sum() > 0
         for (router, dispatch), (breaks, graphs, a2a) in res["traced"].items():
             assert (breaks, graphs) == (0, 1), (router, dispatch)
             # capacity: dispatch + combine; dropless: counts + dispatch + combine
