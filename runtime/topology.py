@@ -77,25 +77,30 @@ def _require_world(world_size: int) -> int:
     return dist.get_rank()
 
 
+def _agree_then_validate(world_size: int, ep_size: int) -> int:
+    """Agreement first (so a rank with a bad argument cannot leave the others waiting), then local checks."""
+    if dist.is_initialized():
+        check_ranks_agree("(world_size, ep_size)", (world_size, ep_size))
+    rank = _require_world(world_size)
+    world_layout(world_size, ep_size, rank)
+    return rank
+
+
 def ep_group(world_size: int, ep_size: int) -> dist.ProcessGroup:
     """Create all EP groups (collective: every rank must call it) and return the caller's."""
-    rank = _require_world(world_size)
-    check_ranks_agree("(world_size, ep_size)", (world_size, ep_size))
+    rank = _agree_then_validate(world_size, ep_size)
     mine = None
     for start in range(0, world_size, ep_size):
         g = dist.new_group(list(range(start, start + ep_size)))
         if start <= rank < start + ep_size:
             mine = g
-    world_layout(world_size, ep_size, rank)  # validates
     assert mine is not None
     return mine
 
 
 def dp_group(world_size: int, ep_size: int) -> dist.ProcessGroup:
     """Create all DP groups (collective: every rank must call it) and return the caller's."""
-    rank = _require_world(world_size)
-    world_layout(world_size, ep_size, rank)
-    check_ranks_agree("(world_size, ep_size)", (world_size, ep_size))
+    rank = _agree_then_validate(world_size, ep_size)
     mine = None
     for i in range(ep_size):
         ranks = list(range(i, world_size, ep_size))

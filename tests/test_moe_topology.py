@@ -46,6 +46,10 @@ def _groups(rank: int, world_size: int) -> dict:
     except ValueError as e:
         out["wrong_world"] = str(e)
     try:
+        ep_group(2, 1 if rank == 0 else 2)
+    except ValueError as e:
+        out["ep_disagree"] = str(e)
+    try:
         check_ranks_agree("seq_len", 16 if rank == 0 else 32)
     except ValueError as e:
         out["scalar"] = str(e)
@@ -64,5 +68,6 @@ def test_groups_have_the_right_members_and_disagreement_is_named():
         assert res[1][:2] == (rank + 1, 3.0)
         assert res[2][:2] == (3.0, rank + 1)
         assert "world_size=4 was asked for but the process group has 2 ranks" in res["wrong_world"]
+        assert res["ep_disagree"] == "ranks disagree: rank 1 has (world_size, ep_size)=(2, 2), rank 0 has (2, 1)"
         assert res["scalar"] == "ranks disagree: rank 1 has seq_len=32, rank 0 has 16"
         assert res["dict"] == "ranks disagree on config: rank 1 has num_experts=8, rank 0 has 4"
