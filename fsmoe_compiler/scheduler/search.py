@@ -129,7 +129,8 @@ def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | Non
     """Best forward degree of one layer and its schedule (ids of layer 0), cached by signature."""
     opts = opts or SearchOptions()
     cache = CACHE if cache is None else cache
-    key = ("fwd", spec.signature(), costs_key(costs), _okey(opts))
+    key = ("fwd", spec.signature(), costs_key(costs),
+           (opts.max_degree, opts.time_limit_s, opts.cpsat_top, opts.use_cpsat, opts.seed_baselines))
     hit = cache.get(key)
     if hit is not None:
         return hit  # type: ignore[return-value]
@@ -169,12 +170,11 @@ def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | Non
                             skip_if_tight=False)
             if s.makespan < best_ms - EPS:
                 best_ms, best_r, best_s = s.makespan, r, s
-    elif best_ms <= best_ev.lb + EPS:
-        pass
-    if best_s.status == "HEURISTIC" and best_ms <= layer_eval(spec, costs, best_r, "forward").lb + EPS:
-        best_s = Schedule(start=best_s.start, end=best_s.end, order=best_s.order, makespan=best_s.makespan,
-                          method=best_s.method, status="OPTIMAL", solve_time_s=best_s.solve_time_s,
-                          meta={"proof": "meets lower bound"})
+    status, meta = best_s.status, dict(best_s.meta)
+    if status == "HEURISTIC" and best_ms <= layer_eval(spec, costs, best_r, "forward").lb + EPS:
+        status, meta["proof"] = "OPTIMAL", "meets lower bound"
+    best_s = Schedule(start=best_s.start, end=best_s.end, order=best_s.order, makespan=best_s.makespan,
+                      method="fsmoe", status=status, solve_time_s=best_s.solve_time_s, meta=meta)
     best_s.meta["r"] = best_r
     out = (best_r, best_s)
     cache.put(key, out)
