@@ -105,3 +105,19 @@ def test_cli_show_costs_prints_the_preset_constants(capsys):
     assert main(["--config", "B=2,L=256,M=1024,f=1.2,gpus=48", "--show-costs"]) == 0
     out = capsys.readouterr().out
     assert "2.32e-06" in out and "4.951e-06" in out  # testbed A2A / all-reduce beta at 48 GPUs
+
+
+def test_points_that_are_the_same_problem_are_solved_once():
+    # under 'local' the cost models do not depend on the GPU count: 16/32/48 GPUs are one problem
+    from fsmoe_compiler.sim.presets import fit_local, LocalSamples, LOCAL_COLLECTIVES
+
+    samples = LocalSamples(coll={k: [(1e4, 0.2), (1e6, 2.0)] for k in LOCAL_COLLECTIVES}, gemm=[(1e6, 0.01), (1e8, 1.0)])
+    specs = [parse_config(f"B=2,L=256,M=1024,f=1.2,gpus={g}") for g in (16, 32, 48)]
+    res = simulate_grid(specs, lambda g: fit_local(samples, g))
+    assert [r.config["gpus"] for r in res] == [16, 32, 48]
+    assert res[0].makespan_ms == res[1].makespan_ms == res[2].makespan_ms
+    assert "same_problem_as" not in res[0].detail and res[2].detail["same_problem_as"]["gpus"] == 16
+    # under the testbed they differ (A2A / all-reduce beta depend on the GPU count)
+    res = simulate_grid(specs, "fsmoe-testbed")
+    assert all("same_problem_as" not in r.detail for r in res)
+    assert len({r.makespan_ms["sequential"] for r in res}) == 3

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Sequence
 
 from fsmoe_compiler.scheduler.api import evaluate_layer
@@ -127,6 +127,21 @@ def _run_chunk(specs: list[LayerSpec]) -> list[PointResult]:
     return [simulate_point(s, _W_COSTS[s.gpus], **_W_OPTS) for s in specs]
 
 
+def _problem_key(spec: LayerSpec, costs: ClusterCosts) -> tuple:
+    """What the scheduler's answer depends on: the spec and cost models, minus the GPU count labels.
+
+    ``LayerSpec.gpus`` and ``ClusterCosts.gpus`` only label a point; the GPU
+    count acts through the cost models (e.g. the A2A beta). Under a preset
+    whose models do not change with it (``local``), points that differ only
+    in ``gpus`` are the same scheduling problem and are solved once.
+    """
+    d = asdict(spec)
+    d.pop("gpus")
+    models = (costs.name, costs.a2a, costs.allgather, costs.reducescatter, costs.allreduce,
+              tuple(sorted(costs.gemm.items())), costs.dense, costs.gpus_per_node)
+    return tuple(sorted(d.items())), models
+
+
 def simulate_grid(
     specs: Sequence[LayerSpec],
     preset: str | Callable[[int], ClusterCosts],
@@ -140,8 +155,11 @@ def simulate_grid(
     """Simulate every spec under ``preset`` (a name or ``gpus -> ClusterCosts``), in order.
 
     Costs are resolved once per GPU count in this process (the ``local`` preset
-    measures or reads its cache here), then ``workers`` processes share the
-    points in contiguous chunks.
+    measures or reads its cache here); points that are the same scheduling
+    problem (see :func:`_problem_key`) are solved once and the copy says so in
+    ``detail["same_problem_as"]`` (it keeps the solver time of the solve it
+    reuses); then ``workers`` processes share the unique points in contiguous
+    chunks.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -153,19 +171,37 @@ def simulate_grid(
             refit = False  # measure at most once per call
     opts = {"layers": layers, "time_limit_s": time_limit_s, "validate": validate}
     specs = list(specs)
-    if workers == 1 or len(specs) < 2 * workers:
+    first: dict[tuple, int] = {}  # problem key -> index into uniq
+    uniq: list[LayerSpec] = []
+    which: list[int] = []
+    for s in specs:
+        k = _problem_key(s, costs_by_gpus[s.gpus])
+        if k not in first:
+            first[k] = len(uniq)
+            uniq.append(s)
+        which.append(first[k])
+    if workers == 1 or len(uniq) < 2 * workers:
         _init_worker(costs_by_gpus, opts)
-        return _run_chunk(specs)
-    n_chunks = min(len(specs), workers * 8)
-    bounds = [len(specs) * i // n_chunks for i in range(n_chunks + 1)]
-    chunks = [specs[a:b] for a, b in zip(bounds, bounds[1:])]
-    import multiprocessing as mp
+        solved = _run_chunk(uniq)
+    else:
+        n_chunks = min(len(uniq), workers * 8)
+        bounds = [len(uniq) * i // n_chunks for i in range(n_chunks + 1)]
+        chunks = [uniq[a:b] for a, b in zip(bounds, bounds[1:])]
+        import multiprocessing as mp
 
-    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(costs_by_gpus, opts)) as ex:
-        out: list[PointResult] = []
-        for part in ex.map(_run_chunk, chunks):
-            out.extend(part)
+        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(costs_by_gpus, opts)) as ex:
+            solved = [r for part in ex.map(_run_chunk, chunks) for r in part]
+    out: list[PointResult] = []
+    for s, j in zip(specs, which):
+        r = solved[j]
+        if s is not uniq[j]:
+            cfg = asdict(s)
+            cfg.pop("signature_extra", None)
+            r = replace(r, config=cfg, makespan_ms=dict(r.makespan_ms),
+                        detail={**r.detail, "same_problem_as": dict(r.config)})
+        out.append(r)
     return out
 
 
