@@ -554,10 +554,11 @@ def _shared_expert_nodes(dg, by_name, state, of, x, anc_t, desc_x) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 # backward
 #
-# States of gradient nodes below a layer's combine fork: P (gradient permuted into expert space, before
-# any expert matmul), G (expert-side gradient, after one), U (gradient un-permuted back to token space).
-P, G, U = "P", "G", "U"
-_RANK = {P: 0, G: 1, U: 2}
+# States of gradient nodes below a layer's combine fork: F (forked, still in token order), P (gradient
+# permuted into expert space, before any expert matmul), G (expert-side gradient, after one), U (gradient
+# un-permuted back to token order: the gradient of the dispatch).
+F, P, G, U = "F", "P", "G", "U"
+_RANK = {F: 0, P: 1, G: 2, U: 3}
 
 
 def _is_tangent(node: fx.Node) -> bool:
@@ -611,6 +612,33 @@ def _topk_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
             continue
         anchors.append(n)
     return anchors
+
+
+def _permutes(node: fx.Node, grad: set[str], tokens: int) -> bool:
+    """An indexing op that moves gradient rows by saved routing indices, or an all-to-all.
+
+    Gathers (``index_select``, ``gather``, ``index``) always count; scatters
+    (``index_add``, ``index_put``, ``scatter_add``) count when given an
+    integer index that does not depend on the gradient.
+    """
+    if is_op(node, ALL_TO_ALL_OPS):
+        return True
+    if node.target not in GATHER_OPS and not is_op(node, SCATTER_OPS):
+        return False
+    return any(_saved_index(a, grad) for a in node.all_input_nodes)
+
+
+def _permuted_above(node: fx.Node, grad: set[str], tokens: int) -> bool:
+    """``node`` is, or is a view of, a gradient permuted by saved routing indices."""
+    cur = node
+    for _ in range(8):
+        if _permutes(cur, grad, tokens):
+            return True
+        gins = [a for a in cur.all_input_nodes if a.name in grad]
+        if cur.target not in VIEW_OPS or len(gins) != 1:
+            return False
+        cur = gins[0]
+    return False
 
 
 def _has_dim(node: fx.Node, size: int) -> bool:
@@ -685,14 +713,13 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     s_shape = shape(s)
     dim = s.args[1] % 2
     index = s.args[2]
-    tokens_dim = 1 - dim
-    tokens, num_experts = s_shape[tokens_dim], s_shape[dim]
-    if tokens is None:
+    if any(d is None for d in s_shape):
         return None
     anc_s = nx.ancestors(dg, s.name)
     desc_s = nx.descendants(dg, s.name)
     # the fork where the gradient splits into the gate-gradient path (to s) and the expert path
-    keep = {n for n in anc_s & grad if (numel(by_name[n]) or tokens) >= tokens} | {s.name}
+    smallest = min(s_shape)
+    keep = {n for n in anc_s & grad if (numel(by_name[n]) or smallest) >= smallest} | {s.name}
     fork = None
     for d in _idom_chain(dg, s.name, keep):
         if _leads_to_matmul(dg, d, by_name, anc_s | desc_s):
@@ -700,13 +727,28 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
             break
     if fork is None:
         return None
+    # the entry: the gradient of the layer output, and the views/permutations between it and the fork
+    chain = [fork.name]
+    for d in _idom_chain(dg, fork.name, grad | {fork.name}):
+        node = by_name[d]
+        if not (node.target in VIEW_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
+                or is_op(node, WAIT_OPS) or _is_tangent(node)):
+            break
+        chain.append(d)
+        if len([u for u in node.users if u.name in grad]) > 1:
+            break
+    entry = by_name[chain[-1]]
+    entry_shape = shape(entry)
+    hidden = entry_shape[-1] if entry_shape else None
+    tokens = numel(entry) // hidden if hidden and numel(entry) else None
+    # topk over experts scatters along the expert dimension; expert choice along the token dimension
+    expert_choice = tokens is not None and s_shape[dim] == tokens and s_shape[1 - dim] != tokens
+    num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
+    if tokens is None:
+        tokens = s_shape[1 - dim]
 
     # walk the gradient forward from the fork in graph order
-    state: dict[str, str] = {}
-    combine: set[str] = set()
-    if fork.target in GATHER_OPS or (is_op(fork, SCATTER_OPS) and not _has_dim(fork, tokens)):
-        state[fork.name] = P
-    combine.add(fork.name)
+    state: dict[str, str] = {fork.name: P if _permuted_above(fork, grad, tokens) else F}
     expert_mms: list[fx.Node] = []
     depth: dict[str, int] = {}
     started = False
@@ -714,26 +756,21 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         if n is fork:
             started = True
             continue
-        if not started or n.op != "call_function" or n.name not in grad:
-            continue
-        if n.name in desc_s or n is s:
+        if not started or n.op != "call_function" or n.name not in grad or n.name in desc_s or n is s:
             continue
         ins = [a for a in n.all_input_nodes if a.name in grad]
-        if not ins:
+        if not ins or not any(a.name in state for a in ins):
             continue
-        src = [a for a in ins if a.name in state or a is fork]
-        if not src:
-            continue
-        if any(a.name not in state and a is not fork for a in ins):
+        if any(a.name not in state for a in ins):
             continue  # meets another gradient (router, shared expert, residual): the region ends here
-        rank = max((_RANK[state[a.name]] for a in src if a.name in state), default=-1)
-        d_in = max((depth.get(a.name, 0) for a in src), default=0)
+        rank = max(_RANK[state[a.name]] for a in ins)
+        d_in = max((depth.get(a.name, 0) for a in ins), default=0)
         new: str | None
         if is_op(n, MATMUL_OPS):
             a, b = matmul_operands(n)
             g_op = a if a.name in grad else b
             other = b if g_op is a else a
-            if rank < 0:  # straight from the fork: a permutation into expert space if it leaves token space
+            if rank == _RANK[F]:  # still in token order: a permutation into expert space if it leaves token order
                 leaves = _has_dim(g_op, tokens) and not _has_dim(n, tokens)
                 new = P if (leaves or _combine_matmul_pair(n, g_op, anc_s)) else None
             elif rank >= _RANK[G] and other.name not in grad and _has_dim(other, tokens) and _has_dim(n, tokens):
@@ -744,30 +781,31 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
                 new = G
                 expert_mms.append(n)
                 depth[n.name] = d_in + 1
-        elif rank < 0:
-            idx = [a for a in n.all_input_nodes if _saved_index(a, grad)]
-            if (n.target in GATHER_OPS or is_op(n, ALL_TO_ALL_OPS)) and (idx or is_op(n, ALL_TO_ALL_OPS)):
+        elif rank == _RANK[F]:
+            if _permutes(n, grad, tokens):
                 new = P
-            elif n.target in _COMBINE_OPS and not is_op(n, SCATTER_OPS):
-                new = None
-                combine.add(n.name)
-                continue
+            elif n.target in _COMBINE_OPS:
+                new = F
             else:
                 new = None
-        elif rank >= _RANK[G] and is_op(n, SCATTER_OPS) and _has_dim(n, tokens):
-            new = U
-        elif rank >= _RANK[G] and is_op(n, ALL_TO_ALL_OPS):
-            new = U if rank == _RANK[U] else G
+        elif rank >= _RANK[G] and (_permutes(n, grad, tokens) or is_op(n, ALL_TO_ALL_OPS)):
+            new = U  # indexed by the saved routing (or sent back by all-to-all): the gradient of the dispatch
         else:
-            new = [P, G, U][rank]
+            new = [F, P, G, U][rank]
         if new is None:
             continue
         state[n.name] = new
         depth.setdefault(n.name, d_in)
-    # nodes that only forwarded the fork (views before the permutation) join the combine
-    for name in list(combine):
-        if name != fork.name and not any(u.name in state for u in by_name[name].users):
-            combine.discard(name)
+    # the forked gradient before the permutation is the combine's only where it leads to the experts
+    feeds: set[str] = set()
+    for name, st in state.items():
+        if st != F:
+            feeds |= nx.ancestors(dg, name)
+    for name in [n for n, st in state.items() if st == F and n not in feeds]:
+        del state[name]
+    combine = {n for n, st in state.items() if st == F}
+    for name in combine:
+        del state[name]
     if not expert_mms:
         return None
     first = [m for m in expert_mms if depth[m.name] == 1]
@@ -784,20 +822,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         del state[name]
 
     of = {st: [n for n, v in state.items() if v == st] for st in (P, G, U)}
-    # entry: the gradient of the layer output, and the views/permutations between it and the fork
-    entry = fork
-    for d in [fork.name] + _idom_chain(dg, fork.name, grad | {fork.name}):
-        node = by_name[d]
-        if d != fork.name and not (node.target in VIEW_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
-                                   or is_op(node, WAIT_OPS) or _is_tangent(node)):
-            break
-        if d != fork.name and len([u for u in node.users if u.name in grad]) > 1 and d not in combine:
-            combine.add(d)
-            entry = node
-            break
-        combine.add(d)
-        entry = node
-    chain = set(combine)
+    combine |= set(chain)
     combine = {c for c in combine if by_name[c].op == "call_function"}
     router_bwd = _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) - set(state) - combine
     router_kind = "unknown"
@@ -806,10 +831,8 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     elif any(is_op(by_name[n], SIGMOID_BACKWARD_OPS) for n in router_bwd):
         router_kind = "sigmoid-topk"
     k = (shape(index) or (None, None))[dim]
-    expert_choice = tokens_dim == 1  # topk over the token dimension of [tokens, experts]
     if expert_choice:
         router_kind = "expert-choice"
-    hidden = (shape(entry) or (None,))[-1]
     capacity = None
     for name in in_order(of[P], graph):
         sh = shape(by_name[name])
@@ -825,7 +848,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         if gs and ms_ and gs[-1] == hidden and ms_[-1] not in (hidden, None) and _rows_match(gs, ms_):
             ffn_hidden = ms_[-1]
             break
-    shared = _shared_backward_nodes(graph, by_name, grad, chain, set(state) | combine | router_bwd)
+    shared = _shared_backward_nodes(graph, by_name, grad, set(chain), set(state) | combine | router_bwd)
     nodes = {
         "router": in_order(router_bwd, graph),
         "dispatch": in_order(of[U], graph),
