@@ -230,8 +230,9 @@ def _has_norm_near(node: fx.Node, depth: int = 5) -> bool:
 
 
 def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
-    """From a topk up through the score ops to the gate matmul and on to the router's token input."""
-    cur = topk.args[0]
+    """From a topk (or a soft router's token softmax) up through the score ops to the gate matmul and on to
+    the router's token input."""
+    cur = topk.args[0] if is_op(topk, TOPK_OPS) else topk
     ops: list[str] = []
     gate = None
     for _ in range(40):
@@ -252,7 +253,10 @@ def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
     # the token operand is the left one of tokens @ weight; walk up to the first node also used outside the router
     cur = left
     for _ in range(60):
-        if cur.op != "call_function" or any(u.name not in anc_topk and u is not topk for u in cur.users):
+        # (the output node is no consumer here: aot_autograd returns tensors saved for backward through it)
+        if cur.op != "call_function" or any(
+            u.name not in anc_topk and u is not topk and u.op != "output" for u in cur.users
+        ):
             break
         if is_op(cur, MATMUL_OPS):
             cur = matmul_operands(cur)[0]
@@ -275,6 +279,19 @@ def _find_forward(gm: fx.GraphModule) -> list[MoERegion]:
         r = _walk_router(t, anc[t.name])
         if r is not None:
             routers[t.name] = r
+    # soft routing (SoftMoE): a softmax over the token dimension of [tokens, experts, slots] scores
+    before_topk = set().union(*anc.values()) if anc else set()
+    for n in graph.nodes:
+        if not is_op(n, SOFTMAX_OPS) or n.name in before_topk or len(shape(n) or ()) < 2:
+            continue
+        if (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) % len(shape(n)) != 0:
+            continue
+        anc[n.name] = nx.ancestors(dg, n.name)
+        r = _walk_router(n, anc[n.name])
+        x_shape = shape(r.x) if r is not None else None
+        if r is not None and x_shape and x_shape[-1] and numel(r.x) and numel(r.x) // x_shape[-1] == shape(n)[0]:
+            routers[n.name] = r
+            topks.append(n)
     # several topks behind one router input (e.g. group-limited routing): the last one routes
     last_for_x: dict[str, str] = {}
     for t in topks:
@@ -364,7 +381,7 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
                 new = E
                 expert_mms.append(n)
                 depth[n.name] = d_in + 1
-            elif E in kinds and R in kinds:
+            elif E in kinds and (R in kinds or "router" in kinds):
                 new = C
             elif E in kinds:
                 new = E
@@ -372,8 +389,8 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
                 new = D
             else:
                 new = R
-        elif E in kinds and R in kinds:
-            new = C
+        elif E in kinds and (R in kinds or "router" in kinds):
+            new = C  # expert output meets routing weights: the combine
         elif E in kinds:
             new = E
         elif D in kinds or "token" in kinds:
@@ -411,26 +428,31 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
     tokens = None
     if x_shape and hidden and all(d is not None for d in x_shape):
         tokens = numel(x) // hidden
+    soft = not is_op(t, TOPK_OPS)
     score = t.args[0]
     s_shape = shape(score) or ()
-    dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
-    k = t.args[1] if isinstance(t.args[1], int) else None
-    dim = dim % len(s_shape) if s_shape else dim
     notes: list[str] = []
     expert_choice = False
     num_experts = None
-    if s_shape:
+    k = None
+    if soft:  # scores [tokens, experts, slots]
+        num_experts = s_shape[1] if len(s_shape) > 1 else None
+    elif s_shape:
+        dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
+        dim = dim % len(s_shape)
+        k = t.args[1] if isinstance(t.args[1], int) else None
         rest = 1
         for i, d in enumerate(s_shape):
             if i != dim and d is not None:
                 rest *= d
         if tokens is not None and s_shape[dim] == tokens and rest != tokens:
-            expert_choice = True
+            expert_choice = True  # topk over the token dimension: each expert picks its tokens
             num_experts = rest
         else:
             num_experts = s_shape[dim]
-
-    if r.cosine:
+    if soft:
+        router = "soft"
+    elif r.cosine:
         router = "cosine-topk"
     elif expert_choice:
         router = "expert-choice"
@@ -447,6 +469,8 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
     capacity = None
     if expert_choice:
         capacity = k
+    elif soft:  # every expert has its slots per expert, always full
+        capacity = numel(t) // (s_shape[0] * num_experts) if numel(t) and num_experts else None
     else:
         for name in in_order(of[D], graph):
             s = shape(by_name[name])
