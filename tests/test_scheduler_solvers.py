@@ -121,3 +121,24 @@ def test_list_schedule_inserts_into_gaps():
     validate_schedule(g, s)
     assert s.makespan == pytest.approx(6.0)
     assert s.end["z"] <= 5.0 + 1e-9
+
+
+def test_justify_never_worse_and_valid():
+    from fsmoe_compiler.scheduler.heuristic import heuristic_starts, justify, schedule_from_starts
+
+    for seed in range(10):
+        g = random_graph(300 + seed, 12)
+        starts, ms = heuristic_starts(g)
+        j, jms = justify(g, starts)
+        assert jms <= ms + 1e-9
+        validate_schedule(g, schedule_from_starts(g, j))
+
+
+def test_split_weight_gradient_rules_let_the_all_reduce_start_early():
+    """With weight gradients split off, running the attention weight gradient right after its input gradient
+    lets the all-reduce overlap the layers below; the heuristic must find that, not leave the all-reduces last."""
+    spec = LayerSpec(B=2, L=512, M=4096, H=32768, f=1.2, gpus=48, ffn="swiglu")
+    g = build_stack_backward([spec] * 4, COSTS, 1, None, wgrad=True)
+    s = heuristic_schedule(g)
+    validate_schedule(g, s)
+    assert s.start["B3.ar0"] < s.start["B0.attn"]  # layer 3's all-reduce runs while layer 0 still computes
