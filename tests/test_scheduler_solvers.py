@@ -148,3 +148,18 @@ def test_split_weight_gradient_rules_let_the_all_reduce_start_early():
     assert s.makespan < plain.makespan * 0.95
     # the attention weight gradient of layer 3 runs before layer 2's backward is done, so its all-reduce can start
     assert s.end["B3.attn_w"] < s.start["B2.attn"] < plain.end["B3.attn_w"]
+
+
+def test_cpsat_handles_durations_below_its_time_unit():
+    # sub-microsecond tasks: the integer model must not round them into an order that contradicts a dependency
+    g = TaskGraph()
+    g.add("attn", "attention", "compute", 3.0e-7)
+    g.add("d", "a2a", "inter", 8e-6)
+    g.add("e", "expert", "compute", 1.3e-8)
+    g.add("c", "a2a", "inter", 8e-6)
+    g.add_dep("attn", "d")
+    g.add_dep("d", "e")
+    g.add_dep("e", "c")
+    s = solve_cpsat(g, time_limit_s=0.05, skip_if_tight=False)
+    validate_schedule(g, s)
+    assert s.makespan == pytest.approx(3.0e-7 + 8e-6 + 1.3e-8 + 8e-6, rel=1e-9)

@@ -21,7 +21,8 @@ from fsmoe_compiler.scheduler.heuristic import heuristic_schedule, replay
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
 
-#: Integer time units per ms in the CP-SAT model (1 unit = 1 us).
+#: Integer time units per ms in the CP-SAT model (1 unit = 1 us), at least; graphs shorter than a
+#: second in total get a finer unit so that their durations do not round to zero.
 SCALE = 1000
 
 
@@ -101,7 +102,9 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
             out = _copy(best_known, method, "OPTIMAL", t0)
             out.meta["proof"] = "meets lower bound"
             return out
-    dur = [int(round(d * SCALE)) for d in arr.dur]
+    # ms -> integer units: microseconds, finer when the whole graph is shorter than a second
+    scale = max(float(SCALE), 1e6 / max(sum(arr.dur), 1e-12))
+    dur = [int(round(d * scale)) for d in arr.dur]
     horizon = sum(dur) + 1
     m = cp_model.CpModel()
     starts, ends, ivs = [], [], []
@@ -124,12 +127,12 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
     makespan = m.new_int_var(0, horizon, "makespan")
     m.add_max_equality(makespan, ends)
     # Integer rounding can move the hint's makespan by a few units; allow slack of n units.
-    m.add(makespan <= int(round(best_known.makespan * SCALE)) + n + 1)
+    m.add(makespan <= int(round(best_known.makespan * scale)) + n + 1)
     m.minimize(makespan)
     hs = hint.start
     for i, tid in enumerate(arr.ids):
         if tid in hs:
-            m.add_hint(starts[i], int(round(hs[tid] * SCALE)))
+            m.add_hint(starts[i], int(round(hs[tid] * scale)))
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = 1
@@ -141,12 +144,14 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
         out = _copy(best_known, method, "FALLBACK_NO_SOLUTION", t0)
         out.meta["cpsat_status"] = solver.status_name(st)
         return out
-    sol = {tid: solver.value(starts[i]) / SCALE for i, tid in enumerate(arr.ids)}
-    # exact float times from the solver's order (integer rounding only picked the order)
-    ref = Schedule(start=sol, end={t: sol[t] + graph.tasks[t].duration for t in sol}, order={}, makespan=0.0)
+    # exact float times from the solver's order (integer rounding only picked the order); the order is
+    # taken from the model's integer times, which respect every dependency, so replaying it cannot deadlock
+    sol = {tid: solver.value(starts[i]) / scale for i, tid in enumerate(arr.ids)}
+    end_t = {tid: solver.value(ends[i]) / scale for i, tid in enumerate(arr.ids)}
+    ref = Schedule(start=sol, end=end_t, order={}, makespan=0.0)
     exact = replay(graph, ref, method=method, status="OPTIMAL" if st == cp_model.OPTIMAL else "FEASIBLE")
-    exact.meta["cpsat_objective_us"] = solver.objective_value
-    exact.meta["cpsat_bound_us"] = solver.best_objective_bound
+    exact.meta["cpsat_objective_ms"] = solver.objective_value / scale
+    exact.meta["cpsat_bound_ms"] = solver.best_objective_bound / scale
     if exact.makespan > best_known.makespan + 1e-9:
         out = _copy(best_known, method, "FALLBACK_WORSE", t0)
         out.meta["cpsat_makespan"] = exact.makespan

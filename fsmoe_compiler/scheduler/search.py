@@ -284,8 +284,8 @@ def best_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchO
         starts, ms = heuristic_starts(g)
         sol: object = starts
         if seed_sched is not None:
-            alt = replay(g, seed_sched)
-            if alt.makespan < ms - EPS:
+            alt = _safe_replay(g, seed_sched)
+            if alt is not None and alt.makespan < ms - EPS:
                 sol, ms = alt, alt.makespan
         cands.append((ms, len(cands), rv, parts, grad_sync, g, sol))
 
@@ -378,15 +378,23 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
             continue
         seen.add(conf)
         gs = build_stack_backward(specs, costs, list(c[2]), c[3], grad_sync=c[4], wgrad=True)
-        conv = replay(gs, split_times(best_s if c is best else as_sched(c), gs))
+        conv = _safe_replay(gs, split_times(best_s if c is best else as_sched(c), gs))
         starts, ms = heuristic_starts(gs)
-        hint = conv if conv.makespan <= ms + EPS else schedule_from_starts(gs, starts)
+        hint = conv if conv is not None and conv.makespan <= ms + EPS else schedule_from_starts(gs, starts)
         scored.append((hint.makespan, len(scored), c, gs, hint))
     scored.sort(key=lambda x: (x[0], x[1]))
     _, _, c, gs, s = scored[0]
     if opts.use_cpsat:
         s = solve_cpsat(gs, opts.time_limit_s, heuristic=s)
     return (list(c[2]), c[3], c[4], gs, s)
+
+
+def _safe_replay(g: TaskGraph, sched: Schedule) -> Schedule | None:
+    """:func:`replay`, or None if float ties made the order inconsistent (then the candidate is skipped)."""
+    try:
+        return replay(g, sched)
+    except (ValueError, KeyError):
+        return None
 
 
 def _backward_part(sd: StepSchedule) -> Schedule | None:
