@@ -391,6 +391,8 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
                 new = R
         elif E in kinds and (R in kinds or "router" in kinds):
             new = C  # expert output meets routing weights: the combine
+        elif E in kinds and is_op(n, ALL_TO_ALL_OPS):
+            new = C  # expert output sent back to the tokens' ranks: the combine all-to-all
         elif E in kinds:
             new = E
         elif D in kinds or "token" in kinds:
