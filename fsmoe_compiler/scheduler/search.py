@@ -11,17 +11,20 @@ the layers below. We therefore:
    r in 1..max_degree with the list-scheduling heuristic, then CP-SAT (free
    order, hinted) on the most promising degrees whose lower bound still
    leaves room;
-2. backward, jointly over the stack: candidate degree vectors (per layer,
-   forward and backward chosen separately) times candidate gradient
-   slicings (one slice, equal slices, slices cut to the idle inter-link
-   windows of the layers below, or one bucket after the backward), each
-   scored by the heuristic on the whole backward stack; the best few are
-   solved by CP-SAT, which places the slices in idle link windows and orders
-   everything freely.
+2. backward, jointly over the stack: candidate degree vectors (the best
+   and second-best isolated backward degree of each layer, chosen apart from
+   the forward degree, plus every baseline's vector) times candidate
+   gradient slicings (one slice per layer, slices cut to the idle inter-link
+   windows of the layers below, equal slices up to ``max_parts``, or one
+   bucket after the backward), each scored by the heuristic on the whole
+   backward stack; CP-SAT then refines the best (``cpsat_top``), placing the
+   slices in idle link windows and ordering everything freely.
 
 Every baseline's configuration and schedule (FSMoE's, Tutel's, sequential)
-is also a feasible point of this search (their schedules are replayed on our
-graph), so the result is never worse than any baseline on the same cost model.
+is also a candidate (their schedules are replayed on our graph), so with
+``max_degree >= 8`` the result is never worse than any baseline on the same
+cost model. ``SearchOptions.split_weight_grads`` additionally lets weight
+gradients leave the backward's critical chain (see :func:`_split_backward`).
 """
 
 from __future__ import annotations
