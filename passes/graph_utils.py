@@ -150,3 +150,31 @@ def in_order(names: Iterable[str], graph: fx.Graph) -> list[str]:
     """``names`` sorted in the graph's node order."""
     wanted = set(names)
     return [n.name for n in graph.nodes if n.name in wanted]
+
+
+def size_key(x) -> object:
+    """A comparable stand-in for one size: the int, or a SymInt's sympy expression (so ``12*s0 == 12*s0``)."""
+    i = static_int(x)
+    if i is not None:
+        return i
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return None
+
+
+def shape_keys(node) -> tuple | None:
+    """The shape of a tensor-valued node as ``size_key``s, symbolic sizes included."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(size_key(s) for s in v.shape)
+
+
+def prod_key(keys) -> object:
+    """The product of size keys (int or sympy expression)."""
+    out = 1
+    for k in keys:
+        if k is None:
+            return None
+        out = out * k
+    return out

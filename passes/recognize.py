@@ -66,7 +66,10 @@ from fsmoe_compiler.passes.graph_utils import (
     matmul_operands,
     nbytes,
     numel,
+    prod_key,
     shape,
+    shape_keys,
+    static_int,
     tensor_inputs,
     to_digraph,
 )
@@ -427,12 +430,13 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
 
     x_shape = shape(x)
     hidden = x_shape[-1] if x_shape else None
-    tokens = None
-    if x_shape and hidden and all(d is not None for d in x_shape):
-        tokens = numel(x) // hidden
+    x_keys = shape_keys(x) or ()
+    tokens_key = prod_key(x_keys[:-1]) if x_keys else None
+    tokens = static_int(tokens_key) if isinstance(tokens_key, int) else None
     soft = not is_op(t, TOPK_OPS)
     score = t.args[0]
     s_shape = shape(score) or ()
+    s_keys = shape_keys(score) or ()
     notes: list[str] = []
     expert_choice = False
     num_experts = None
@@ -443,13 +447,10 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
         dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
         dim = dim % len(s_shape)
         k = t.args[1] if isinstance(t.args[1], int) else None
-        rest = 1
-        for i, d in enumerate(s_shape):
-            if i != dim and d is not None:
-                rest *= d
-        if tokens is not None and s_shape[dim] == tokens and rest != tokens:
+        rest = prod_key(d for i, d in enumerate(s_keys) if i != dim)
+        if tokens_key is not None and s_keys[dim] == tokens_key and rest != tokens_key:
             expert_choice = True  # topk over the token dimension: each expert picks its tokens
-            num_experts = rest
+            num_experts = rest if isinstance(rest, int) else None
         else:
             num_experts = s_shape[dim]
     if soft:
@@ -469,17 +470,21 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
         router = "topk"
 
     capacity = None
+    buffer = False  # a fixed-capacity [E, C, M] expert buffer exists (its C may be symbolic)
     if expert_choice:
-        capacity = k
+        capacity, buffer = k, True
     elif soft:  # every expert has its slots per expert, always full
-        capacity = numel(t) // (s_shape[0] * num_experts) if numel(t) and num_experts else None
+        capacity = static_int(s_keys[2]) if len(s_keys) == 3 else None
+        buffer = True
     else:
         for name in in_order(of[D], graph):
-            s = shape(by_name[name])
-            if s and len(s) == 3 and s[0] == num_experts and s[2] == hidden and s[1] is not None:
-                capacity = s[1]
+            sk = shape_keys(by_name[name])
+            if sk and len(sk) == 3 and sk[0] == num_experts and sk[2] == hidden:
+                capacity, buffer = static_int(sk[1]) if isinstance(sk[1], int) else None, True
                 break
-    dropless = capacity is None
+    dropless = not buffer
+    if buffer and capacity is None:
+        notes.append("capacity is symbolic (dynamic shapes)")
     if dropless:
         notes.append("dropless: tokens per expert are data-dependent" if _has_unbacked(of[D] + of[E], by_name)
                      else "dropless: no fixed-capacity expert buffer")
@@ -667,10 +672,10 @@ def _permuted_above(node: fx.Node, grad: set[str], tokens: int) -> bool:
     return False
 
 
-def _has_dim(node: fx.Node, size: int) -> bool:
-    """``size`` is one of the leading (non-feature) dimensions of ``node``: a token dimension."""
-    s = shape(node)
-    return bool(s) and size in s[:-1]
+def _has_dim(node: fx.Node, size: object) -> bool:
+    """``size`` (an int or a symbolic size) is a leading (non-feature) dimension of ``node``: a token dimension."""
+    s = shape_keys(node)
+    return bool(s) and size is not None and any(d == size for d in s[:-1])
 
 
 def _find_backward(gm: fx.GraphModule, forward_regions: list[MoERegion] | None = None) -> list[MoERegion]:
@@ -737,14 +742,14 @@ def _leads_to_matmul(dg: nx.DiGraph, start: str, by_name, avoid: set[str]) -> bo
 def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[MoERegion, str | None] | None:
     graph = gm.graph
     s_shape = shape(s)
+    s_keys = shape_keys(s)
     dim = s.args[1] % 2
     index = s.args[2]
-    if any(d is None for d in s_shape):
-        return None
     anc_s = nx.ancestors(dg, s.name)
     desc_s = nx.descendants(dg, s.name)
-    # the fork where the gradient splits into the gate-gradient path (to s) and the expert path
-    smallest = min(s_shape)
+    # the fork where the gradient splits into the gate-gradient path (to s) and the expert path;
+    # gradients smaller than the score matrix's short side (an auxiliary loss's) do not count
+    smallest = min((d for d in s_shape if d is not None), default=1)
     keep = {n for n in anc_s & grad if (numel(by_name[n]) or smallest) >= smallest} | {s.name}
     fork = None
     for d in _idom_chain(dg, s.name, keep):
@@ -764,14 +769,14 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         if len([u for u in node.users if u.name in grad]) > 1:
             break
     entry = by_name[chain[-1]]
-    entry_shape = shape(entry)
-    hidden = entry_shape[-1] if entry_shape else None
-    tokens = numel(entry) // hidden if hidden and numel(entry) else None
+    entry_keys = shape_keys(entry) or (None,)
+    hidden = entry_keys[-1] if isinstance(entry_keys[-1], int) else None
+    tokens = prod_key(entry_keys[:-1])  # an int, or a sympy expression under dynamic shapes
     # topk over experts scatters along the expert dimension; expert choice along the token dimension
-    expert_choice = tokens is not None and s_shape[dim] == tokens and s_shape[1 - dim] != tokens
-    num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
+    expert_choice = tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
     if tokens is None:
-        tokens = s_shape[1 - dim]
+        tokens = s_keys[1 - dim]
+    num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
 
     # walk the gradient forward from the fork in graph order
     state: dict[str, str] = {fork.name: P if _permuted_above(fork, grad, tokens) else F}
@@ -859,14 +864,17 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     k = (shape(index) or (None, None))[dim]
     if expert_choice:
         router_kind = "expert-choice"
-    capacity = None
+    capacity, buffer = None, False  # a fixed-capacity [E, C, M] gradient buffer (C may be symbolic)
     for name in in_order(of[P], graph):
-        sh = shape(by_name[name])
-        if sh and len(sh) == 3 and sh[0] == num_experts and sh[2] == hidden and sh[1] is not None:
-            capacity = sh[1]
+        sk = shape_keys(by_name[name])
+        if sk and len(sk) == 3 and sk[0] == num_experts and sk[2] == hidden:
+            capacity, buffer = (sk[1] if isinstance(sk[1], int) else None), True
             break
     if expert_choice:
-        capacity = k
+        capacity, buffer = k, True
+    notes = []
+    if buffer and capacity is None:
+        notes.append("capacity is symbolic (dynamic shapes)")
     ffn_hidden = None
     for m in sorted(expert_mms, key=lambda m: pos[m.name]):
         g_op = _grad_operand(m, grad)
@@ -887,14 +895,13 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     for name in a2a:
         b = nbytes(by_name[name].args[0])
         a2a_bytes = None if (b is None or a2a_bytes is None) else a2a_bytes + b
-    notes = []
     if router_kind == "unknown":
         notes.append("no softmax/sigmoid backward after the topk gradient")
     saved = _saved_root(index)
     return MoERegion(
         layer=0, graph="backward", router=router_kind, num_experts=num_experts,
-        top_k=None if expert_choice else k, capacity=capacity, dropless=capacity is None,
-        tokens=tokens, hidden=hidden, ffn_hidden=ffn_hidden, nodes=nodes, all_to_all=a2a,
+        top_k=None if expert_choice else k, capacity=capacity, dropless=not buffer,
+        tokens=tokens if isinstance(tokens, int) else None, hidden=hidden, ffn_hidden=ffn_hidden, nodes=nodes, all_to_all=a2a,
         a2a_bytes=a2a_bytes, notes=notes,
     ), (saved.name if saved is not None else None)
 
@@ -942,20 +949,20 @@ def _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) -> se
         if node.op != "call_function":
             continue
         gins = [a for a in node.all_input_nodes if a.name in grad]
-        tokens = (shape(s) or (0,))[0]
+        limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
         ours = [a for a in gins if a.name in below or a.name == s.name or a.name in upstream]
-        if not ours or any(a not in ours and not _small_gradient(a, tokens, grad) for a in gins):
+        if not ours or any(a not in ours and not _small_gradient(a, limit, grad) for a in gins):
             continue
         below.add(n)
     return {n for n in upstream | below | {s.name} if by_name[n].op == "call_function"}
 
 
-def _small_gradient(node: fx.Node, tokens: int, grad: set[str]) -> bool:
-    """A gradient that comes from a tensor smaller than one value per token (an auxiliary loss, a scalar)."""
+def _small_gradient(node: fx.Node, limit: int, grad: set[str]) -> bool:
+    """A gradient that comes from a tensor of fewer than ``limit`` values (an auxiliary loss, a scalar)."""
     cur = node
     for _ in range(12):
         n = numel(cur)
-        if n is not None and n < tokens:
+        if n is not None and n < limit:
             return True
         gins = [a for a in cur.all_input_nodes if a.name in grad]
         if len(gins) != 1:

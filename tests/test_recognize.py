@@ -205,3 +205,18 @@ def test_backward_two_layers_map_to_forward_layers(style):
     for gm in (fw, bw):
         for n in gm.graph.nodes:
             n.meta.pop("fsmoe", None)
+
+
+@pytest.mark.parametrize("style", ["capacity", "sort"])
+def test_dynamic_shapes_still_find_the_region_in_both_graphs(style):
+    torch.manual_seed(0)
+    graphs = capture_graphs(ms.Block(ms.STYLES[style]()), _input(), dynamic=True)
+    fw = find_moe_regions(graphs.forward[0], "forward")
+    bw = find_moe_regions(graphs.backward[0], "backward")
+    assert len(fw) == len(bw) == 1
+    for r in fw + bw:
+        assert (r.num_experts, r.top_k, r.hidden, r.ffn_hidden) == (4, 2, HIDDEN, 32)
+        assert r.tokens is None  # the batch is a symbol now
+        assert r.dropless is (style == "sort")
+        for role in ("router", "dispatch", "expert", "combine"):
+            assert r.nodes[role], role
