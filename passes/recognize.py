@@ -344,8 +344,12 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
     """Propagate R/D/E/C states below one router's topk; a region if it has experts and a combine."""
     graph = gm.graph
     t, x = r.topk, r.x
-    desc_x = nx.descendants(dg, x.name)
-    anc_x = nx.ancestors(dg, x.name)
+    # x and the tensors it is only a view of (e.g. [B, S, M] before the reshape to [T, M]) are the tokens
+    x_views = [x]
+    while x_views[-1].target in VIEW_OPS and len(tensor_inputs(x_views[-1])) == 1:
+        x_views.append(tensor_inputs(x_views[-1])[0])
+    desc_x = set().union(*(nx.descendants(dg, v.name) for v in x_views)) | {v.name for v in x_views}
+    anc_x = nx.ancestors(dg, x_views[-1].name)
     desc_gate = nx.descendants(dg, r.gate.name)
     state: dict[str, str] = {t.name: R}
     expert_mms: list[fx.Node] = []
@@ -714,6 +718,9 @@ def _match_forward_layers(regions: list[MoERegion], saved: list[str | None],
         for f in forward_regions:
             if name is not None and name in f.nodes.get("router", []):
                 r.layer = f.layer
+                if f.router not in (r.router, "unknown"):  # e.g. cosine scores look like softmax in backward
+                    r.notes.append(f"router kind from the forward graph ({r.router} in backward)")
+                    r.router = f.router
                 break
 
 

@@ -139,9 +139,10 @@ class SortMoE(nn.Module):
     """
 
     def __init__(self, hidden=16, ffn=32, num_experts=4, top_k=2, shared: bool = False,
-                 grouped: bool = False, score: str = "softmax") -> None:
+                 grouped: bool = False, score: str = "softmax", shared_on_input: bool = False) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.grouped, self.score = num_experts, top_k, grouped, score
+        self.shared_on_input = shared_on_input  # DeepSeek style: shared expert on the [B, S, M] input
         self.router = nn.Linear(hidden, num_experts, bias=False)
         self.fc1 = nn.Parameter(torch.randn(num_experts, hidden, ffn) / math.sqrt(hidden))
         self.fc2 = nn.Parameter(torch.randn(num_experts, ffn, hidden) / math.sqrt(ffn))
@@ -179,6 +180,8 @@ class SortMoE(nn.Module):
             out = torch.cat(outs, dim=0)
         weighted = out * probs.reshape(-1)[order].unsqueeze(-1)
         result = torch.zeros_like(tokens).scatter_add(0, token_of.unsqueeze(-1).expand(-1, m), weighted)
+        if self.shared_expert is not None and self.shared_on_input:
+            return result.reshape(b, s, m) + self.shared_expert(x)
         if self.shared_expert is not None:
             result = result + self.shared_expert(tokens)
         return result.reshape(b, s, m)

@@ -220,3 +220,14 @@ def test_dynamic_shapes_still_find_the_region_in_both_graphs(style):
         assert r.dropless is (style == "sort")
         for role in ("router", "dispatch", "expert", "combine"):
             assert r.nodes[role], role
+
+
+def test_shared_expert_on_the_unflattened_input_is_found():
+    """DeepSeek adds its shared experts on the [B, S, M] input, not on the flattened tokens the router sees."""
+    torch.manual_seed(0)
+    graphs = capture_graphs(ms.Block(ms.SortMoE(shared=True, shared_on_input=True)), _input())
+    for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
+        (r,) = find_moe_regions(gm, kind)
+        per_mm = 1 if kind == "forward" else 2  # backward: input and weight gradient
+        assert _matmuls(gm, r.nodes["shared_expert"]) and len(_matmuls(gm, r.nodes["shared_expert"])) == 4 * per_mm
+        assert len(_matmuls(gm, r.nodes["expert"])) == 8 * per_mm
