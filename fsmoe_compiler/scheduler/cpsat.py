@@ -21,9 +21,11 @@ from fsmoe_compiler.scheduler.heuristic import heuristic_schedule, replay
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
 
-#: Integer time units per ms in the CP-SAT model (1 unit = 1 us), at least; graphs shorter than a
-#: second in total get a finer unit so that their durations do not round to zero.
+#: Integer time units per ms in the CP-SAT model (1 unit = 1 us), at least; graphs with tasks shorter
+#: than ~20 us get a finer unit so that their durations do not round to zero.
 SCALE = 1000
+#: Fewest integer units the shortest task gets.
+MIN_UNITS = 20.0
 
 
 def _symmetric_chunk_pairs(graph: TaskGraph) -> list[tuple[str, str]]:
@@ -102,8 +104,11 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
             out = _copy(best_known, method, "OPTIMAL", t0)
             out.meta["proof"] = "meets lower bound"
             return out
-    # ms -> integer units: microseconds, finer when the whole graph is shorter than a second
-    scale = max(float(SCALE), 1e6 / max(sum(arr.dur), 1e-12))
+    # ms -> integer units: microseconds, finer when some task is shorter than ~20 us (coarse units keep the
+    # solver fast; the exact float times come from replaying its order below)
+    pos = [d for d in arr.dur if d > 0]
+    scale = max(float(SCALE), MIN_UNITS / min(pos)) if pos else float(SCALE)
+    scale = min(scale, 1e12 / max(sum(arr.dur), 1e-300))
     dur = [int(round(d * scale)) for d in arr.dur]
     horizon = sum(dur) + 1
     m = cp_model.CpModel()

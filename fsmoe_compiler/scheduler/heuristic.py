@@ -229,6 +229,10 @@ def attn_w_priority(graph: TaskGraph, before: bool) -> Callable[[int, GraphArray
     return key
 
 
+#: With weight gradients split off: also try the attention-weight-gradient rules with all-reduce slices last.
+SPLIT_AR_LAST_RULES = True
+
+
 def heuristic_starts(graph: TaskGraph, improve: bool = False) -> tuple[list[float], float]:
     """Best start times (by task index) of the critical-path rule and the fill-last rules, and the makespan.
 
@@ -240,7 +244,12 @@ def heuristic_starts(graph: TaskGraph, improve: bool = False) -> tuple[list[floa
         if alt[1] < best[1] - 1e-9:
             best = alt
     if "expert_wgrad" in roles or "dense_wgrad" in roles:
-        for pr in (wgrad_last_priority(graph), attn_w_priority(graph, False), attn_w_priority(graph, True)):
+        rules = [wgrad_last_priority(graph), attn_w_priority(graph, False), attn_w_priority(graph, True)]
+        if "grad_sync" in roles and SPLIT_AR_LAST_RULES:  # the same with the all-reduce slices filling gaps last
+            arr = graph.arrays()
+            low = [graph.tasks[t].role == "grad_sync" for t in arr.ids]
+            rules += [(lambda pr: (lambda i, a, tl: (1 if low[i] else 0,) + pr(i, a, tl)))(pr) for pr in rules[1:]]
+        for pr in rules:
             alt = list_starts(graph, priority=pr)
             if alt[1] < best[1] - 1e-9:
                 best = alt

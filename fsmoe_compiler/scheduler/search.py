@@ -385,11 +385,22 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
         starts, ms = heuristic_starts(gs)
         hint = conv if conv is not None and conv.makespan <= ms + EPS else schedule_from_starts(gs, starts)
         scored.append((hint.makespan, len(scored), c, gs, hint))
+    # finer slices fit the short idle windows that the split leaves on the inter link
+    if len(specs) > 1:
+        rv = tuple(best[2])
+        for k in _SPLIT_EXTRA_PARTS:
+            parts = _equal(specs, k)
+            gs = build_stack_backward(specs, costs, list(rv), parts, grad_sync="partitions", wgrad=True)
+            starts, ms = heuristic_starts(gs)
+            scored.append((ms, len(scored), (ms, 0, rv, parts, "partitions"), gs, schedule_from_starts(gs, starts)))
     scored.sort(key=lambda x: (x[0], x[1]))
     _, _, c, gs, s = scored[0]
     if opts.use_cpsat:
         s = solve_cpsat(gs, opts.time_limit_s, heuristic=s)
     return (list(c[2]), c[3], c[4], gs, s)
+
+
+_SPLIT_EXTRA_PARTS: tuple[int, ...] = (2, 4)
 
 
 def _safe_replay(g: TaskGraph, sched: Schedule) -> Schedule | None:
