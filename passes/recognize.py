@@ -611,6 +611,55 @@ def _saved_index(node: fx.Node, grad: set[str]) -> bool:
     )
 
 
+def _soft_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
+    """Backward of a softmax over the last dim whose gradient is one half of a matmul pair on one gradient.
+
+    That is the gradient of soft combine weights (``out = combine @ expert_out``:
+    one matmul computes the combine weights' gradient, its sibling on the same
+    incoming gradient sends it to the experts). Attention's softmax has the same
+    shape of backward; it is told apart later, as it reaches no expert matmuls.
+    """
+    anchors = []
+    for n in graph.nodes:
+        if not is_op(n, SOFTMAX_BACKWARD_OPS) or n.name not in grad:
+            continue
+        sh = shape(n)
+        if not sh or len(sh) != 2 or n.args[2] % len(sh) != len(sh) - 1:
+            continue
+        cur = n.args[0]
+        for _ in range(10):
+            if not isinstance(cur, fx.Node) or not (cur.target in VIEW_OPS or is_op(cur, MATMUL_OPS)):
+                cur = None
+                break
+            if is_op(cur, MATMUL_OPS):
+                break
+            gins = [a for a in cur.all_input_nodes if a.name in grad]
+            cur = gins[0] if len(gins) == 1 else None
+            if cur is None:
+                break
+        if cur is None or not is_op(cur, MATMUL_OPS):
+            continue
+        g_op = _grad_operand(cur, grad)
+        if any(u is not cur and is_op(u, MATMUL_OPS) for u in g_op.users):
+            anchors.append(n)
+    return anchors
+
+
+def _until_join(by_name, grad: set[str], start: fx.Node, stop: set[str]) -> set[str]:
+    """Gradient nodes fed only by ``start`` and each other, in graph order: a branch up to where it meets others."""
+    out = {start.name}
+    frontier = list(start.users)
+    while frontier:
+        n = frontier.pop(0)
+        if n.name in out or n.name in stop or n.name not in grad or n.op != "call_function":
+            continue
+        if any(a.name in grad and a.name not in out for a in n.all_input_nodes):
+            continue
+        out.add(n.name)
+        frontier.extend(n.users)
+    return out
+
+
 def _gradient_nodes(graph: fx.Graph) -> set[str]:
     """Nodes whose value depends on an incoming gradient (a ``tangents_*`` input of the backward graph).
 
@@ -676,10 +725,14 @@ def _permuted_above(node: fx.Node, grad: set[str], tokens: int) -> bool:
     return False
 
 
-def _has_dim(node: fx.Node, size: object) -> bool:
-    """``size`` (an int or a symbolic size) is a leading (non-feature) dimension of ``node``: a token dimension."""
+def _has_dim(node: fx.Node, size: object, anywhere: bool = False) -> bool:
+    """``size`` (an int or a symbolic size) is a leading (non-feature) dimension of ``node``: a token dimension.
+
+    With ``anywhere`` the last dimension counts too.
+    """
     s = shape_keys(node)
-    return bool(s) and size is not None and any(d == size for d in s[:-1])
+    dims = (s or ()) if anywhere else (s or ())[:-1]
+    return size is not None and any(d == size for d in dims)
 
 
 def _find_backward(gm: fx.GraphModule, forward_regions: list[MoERegion] | None = None) -> list[MoERegion]:
@@ -690,7 +743,8 @@ def _find_backward(gm: fx.GraphModule, forward_regions: list[MoERegion] | None =
     pos = _position(graph)
     found: list[tuple[MoERegion, str | None]] = []
     seen: set[tuple] = set()
-    for s in _topk_backward_anchors(graph, grad):
+    anchors = _topk_backward_anchors(graph, grad) + _soft_backward_anchors(graph, grad)
+    for s in sorted(anchors, key=lambda n: pos[n.name]):
         result = _backward_region(gm, dg, by_name, pos, grad, s)
         if result is None:
             continue
@@ -750,8 +804,11 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     graph = gm.graph
     s_shape = shape(s)
     s_keys = shape_keys(s)
-    dim = s.args[1] % 2
-    index = s.args[2]
+    soft = is_op(s, SOFTMAX_BACKWARD_OPS)  # the combine softmax of soft routing, else the topk gradient
+    if soft:
+        dim, index = 1, None
+    else:
+        dim, index = s.args[1] % 2, s.args[2]
     anc_s = nx.ancestors(dg, s.name)
     desc_s = nx.descendants(dg, s.name)
     # the fork where the gradient splits into the gate-gradient path (to s) and the expert path;
@@ -780,7 +837,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     hidden = entry_keys[-1] if isinstance(entry_keys[-1], int) else None
     tokens = prod_key(entry_keys[:-1])  # an int, or a sympy expression under dynamic shapes
     # topk over experts scatters along the expert dimension; expert choice along the token dimension
-    expert_choice = tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
+    expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
     if tokens is None:
         tokens = s_keys[1 - dim]
     num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
@@ -788,6 +845,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     # walk the gradient forward from the fork in graph order
     state: dict[str, str] = {fork.name: P if _permuted_above(fork, grad, tokens) else F}
     expert_mms: list[fx.Node] = []
+    dispatch_weight_grads: list[fx.Node] = []
     depth: dict[str, int] = {}
     started = False
     for n in graph.nodes:
@@ -813,6 +871,10 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
                 new = P if (leaves or _combine_matmul_pair(n, g_op, anc_s)) else None
             elif rank >= _RANK[G] and other.name not in grad and _has_dim(other, tokens) and _has_dim(n, tokens):
                 new = U  # dispatch mask^T @ gradient: back to token order
+            elif rank >= _RANK[G] and other.name not in grad and _has_dim(other, tokens, anywhere=True) \
+                    and _has_dim(n, tokens, anywhere=True):
+                dispatch_weight_grads.append(n)  # gradient @ tokens^T: the gradient of soft dispatch weights
+                new = None
             elif rank == _RANK[U]:
                 new = None
             else:
@@ -868,9 +930,29 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         router_kind = "softmax-topk"
     elif any(is_op(by_name[n], SIGMOID_BACKWARD_OPS) for n in router_bwd):
         router_kind = "sigmoid-topk"
-    k = (shape(index) or (None, None))[dim]
+    k = (shape(index) or (None, None))[dim] if index is not None else None
     if expert_choice:
         router_kind = "expert-choice"
+    if soft:
+        router_kind, num_experts = "soft", None
+        for m in sorted(expert_mms, key=lambda m: pos[m.name]):  # the experts' input: [E, slots, M]
+            sk = shape_keys(_grad_operand(m, grad))
+            if sk and len(sk) == 3 and sk[2] == hidden and isinstance(sk[0], int):
+                num_experts = sk[0]
+                break
+        router_bwd |= {m.name for m in dispatch_weight_grads}
+        for m in dispatch_weight_grads:  # and the token softmax's backward below it, up to where gradients meet
+            router_bwd |= _until_join(by_name, grad, m, set(state) | combine)
+        # where the two softmax gradients meet, on to the gate's matmuls
+        limit = min((d for d in s_shape if d is not None), default=2)
+        for n in graph.nodes:
+            if n.name in router_bwd or n.name not in grad or n.op != "call_function" or pos[n.name] < pos[s.name]:
+                continue
+            gins = [a for a in n.all_input_nodes if a.name in grad]
+            if any(a.name in router_bwd for a in gins) and all(
+                a.name in router_bwd or _small_gradient(a, limit, grad) for a in gins
+            ):
+                router_bwd.add(n.name)
     capacity, buffer = None, False  # a fixed-capacity [E, C, M] gradient buffer (C may be symbolic)
     for name in in_order(of[P], graph):
         sk = shape_keys(by_name[name])
@@ -904,10 +986,10 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         a2a_bytes = None if (b is None or a2a_bytes is None) else a2a_bytes + b
     if router_kind == "unknown":
         notes.append("no softmax/sigmoid backward after the topk gradient")
-    saved = _saved_root(index)
+    saved = _saved_root(index) if index is not None else None
     return MoERegion(
         layer=0, graph="backward", router=router_kind, num_experts=num_experts,
-        top_k=None if expert_choice else k, capacity=capacity, dropless=not buffer,
+        top_k=None if (expert_choice or soft) else k, capacity=capacity, dropless=not buffer,
         tokens=tokens if isinstance(tokens, int) else None, hidden=hidden, ffn_hidden=ffn_hidden, nodes=nodes, all_to_all=a2a,
         a2a_bytes=a2a_bytes, notes=notes,
     ), (saved.name if saved is not None else None)

@@ -46,7 +46,8 @@ CASES = {
     ("mixtral", "dropless", False, "swiglu"): ("softmax-topk", "softmax-topk", 2, None),
     ("deepseek", "capacity", True, "swiglu"): ("sigmoid-topk", "sigmoid-topk", 2, _capacity(2)),
     ("expert_choice", "capacity", False, "gelu"): ("expert-choice", "expert-choice", None, _capacity(2)),
-    ("softmoe", "capacity", False, "gelu"): ("soft", None, None, 1),
+    ("softmoe", "capacity", False, "gelu"): ("soft", "soft", None, 1),
+    ("softmoe", "capacity", True, "swiglu"): ("soft", "soft", None, 1),
 }
 
 
@@ -73,11 +74,7 @@ def test_reference_layer_single_process(case):
         assert f.nodes[role], role
     assert bool(f.nodes["shared_expert"]) is shared
     assert f.all_to_all == []
-    backward = find_moe_regions(bw, "backward")
-    if router_bw is None:  # SoftMoE has no topk whose gradient anchors the backward
-        assert backward == []
-        return
-    (b,) = backward
+    (b,) = find_moe_regions(bw, "backward")
     assert (b.router, b.num_experts, b.top_k, b.capacity, b.tokens, b.hidden, b.ffn_hidden) == (
         router_bw, EXPERTS, top_k, capacity, TOKENS, D_MODEL, D_FF)
     for role in ("router", "dispatch", "expert", "combine"):
