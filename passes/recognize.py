@@ -352,6 +352,7 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
     anc_x = nx.ancestors(dg, x_views[-1].name)
     desc_gate = nx.descendants(dg, r.gate.name)
     state: dict[str, str] = {t.name: R}
+    opaque: list[str] = []  # ops outside ATen that the combine runs into: the region stops before them
     expert_mms: list[fx.Node] = []
     depth: dict[str, int] = {}  # expert matmuls on the way to an E node
     started = False
@@ -381,6 +382,8 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
                 new = C
             else:
                 new = None
+                if _is_opaque(n):
+                    opaque.append(str(n.target))
         elif is_op(n, MATMUL_OPS):
             a, b = matmul_operands(n) or (None, None)
             ca, cb = cats.get(a.name) if a else None, cats.get(b.name) if b else None
@@ -411,7 +414,10 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
         state[n.name] = new
         if new in (E, C) and n.name not in depth:
             depth[n.name] = d_in
-    return _summarise_forward(gm, dg, r, anc_t, desc_x, anc_x, state, expert_mms, depth)
+    region = _summarise_forward(gm, dg, r, anc_t, desc_x, anc_x, state, expert_mms, depth)
+    if region is not None and opaque:
+        region.notes.append(f"combine stops before opaque op(s) {sorted(set(opaque))}: left alone")
+    return region
 
 
 def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_mms, depth) -> MoERegion | None:
@@ -533,6 +539,12 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
         a2a_bytes=a2a_bytes,
         notes=notes,
     )
+
+
+def _is_opaque(node: fx.Node) -> bool:
+    """A call into an op that is not ATen, prims or a functional collective (e.g. a library's custom kernel)."""
+    name = getattr(node.target, "namespace", None)
+    return node.op == "call_function" and name is not None and name not in ("aten", "prims", "_c10d_functional")
 
 
 def _token_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:

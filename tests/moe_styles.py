@@ -187,6 +187,48 @@ class SortMoE(nn.Module):
         return result.reshape(b, s, m)
 
 
+@torch.library.custom_op("moe_styles::scatter_rows", mutates_args=())
+def scatter_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """A library's own scatter-add of rows (opaque to the compiler): ``out[index[i]] += src[i]``."""
+    return src.new_zeros(rows, src.shape[1]).index_add(0, index, src)
+
+
+@scatter_rows.register_fake
+def _(src, index, rows):
+    return src.new_empty(rows, src.shape[1])
+
+
+def _scatter_rows_backward(ctx, grad):
+    return grad.index_select(0, ctx.index), None, None
+
+
+def _scatter_rows_setup(ctx, inputs, output):
+    ctx.index = inputs[1]
+
+
+scatter_rows.register_autograd(_scatter_rows_backward, setup_context=_scatter_rows_setup)
+
+
+class OpaqueCombineMoE(SortMoE):
+    """Sort-based MoE whose un-permute is an opaque custom op (as libraries ship their own kernels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        tokens = x.reshape(-1, m)
+        probs, idx = torch.topk(torch.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        token_of = order // self.top_k
+        permuted = tokens.index_select(0, token_of)
+        counts = F.one_hot(idx.reshape(-1), self.num_experts).sum(dim=0)
+        sizes = counts.tolist()
+        for n in sizes:
+            torch._check(n >= 0)
+        torch._check(sum(sizes) == permuted.shape[0])
+        outs = [F.silu(c @ self.fc1[e]) @ self.fc2[e] for e, c in enumerate(torch.split(permuted, sizes))]
+        weighted = torch.cat(outs, dim=0) * probs.reshape(-1)[order].unsqueeze(-1)
+        return scatter_rows(weighted, token_of, b * s).reshape(b, s, m)
+
+
 class Attention(nn.Module):
     """Plain multi-head self-attention (negative control)."""
 

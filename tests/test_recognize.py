@@ -231,3 +231,17 @@ def test_shared_expert_on_the_unflattened_input_is_found():
         per_mm = 1 if kind == "forward" else 2  # backward: input and weight gradient
         assert _matmuls(gm, r.nodes["shared_expert"]) and len(_matmuls(gm, r.nodes["shared_expert"])) == 4 * per_mm
         assert len(_matmuls(gm, r.nodes["expert"])) == 8 * per_mm
+
+
+def test_opaque_custom_op_is_left_alone():
+    """A library's own scatter-add kernel ends the combine; the region is still found, the op is in no role."""
+    torch.manual_seed(0)
+    graphs = capture_graphs(ms.Block(ms.OpaqueCombineMoE()), _input())
+    for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
+        (r,) = find_moe_regions(gm, kind)
+        assert (r.num_experts, r.top_k, r.ffn_hidden) == (4, 2, 32)
+        if kind == "forward":  # (its backward is traced Python: an index_select)
+            opaque = [n.name for n in gm.graph.nodes if "moe_styles" in str(n.target)]
+            assert len(opaque) == 1
+            assert not set(opaque) & set().union(*r.nodes.values())
+            assert any("moe_styles.scatter_rows" in note for note in r.notes)
