@@ -345,9 +345,7 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
     graph = gm.graph
     t, x = r.topk, r.x
     # x and the tensors it is only a view of (e.g. [B, S, M] before the reshape to [T, M]) are the tokens
-    x_views = [x]
-    while x_views[-1].target in VIEW_OPS and len(tensor_inputs(x_views[-1])) == 1:
-        x_views.append(tensor_inputs(x_views[-1])[0])
+    x_views = _view_chain(x)
     desc_x = set().union(*(nx.descendants(dg, v.name) for v in x_views)) | {v.name for v in x_views}
     anc_x = nx.ancestors(dg, x_views[-1].name)
     desc_gate = nx.descendants(dg, r.gate.name)
@@ -505,7 +503,8 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
         ffn_hidden = lt_shape[-1]
 
     shared = _shared_expert_nodes(dg, by_name, state, of, x, anc_t, desc_x)
-    router_nodes = {n for n in anc_t - anc_x - {x.name} if by_name[n].op == "call_function"} | set(of[R])
+    x_views = {v.name for v in _view_chain(x)}
+    router_nodes = {n for n in anc_t - anc_x - x_views if by_name[n].op == "call_function"} | set(of[R])
     nodes = {
         "router": in_order(router_nodes - set(shared), graph),
         "dispatch": in_order(of[D], graph),
@@ -539,6 +538,14 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
         a2a_bytes=a2a_bytes,
         notes=notes,
     )
+
+
+def _view_chain(x: fx.Node) -> list[fx.Node]:
+    """``x`` and the tensors it is a view of, nearest first (``[T, M]`` back to ``[B, S, M]``)."""
+    chain = [x]
+    while chain[-1].target in VIEW_OPS and len(tensor_inputs(chain[-1])) == 1:
+        chain.append(tensor_inputs(chain[-1])[0])
+    return chain
 
 
 def _is_opaque(node: fx.Node) -> bool:
