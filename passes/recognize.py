@@ -954,9 +954,9 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         router_kind = "expert-choice"
     if soft:
         router_kind, num_experts = "soft", None
-        for m in sorted(expert_mms, key=lambda m: pos[m.name]):  # the experts' input: [E, slots, M]
-            sk = shape_keys(_grad_operand(m, grad))
-            if sk and len(sk) == 3 and sk[2] == hidden and isinstance(sk[0], int):
+        for name in in_order(of[P], graph):  # the first [E, slots, M] gradient buffer (before any all-to-all)
+            sk = shape_keys(by_name[name])
+            if sk and len(sk) == 3 and sk[2] == hidden and isinstance(sk[0], int) and sk[0] > 1:
                 num_experts = sk[0]
                 break
         router_bwd |= {m.name for m in dispatch_weight_grads}

@@ -85,6 +85,9 @@ def test_reference_layer_single_process(case):
 # ---------------------------------------------------------------- expert parallelism on 2 gloo ranks
 
 
+EP_CASES = [("gshard", "capacity"), ("gshard", "dropless"), ("expert_choice", "capacity"), ("softmoe", "capacity")]
+
+
 def _ep_rank(rank: int, world_size: int) -> dict:
     """Compile a capacity and a dropless EP layer on this rank and summarise what recognition found."""
     import sys
@@ -94,13 +97,13 @@ def _ep_rank(rank: int, world_size: int) -> dict:
     from graph_capture import capture_graphs as capture
 
     out = {}
-    for dispatch in ("capacity", "dropless"):
+    for router, dispatch in EP_CASES:
         torch.manual_seed(0)
-        graphs = capture(Block(router="gshard", dispatch=dispatch), torch.randn(BATCH, SEQ, D_MODEL))
+        graphs = capture(Block(router=router, dispatch=dispatch), torch.randn(BATCH, SEQ, D_MODEL))
         for kind in ("forward", "backward"):
             gm = getattr(graphs, kind)[0]
             a2a_nodes = {n.name: n for n in gm.graph.nodes if "all_to_all_single" in str(n.target)}
-            out[(dispatch, kind)] = dict(
+            out[(router if router != "gshard" else dispatch, kind)] = dict(
                 regions=[
                     dict(
                         layer=r.layer, router=r.router, num_experts=r.num_experts, top_k=r.top_k,
@@ -154,3 +157,19 @@ def test_ep_dropless_counts_then_unbacked_data_all_to_all(ep_results):
     (b,) = bw["regions"]
     assert b["all_to_all"] == bw["a2a_in_graph"] and len(b["all_to_all"]) == 2  # counts have no gradient
     assert b["a2a_roles"] == ["combine", "dispatch"] and b["a2a_bytes"] is None
+
+
+@pytest.mark.parametrize(
+    "router, kind_fw, kind_bw, capacity, slot_bytes",
+    [("expert_choice", "expert-choice", "expert-choice", _capacity(2), _capacity(2) * D_MODEL * 4),
+     ("softmoe", "soft", "soft", 1, D_MODEL * 4)],
+)
+def test_ep_expert_choice_and_soft_routing(ep_results, router, kind_fw, kind_bw, capacity, slot_bytes):
+    for kind, router_kind, roles in (("forward", kind_fw, ["dispatch", "combine"]),
+                                     ("backward", kind_bw, ["combine", "dispatch"])):
+        res = ep_results[0][(router, kind)]
+        (r,) = res["regions"]
+        assert (r["router"], r["num_experts"], r["top_k"], r["capacity"], r["tokens"]) == (
+            router_kind, EXPERTS, None, capacity, TOKENS)
+        assert r["all_to_all"] == res["a2a_in_graph"] and r["a2a_roles"] == roles
+        assert r["a2a_bytes"] == 2 * EXPERTS * slot_bytes  # an [E, C, M] buffer out and one back
