@@ -388,6 +388,8 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
             relaxed = max(relaxed, above + seg[l] + inter_below + ar(el))
             # all compute of layers <= l runs after the chains above l and layer l's first dispatch + gather
             relaxed = max(relaxed, above + head[l] + sum(comp[k] for k in range(l + 1)))
+        # the last layer's attention halves both run after its MoE, one after the other, at the very end
+        relaxed = max(relaxed, sum(seg) + attention_cost(specs[0], costs, "backward") / 2)
         best = min(best, relaxed)
     return StepSchedule(method="lower_bound", makespan=fwd + best, forward_ms=fwd, backward_ms=best,
                         r_fwd=[], r_bwd=[], grad_partitions=[], status="BOUND",
