@@ -178,3 +178,16 @@ def prod_key(keys) -> object:
             return None
         out = out * k
     return out
+
+
+def ancestors_of_set(dg: nx.DiGraph, names) -> set[str]:
+    """Every node with a path to some node of ``names`` (one reverse search, not one per node)."""
+    seen: set[str] = set()
+    stack = [p for n in names for p in dg.predecessors(n)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(dg.predecessors(n))
+    return seen

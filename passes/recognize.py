@@ -46,6 +46,7 @@ import torch.fx as fx
 
 from fsmoe_compiler.passes.graph_utils import (
     ALL_TO_ALL_OPS,
+    ancestors_of_set,
     GATHER_OPS,
     GROUPED_MM_OPS,
     MATMUL_OPS,
@@ -592,9 +593,7 @@ def _shared_expert_nodes(dg, by_name, state, of, x, anc_t, desc_x) -> set[str]:
                 merged_in.append(a.name)
     if not merged_in:
         return set()
-    routed_roots = set()
-    for name in of[D]:
-        routed_roots |= nx.ancestors(dg, name)
+    routed_roots = ancestors_of_set(dg, of[D])
     shared: set[str] = set()
     for out in merged_in:
         cand = (nx.ancestors(dg, out) | {out}) & desc_x
@@ -916,10 +915,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
         state[n.name] = new
         depth.setdefault(n.name, d_in)
     # the forked gradient before the permutation is the combine's only where it leads to the experts
-    feeds: set[str] = set()
-    for name, st in state.items():
-        if st != F:
-            feeds |= nx.ancestors(dg, name)
+    feeds = ancestors_of_set(dg, [name for name, st in state.items() if st != F])
     for name in [n for n, st in state.items() if st == F and n not in feeds]:
         del state[name]
     combine = {n for n, st in state.items() if st == F}
@@ -934,9 +930,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     if lanes < 2 and not batched and not a2a:
         return None
     # permuted gradient that only feeds the gate gradient belongs to the router's backward
-    feeds_experts: set[str] = set()
-    for m in expert_mms:
-        feeds_experts |= nx.ancestors(dg, m.name)
+    feeds_experts = ancestors_of_set(dg, [m.name for m in expert_mms])
     for name in [n for n in state if n in anc_s and n not in feeds_experts]:
         del state[name]
 
