@@ -186,3 +186,18 @@ def test_lower_bound_stays_valid_when_our_degrees_are_capped():
         assert max(res["fsmoe"].r_fwd + res["fsmoe"].r_bwd) <= 2
         for m in ("sequential", "tutel", "fsmoe_paper", "fsmoe"):
             assert res["lower_bound"].makespan <= res[m].makespan + 1e-9, m
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_step_lower_bound_holds_for_other_configurations(split):
+    """No configuration (other degrees, other slicings) solved hard beats the step bound."""
+    from fsmoe_compiler.scheduler import build_layer_forward, build_stack_backward, solve_cpsat
+
+    spec = SPECS[3]
+    lb = step_lower_bound([spec, spec], FAST, 8, split).makespan
+    fwd = 2 * min(solve_cpsat(build_layer_forward(spec, FAST, r), 0.1).makespan for r in (1, 2, 3, 4))
+    for rb, k in ((1, 1), (2, 3), (4, 2)):
+        g = build_stack_backward([spec, spec], FAST, rb, [[spec.dense_grad_elems / k] * k] * 2, wgrad=split)
+        s = solve_cpsat(g, 0.2, skip_if_tight=False)
+        validate_schedule(g, s)
+        assert fwd + s.makespan >= lb - 1e-9
