@@ -14,7 +14,7 @@ import torch.fx as fx
 aten = torch.ops.aten
 
 
-def _overloads(*packets) -> frozenset:
+def overloads(*packets) -> frozenset:
     """Every overload of the given op packets, so a check works whatever overload the graph uses."""
     out = set()
     for packet in packets:
@@ -29,18 +29,18 @@ def _optional(namespace, *names) -> list:
     return [getattr(namespace, n) for n in names if hasattr(namespace, n)]
 
 
-MATMUL_OPS = _overloads(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
-GROUPED_MM_OPS = _overloads(*_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
-TOPK_OPS = _overloads(aten.topk)
-SOFTMAX_OPS = _overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
-SIGMOID_OPS = _overloads(aten.sigmoid)
-SOFTMAX_BACKWARD_OPS = _overloads(aten._softmax_backward_data, aten._log_softmax_backward_data)
-SIGMOID_BACKWARD_OPS = _overloads(aten.sigmoid_backward)
-NORM_OPS = _overloads(aten.linalg_vector_norm, aten.norm, aten.rsqrt, aten.sqrt)
-SCATTER_OPS = _overloads(aten.scatter, aten.scatter_add, aten.index_put, aten.index_add, aten.index_put_, aten.index_add_,
+MATMUL_OPS = overloads(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
+GROUPED_MM_OPS = overloads(*_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
+TOPK_OPS = overloads(aten.topk)
+SOFTMAX_OPS = overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
+SIGMOID_OPS = overloads(aten.sigmoid)
+SOFTMAX_BACKWARD_OPS = overloads(aten._softmax_backward_data, aten._log_softmax_backward_data)
+SIGMOID_BACKWARD_OPS = overloads(aten.sigmoid_backward)
+NORM_OPS = overloads(aten.linalg_vector_norm, aten.norm, aten.rsqrt, aten.sqrt)
+SCATTER_OPS = overloads(aten.scatter, aten.scatter_add, aten.index_put, aten.index_add, aten.index_put_, aten.index_add_,
                          aten.scatter_add_, aten.scatter_)
-GATHER_OPS = _overloads(aten.index_select, aten.gather, aten.index)
-VIEW_OPS = _overloads(
+GATHER_OPS = overloads(aten.index_select, aten.gather, aten.index)
+VIEW_OPS = overloads(
     aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze,
     aten.squeeze, aten.select, aten.slice, aten.alias, aten.clone, aten._to_copy, aten.contiguous, aten.detach,
     aten.unbind, aten.split, aten.split_with_sizes, aten.as_strided, aten.unflatten, aten.flatten,
@@ -49,7 +49,7 @@ VIEW_OPS = _overloads(
 
 def _c10d_ops(*names: str) -> frozenset:
     ns = getattr(torch.ops, "_c10d_functional", None)
-    return _overloads(*_optional(ns, *names)) if ns is not None else frozenset()
+    return overloads(*_optional(ns, *names)) if ns is not None else frozenset()
 
 
 ALL_TO_ALL_OPS = _c10d_ops("all_to_all_single")
@@ -137,7 +137,7 @@ def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if not is_op(node, MATMUL_OPS):
         return None
     target = node.target
-    if target in _overloads(aten.addmm, aten.baddbmm):
+    if target in overloads(aten.addmm, aten.baddbmm):
         a, b = node.args[1], node.args[2]
     else:
         a, b = node.args[0], node.args[1]

@@ -24,11 +24,27 @@ combine is made of, and no state flows into another router or into a residual
 (a tensor computed before the router input), which bounds each region. A topk
 that yields no expert matmul, no combine or a single dense lane is not MoE.
 
+Soft routing (SoftMoE) has no topk; its anchor is a softmax over the token
+dimension of ``[tokens, experts, slots]`` scores, and the same states follow.
+
 In the backward graph the anchor is the gradient of ``topk`` (a ``scatter`` into
-a ``[tokens, experts]`` zero tensor with the saved topk indices), followed by
-the softmax/sigmoid backward. The saved routing tensors of the forward (indices,
-masks, gates) are inputs of the backward graph; the gradient flowing through
-them is permuted the same way, reversed. See ``_find_backward``.
+a ``[tokens, experts]`` zero tensor at the saved topk indices, which are inputs
+of the backward graph), followed by the softmax/sigmoid backward; for soft
+routing it is the combine softmax's backward. The dominator of the anchor that
+also leads to matmuls elsewhere is the fork where the layer's output gradient
+splits into the gate gradient and the experts' gradient. Walking on from the
+fork, gradient nodes are F (forked, still in token order), P (permuted into
+expert space by saved indices, an all-to-all or the combine matmul), G (after
+an expert matmul: the transposed expert matmuls and the weight gradients) and U
+(un-permuted to token order: the dispatch's gradient). A node that meets any
+other gradient (the router's, a shared expert's, a residual) ends the walk.
+Saved-tensor names tie a backward region to its forward layer when the forward
+regions are at hand.
+
+Sizes are compared as sympy expressions when they are symbolic, so graphs
+compiled with dynamic shapes are recognised too (the sizes reported are then
+None). What the recogniser does not understand (an opaque custom op, a topk
+that is not followed by expert matmuls) it leaves out of every region.
 
 ``find_moe_regions`` only reads the graph; ``recognize`` is the pass that stores
 the regions on the pass context and tags region nodes with
@@ -46,7 +62,6 @@ import torch.fx as fx
 
 from fsmoe_compiler.passes.graph_utils import (
     ALL_TO_ALL_OPS,
-    ancestors_of_set,
     GATHER_OPS,
     GROUPED_MM_OPS,
     MATMUL_OPS,
@@ -59,7 +74,7 @@ from fsmoe_compiler.passes.graph_utils import (
     TOPK_OPS,
     VIEW_OPS,
     WAIT_OPS,
-    _overloads,
+    ancestors_of_set,
     in_order,
     is_getitem,
     is_op,
@@ -67,6 +82,7 @@ from fsmoe_compiler.passes.graph_utils import (
     matmul_operands,
     nbytes,
     numel,
+    overloads,
     prod_key,
     shape,
     shape_keys,
@@ -80,7 +96,7 @@ aten = torch.ops.aten
 ROLES = ("router", "dispatch", "expert", "combine", "shared_expert")
 
 # Ops whose result takes only a shape, dtype and device from their tensor input: they carry no data.
-_ALLOC_OPS = _overloads(
+_ALLOC_OPS = overloads(
     aten.new_zeros, aten.new_empty, aten.new_full, aten.new_ones, aten.zeros_like, aten.empty_like, aten.ones_like,
     aten.full_like, aten.sym_size, aten.sym_numel, aten.sym_stride,
 )
@@ -93,7 +109,7 @@ _COMBINE_OPS = (
     | GATHER_OPS
     | ALL_TO_ALL_OPS
     | WAIT_OPS
-    | _overloads(
+    | overloads(
         aten.add, aten.sub, aten.mul, aten.div, aten.sum, aten.cat, aten.stack, aten.where, aten.masked_fill,
         aten.new_zeros, aten.zeros_like, aten.index_copy, aten.copy, aten.copy_, aten.fill, aten.neg,
         aten.masked_scatter, aten.new_empty, aten.empty_like,
@@ -292,8 +308,8 @@ def _find_forward(gm: fx.GraphModule) -> list[MoERegion]:
             continue
         anc[n.name] = nx.ancestors(dg, n.name)
         r = _walk_router(n, anc[n.name])
-        x_shape = shape(r.x) if r is not None else None
-        if r is not None and x_shape and x_shape[-1] and numel(r.x) and numel(r.x) // x_shape[-1] == shape(n)[0]:
+        x_keys = shape_keys(r.x) if r is not None else None
+        if x_keys and prod_key(x_keys[:-1]) == (shape_keys(n) or (None,))[0]:  # softmax over the router's tokens
             routers[n.name] = r
             topks.append(n)
     # several topks behind one router input (e.g. group-limited routing): the last one routes
@@ -663,6 +679,26 @@ def _soft_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
     return anchors
 
 
+def _soft_dispatch_weight_backward(graph, by_name, pos, grad, s, dispatch_weight_grads, router_bwd, taken) -> set[str]:
+    """Router work of soft routing's backward besides the combine softmax's: the dispatch weights' gradient.
+
+    That is each ``gradient @ tokens^T`` matmul, the token-softmax backward below
+    it, and, where it meets the combine softmax's gradient, on to the gate's
+    matmuls, up to where other gradients join.
+    """
+    out = set(router_bwd) | {m.name for m in dispatch_weight_grads}
+    for m in dispatch_weight_grads:
+        out |= _until_join(by_name, grad, m, taken)
+    limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
+    for n in graph.nodes:
+        if n.name in out or n.name not in grad or n.op != "call_function" or pos[n.name] < pos[s.name]:
+            continue
+        gins = [a for a in n.all_input_nodes if a.name in grad]
+        if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, grad) for a in gins):
+            out.add(n.name)
+    return out
+
+
 def _until_join(by_name, grad: set[str], start: fx.Node, stop: set[str]) -> set[str]:
     """Gradient nodes fed only by ``start`` and each other, in graph order: a branch up to where it meets others."""
     out = {start.name}
@@ -701,12 +737,12 @@ def _topk_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
     """Gradients of topk: a scatter of a gradient into a zero [tokens, experts] tensor at saved integer indices."""
     anchors = []
     for n in graph.nodes:
-        if not is_op(n, _overloads(aten.scatter, aten.scatter_add)) or n.name not in grad:
+        if not is_op(n, overloads(aten.scatter, aten.scatter_add)) or n.name not in grad:
             continue
         base, index = n.args[0], n.args[2]
         if not (isinstance(base, fx.Node) and isinstance(index, fx.Node)):
             continue
-        if base.name in grad and not is_op(base, _overloads(aten.new_zeros, aten.zeros, aten.zeros_like, aten.full)):
+        if base.name in grad and not is_op(base, overloads(aten.new_zeros, aten.zeros, aten.zeros_like, aten.full)):
             continue
         if not _saved_index(index, grad):
             continue
@@ -716,7 +752,7 @@ def _topk_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
     return anchors
 
 
-def _permutes(node: fx.Node, grad: set[str], tokens: int) -> bool:
+def _permutes(node: fx.Node, grad: set[str]) -> bool:
     """An indexing op that moves gradient rows by saved routing indices, or an all-to-all.
 
     Gathers (``index_select``, ``gather``, ``index``) always count; scatters
@@ -730,11 +766,11 @@ def _permutes(node: fx.Node, grad: set[str], tokens: int) -> bool:
     return any(_saved_index(a, grad) for a in node.all_input_nodes)
 
 
-def _permuted_above(node: fx.Node, grad: set[str], tokens: int) -> bool:
+def _permuted_above(node: fx.Node, grad: set[str]) -> bool:
     """``node`` is, or is a view of, a gradient permuted by saved routing indices."""
     cur = node
     for _ in range(8):
-        if _permutes(cur, grad, tokens):
+        if _permutes(cur, grad):
             return True
         gins = [a for a in cur.all_input_nodes if a.name in grad]
         if cur.target not in VIEW_OPS or len(gins) != 1:
@@ -861,7 +897,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
 
     # walk the gradient forward from the fork in graph order
-    state: dict[str, str] = {fork.name: P if _permuted_above(fork, grad, tokens) else F}
+    state: dict[str, str] = {fork.name: P if _permuted_above(fork, grad) else F}
     expert_mms: list[fx.Node] = []
     dispatch_weight_grads: list[fx.Node] = []
     depth: dict[str, int] = {}
@@ -900,13 +936,13 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
                 expert_mms.append(n)
                 depth[n.name] = d_in + 1
         elif rank == _RANK[F]:
-            if _permutes(n, grad, tokens):
+            if _permutes(n, grad):
                 new = P
             elif n.target in _COMBINE_OPS:
                 new = F
             else:
                 new = None
-        elif rank >= _RANK[G] and (_permutes(n, grad, tokens) or is_op(n, ALL_TO_ALL_OPS)):
+        elif rank >= _RANK[G] and (_permutes(n, grad) or is_op(n, ALL_TO_ALL_OPS)):
             new = U  # indexed by the saved routing (or sent back by all-to-all): the gradient of the dispatch
         else:
             new = [F, P, G, U][rank]
@@ -953,19 +989,8 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
             if sk and len(sk) == 3 and sk[2] == hidden and isinstance(sk[0], int) and sk[0] > 1:
                 num_experts = sk[0]
                 break
-        router_bwd |= {m.name for m in dispatch_weight_grads}
-        for m in dispatch_weight_grads:  # and the token softmax's backward below it, up to where gradients meet
-            router_bwd |= _until_join(by_name, grad, m, set(state) | combine)
-        # where the two softmax gradients meet, on to the gate's matmuls
-        limit = min((d for d in s_shape if d is not None), default=2)
-        for n in graph.nodes:
-            if n.name in router_bwd or n.name not in grad or n.op != "call_function" or pos[n.name] < pos[s.name]:
-                continue
-            gins = [a for a in n.all_input_nodes if a.name in grad]
-            if any(a.name in router_bwd for a in gins) and all(
-                a.name in router_bwd or _small_gradient(a, limit, grad) for a in gins
-            ):
-                router_bwd.add(n.name)
+        router_bwd |= _soft_dispatch_weight_backward(graph, by_name, pos, grad, s, dispatch_weight_grads,
+                                                     router_bwd, set(state) | combine)
     capacity, buffer = None, False  # a fixed-capacity [E, C, M] gradient buffer (C may be symbolic)
     for name in in_order(of[P], graph):
         sk = shape_keys(by_name[name])
@@ -1015,9 +1040,9 @@ def _combine_matmul_pair(n: fx.Node, g_op: fx.Node, anc_s: set[str]) -> bool:
     bmm sends the gradient into expert space, its sibling computes the gradient
     of the combine weights, which flows into the router.
     """
-    if not is_op(n, _overloads(aten.bmm)):
+    if not is_op(n, overloads(aten.bmm)):
         return False
-    return any(u is not n and is_op(u, _overloads(aten.bmm)) and u.name in anc_s for u in g_op.users)
+    return any(u is not n and is_op(u, overloads(aten.bmm)) and u.name in anc_s for u in g_op.users)
 
 
 def _rows_match(a: tuple, b: tuple) -> bool:
