@@ -245,3 +245,16 @@ def test_opaque_custom_op_is_left_alone():
             assert len(opaque) == 1
             assert not set(opaque) & set().union(*r.nodes.values())
             assert any("moe_styles.scatter_rows" in note for note in r.notes)
+
+
+def test_moe_next_to_unrelated_topk_is_found_once():
+    """A top-k pooling over the sequence and a top-k sampling head after an MoE block do not add regions."""
+    torch.manual_seed(0)
+    model = ms.Stack(ms.Block(ms.CapacityMoE()), ms.TopKNotRouting())
+    graphs = capture_graphs(model, _input())
+    for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
+        (r,) = find_moe_regions(gm, kind)
+        assert (r.num_experts, r.top_k, r.capacity) == (4, 2, 12)
+        topks = [n.name for n in gm.graph.nodes if "topk" in str(n.target)]
+        if kind == "forward":
+            assert len(topks) == 3 and sum(t in r.nodes["router"] for t in topks) == 1

@@ -99,7 +99,10 @@ def _ep_rank(rank: int, world_size: int) -> dict:
     out = {}
     for router, dispatch in EP_CASES:
         torch.manual_seed(0)
-        graphs = capture(Block(router=router, dispatch=dispatch), torch.randn(BATCH, SEQ, D_MODEL))
+        model = Block(router=router, dispatch=dispatch)
+        if (router, dispatch) == ("gshard", "capacity"):  # two layers, the second with a shared expert
+            model = nn.Sequential(model, Block(router=router, dispatch=dispatch, shared_expert=True))
+        graphs = capture(model, torch.randn(BATCH, SEQ, D_MODEL))
         for kind in ("forward", "backward"):
             gm = getattr(graphs, kind)[0]
             a2a_nodes = {n.name: n for n in gm.graph.nodes if "all_to_all_single" in str(n.target)}
@@ -129,18 +132,21 @@ def test_ep_ranks_agree(ep_results):
     assert ep_results[0] == ep_results[1]
 
 
-def test_ep_capacity_all_to_alls_and_bytes(ep_results):
+def test_ep_capacity_two_layers_all_to_alls_and_bytes(ep_results):
     cap = _capacity(2)
     buf_bytes = EXPERTS * cap * D_MODEL * 4  # one [E, C, M] float32 buffer each way
     for kind, roles in (("forward", ["dispatch", "combine"]), ("backward", ["combine", "dispatch"])):
         res = ep_results[0][("capacity", kind)]
-        (r,) = res["regions"]
-        assert (r["router"], r["num_experts"], r["top_k"], r["capacity"], r["tokens"]) == (
-            "softmax-topk", EXPERTS, 2, cap, TOKENS)
-        assert r["all_to_all"] == res["a2a_in_graph"] and len(r["all_to_all"]) == 2
-        assert r["a2a_roles"] == roles
-        assert r["a2a_bytes"] == 2 * buf_bytes
-        assert r["expert_nodes"] > 0
+        assert [r["layer"] for r in res["regions"]] == [0, 1]
+        for r in res["regions"]:
+            assert (r["router"], r["num_experts"], r["top_k"], r["capacity"], r["tokens"]) == (
+                "softmax-topk", EXPERTS, 2, cap, TOKENS)
+            assert len(r["all_to_all"]) == 2 and r["a2a_roles"] == roles
+            assert r["a2a_bytes"] == 2 * buf_bytes
+            assert r["expert_nodes"] > 0
+        # every all-to-all of the graph belongs to exactly one layer
+        found = [a for r in res["regions"] for a in r["all_to_all"]]
+        assert sorted(found) == res["a2a_in_graph"] and len(set(found)) == 4
 
 
 def test_ep_dropless_counts_then_unbacked_data_all_to_all(ep_results):
