@@ -32,6 +32,7 @@ def _optional(namespace, *names) -> list:
 MATMUL_OPS = overloads(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
 GROUPED_MM_OPS = overloads(*_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
 TOPK_OPS = overloads(aten.topk)
+ARGMAX_OPS = overloads(aten.argmax, aten.max)  # top-1 selection: argmax(dim), max(dim) -> (values, indices)
 SOFTMAX_OPS = overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
 SIGMOID_OPS = overloads(aten.sigmoid)
 SOFTMAX_BACKWARD_OPS = overloads(aten._softmax_backward_data, aten._log_softmax_backward_data)

@@ -62,6 +62,7 @@ import torch.fx as fx
 
 from fsmoe_compiler.passes.graph_utils import (
     ALL_TO_ALL_OPS,
+    ARGMAX_OPS,
     GATHER_OPS,
     GROUPED_MM_OPS,
     MATMUL_OPS,
@@ -249,10 +250,20 @@ def _has_norm_near(node: fx.Node, depth: int = 5) -> bool:
     return False
 
 
+def _selects(node: fx.Node) -> bool:
+    """A discrete choice over a score matrix: ``topk``, or ``argmax``/``max`` along a dimension (top-1)."""
+    if is_op(node, TOPK_OPS):
+        return True
+    if is_op(node, ARGMAX_OPS):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return isinstance(dim, int) and len(shape(node.args[0]) or ()) >= 2
+    return False
+
+
 def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
     """From a topk (or a soft router's token softmax) up through the score ops to the gate matmul and on to
     the router's token input."""
-    cur = topk.args[0] if is_op(topk, TOPK_OPS) else topk
+    cur = topk.args[0] if _selects(topk) else topk
     ops: list[str] = []
     gate = None
     for _ in range(40):
@@ -291,7 +302,7 @@ def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
 def _find_forward(gm: fx.GraphModule) -> list[MoERegion]:
     graph = gm.graph
     dg = to_digraph(graph)
-    topks = [n for n in graph.nodes if is_op(n, TOPK_OPS)]
+    topks = [n for n in graph.nodes if _selects(n)]
     routers: dict[str, _Router] = {}
     anc: dict[str, set[str]] = {}
     for t in topks:
@@ -458,7 +469,7 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
     x_keys = shape_keys(x) or ()
     tokens_key = prod_key(x_keys[:-1]) if x_keys else None
     tokens = static_int(tokens_key) if isinstance(tokens_key, int) else None
-    soft = not is_op(t, TOPK_OPS)
+    soft = not _selects(t)
     score = t.args[0]
     s_shape = shape(score) or ()
     s_keys = shape_keys(score) or ()
@@ -469,9 +480,12 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
     if soft:  # scores [tokens, experts, slots]
         num_experts = s_shape[1] if len(s_shape) > 1 else None
     elif s_shape:
-        dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
+        if is_op(t, TOPK_OPS):
+            dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
+            k = t.args[1] if isinstance(t.args[1], int) else None
+        else:  # argmax / max over a dimension: top-1
+            dim, k = t.args[1] if len(t.args) > 1 else t.kwargs.get("dim"), 1
         dim = dim % len(s_shape)
-        k = t.args[1] if isinstance(t.args[1], int) else None
         rest = prod_key(d for i, d in enumerate(s_keys) if i != dim)
         if tokens_key is not None and s_keys[dim] == tokens_key and rest != tokens_key:
             expert_choice = True  # topk over the token dimension: each expert picks its tokens
@@ -699,6 +713,32 @@ def _soft_dispatch_weight_backward(graph, by_name, pos, grad, s, dispatch_weight
     return out
 
 
+def _score_backward_anchors(dg: nx.DiGraph, graph: fx.Graph, grad: set[str], known: list[fx.Node]) -> list[fx.Node]:
+    """Softmax/sigmoid gradients of ``[tokens, experts]`` scores with no topk gradient above them.
+
+    A router that picks with ``argmax`` (DeepSpeed's top-1) leaves no topk
+    gradient: the gates' gradient reaches the score backward through the
+    one-hot mask instead. Gates of width 1 (a shared expert's) are not scores.
+    """
+    known_names = {n.name for n in known}
+    out = []
+    for n in graph.nodes:
+        if n.name not in grad or n.name in known_names:
+            continue
+        sh = shape(n)
+        if not sh or len(sh) != 2 or not sh[-1] or sh[-1] < 2:
+            continue
+        if is_op(n, SOFTMAX_BACKWARD_OPS):
+            if n.args[2] % 2 != 1:
+                continue
+        elif not is_op(n, SIGMOID_BACKWARD_OPS):
+            continue
+        if known_names & nx.ancestors(dg, n.name):
+            continue
+        out.append(n)
+    return out
+
+
 def _until_join(by_name, grad: set[str], start: fx.Node, stop: set[str]) -> set[str]:
     """Gradient nodes fed only by ``start`` and each other, in graph order: a branch up to where it meets others."""
     out = {start.name}
@@ -797,9 +837,13 @@ def _find_backward(gm: fx.GraphModule, forward_regions: list[MoERegion] | None =
     pos = _position(graph)
     found: list[tuple[MoERegion, str | None]] = []
     seen: set[tuple] = set()
-    anchors = _topk_backward_anchors(graph, grad) + _soft_backward_anchors(graph, grad)
-    for s in sorted(anchors, key=lambda n: pos[n.name]):
-        result = _backward_region(gm, dg, by_name, pos, grad, s)
+    topk_anchors = _topk_backward_anchors(graph, grad)
+    soft_anchors = _soft_backward_anchors(graph, grad)
+    kinds = {n.name: "topk" for n in topk_anchors}
+    kinds.update({n.name: "soft" for n in soft_anchors})
+    kinds.update({n.name: "score" for n in _score_backward_anchors(dg, graph, grad, topk_anchors + soft_anchors)})
+    for name in sorted(kinds, key=pos.__getitem__):
+        result = _backward_region(gm, dg, by_name, pos, grad, by_name[name], kinds[name])
         if result is None:
             continue
         key = tuple(result[0].nodes["expert"])  # anchors of one layer (group-limited routing) share experts
@@ -854,15 +898,18 @@ def _leads_to_matmul(dg: nx.DiGraph, start: str, by_name, avoid: set[str]) -> bo
     return any(is_op(by_name[d], MATMUL_OPS) for d in ({start} | nx.descendants(dg, start)) if d not in avoid)
 
 
-def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[MoERegion, str | None] | None:
+def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node,
+                     kind: str) -> tuple[MoERegion, str | None] | None:
+    """The region around one anchor: ``kind`` "topk" (topk gradient), "soft" (soft combine softmax gradient)
+    or "score" (the score softmax/sigmoid gradient of a router that picks with argmax)."""
     graph = gm.graph
     s_shape = shape(s)
     s_keys = shape_keys(s)
-    soft = is_op(s, SOFTMAX_BACKWARD_OPS)  # the combine softmax of soft routing, else the topk gradient
-    if soft:
-        dim, index = 1, None
-    else:
+    soft = kind == "soft"
+    if kind == "topk":
         dim, index = s.args[1] % 2, s.args[2]
+    else:
+        dim, index = 1, None
     anc_s = nx.ancestors(dg, s.name)
     desc_s = nx.descendants(dg, s.name)
     # the fork where the gradient splits into the gate-gradient path (to s) and the expert path;
@@ -975,6 +1022,8 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node) -> tuple[
     combine = {c for c in combine if by_name[c].op == "call_function"}
     router_bwd = _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) - set(state) - combine
     router_kind = "unknown"
+    if kind == "score":
+        router_bwd.add(s.name)
     if any(is_op(by_name[n], SOFTMAX_BACKWARD_OPS) for n in router_bwd):
         router_kind = "softmax-topk"
     elif any(is_op(by_name[n], SIGMOID_BACKWARD_OPS) for n in router_bwd):

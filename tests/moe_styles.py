@@ -131,6 +131,40 @@ class CapacityMoE(nn.Module):
         return out.reshape(b, s, m) + 0.0 * l_aux
 
 
+class ArgmaxTop1MoE(nn.Module):
+    """DeepSpeed top-1 gating: argmax (no topk), one-hot mask, cumsum locations, capacity, einsum dispatch."""
+
+    def __init__(self, hidden=16, ffn=32, num_experts=4, capacity_factor=1.0, tokens=24, shared: bool = False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity = int(math.ceil(capacity_factor * tokens / num_experts))
+        self.wg = nn.Linear(hidden, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(num_experts, hidden, ffn) / math.sqrt(hidden))
+        self.w_out = nn.Parameter(torch.randn(num_experts, ffn, hidden) / math.sqrt(ffn))
+        self.shared_expert = SharedExpert(hidden, ffn, gated=False) if shared else None
+        self.expected = dict(num_experts=num_experts, top_k=1, capacity=self.capacity, dropless=False,
+                             hidden=hidden, ffn_hidden=ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        reshaped = x.reshape(-1, m)
+        gates = F.softmax(self.wg(reshaped), dim=1)
+        indices1_s = torch.argmax(gates, dim=1)
+        mask1 = F.one_hot(indices1_s, num_classes=self.num_experts)
+        locations1 = torch.cumsum(mask1, dim=0) - 1
+        mask1 = mask1 * torch.lt(locations1, self.capacity)
+        locations1_s = torch.sum(locations1 * mask1, dim=1)
+        gates1_s = (gates * mask1).sum(dim=1)
+        locations1_sc = F.one_hot(locations1_s, self.capacity).to(x.dtype)
+        combine = torch.einsum("se,sc->sec", gates1_s.unsqueeze(-1) * mask1.to(x.dtype), locations1_sc)
+        dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), reshaped)
+        h = F.relu(torch.einsum("ecm,emh->ech", dispatched, self.w_in))
+        out = torch.einsum("sec,ecm->sm", combine, torch.einsum("ech,ehm->ecm", h, self.w_out))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(reshaped)
+        return out.reshape(b, s, m)
+
+
 class SortMoE(nn.Module):
     """Megatron style: argsort of expert ids, index_select, per-expert mm over split sizes, scatter back.
 
@@ -318,6 +352,7 @@ class Stack(nn.Module):
 STYLES = {
     "loop": LoopMoE,
     "capacity": CapacityMoE,
+    "argmax-top1": ArgmaxTop1MoE,
     "sort": SortMoE,
     "sort-grouped": lambda **kw: SortMoE(grouped=True, **kw),
     "sort-sigmoid": lambda **kw: SortMoE(score="sigmoid", **kw),

@@ -258,3 +258,21 @@ def test_moe_next_to_unrelated_topk_is_found_once():
         topks = [n.name for n in gm.graph.nodes if "topk" in str(n.target)]
         if kind == "forward":
             assert len(topks) == 3 and sum(t in r.nodes["router"] for t in topks) == 1
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed-only", "with-shared-expert"])
+def test_argmax_top1_gating_without_topk(shared):
+    """DeepSpeed's top-1 gating picks with argmax; the backward has no topk gradient, only the softmax's."""
+    expected, fw, bw = _one_layer("argmax-top1", shared)
+    (f,) = find_moe_regions(fw, "forward")
+    (b,) = find_moe_regions(bw, "backward")
+    assert (f.router, f.num_experts, f.top_k, f.capacity, f.tokens, f.ffn_hidden) == (
+        "softmax-topk", 4, 1, expected["capacity"], TOKENS, 32)
+    assert (b.router, b.num_experts, b.top_k, b.capacity, b.tokens, b.ffn_hidden) == (
+        "softmax-topk", 4, None, expected["capacity"], TOKENS, 32)
+    assert _matmul_kinds(fw, f.nodes["expert"]) == {"bmm": 2}
+    assert _matmul_kinds(bw, b.nodes["expert"]) == {"bmm": 4}
+    assert bool(f.nodes["shared_expert"]) is bool(b.nodes["shared_expert"]) is shared
+    for r in (f, b):
+        for role in ("router", "dispatch", "expert", "combine"):
+            assert r.nodes[role], role
