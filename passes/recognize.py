@@ -714,7 +714,7 @@ def _soft_dispatch_weight_backward(graph, by_name, pos, grad, s, dispatch_weight
 
 
 def _score_backward_anchors(dg: nx.DiGraph, graph: fx.Graph, grad: set[str], known: list[fx.Node]) -> list[fx.Node]:
-    """Softmax/sigmoid gradients of ``[tokens, experts]`` scores with no topk gradient above them.
+    """Softmax/sigmoid gradients of ``[tokens, experts]`` scores unrelated to any topk gradient.
 
     A router that picks with ``argmax`` (DeepSpeed's top-1) leaves no topk
     gradient: the gates' gradient reaches the score backward through the
@@ -733,8 +733,8 @@ def _score_backward_anchors(dg: nx.DiGraph, graph: fx.Graph, grad: set[str], kno
                 continue
         elif not is_op(n, SIGMOID_BACKWARD_OPS):
             continue
-        if known_names & nx.ancestors(dg, n.name):
-            continue
+        if known_names & (nx.ancestors(dg, n.name) | nx.descendants(dg, n.name)):
+            continue  # part of a topk router (e.g. a softmax over the top-k logits) or of a soft one
         out.append(n)
     return out
 

@@ -52,9 +52,11 @@ class SharedExpert(nn.Module):
 class LoopMoE(nn.Module):
     """Mixtral/HF style: softmax -> topk -> renormalise -> loop over experts with index_add_."""
 
-    def __init__(self, hidden=16, ffn=32, num_experts=4, top_k=2, shared: bool = False) -> None:
+    def __init__(self, hidden=16, ffn=32, num_experts=4, top_k=2, shared: bool = False,
+                 softmax_after_topk: bool = False) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
+        self.softmax_after_topk = softmax_after_topk  # older Mixtral code: topk on logits, softmax over the k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLUExpert(hidden, ffn) for _ in range(num_experts))
         self.shared_expert = SharedExpert(hidden, ffn) if shared else None
@@ -65,9 +67,13 @@ class LoopMoE(nn.Module):
         b, s, h = hidden_states.shape
         hidden_states = hidden_states.view(-1, h)
         router_logits = self.gate(hidden_states)
-        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        if self.softmax_after_topk:
+            top_logits, selected_experts = torch.topk(router_logits, self.top_k, dim=-1)
+            routing_weights = F.softmax(top_logits, dim=-1, dtype=torch.float)
+        else:
+            routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+            routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+            routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
         routing_weights = routing_weights.to(hidden_states.dtype)
         final = torch.zeros((b * s, h), dtype=hidden_states.dtype, device=hidden_states.device)
         expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
@@ -351,6 +357,7 @@ class Stack(nn.Module):
 
 STYLES = {
     "loop": LoopMoE,
+    "loop-topk-softmax": lambda **kw: LoopMoE(softmax_after_topk=True, **kw),
     "capacity": CapacityMoE,
     "argmax-top1": ArgmaxTop1MoE,
     "sort": SortMoE,

@@ -279,3 +279,14 @@ def test_argmax_top1_gating_without_topk(shared):
     for r in (f, b):
         for role in ("router", "dispatch", "expert", "combine"):
             assert r.nodes[role], role
+
+
+def test_softmax_over_topk_logits():
+    """Older Mixtral code takes the topk of the logits and a softmax over the k: same layer, both graphs."""
+    _, fw, bw = _one_layer("loop-topk-softmax", False)
+    (f,) = find_moe_regions(fw, "forward")
+    (b,) = find_moe_regions(bw, "backward")
+    for r in (f, b):
+        assert (r.router, r.num_experts, r.top_k, r.tokens, r.ffn_hidden) == ("softmax-topk", 4, 2, TOKENS, 32)
+    assert "softmax over the top-k logits" in f.notes
+    assert _matmul_kinds(bw, b.nodes["expert"]) == {"mm": 24}
