@@ -5,6 +5,7 @@ Everything here reads a graph and never edits it.
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 import networkx as nx
@@ -64,8 +65,7 @@ def is_op(node: fx.Node, ops: frozenset) -> bool:
 
 
 def is_getitem(node: fx.Node) -> bool:
-    import operator
-
+    """``node`` takes one output of a multi-output op (``operator.getitem``)."""
     return node.op == "call_function" and node.target is operator.getitem
 
 
@@ -75,6 +75,7 @@ def val(node) -> object:
 
 
 def is_tensor(node) -> bool:
+    """``node``'s recorded value is a tensor."""
     return isinstance(val(node), torch.Tensor)
 
 
@@ -101,6 +102,7 @@ def shape(node) -> tuple | None:
 
 
 def numel(node) -> int | None:
+    """Element count of a tensor-valued node, None when any size is symbolic."""
     s = shape(node)
     if s is None or any(d is None for d in s):
         return None

@@ -5,7 +5,7 @@ or parameter names:
 
 * a routing score (softmax / sigmoid / cosine similarity) over a
   ``[tokens, experts]`` matrix and the ``topk`` that picks experts for each
-  token (or tokens for each expert, "expert choice");
+  token (``argmax`` for top-1; or tokens for each expert, "expert choice");
 * a permutation of token data by the routing result (one-hot/einsum with a
   capacity, sort + ``index_select``/``gather``, scatter, a per-expert loop of
   ``index``/``index_add_``), bracketed by ``all_to_all_single`` + ``wait_tensor``
@@ -30,7 +30,8 @@ dimension of ``[tokens, experts, slots]`` scores, and the same states follow.
 In the backward graph the anchor is the gradient of ``topk`` (a ``scatter`` into
 a ``[tokens, experts]`` zero tensor at the saved topk indices, which are inputs
 of the backward graph), followed by the softmax/sigmoid backward; for soft
-routing it is the combine softmax's backward. The dominator of the anchor that
+routing it is the combine softmax's backward, and for argmax routers (no topk
+gradient) the score softmax/sigmoid backward itself. The dominator of the anchor that
 also leads to matmuls elsewhere is the fork where the layer's output gradient
 splits into the gate gradient and the experts' gradient. Walking on from the
 fork, gradient nodes are F (forked, still in token order), P (permuted into
