@@ -31,6 +31,14 @@ class DenseBlock(nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles anew: Dynamo would otherwise reuse an earlier test's code for the same forward."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
