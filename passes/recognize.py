@@ -64,6 +64,7 @@ import torch.fx as fx
 from fsmoe_compiler.passes.graph_utils import (
     ALL_TO_ALL_OPS,
     ARGMAX_OPS,
+    COLLECTIVE_OPS,
     GATHER_OPS,
     GROUPED_MM_OPS,
     MATMUL_OPS,
@@ -109,7 +110,7 @@ _COMBINE_OPS = (
     VIEW_OPS
     | SCATTER_OPS
     | GATHER_OPS
-    | ALL_TO_ALL_OPS
+    | COLLECTIVE_OPS  # all-to-all, and the all-gather / reduce-scatter of expert sharding
     | WAIT_OPS
     | overloads(
         aten.add, aten.sub, aten.mul, aten.div, aten.sum, aten.cat, aten.stack, aten.where, aten.masked_fill,
