@@ -54,6 +54,13 @@ def _configure(p: argparse.ArgumentParser) -> None:
         help=f"blocks (attention + MoE) in the simulated model (default: {DEFAULT_GRID_LAYERS} for --grid, "
         "1 for --config)",
     )
+    p.add_argument(
+        "--no-split-weight-grads",
+        dest="split_weight_grads",
+        action="store_false",
+        help="schedule ours on the plain backward task graph (weight and input gradients of a layer as one task); "
+        "by default ours may run weight-gradient GEMMs apart from the input-gradient chain, as the compiler can",
+    )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="run only the first N grid points")
     p.add_argument("--every", type=int, default=1, metavar="K", help="run every K-th grid point (a spread sample)")
     p.add_argument("--workers", type=int, default=1, help="processes for the grid (default 1)")
@@ -150,6 +157,7 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
                 time_limit_s=args.time_limit,
                 validate=args.validate,
                 refit=args.refit,
+                split_weight_grads=args.split_weight_grads,
             )
         except ValueError as e:
             return _fail(str(e))
@@ -171,6 +179,7 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
         out = {
             "grid": args.grid,
             "layers": args.layers,
+            "split_weight_grads": args.split_weight_grads,
             "points": len(specs),
             "wall_s": time.perf_counter() - t_all,
             "presets": {s.preset: s.to_json() for s in summaries},
@@ -195,7 +204,8 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
         except ValueError as e:
             return _fail(str(e))
         res, plans = simulate_point(spec, costs, layers=args.layers, time_limit_s=args.time_limit,
-                                     validate=args.validate, keep_schedules=True)
+                                     validate=args.validate, keep_schedules=True,
+                                     split_weight_grads=args.split_weight_grads)
         out_json["config"] = res.config
         out_json["presets"][name] = {
             "makespan_ms": res.makespan_ms,

@@ -48,18 +48,26 @@ def _is_optimal(step: StepSchedule) -> bool:
 
 
 def plan_step(
-    spec: LayerSpec, costs: ClusterCosts, layers: int = 1, time_limit_s: float | None = None
+    spec: LayerSpec,
+    costs: ClusterCosts,
+    layers: int = 1,
+    time_limit_s: float | None = None,
+    split_weight_grads: bool = True,
 ) -> dict[str, StepSchedule]:
     """Every method's :class:`StepSchedule` for a stack of ``layers`` copies of ``spec``.
 
     Goes through the scheduler's ``evaluate_layer`` (baselines computed once,
     they also seed our search); keys are :data:`METHODS` (``ours`` for the
-    scheduler's ``fsmoe``).
+    scheduler's ``fsmoe``). ``split_weight_grads`` lets our schedule run each
+    backward's weight-gradient GEMMs apart from its input-gradient chain, as a
+    compiler can reorder the separate dW / dX matmuls of the backward graph;
+    the baselines keep autograd's order, as those systems run.
     """
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
     kw = {} if time_limit_s is None else {"time_limit_s": time_limit_s}
-    plans = evaluate_layer(spec, costs, methods=("fsmoe",) + BASELINES + (LOWER_BOUND,), num_layers=layers, **kw)
+    plans = evaluate_layer(spec, costs, methods=("fsmoe",) + BASELINES + (LOWER_BOUND,), num_layers=layers,
+                           split_weight_grads=split_weight_grads, **kw)
     return {_REPORT_NAME.get(k, k): v for k, v in plans.items()}
 
 
@@ -82,6 +90,7 @@ def simulate_point(
     time_limit_s: float | None = None,
     validate: bool = False,
     keep_schedules: bool = False,
+    split_weight_grads: bool = True,
 ) -> Any:
     """Simulate one point: a :class:`PointResult` (and the plans, with ``keep_schedules``).
 
@@ -89,7 +98,7 @@ def simulate_point(
     builds each method's full schedule).
     """
     t0 = time.perf_counter()
-    plans = plan_step(spec, costs, layers, time_limit_s)
+    plans = plan_step(spec, costs, layers, time_limit_s, split_weight_grads)
     ours = plans[OURS]
     if validate:
         validate_plans(plans)
@@ -151,6 +160,7 @@ def simulate_grid(
     time_limit_s: float | None = None,
     validate: bool = False,
     refit: bool = False,
+    split_weight_grads: bool = True,
 ) -> list[PointResult]:
     """Simulate every spec under ``preset`` (a name or ``gpus -> ClusterCosts``), in order.
 
@@ -169,7 +179,8 @@ def simulate_grid(
         if s.gpus not in costs_by_gpus:
             costs_by_gpus[s.gpus] = make(s.gpus)
             refit = False  # measure at most once per call
-    opts = {"layers": layers, "time_limit_s": time_limit_s, "validate": validate}
+    opts = {"layers": layers, "time_limit_s": time_limit_s, "validate": validate,
+            "split_weight_grads": split_weight_grads}
     specs = list(specs)
     first: dict[tuple, int] = {}  # problem key -> index into uniq
     uniq: list[LayerSpec] = []
