@@ -1,7 +1,8 @@
 """Capture the forward and backward ATen graphs that aot_autograd produces for a module.
 
 The capture compiler stores each graph module it is given and returns its
-``forward`` unchanged, so the model still runs eagerly-equivalent code.
+``forward`` unchanged (boxed, as aot_autograd calls it), so the model still
+runs eagerly-equivalent code.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 
 
 @dataclass
@@ -28,7 +30,7 @@ def capture_backend() -> tuple[Callable, CapturedGraphs]:
     def _store(kind: str) -> Callable:
         def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
             getattr(graphs, kind).append(gm)
-            return gm.forward
+            return make_boxed_func(gm.forward)  # gm.forward, taking aot_autograd's boxed argument list
 
         return compiler
 
