@@ -15,7 +15,6 @@ import os
 import warnings
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
@@ -60,6 +59,9 @@ def fsmoe_backend(
 def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = PassContext(graph_kind=kind, strict=config.strict, config=config, original=graph_signature(gm))
+        forward = record.latest("forward")
+        if kind == "backward" and forward is not None:  # backward regions take their layer from the forward's
+            ctx.regions["forward"] = list(forward.regions)
         _dump(config, record, kind, "before", gm)
         fallback = None
         try:

@@ -17,8 +17,7 @@ import torch.fx as fx
 
 from fsmoe_compiler.passes.collectives import collective_sequence
 from fsmoe_compiler.passes.context import PassContext
-
-ROLES = frozenset({"router", "dispatch", "expert", "combine", "shared_expert"})
+from fsmoe_compiler.passes.region import ROLES
 
 
 class VerificationError(RuntimeError):

@@ -134,7 +134,7 @@ def tutel_degree(spec: LayerSpec, costs: ClusterCosts, candidates: Sequence[int]
         for phase, build in (("F", build_layer_forward), ("B", build_layer_backward)):
             g = build(spec, costs, r, comm="single") if phase == "F" else build(spec, costs, r, [], comm="single")
             order = _moe_order(g, phase, 0, r, "tutel")
-            order["compute"] = ([f"F0.attn"] + order["compute"]) if phase == "F" else (order["compute"] + ["B0.attn"])
+            order["compute"] = (["F0.attn"] + order["compute"]) if phase == "F" else (order["compute"] + ["B0.attn"])
             tot += fixed_order_schedule(g, order).makespan
         if tot < best[1] - 1e-12:
             best = (r, tot)

@@ -43,7 +43,7 @@ from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule, heuristic_s
 from fsmoe_compiler.scheduler.layercache import costs_key, layer_eval
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.step import StepSchedule, concat, rename_layer
-from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
+from fsmoe_compiler.scheduler.taskgraph import TaskGraph
 
 EPS = 1e-9
 
