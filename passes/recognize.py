@@ -75,7 +75,10 @@ __all__ = ["MoERegion", "ROLES", "find_moe_regions", "recognize"]
 
 
 def find_moe_regions(
-    gm: fx.GraphModule, graph: str = "forward", forward_regions: list[MoERegion] | None = None
+    gm: fx.GraphModule,
+    graph: str = "forward",
+    forward_regions: list[MoERegion] | None = None,
+    notes: list[str] | None = None,
 ) -> list[MoERegion]:
     """All MoE regions of ``gm``, a forward or backward ATen graph of aot_autograd; reads only.
 
@@ -85,14 +88,15 @@ def find_moe_regions(
     backward graph of L layers is layer L-1). Given the forward graph's
     regions, a backward region takes the layer of the forward region whose
     saved topk indices it reads, which also holds when some forward layer was
-    not found.
+    not found. ``notes``, if given, receives why routing-like anchors that
+    formed no region were left alone (e.g. a top-k sampling head).
     """
     if graph not in ("forward", "backward"):
         raise ValueError(f"graph must be 'forward' or 'backward', got {graph!r}")
     if graph == "backward":
         regions = find_backward_regions(gm, forward_regions)
     else:
-        regions = find_forward_regions(gm)
+        regions = find_forward_regions(gm, notes)
     return _without_shared_nodes(regions)
 
 
@@ -118,7 +122,7 @@ def recognize(gm: fx.GraphModule, ctx: Any) -> fx.GraphModule:
     every region; changes nothing else in the graph.
     """
     kind = getattr(ctx, "graph_kind", "forward")
-    regions = find_moe_regions(gm, kind, ctx.regions.get("forward") if kind == "backward" else None)
+    regions = find_moe_regions(gm, kind, ctx.regions.get("forward") if kind == "backward" else None, ctx.notes)
     ctx.regions[kind] = regions
     by_name = {n.name: n for n in gm.graph.nodes}
     for region in regions:

@@ -165,7 +165,8 @@ def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
     return _Router(topk=topk, gate=gate, x=cur, score_ops=ops, cosine=cosine)
 
 
-def find_forward_regions(gm: fx.GraphModule) -> list[MoERegion]:
+def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
+    """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were left alone."""
     graph = gm.graph
     dg = to_digraph(graph)
     topks = [n for n in graph.nodes if _selects(n)]
@@ -206,9 +207,11 @@ def find_forward_regions(gm: fx.GraphModule) -> list[MoERegion]:
                 continue
             blocked |= (anc[other.topk.name] - nx.ancestors(dg, other.x.name)) | {other.x.name, other.topk.name}
         region = _forward_region(gm, dg, r, anc[r.topk.name], blocked)
-        if region is not None:
+        if isinstance(region, MoERegion):
             region.layer = len(regions)
             regions.append(region)
+        elif notes is not None:
+            notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {region}")
     return regions
 
 
@@ -234,8 +237,8 @@ def _classify_operand(a: fx.Node, state: dict[str, str], x: fx.Node, anc_t: set[
 
 
 def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[str],
-                    blocked: set[str]) -> MoERegion | None:
-    """Propagate R/D/E/C states below one router's topk; a region if it has experts and a combine."""
+                    blocked: set[str]) -> MoERegion | str:
+    """Propagate R/D/E/C states below one router's topk; a region if it has experts and a combine, else why not."""
     graph = gm.graph
     t, x = r.topk, r.x
     # x and the tensors it is only a view of (e.g. [B, S, M] before the reshape to [T, M]) are the tokens
@@ -307,18 +310,23 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
         if new in (E, C) and n.name not in depth:
             depth[n.name] = d_in
     region = _summarise_forward(gm, dg, r, anc_t, desc_x, anc_x, state, expert_mms, depth)
-    if region is not None and opaque:
+    if isinstance(region, MoERegion) and opaque:
         region.notes.append(f"combine stops before opaque op(s) {sorted(set(opaque))}: left alone")
     return region
 
 
-def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_mms, depth) -> MoERegion | None:
+def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_mms, depth) -> MoERegion | str:
+    """The region below one router, or why there is none."""
     graph = gm.graph
     t, x = r.topk, r.x
     by_name = {n.name: n for n in graph.nodes}
     of = {s: [name for name, st in state.items() if st == s] for s in (R, D, E, C)}
-    if not expert_mms or not of[C] or not of[D]:
-        return None
+    if not expert_mms:
+        return "no expert matmul (routed token data times a weight) below it"
+    if not of[D]:
+        return "no token data permuted by the routing result (no dispatch)"
+    if not of[C]:
+        return "expert outputs never meet the routing weights again (no combine)"
     a2a = [n for n in of[D] + of[E] + of[C] + of[R] if is_op(by_name[n], ALL_TO_ALL_OPS)]
 
     # expert lanes: distinct dispatched inputs of the first expert matmuls, or an expert dimension on batched weights
@@ -328,7 +336,7 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
     lanes = len({_token_operand(m, state).name for m in first})
     batched = [m for m in expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(_weight_operand(m, state)) or ()) == 3]
     if lanes < 2 and not batched and not a2a:
-        return None  # one dense lane on top-k-selected rows (e.g. top-k pooling): not a mixture of experts
+        return "one dense lane on top-k-selected rows (e.g. top-k pooling), not a mixture of experts"
 
     x_shape = shape(x)
     hidden = x_shape[-1] if x_shape else None

@@ -121,6 +121,16 @@ def test_look_alikes_are_not_moe(make):
     assert find_moe_regions(graphs.backward[0], "backward") == []
 
 
+def test_routing_like_anchors_left_alone_are_named_with_the_reason():
+    torch.manual_seed(0)
+    graphs = capture_graphs(ms.TopKNotRouting(), _input().requires_grad_())
+    notes: list[str] = []
+    assert find_moe_regions(graphs.forward[0], "forward", notes=notes) == []
+    assert notes, "the top-k pooling and sampling head look like routing; the report must say why they were left alone"
+    assert all(n.startswith("forward: routing-like scores at topk") and "left alone: " in n for n in notes)
+    assert any("not a mixture of experts" in n or "no expert matmul" in n for n in notes)
+
+
 @pytest.mark.parametrize("style", ["loop", "capacity"])
 def test_find_does_not_mutate_and_recognize_only_tags(style):
     _, fw, bw = _one_layer(style, True)
