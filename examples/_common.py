@@ -32,3 +32,9 @@ def arithmetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int =
     step = torch.randint(1, 4, (batch_size, 1), generator=g)
     seq = (start + step * torch.arange(seq_len + 1).unsqueeze(0)) % vocab_size
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+
+def lm_loss(logits: Tensor, targets: Tensor, aux_total: Tensor, aux_weight: float) -> Tensor:
+    """Next-token cross-entropy over every position plus the weighted auxiliary load-balancing loss."""
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return ce + aux_weight * aux_total

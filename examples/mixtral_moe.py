@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fsmoe_compiler.moe import MoELayer
 
-from ._common import apply_overrides, arithmetic_batch
+from ._common import apply_overrides, arithmetic_batch, lm_loss
 
 
 @dataclass
@@ -158,8 +158,7 @@ class MixtralMoE(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return ce + self.config.aux_loss_weight * aux_total
+        return lm_loss(logits, targets, aux_total, self.config.aux_loss_weight)
 
 
 def build_model(**overrides: Any) -> MixtralMoE:
