@@ -37,3 +37,21 @@ def test_demo_trains_on_two_ranks_and_matches_eager():
     assert "== forward graph:" in res.stdout
     rows = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 4]
     assert len(rows) == 3 and all(abs(float(e) - float(f)) <= 1e-4 * abs(float(e)) for _, e, f, _ in rows)
+
+
+def test_simulate_is_wired_into_the_fsmoe_command(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    code = main(["simulate", "--config", "B=2,L=256,M=1024,H=4096,f=1.2,gpus=16,ffn=gpt", "--layers", "2",
+                 "--preset", "fsmoe-testbed", "--trace", str(trace)])
+    assert code == 0
+    out = capsys.readouterr().out
+    for method in ("ours", "sequential", "tutel", "fsmoe_paper", "lower_bound"):
+        assert method in out
+    assert trace.stat().st_size > 0
+
+
+def test_fsmoe_without_a_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("demo", "explain", "simulate"):
+        assert command in out
