@@ -20,9 +20,15 @@ def test_explain_prints_forward_and_backward_region_tables(capsys):
     assert "softmax-topk" in out
 
 
-def test_explain_rejects_an_unknown_model_with_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown example model 'llama'; valid models: gpt2, mixtral"):
-        main(["explain", "--model", "llama"])
+def test_explain_rejects_an_unknown_model_with_the_valid_names(capsys):
+    assert main(["explain", "--model", "llama"]) == 2
+    assert "fsmoe explain: error: unknown example model 'llama'; valid models: gpt2, mixtral" in capsys.readouterr().err
+
+
+def test_explain_rejects_an_unknown_router_with_the_valid_names(capsys):
+    assert main(["explain", "--router", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown router 'bogus'" in err and "gshard" in err and "expert_choice" in err
 
 
 @pytest.mark.timeout(600)
