@@ -163,3 +163,30 @@ def test_cpsat_handles_durations_below_its_time_unit():
     s = solve_cpsat(g, time_limit_s=0.05, skip_if_tight=False)
     validate_schedule(g, s)
     assert s.makespan == pytest.approx(3.0e-7 + 8e-6 + 1.3e-8 + 8e-6, rel=1e-9)
+
+
+def test_parallel_generation_valid_and_runs_fillers_when_compute_would_idle():
+    from fsmoe_compiler.scheduler.heuristic import list_starts, parallel_starts, schedule_from_starts
+
+    for seed in range(10):
+        g = random_graph(400 + seed, 12)
+        starts, ms = parallel_starts(g)
+        s = schedule_from_starts(g, starts)
+        validate_schedule(g, s)
+        assert s.makespan == pytest.approx(ms)
+    # a (compute, 1) -> x (inter, 1) -> b (compute, 1) -> c (inter, 0.6), and a filler w (compute, 1.5) after a.
+    # The serial scheme puts w behind b (the 1 ms gap at [1, 2) is too short): 4.5 ms. The non-delay scheme
+    # runs w as soon as compute idles, at 1, and b at 2.5: 4.1 ms.
+    g = TaskGraph()
+    g.add("a", "op", "compute", 1.0)
+    g.add("x", "op", "inter", 1.0)
+    g.add("b", "op", "compute", 1.0)
+    g.add("w", "op", "compute", 1.5)
+    g.add("c", "op", "inter", 0.6)
+    for u, v in (("a", "x"), ("x", "b"), ("a", "w"), ("b", "c")):
+        g.add_dep(u, v)
+    _, serial = list_starts(g)
+    starts, par = parallel_starts(g)
+    validate_schedule(g, schedule_from_starts(g, starts))
+    assert serial == pytest.approx(4.5) and par == pytest.approx(4.1)
+    assert starts[g.arrays().index["w"]] == pytest.approx(1.0)
