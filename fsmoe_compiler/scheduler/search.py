@@ -372,7 +372,9 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
 
     Candidates: the few best unsplit configurations and every seed's, each
     scored by the heuristic on its split graph and by its unsplit schedule
-    converted (:func:`split_times`); CP-SAT then refines the best one. The
+    converted (:func:`split_times`), plus finer equal slices and the best
+    configuration one degree lower (:data:`_SPLIT_DEGREE_STEPS`); CP-SAT then
+    refines the best one. The
     unsplit winner's conversion is always among them, so splitting never
     loses.
     """
@@ -397,6 +399,19 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
             gs = build_stack_backward(specs, costs, list(rv), parts, grad_sync="partitions", wgrad=True)
             starts, ms = heuristic_starts(gs)
             scored.append((ms, len(scored), (ms, 0, rv, parts, "partitions"), gs, schedule_from_starts(gs, starts)))
+    # a lower degree: with weight gradients filling the compute gaps, fewer chunks (fewer intercepts) often win
+    seen_rv = {(tuple(x[2][2]), repr(x[2][3]), x[2][4]) for x in scored}
+    rv0 = tuple(best[2])
+    for delta in _SPLIT_DEGREE_STEPS:
+        rv = tuple(min(opts.max_degree, max(1, r + delta)) for r in rv0)
+        for parts, sync in ((best[3], best[4]), (None, "partitions")):
+            conf = (rv, repr(parts), sync)
+            if conf in seen_rv:
+                continue
+            seen_rv.add(conf)
+            gs = build_stack_backward(specs, costs, list(rv), parts, grad_sync=sync, wgrad=True)
+            starts, ms = heuristic_starts(gs)
+            scored.append((ms, len(scored), (ms, 0, rv, parts, sync), gs, schedule_from_starts(gs, starts)))
     scored.sort(key=lambda x: (x[0], x[1]))
     _, _, c, gs, s = scored[0]
     out = (list(c[2]), c[3], c[4], gs, s)
@@ -409,6 +424,9 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
 
 
 _SPLIT_EXTRA_PARTS: tuple[int, ...] = (2, 4)
+#: Degree offsets (applied to every layer of the best unsplit vector) also tried on the split graph
+#: (on the FSMoE grid, +1 and -2 bought nothing more).
+_SPLIT_DEGREE_STEPS: tuple[int, ...] = (-1,)
 
 
 def _safe_replay(g: TaskGraph, sched: Schedule) -> Schedule | None:
