@@ -194,3 +194,27 @@ def ancestors_of_set(dg: nx.DiGraph, names) -> set[str]:
         seen.add(n)
         stack.extend(dg.predecessors(n))
     return seen
+
+
+TRANSPOSE_OPS = overloads(aten.t, aten.transpose, aten.permute)
+
+
+def dim_through_transpose(node: fx.Node, dim: int, upward: bool) -> int | None:
+    """Where dimension ``dim`` of a transpose-like ``node``'s output is in its input (``upward``) or the reverse.
+
+    None when ``node`` is not ``t``/``transpose``/``permute`` or ``dim`` is out of range.
+    """
+    out = shape(node)
+    if out is None or not is_op(node, TRANSPOSE_OPS):
+        return None
+    rank = len(out)
+    if rank == 0:
+        return None
+    dim %= rank
+    if node.target in overloads(aten.t):
+        return dim if rank < 2 else 1 - dim
+    if node.target in overloads(aten.transpose):
+        a, b = node.args[1] % rank, node.args[2] % rank
+        return b if dim == a else a if dim == b else dim
+    perm = [p % rank for p in node.args[1]]
+    return perm[dim] if upward else perm.index(dim)

@@ -36,6 +36,8 @@ from fsmoe_compiler.passes.graph_utils import (
     shape_keys,
     tensor_inputs,
     to_digraph,
+    TRANSPOSE_OPS,
+    dim_through_transpose,
 )
 
 aten = torch.ops.aten
@@ -238,6 +240,77 @@ def _has_dim(node: fx.Node, size: object, anywhere: bool = False) -> bool:
     return size is not None and any(d == size for d in dims)
 
 
+def _scatter_over_tokens(s: fx.Node, dim: int) -> bool | None:
+    """Whether the topk gradient ``s`` scatters along the token dimension (expert choice) or the expert one.
+
+    The score softmax normalises over the experts, so following the scatter's
+    dimension down through transposes and shape-keeping ops to the softmax
+    backward tells which it is, whatever the sizes (with E == T they say
+    nothing). None when no softmax backward is reached (a sigmoid router).
+    """
+    cur, d = s, dim
+    for _ in range(12):
+        users = [u for u in cur.users if u.op == "call_function" and u.args and u.args[0] is cur]
+        soft = [u for u in users if is_op(u, SOFTMAX_BACKWARD_OPS)]
+        if soft:
+            rank = len(shape(soft[0]) or ())
+            return None if rank == 0 else d % rank != soft[0].args[2] % rank
+        moved = [u for u in users if is_op(u, TRANSPOSE_OPS)]
+        same = [u for u in users if not is_op(u, TRANSPOSE_OPS) and shape(u) == shape(cur) and shape(u) is not None]
+        if len(moved) + len(same) != 1:
+            return None
+        if moved:
+            d = dim_through_transpose(moved[0], d, upward=False)
+            if d is None:
+                return None
+            cur = moved[0]
+        else:
+            cur = same[0]
+    return None
+
+
+def _expert_side_matmul_use(n: fx.Node, other: fx.Node, grad: set[str], dg: nx.DiGraph, by_name,
+                            desc_s: set[str], pos: dict[str, int]) -> str:
+    """What a matmul of an expert-side gradient with a non-gradient operand computes, from where its result goes.
+
+    Returns "expert" (an expert's input or weight gradient), "dispatch" (the
+    dispatch's gradient: a dispatch mask or weights times the gradient, back in
+    token order) or "dispatch-weights" (the gradient of soft dispatch weights,
+    which flows into the router's softmax backward).
+
+    Decided by data flow, not by sizes (a dimension equal to the token count is
+    ambiguous when hidden, E*C or E equals it):
+
+    * a result that never meets the router's gradient (the descendants of the
+      anchor) is a weight gradient: it only flows to the graph outputs;
+    * otherwise let J be the first node where it meets the router's gradient
+      (the token input's gradient, or the score gradient). A result that on its
+      way to J passes through another matmul or a permutation by saved routing
+      indices (an all-to-all included) is an expert's input gradient: the
+      dispatch's gradient still lies ahead of it;
+    * one that passes through a softmax/sigmoid backward is the gradient of
+      soft dispatch weights, on its way to the router's scores;
+    * one that reaches J through views, casts and sums only is the dispatch's
+      gradient.
+    """
+    if other.name in grad:
+        return "expert"
+    below = nx.descendants(dg, n.name)
+    meets = [d for d in below if d in desc_s and by_name[d].op == "call_function"]
+    if not meets:
+        return "expert"
+    join = min(meets, key=pos.__getitem__)
+    between = (below & nx.ancestors(dg, join)) - {n.name}
+    ops = [by_name[b] for b in between]
+    if any(is_op(b, MATMUL_OPS) or _permutes(b, grad) for b in ops):
+        return "expert"
+    if any(is_op(b, SOFTMAX_BACKWARD_OPS) or is_op(b, SIGMOID_BACKWARD_OPS) for b in ops):
+        return "dispatch-weights"
+    if is_op(by_name[join], SOFTMAX_BACKWARD_OPS) or is_op(by_name[join], SIGMOID_BACKWARD_OPS):
+        return "dispatch-weights"
+    return "dispatch"
+
+
 def find_backward_regions(gm: fx.GraphModule, forward_regions: list[MoERegion] | None = None) -> list[MoERegion]:
     graph = gm.graph
     dg = to_digraph(graph)
@@ -347,7 +420,9 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node,
     hidden = entry_keys[-1] if isinstance(entry_keys[-1], int) else None
     tokens = prod_key(entry_keys[:-1])  # an int, or a sympy expression under dynamic shapes
     # topk over experts scatters along the expert dimension; expert choice along the token dimension
-    expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
+    expert_choice = None if soft else _scatter_over_tokens(s, dim)
+    if expert_choice is None:  # no softmax backward to read the expert dimension from: compare sizes
+        expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
     if tokens is None:
         tokens = s_keys[1 - dim]
     num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
@@ -379,18 +454,19 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node,
             if rank == _RANK[F]:  # still in token order: a permutation into expert space if it leaves token order
                 leaves = _has_dim(g_op, tokens) and not _has_dim(n, tokens)
                 new = P if (leaves or _combine_matmul_pair(n, g_op, anc_s)) else None
-            elif rank >= _RANK[G] and other.name not in grad and _has_dim(other, tokens) and _has_dim(n, tokens):
-                new = U  # dispatch mask^T @ gradient: back to token order
-            elif rank >= _RANK[G] and other.name not in grad and _has_dim(other, tokens, anywhere=True) \
-                    and _has_dim(n, tokens, anywhere=True):
-                dispatch_weight_grads.append(n)  # gradient @ tokens^T: the gradient of soft dispatch weights
-                new = None
-            elif rank == _RANK[U]:
-                new = None
             else:
-                new = G
-                expert_mms.append(n)
-                depth[n.name] = d_in + 1
+                use = _expert_side_matmul_use(n, other, grad, dg, by_name, desc_s, pos)
+                if use == "dispatch":
+                    new = U  # dispatch mask^T @ gradient: back to token order
+                elif use == "dispatch-weights":
+                    dispatch_weight_grads.append(n)  # gradient @ tokens^T: the gradient of soft dispatch weights
+                    new = None
+                elif rank == _RANK[U]:
+                    new = None  # already back in token order
+                else:
+                    new = G
+                    expert_mms.append(n)
+                    depth[n.name] = d_in + 1
         elif rank == _RANK[F]:
             if _permutes(n, grad):
                 new = P

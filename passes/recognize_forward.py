@@ -26,6 +26,7 @@ from fsmoe_compiler.passes.graph_utils import (
     SIGMOID_OPS,
     SOFTMAX_OPS,
     TOPK_OPS,
+    TRANSPOSE_OPS,
     VIEW_OPS,
     WAIT_OPS,
     ancestors_of_set,
@@ -43,6 +44,7 @@ from fsmoe_compiler.passes.graph_utils import (
     static_int,
     tensor_inputs,
     to_digraph,
+    dim_through_transpose,
 )
 
 aten = torch.ops.aten
@@ -361,7 +363,10 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
             dim, k = t.args[1] if len(t.args) > 1 else t.kwargs.get("dim"), 1
         dim = dim % len(s_shape)
         rest = prod_key(d for i, d in enumerate(s_keys) if i != dim)
-        if tokens_key is not None and s_keys[dim] == tokens_key and rest != tokens_key:
+        picks_tokens = _selects_over_tokens(score, dim, r.gate)
+        if picks_tokens is None:  # the choice's dimension could not be followed to the gate: compare sizes
+            picks_tokens = tokens_key is not None and s_keys[dim] == tokens_key and rest != tokens_key
+        if picks_tokens:
             expert_choice = True  # topk over the token dimension: each expert picks its tokens
             num_experts = rest if isinstance(rest, int) else None
         else:
@@ -443,6 +448,38 @@ def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_m
         a2a_bytes=a2a_bytes,
         notes=notes,
     )
+
+
+def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None:
+    """Whether a choice along ``dim`` of ``score`` picks tokens (expert choice) rather than experts.
+
+    Follows ``dim`` up from the scores to the gate matmul ``tokens @ weight``
+    through transposes and ops that keep the shape (softmax, sigmoid, bias,
+    casts): landing on the gate's first (row) dimension means the choice is
+    among tokens, on its last (the weight's) among experts. This holds however
+    the sizes compare (with E == T a size says nothing). None when the
+    dimension cannot be followed (a reshape on the way).
+    """
+    cur, d = score, dim
+    for _ in range(40):
+        if cur is gate:
+            rank = len(shape(gate) or ())
+            if rank < 2:
+                return None
+            return d % rank != rank - 1
+        if not isinstance(cur, fx.Node) or cur.op != "call_function":
+            return None
+        if is_op(cur, TRANSPOSE_OPS):
+            d = dim_through_transpose(cur, d, upward=True)
+            cur = tensor_inputs(cur)[0] if tensor_inputs(cur) else None
+            if d is None:
+                return None
+            continue
+        nxt = _primary_input(cur)
+        if nxt is None or shape(nxt) != shape(cur):
+            return None
+        cur = nxt
+    return None
 
 
 def _view_chain(x: fx.Node) -> list[fx.Node]:
