@@ -39,7 +39,8 @@ from fsmoe_compiler.scheduler.bounds import lower_bound
 from fsmoe_compiler.scheduler.builders import build_layer_forward, build_stack_backward, build_step
 from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.cpsat import solve_cpsat
-from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule, heuristic_starts, replay, schedule_from_starts
+from fsmoe_compiler.scheduler.heuristic import (fixed_order_schedule, heuristic_starts, justify, replay,
+                                                schedule_from_starts)
 from fsmoe_compiler.scheduler.layercache import costs_key, layer_eval
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.step import StepSchedule, concat, rename_layer
@@ -373,8 +374,8 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
     Candidates: the few best unsplit configurations and every seed's, each
     scored by the heuristic on its split graph and by its unsplit schedule
     converted (:func:`split_times`), plus finer equal slices and the best
-    configuration one degree lower (:data:`_SPLIT_DEGREE_STEPS`); CP-SAT then
-    refines the best one. The
+    configuration one degree lower (:data:`_SPLIT_DEGREE_STEPS`); the best
+    few are justified (:data:`SPLIT_JUSTIFY`) and CP-SAT refines the best. The
     unsplit winner's conversion is always among them, so splitting never
     loses.
     """
@@ -413,6 +414,12 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
             starts, ms = heuristic_starts(gs)
             scored.append((ms, len(scored), (ms, 0, rv, parts, sync), gs, schedule_from_starts(gs, starts)))
     scored.sort(key=lambda x: (x[0], x[1]))
+    if SPLIT_JUSTIFY:  # forward-backward improvement of the best few, then re-rank
+        for k, (ms, tie, c, gs, h) in enumerate(scored[:SPLIT_JUSTIFY]):
+            st, jms = justify(gs, [h.start[t] for t in gs.arrays().ids])
+            if jms < ms - EPS:
+                scored[k] = (jms, tie, c, gs, schedule_from_starts(gs, st))
+        scored.sort(key=lambda x: (x[0], x[1]))
     _, _, c, gs, s = scored[0]
     out = (list(c[2]), c[3], c[4], gs, s)
     if opts.use_cpsat:
@@ -424,6 +431,9 @@ def _split_backward(specs, costs, opts, cands, best, best_s, as_sched):
 
 
 _SPLIT_EXTRA_PARTS: tuple[int, ...] = (2, 4)
+#: Split mode: forward-backward justification (:func:`~.heuristic.justify`) of this many of the best
+#: heuristic candidates before they are re-ranked and CP-SAT starts from the best (0: none).
+SPLIT_JUSTIFY = 3
 #: Degree offsets (applied to every layer of the best unsplit vector) also tried on the split graph
 #: (on the FSMoE grid, +1 and -2 bought nothing more).
 _SPLIT_DEGREE_STEPS: tuple[int, ...] = (-1,)
