@@ -129,6 +129,13 @@ def _graphs(case: str, which: int):
     return fw, bw, find_moe_regions(fw, "forward"), find_moe_regions(bw, "backward")
 
 
+@functools.lru_cache(maxsize=None)
+def _backward_given_forward(case: str, which: int):
+    """Backward regions found with the forward regions at hand, as the recognition pass finds them."""
+    fw, bw, f, _ = _graphs(case, which)
+    return find_moe_regions(bw, "backward", f)
+
+
 def _facts(r):
     return (r.layer, r.router, r.num_experts, r.top_k, r.capacity, r.dropless, r.tokens, r.hidden, r.ffn_hidden)
 
@@ -247,6 +254,9 @@ def test_coincident_sizes_same_regions(case):
         label = "reference" if which == 0 else "coincident"
         assert [_facts(r) for r in f] == want, f"{label} forward"
         assert [_facts(r) for r in b] == want, f"{label} backward"
+        given = _backward_given_forward(case, which)
+        assert [_facts(r) for r in given] == want, f"{label} backward, given the forward regions"
+        assert _roles(given) == _roles(b), f"{label} backward, given the forward regions"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -277,3 +287,66 @@ def test_coincident_sizes_key_node_roles(case):
             got = _roles(regions)
             wrong = {n: (role, got.get(n)) for n, role in want.items() if got.get(n) != role}
             assert not wrong, f"{label} {kind}: (expected, found) role of key nodes {dict(sorted(wrong.items()))}"
+
+
+# ---------------------------------------------------------------- expert parallelism on 2 gloo ranks
+
+# name -> (MoELayer keywords, (reference seq, capacity factor), (coincident seq, capacity factor)); tokens are per rank
+EP_CASES = {
+    "gshard-capacity-T=M-kT=EC": (dict(num_experts=4, router="gshard", dispatch="capacity"), (12, 1.25), (8, 1.0)),
+    "gshard-dropless-T=M": (dict(num_experts=4, router="gshard", dispatch="dropless"), (12, 1.25), (8, 1.25)),
+    "expert-choice-E=T": (dict(num_experts=8, router="expert_choice"), (6, 1.25), (4, 1.25)),
+}
+
+
+def _ep_rank(rank: int, world_size: int) -> dict:
+    """Recognise each EP case at both sizes on this rank; return facts, all-to-all roles and all node roles."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from graph_capture import capture_graphs as capture
+
+    out = {}
+    for name, (kw, *sizes) in EP_CASES.items():
+        for which, (seq, cf) in enumerate(sizes):
+            torch.manual_seed(0)
+            graphs = capture(LayerBlock(capacity_factor=cf, **kw), torch.randn(BATCH, seq, M))
+            fw, bw = graphs.forward[0], graphs.backward[0]
+            f = find_moe_regions(fw, "forward")
+            for kind, gm, regions in (("forward", fw, f), ("backward", bw, find_moe_regions(bw, "backward", f))):
+                out[(name, which, kind)] = dict(
+                    facts=[_facts(r)[:5] for r in regions],
+                    a2a=[(a, r.role_of(a)) for r in regions for a in r.all_to_all],
+                    a2a_in_graph=sorted(n.name for n in gm.graph.nodes if "all_to_all_single" in str(n.target)),
+                    ops=[(n.name, str(n.target)) for n in gm.graph.nodes],
+                    roles=_roles(regions),
+                )
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep_results():
+    from fsmoe_compiler.runtime.launch import run_ranks
+
+    return run_ranks(_ep_rank, 2, timeout_s=240)[0]
+
+
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_coincident_sizes_expert_parallel(ep_results, case):
+    """With expert parallelism the all-to-alls keep their roles and every node its role when sizes coincide."""
+    a2a_roles = {"forward": ["dispatch", "combine"], "backward": ["combine", "dispatch"]}
+    if "dropless" in case:  # the token counts go first, as routing metadata; they have no gradient
+        a2a_roles["forward"] = ["router", "dispatch", "combine"]
+    experts = EP_CASES[case][0]["num_experts"]
+    router = "expert-choice" if "expert-choice" in case else "softmax-topk"
+    for kind in ("forward", "backward"):
+        ref, co = ep_results[(case, 0, kind)], ep_results[(case, 1, kind)]
+        assert ref["ops"] == co["ops"], f"{kind}: the two sizes give different graphs"
+        for label, res in (("reference", ref), ("coincident", co)):
+            assert [fact[:3] for fact in res["facts"]] == [(0, router, experts)], f"{label} {kind}"
+            assert [a for a, _ in res["a2a"]] == res["a2a_in_graph"], f"{label} {kind}"
+            assert [role for _, role in res["a2a"]] == a2a_roles[kind], f"{label} {kind}"
+        diff = {n: (ref["roles"].get(n), co["roles"].get(n)) for n in set(ref["roles"]) | set(co["roles"])
+                if ref["roles"].get(n) != co["roles"].get(n)}
+        assert not diff, f"{kind}: role (reference, coincident) differs for {dict(sorted(diff.items()))}"
