@@ -109,11 +109,15 @@ class GShardRouter(Router):
         _check_topk(top_k, num_experts)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
+    #: whether the aux loss counts all k choices (Mixtral) or first choices only (GShard)
+    aux_counts_all_choices = False
+
     def forward(self, x: Tensor) -> RouterOutput:
         probs = torch.softmax(self.gate(x), dim=-1)
         top_p, top_i = torch.topk(probs, self.top_k, dim=-1)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)
-        aux = load_balancing_loss(probs, top_i[:, 0], self.num_experts)
+        counted = top_i if self.aux_counts_all_choices else top_i[:, 0]
+        aux = load_balancing_loss(probs, counted, self.num_experts)
         return RouterOutput("topk", gates, top_i, aux, probs)
 
 
@@ -133,20 +137,10 @@ class SwitchRouter(Router):
         return RouterOutput("topk", top_p, top_i, aux, probs)
 
 
-class MixtralRouter(Router):
+class MixtralRouter(GShardRouter):
     """Mixtral: softmax over experts, top-k, renormalise; aux loss counts all k choices (as HF's Mixtral does)."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2) -> None:
-        super().__init__(d_model, num_experts, top_k)
-        _check_topk(top_k, num_experts)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-
-    def forward(self, x: Tensor) -> RouterOutput:
-        probs = torch.softmax(self.gate(x), dim=-1)
-        top_p, top_i = torch.topk(probs, self.top_k, dim=-1)
-        gates = top_p / top_p.sum(dim=-1, keepdim=True)
-        aux = load_balancing_loss(probs, top_i, self.num_experts)
-        return RouterOutput("topk", gates, top_i, aux, probs)
+    aux_counts_all_choices = True
 
 
 class SigmoidRouter(Router):
