@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 
+#: Values of the ``scheduler`` option.
+SCHEDULERS = ("cpsat", "heuristic", "tutel", "sequential", "none")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class FSMoEConfig:
     """Options of the fsmoe backend.
@@ -22,11 +30,33 @@ class FSMoEConfig:
         compare the regions every rank found and raise if they differ (ranks
         that disagree would otherwise issue collectives in different orders).
     dump_dir: if set, write each graph's code before and after the passes there.
+    scheduler: how MoE regions are chunked and ordered: "cpsat" (CP-SAT over
+        the measured task graph, the default), "heuristic" (list scheduling),
+        "tutel" (fixed pipeline: compute in graph order, collectives issued
+        early), "sequential" (no chunking, no reordering: the baseline) or
+        "none" (recognise and report only; no profiling, the graph runs as traced).
+    pipeline_degree: chunks per MoE region (an int >= 1) or "auto" (the
+        scheduler picks among powers of two up to ``max_degree``).
+    max_degree: the largest degree "auto" tries.
+    profile_steps: calls of each graph that run under the timing interpreter
+        before the scheduled graph is swapped in (they compute the same results).
+    measure_steps: calls after the swap that run timed per task, for the
+        report's predicted-vs-measured columns.
+    cache_dir: directory of the JSON profile cache (None: no cache); a hit
+        skips profiling.
+    time_limit_s: CP-SAT's deterministic time limit per solve.
     """
 
     strict: bool = False
     check_ranks: bool = True
     dump_dir: str | None = None
+    scheduler: str = "cpsat"
+    pipeline_degree: int | str = "auto"
+    max_degree: int = 4
+    profile_steps: int = 3
+    measure_steps: int = 1
+    cache_dir: str | None = None
+    time_limit_s: float = 1.0
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -55,10 +85,36 @@ class FSMoEConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"fsmoe option {name!r} must be True or False, got {value!r}")
-        if self.dump_dir is not None and not isinstance(self.dump_dir, str):
+        for name in ("dump_dir", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"fsmoe option {name!r} must be a directory path (str) or None, got {value!r}")
+        if self.scheduler not in SCHEDULERS:
             raise ValueError(
-                f"fsmoe option 'dump_dir' must be a directory path (str) or None, got {self.dump_dir!r}"
+                f"fsmoe option 'scheduler' must be one of {', '.join(map(repr, SCHEDULERS))}, got {self.scheduler!r}"
             )
+        r = self.pipeline_degree
+        if r != "auto" and not (_is_int(r) and r >= 1):
+            raise ValueError(f"fsmoe option 'pipeline_degree' must be an int >= 1 or 'auto', got {r!r}")
+        for name, low in (("max_degree", 1), ("profile_steps", 1), ("measure_steps", 0)):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= low):
+                raise ValueError(f"fsmoe option {name!r} must be an int >= {low}, got {value!r}")
+        t = self.time_limit_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
+            raise ValueError(f"fsmoe option 'time_limit_s' must be a number of seconds > 0, got {t!r}")
+
+    def degrees(self) -> list[int]:
+        """The pipeline degrees to profile and compare: one fixed degree, or powers of two up to max_degree."""
+        if self.scheduler in ("sequential", "none"):
+            return [1]
+        if self.pipeline_degree != "auto":
+            return [int(self.pipeline_degree)]
+        out, r = [], 1
+        while r <= self.max_degree:
+            out.append(r)
+            r *= 2
+        return out
 
     def __post_init__(self) -> None:
         self.validate()

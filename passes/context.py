@@ -16,6 +16,13 @@ class PassContext:
     say why" into an error; ``config`` is the backend's configuration, if any;
     ``original`` is the signature of the graph before any pass ran, which
     ``passes.verify`` compares against.
+
+    Scheduling state, filled as the pipeline goes: ``degrees`` is the chunk
+    degree asked per layer (missing: 1); ``chunking`` what ``passes.chunk``
+    did per layer; ``costs`` the profiler's cost model (``node_cost(node)`` in
+    ms); ``taskgraph``/``taskmap`` the scheduler's task graph of this graph and
+    its map back to nodes; ``schedule`` the solved schedule ``passes.annotate``
+    applies.
     """
 
     graph_kind: str = "forward"
@@ -24,3 +31,9 @@ class PassContext:
     strict: bool = False
     config: object | None = None
     original: object | None = None  # passes.verify.GraphSignature of the graph before any pass
+    degrees: dict[int, int] = field(default_factory=dict)
+    chunking: dict[int, object] = field(default_factory=dict)  # layer -> passes.chunk.ChunkInfo
+    costs: object | None = None  # profiler.CostModel
+    taskgraph: object | None = None  # scheduler.TaskGraph
+    taskmap: object | None = None  # passes.taskgraph.TaskMap
+    schedule: object | None = None  # scheduler.Schedule

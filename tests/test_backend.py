@@ -69,7 +69,7 @@ def test_backend_string_works_without_importing_the_package():
 
 
 def test_unknown_option_names_the_key_and_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown fsmoe option 'pipeline_degre'.*valid options are: strict, check_ranks, dump_dir"):
+    with pytest.raises(ValueError, match=r"unknown fsmoe option 'pipeline_degre'.*valid options are: strict, check_ranks, dump_dir, scheduler, pipeline_degree, max_degree, profile_steps, measure_steps, cache_dir, time_limit_s"):
         FSMoEConfig.from_options({"pipeline_degre": 2})
 
 
@@ -80,11 +80,25 @@ def test_unknown_option_names_the_key_and_the_valid_ones():
         ({"check_ranks": 1}, r"'check_ranks' must be True or False, got 1"),
         ({"dump_dir": 3}, r"'dump_dir' must be a directory path"),
         (["strict"], r"options must be a dict or FSMoEConfig, got list"),
+        ({"scheduler": "greedy"}, r"'scheduler' must be one of 'cpsat', 'heuristic', 'tutel', 'sequential', 'none', got 'greedy'"),
+        ({"pipeline_degree": 0}, r"'pipeline_degree' must be an int >= 1 or 'auto', got 0"),
+        ({"pipeline_degree": "max"}, r"'pipeline_degree' must be an int >= 1 or 'auto', got 'max'"),
+        ({"max_degree": 2.0}, r"'max_degree' must be an int >= 1, got 2.0"),
+        ({"profile_steps": 0}, r"'profile_steps' must be an int >= 1, got 0"),
+        ({"cache_dir": 5}, r"'cache_dir' must be a directory path"),
+        ({"time_limit_s": -1}, r"'time_limit_s' must be a number of seconds > 0, got -1"),
     ],
 )
 def test_bad_option_values_are_rejected_clearly(options, match):
     with pytest.raises(ValueError, match=match):
         FSMoEConfig.from_options(options)
+
+
+def test_degrees_to_try_follow_the_options():
+    assert FSMoEConfig().degrees() == [1, 2, 4]
+    assert FSMoEConfig(max_degree=8).degrees() == [1, 2, 4, 8]
+    assert FSMoEConfig(pipeline_degree=3).degrees() == [3]
+    assert FSMoEConfig(scheduler="sequential", pipeline_degree=4).degrees() == [1]
 
 
 def test_bad_options_surface_through_torch_compile():
