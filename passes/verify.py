@@ -3,19 +3,26 @@
 Checks that the graph is well formed and topologically ordered, that its
 inputs and outputs are exactly those of the graph before any pass ran (the
 forward's saved tensors are the backward's inputs), that the collectives are
-issued in the same order per process group, and that fsmoe node metadata is
-consistent with the regions found. A violation raises ``VerificationError``;
+issued in the same order per process group (a graph no fsmoe pass reordered or
+chunked), or, once chunked/scheduled, that each group still carries the same
+collectives up to chunking (kinds counted once per origin node, total bytes
+unchanged), that stream annotations are valid, and that fsmoe node metadata is
+consistent with the regions found. ``collective_order(gm)`` is the per-group issue
+order the backend compares across ranks (the order in which ranks must agree;
+reordering backends hang exactly there). A violation raises ``VerificationError``;
 the backend then falls back to the unmodified graph (or re-raises if strict).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch.fx as fx
 
-from fsmoe_compiler.passes.collectives import collective_sequence
+from fsmoe_compiler.passes.collectives import (collective_group, collective_kind, collective_sequence, is_collective,
+                                               is_wait)
+from fsmoe_compiler.passes.graph_utils import nbytes, shape
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.region import ROLES
 
@@ -31,6 +38,9 @@ class GraphSignature:
     placeholders: tuple[str, ...]
     num_outputs: int
     collectives: tuple[tuple[str, str | None], ...]
+    #: per collective in graph order: (kind, group, origin, input bytes or None); origin is the node's
+    #: ``meta["fsmoe"]["origin"]`` (chunk copies) or its own name
+    details: tuple[tuple[str, str | None, str, int | None], ...] = ()
 
     def per_group(self) -> dict[str | None, list[str]]:
         groups: dict[str | None, list[str]] = defaultdict(list)
@@ -46,7 +56,101 @@ def graph_signature(gm: fx.GraphModule) -> GraphSignature:
     output = graph.output_node()
     out_args = output.args[0]
     num_outputs = len(out_args) if isinstance(out_args, (tuple, list)) else 1
-    return GraphSignature(placeholders, num_outputs, tuple(collective_sequence(graph)))
+    return GraphSignature(placeholders, num_outputs, tuple(collective_sequence(graph)), _details(graph))
+
+
+def _details(graph: fx.Graph) -> tuple[tuple[str, str | None, str, int | None], ...]:
+    out = []
+    for n in graph.nodes:
+        if is_collective(n):
+            meta = n.meta.get("fsmoe") if isinstance(n.meta.get("fsmoe"), dict) else {}
+            src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            out.append((collective_kind(n), collective_group(n), str(meta.get("origin") or n.name),
+                        nbytes(src) if src is not None else None))
+    return tuple(out)
+
+
+def collective_order(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Per process-group name, each collective as ``"op[shape]"`` in issue (graph) order.
+
+    What every rank must agree on: the backend gathers this from all ranks and compares.
+    Shapes are the input's (``?`` for a symbolic size); the group key is ``str(group)``.
+    """
+    out: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if is_collective(n):
+            src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            shp = shape(src) if src is not None else None
+            dims = "?" if shp is None else ", ".join("?" if d is None else str(d) for d in shp)
+            out.setdefault(str(collective_group(n)), []).append(f"{collective_kind(n)}[{dims}]")
+    return out
+
+
+def check_topological(gm: fx.GraphModule) -> None:
+    """Raise ``VerificationError`` unless every node's inputs come before it (and placeholders come first)."""
+    seen: set[fx.Node] = set()
+    body = False
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and body:
+            raise VerificationError(f"placeholder {n.name} comes after other nodes")
+        body = body or n.op != "placeholder"
+        for a in n.all_input_nodes:
+            if a not in seen:
+                raise VerificationError(
+                    f"node {n.name} uses {a.name} before it is computed (not topologically ordered)")
+        seen.add(n)
+
+
+def check_streams(gm: fx.GraphModule) -> None:
+    """Stream annotations, where present, are valid: collectives and waits on ``comm``, the rest on ``compute``."""
+    for n in gm.graph.nodes:
+        meta = n.meta.get("fsmoe")
+        if not isinstance(meta, dict) or "stream" not in meta:
+            continue
+        want = "comm" if is_collective(n) or is_wait(n) else "compute"
+        if meta["stream"] != want:
+            raise VerificationError(f"node {n.name} is annotated for stream {meta['stream']!r}, expected {want!r}")
+
+
+def _reordered(gm: fx.GraphModule) -> bool:
+    """A scheduling or chunking pass touched the graph (task or origin metadata present)."""
+    for n in gm.graph.nodes:
+        meta = n.meta.get("fsmoe")
+        if isinstance(meta, dict) and ("task" in meta or "origin" in meta):
+            return True
+    return False
+
+
+def compare_collectives(before: GraphSignature, now: GraphSignature) -> str | None:
+    """Why the collectives of ``now`` are not those of ``before`` up to chunking and reordering, or None.
+
+    Per process group: the multiset of collective kinds, counting the chunk copies of one
+    origin once, must be unchanged, and so must the total bytes sent (when all sizes are known).
+    """
+    if not before.details or not now.details:
+        return None if Counter(before.collectives) == Counter(now.collectives) else (
+            f"{dict(Counter(before.collectives))} -> {dict(Counter(now.collectives))}")
+
+    def summary(details):
+        kinds: dict[str | None, Counter] = defaultdict(Counter)
+        total: dict[str | None, int | None] = defaultdict(int)
+        seen: set[tuple] = set()
+        for kind, group, origin, b in details:
+            if (group, origin) not in seen:
+                seen.add((group, origin))
+                kinds[group][kind] += 1
+            total[group] = None if b is None or total[group] is None else total[group] + b
+        return kinds, total
+
+    k0, b0 = summary(before.details)
+    k1, b1 = summary(now.details)
+    if {g: dict(c) for g, c in k0.items()} != {g: dict(c) for g, c in k1.items()}:
+        return (f"kinds per group {dict((g, dict(c)) for g, c in k0.items())} -> "
+                f"{dict((g, dict(c)) for g, c in k1.items())}")
+    for g in b0:
+        if b0[g] is not None and b1.get(g) is not None and b0[g] != b1[g]:
+            return f"group {g}: {b0[g]} bytes -> {b1[g]} bytes"
+    return None
 
 
 def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -55,6 +159,8 @@ def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         gm.graph.lint()
     except Exception as exc:  # lint raises RuntimeError / AssertionError variants
         raise VerificationError(f"{ctx.graph_kind} graph is malformed: {exc}") from exc
+    check_topological(gm)
+    check_streams(gm)
 
     now = graph_signature(gm)
     before = ctx.original if isinstance(ctx.original, GraphSignature) else None
@@ -67,11 +173,16 @@ def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             raise VerificationError(
                 f"{ctx.graph_kind} graph output count changed: {before.num_outputs} -> {now.num_outputs}"
             )
-        if now.per_group() != before.per_group():
-            raise VerificationError(
-                f"{ctx.graph_kind} graph changed the collective issue order per process group: "
-                f"{before.per_group()} -> {now.per_group()}"
-            )
+        if not _reordered(gm):
+            if now.per_group() != before.per_group():
+                raise VerificationError(
+                    f"{ctx.graph_kind} graph changed the collective issue order per process group: "
+                    f"{before.per_group()} -> {now.per_group()}"
+                )
+        else:  # chunked / scheduled: same collectives up to chunking; the order is compared across ranks
+            why = compare_collectives(before, now)
+            if why is not None:
+                raise VerificationError(f"{ctx.graph_kind} graph changed the collectives per process group: {why}")
 
     names = {n.name for n in gm.graph.nodes}
     owner: dict[str, int] = {}

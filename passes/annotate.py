@@ -1,0 +1,223 @@
+"""Apply a ``Schedule`` to an FX graph: reorder the nodes and tag each with its task and stream.
+
+The new order is a topological order of ALL nodes built from three rules:
+
+* compute tasks run in the schedule's compute order, each task's nodes in their
+  original (topological) order;
+* each collective start is issued as early as its inputs allow, but never before the
+  collective that precedes it on its link or in its process group in the schedule's
+  order: the issue order per group follows the schedule and is a pure function of the
+  graph and the schedule, hence identical on every rank (ranks that issue collectives
+  in different orders deadlock);
+* each ``wait_tensor`` is placed as late as possible: right before its first user in
+  the new order (or at a barrier, or before the output).
+
+Barriers (``passes.taskgraph.classify_nodes``: ops with communication or other side
+effects the scheduler does not model) keep their place: nothing moves across one; a
+collective after a barrier is not issued before it and every outstanding wait is
+placed before it.
+
+The schedule's per-resource orders are first made consistent with the task
+dependencies (a lexicographic topological sort of the tasks keyed by the schedule's
+start times), so that a valid schedule is applied exactly and even an inconsistent one
+yields a valid graph.
+
+On CUDA nothing more is needed for overlap: functional collectives run on the
+communicator's stream and ``wait_tensor`` makes the compute stream wait on their event
+(see ``runtime/streams.py``). On CPU (gloo) collectives run on gloo's threads and
+``wait_tensor`` blocks: the deferred waits are the overlap.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import networkx as nx
+import torch.fx as fx
+
+from fsmoe_compiler.passes.collectives import is_collective, is_wait
+from fsmoe_compiler.passes.taskgraph import TaskMap
+from fsmoe_compiler.runtime.streams import COMM, COMPUTE
+from fsmoe_compiler.scheduler import Schedule
+
+
+class AnnotateError(ValueError):
+    """The schedule or task map does not fit the graph."""
+
+
+def task_order(schedule: Schedule, taskmap: TaskMap) -> list[str]:
+    """All tasks in one topological order that follows the schedule (start time, then per-resource order)."""
+    rank = {t: i for ts in schedule.order.values() for i, t in enumerate(ts)}
+    first = taskmap.first_pos()
+    missing = [t for t in taskmap.nodes_of if t not in schedule.start]
+    if missing:
+        raise AnnotateError(f"schedule has no start for task(s) {missing[:3]}; was it solved for this task graph?")
+    dag = nx.DiGraph()
+    dag.add_nodes_from(taskmap.nodes_of)
+    dag.add_edges_from(taskmap.deps)
+    inf = float("inf")
+
+    def key(t: str) -> tuple:
+        return (schedule.start.get(t, inf), rank.get(t, len(rank)), first.get(t, 0), t)
+
+    return list(nx.lexicographical_topological_sort(dag, key=key))
+
+
+def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, sync_collectives: bool = False
+                ) -> list[fx.Node]:
+    """The new node order of ``gm`` under ``schedule`` (placeholders first, output last); pure.
+
+    ``sync_collectives`` places each wait right after its start (no overlap at all: the
+    ``sequential`` baseline, DeepSpeed-MoE style).
+    """
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    for n in nodes:
+        if n.op not in ("placeholder", "get_attr", "output") and n.name not in taskmap.task_of:
+            raise AnnotateError(f"node {n.name} is in no task; the task map was built for another graph")
+    unknown = [name for name in taskmap.task_of if name not in by_name]
+    if unknown:
+        raise AnnotateError(f"task map names node(s) {unknown[:3]} that are not in the graph")
+
+    torder = task_order(schedule, taskmap)
+    barriers = set(taskmap.barriers)
+    compute_tasks = [t for t in torder if taskmap.resource[t] == "compute"]
+    coll_tasks = [t for t in torder if t in taskmap.collective]
+    start_of = {t: by_name[taskmap.collective[t][0]] for t in coll_tasks}
+    wait_of = {t: by_name[taskmap.collective[t][1]] for t in coll_tasks}
+    start_of_wait = {wait_of[t]: start_of[t] for t in coll_tasks}
+    # issue queues: per link resource and per process group, both restrictions of one task order
+    res_q: dict[str, deque] = {}
+    grp_q: dict[object, deque] = {}
+    for t in coll_tasks:
+        res_q.setdefault(taskmap.resource[t], deque()).append(t)
+        grp_q.setdefault(taskmap.group.get(t), deque()).append(t)
+    segment = {by_name[k]: v for k, v in taskmap.segment.items() if k in by_name}
+
+    out: list[fx.Node] = []
+    emitted: set[fx.Node] = set()
+    outstanding: list[fx.Node] = []  # waits of issued collectives not yet placed, in issue order
+    cur_seg = 0
+
+    def emit(n: fx.Node) -> None:
+        out.append(n)
+        emitted.add(n)
+
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr"):
+            emit(n)
+
+    def available(a: fx.Node) -> bool:
+        return a in emitted or (a in start_of_wait and start_of_wait[a] in emitted)
+
+    def pull_inputs(n: fx.Node) -> None:
+        for a in n.all_input_nodes:
+            if a in emitted:
+                continue
+            if a in start_of_wait and start_of_wait[a] in emitted:
+                emit(a)
+                outstanding.remove(a)
+                continue
+            raise AnnotateError(f"node {n.name} needs {a.name}, which the schedule places later")
+
+    def flush() -> None:
+        progress = True
+        while progress:
+            progress = False
+            for r in sorted(res_q):
+                q = res_q[r]
+                while q:
+                    t = q[0]
+                    s = start_of[t]
+                    g = grp_q[taskmap.group.get(t)]
+                    if g[0] != t or segment.get(s, 0) > cur_seg or not all(available(a) for a in s.all_input_nodes):
+                        break
+                    pull_inputs(s)
+                    emit(s)
+                    if sync_collectives:
+                        emit(wait_of[t])
+                    else:
+                        outstanding.append(wait_of[t])
+                    q.popleft()
+                    g.popleft()
+                    progress = True
+
+    flush()
+    for t in compute_tasks:
+        flush()
+        if t in barriers:
+            late = [t2 for q in res_q.values() for t2 in q if segment.get(start_of[t2], 0) <= cur_seg]
+            if late:
+                raise AnnotateError(f"collective(s) {late[:3]} before barrier {t} could not be issued before it")
+            for w in list(outstanding):
+                emit(w)
+            outstanding.clear()
+        for name in taskmap.nodes_of[t]:
+            n = by_name[name]
+            pull_inputs(n)
+            emit(n)
+            flush()
+        if t in barriers:
+            cur_seg += 1
+            flush()
+    left = [t for q in res_q.values() for t in q]
+    if left:
+        raise AnnotateError(f"collective(s) {left[:3]} could never be issued")
+    for w in outstanding:
+        emit(w)
+    out.append(graph.output_node())
+    if len(out) != len(nodes):  # pragma: no cover - every node is a placeholder, in a task, or the output
+        raise AnnotateError(f"ordered {len(out)} of {len(nodes)} nodes")
+    return out
+
+
+def apply_order(gm: fx.GraphModule, order: list[fx.Node]) -> None:
+    """Move ``gm``'s nodes into ``order`` (placeholders stay first), lint and recompile."""
+    output = gm.graph.output_node()
+    for n in order:
+        if n.op != "placeholder" and n is not output:
+            output.prepend(n)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def write_meta(gm: fx.GraphModule, taskmap: TaskMap) -> None:
+    """``meta["fsmoe"]["task"]`` and ``["stream"]`` (``comm`` for collectives and their waits, barriers that
+    communicate included) on every task node."""
+    comm = {name for t, pair in taskmap.collective.items() for name in pair}
+    comm |= {n.name for n in gm.graph.nodes if is_collective(n) or is_wait(n)}  # unmodelled ones (barriers) too
+    for n in gm.graph.nodes:
+        t = taskmap.task_of.get(n.name)
+        if t is None:
+            continue
+        old = n.meta.get("fsmoe")
+        meta = dict(old) if isinstance(old, dict) else {}  # a copy: the chunk pass may share meta dicts
+        meta["task"] = t
+        meta["stream"] = COMM if n.name in comm else COMPUTE
+        n.meta["fsmoe"] = meta
+
+
+def annotate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    """Pass: reorder ``gm`` by ``ctx.schedule`` / ``ctx.taskmap`` and write task/stream metadata.
+
+    A schedule whose ``method`` is ``"sequential"`` (or whose ``meta["sync_collectives"]``
+    is true) gets every wait right after its collective: the no-overlap baseline.
+    Without a schedule or task map the graph is left alone and the report says why
+    (``ctx.strict`` makes that an error).
+    """
+    schedule = getattr(ctx, "schedule", None)
+    taskmap = getattr(ctx, "taskmap", None)
+    if schedule is None or taskmap is None:
+        why = f"{ctx.graph_kind}: annotate skipped (no {'schedule' if schedule is None else 'task map'})"
+        if ctx.strict:
+            raise AnnotateError(why)
+        ctx.notes.append(why)
+        return gm
+    sync = schedule.method == "sequential" or bool(schedule.meta.get("sync_collectives", False))
+    order = order_nodes(gm, schedule, taskmap, sync_collectives=sync)
+    apply_order(gm, order)
+    write_meta(gm, taskmap)
+    ctx.notes.append(f"{ctx.graph_kind}: nodes ordered by the {schedule.method or 'given'} schedule "
+                     f"({len(taskmap.nodes_of)} tasks, makespan {schedule.makespan:.3f} ms predicted)")
+    return gm
