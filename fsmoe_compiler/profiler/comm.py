@@ -1,0 +1,121 @@
+"""Link models for collectives: fit ``t = alpha + beta * bytes`` per kind and group size, and measure them.
+
+Units: a fitted ``LinearCost`` gives milliseconds; its ``n`` is **bytes this
+rank sends** (the collective's input ``numel * element_size``, see
+``profiler.ops.value_bytes``), so ``beta`` is ms per byte. Bytes rather than
+elements keep bf16 and fp32 traffic on one line.
+
+``microbenchmark_collectives`` times real functional collectives
+(``torch.distributed._functional_collectives``, the ops compiled graphs use)
+at a few message sizes; ``fit_collectives`` turns those samples, or the ones
+``profile_call`` collected from a real step, into one ``LinearCost`` per
+``f"{kind}/{group_size}"``. The least-squares fit itself is the simulator's
+``fit_linear`` (``sim.presets``), shared rather than repeated.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from fsmoe_compiler.profiler.ops import KINDS, comm_key
+from fsmoe_compiler.scheduler.costs import LinearCost
+from fsmoe_compiler.sim.presets import fit_linear
+
+DEFAULT_SIZES_BYTES = (1 << 16, 1 << 18, 1 << 20)
+
+
+def fit_collectives(samples: Iterable[dict]) -> dict[str, LinearCost]:
+    """One ``LinearCost`` (ms, n = bytes) per ``f"{kind}/{group_size}"`` from collective samples.
+
+    Samples of one size are reduced to their median first (robust to a slow
+    outlier and keeps repeated sizes from dominating), then fitted by least
+    squares with alpha, beta clamped to >= 0. A key observed at one size only
+    gets ``alpha = 0, beta = ms / bytes`` (or ``alpha = ms`` for 0-byte
+    messages). Samples without a group size are skipped.
+    """
+    by_key: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        if s.get("group_size") is None:
+            continue
+        by_key[comm_key(s["kind"], s["group_size"])][int(s["bytes"])].append(float(s["ms"]))
+    fits: dict[str, LinearCost] = {}
+    for key in sorted(by_key):
+        points = sorted((n, statistics.median(ts)) for n, ts in by_key[key].items())
+        if len(points) == 1:
+            n, t = points[0]
+            t = max(t, 0.0)
+            fits[key] = LinearCost(0.0, t / n) if n > 0 else LinearCost(t, 0.0)
+        else:
+            fits[key] = fit_linear([float(n) for n, _ in points], [t for _, t in points])
+    return fits
+
+
+def _run_collective(kind: str, x, group) -> object:
+    import torch.distributed._functional_collectives as funcol
+
+    if kind == "all_to_all":
+        out = funcol.all_to_all_single(x, None, None, group)
+    elif kind == "all_gather":
+        out = funcol.all_gather_tensor(x, 0, group)
+    elif kind == "reduce_scatter":
+        out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
+    elif kind == "all_reduce":
+        out = funcol.all_reduce(x, "sum", group)
+    else:
+        raise ValueError(f"unknown collective kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return funcol.wait_tensor(out)
+
+
+def microbenchmark_collectives(
+    group=None,
+    kinds: Sequence[str] = ("all_to_all",),
+    sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,
+    repeats: int = 5,
+    *,
+    device=None,
+) -> list[dict]:
+    """Time real functional collectives on ``group`` (default: the world) at a few message sizes.
+
+    Collective: every rank of ``group`` must call it with the same arguments.
+    Each size is rounded down to whole float32 elements divisible by the group
+    size; each (kind, size) runs once as warm-up, then ``repeats`` times, each
+    repetition after a barrier so that a rank arriving late does not bill its
+    lateness to the link. Returns samples
+    ``{"node": None, "kind", "group", "group_size", "bytes", "ms"}``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown collective kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not dist.is_initialized():
+        raise RuntimeError("microbenchmark_collectives needs torch.distributed to be initialised")
+    group = group if group is not None else dist.group.WORLD
+    size = dist.get_world_size(group)
+    name = getattr(group, "group_name", None)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else "cpu"
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    samples: list[dict] = []
+    for kind in kinds:
+        for nbytes in sizes_bytes:
+            numel = max(size, (int(nbytes) // 4) // size * size)
+            x = torch.randn(numel, device=device)
+            _run_collective(kind, x, group)  # warm-up (connections, buffers)
+            for _ in range(repeats):
+                dist.barrier(group)
+                sync()
+                start = time.perf_counter()
+                _run_collective(kind, x, group)
+                sync()
+                ms = (time.perf_counter() - start) * 1e3
+                samples.append(
+                    {"node": None, "kind": kind, "group": name, "group_size": size, "bytes": numel * 4, "ms": ms}
+                )
+    return samples

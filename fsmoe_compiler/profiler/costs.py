@@ -1,0 +1,207 @@
+"""The measured cost model the scheduler prices an ATen graph with, and how ranks agree on it.
+
+``CostModel`` holds what profiling measured: compute ms per node name (median
+over the profiled calls), one link model per ``f"{kind}/{group_size}"``
+(``LinearCost`` in ms with ``n`` = bytes sent, see ``profiler.comm``) and the
+raw collective samples it was fitted from. ``node_cost(node)`` prices any
+node of the profiled graph *or of a rewritten copy of it*: a chunk copy made
+by ``passes/chunk.py`` that was never run costs its origin's time divided by
+the chunk degree (``meta["fsmoe"]["origin"]``/``["degree"]``), a collective is
+priced from the bytes in its input's ``meta["val"]``.
+
+``agree`` makes every rank hold identical numbers (all-reduce MAX), so a
+deterministic solve gives every rank the same schedule: ranks that order
+their collectives differently deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from fsmoe_compiler.profiler.comm import fit_collectives
+from fsmoe_compiler.profiler.ops import comm_key, is_collective, is_wait, node_bytes, node_group_size, node_kind
+from fsmoe_compiler.scheduler.costs import LinearCost
+
+#: Version of the JSON layout written by ``CostModel.to_json``.
+SCHEMA = 1
+
+
+@dataclass
+class CostModel:
+    """Measured costs: ``node_ms`` (compute, ms per node name), ``comm`` (link models), ``samples`` (raw).
+
+    Node names are those of one graph; profile the forward and the backward
+    graph into separate models (their names overlap) and share link models
+    with ``merge(other, nodes=False)``.
+    """
+
+    node_ms: dict[str, float] = field(default_factory=dict)
+    comm: dict[str, LinearCost] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_profiles(cls, node_ms_runs: Sequence[dict[str, float]], samples: Sequence[dict] = ()) -> "CostModel":
+        """Median per node over several profiled calls; link models fitted from ``samples``."""
+        names: dict[str, list[float]] = {}
+        for run in node_ms_runs:
+            for name, ms in run.items():
+                names.setdefault(name, []).append(float(ms))
+        node_ms = {name: statistics.median(v) for name, v in names.items()}
+        samples = [dict(s) for s in samples]
+        return cls(node_ms=node_ms, comm=fit_collectives(samples), samples=samples)
+
+    def merge(self, other: "CostModel", *, nodes: bool = True) -> "CostModel":
+        """A new model with both models' data: ``other`` wins on equal node names; link models refitted.
+
+        Link models are refitted over the union of samples (keys seen only in
+        a model without samples, e.g. injected ones, are kept). ``nodes=False``
+        keeps this model's ``node_ms`` and takes only the link data of ``other``.
+        """
+        node_ms = {**self.node_ms, **other.node_ms} if nodes else dict(self.node_ms)
+        samples = [dict(s) for s in self.samples] + [dict(s) for s in other.samples]
+        comm = {**self.comm, **other.comm}
+        comm.update(fit_collectives(samples))
+        return CostModel(node_ms=node_ms, comm=comm, samples=samples)
+
+    # -- pricing ------------------------------------------------------------------------------------
+    def collective_ms(self, kind: str, group_size: int | None, nbytes: int) -> float:
+        """Predicted ms of a ``kind`` collective sending ``nbytes`` on a group of ``group_size`` ranks.
+
+        Uses the model of the nearest measured group size of that kind when the
+        exact one is missing (or the size is unknown); ``KeyError`` naming the
+        available models when the kind was never measured.
+        """
+        if group_size is not None and comm_key(kind, group_size) in self.comm:
+            return self.comm[comm_key(kind, group_size)](nbytes)
+        same = sorted(k for k in self.comm if k.split("/")[0] == kind)
+        if not same:
+            raise KeyError(
+                f"no link model for collective {kind!r} (group size {group_size}); "
+                f"measured: {', '.join(sorted(self.comm)) or 'none'}"
+            )
+        target = group_size if group_size is not None else 0
+        best = min(same, key=lambda k: (abs(int(k.split("/")[1]) - target), k))
+        return self.comm[best](nbytes)
+
+    def node_cost(self, node: fx.Node) -> float:
+        """Predicted ms of one node (see the module docstring); 0.0 for waits, inputs, outputs, unknown nodes."""
+        if node.op not in ("call_function", "call_method", "call_module"):
+            return 0.0
+        if is_wait(node):
+            return 0.0
+        if is_collective(node):
+            return self.collective_ms(node_kind(node), node_group_size(node), node_bytes(node))
+        if node.name in self.node_ms:
+            return self.node_ms[node.name]
+        info = node.meta.get("fsmoe") or {}
+        origin = info.get("origin")
+        if origin is not None and origin in self.node_ms:
+            return self.node_ms[origin] / max(int(info.get("degree") or 1), 1)
+        return 0.0
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "node_ms": dict(self.node_ms),
+            "comm": {k: [c.alpha, c.beta] for k, c in sorted(self.comm.items())},
+            "samples": [dict(s) for s in self.samples],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostModel":
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"cost model schema {data.get('schema')!r}, expected {SCHEMA}")
+        return cls(
+            node_ms={str(k): float(v) for k, v in data["node_ms"].items()},
+            comm={str(k): LinearCost(float(a), float(b)) for k, (a, b) in data["comm"].items()},
+            samples=[dict(s) for s in data["samples"]],
+        )
+
+    def to_json(self) -> str:
+        """JSON text (``{"schema", "node_ms", "comm": {key: [alpha, beta]}, "samples"}``)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | dict) -> "CostModel":
+        """Inverse of :meth:`to_json` (also accepts the parsed dict); ``ValueError`` on a schema mismatch."""
+        return cls.from_dict(json.loads(text) if isinstance(text, (str, bytes)) else text)
+
+
+def _keys_digest(names: list[str], keys: list[str]) -> str:
+    return hashlib.sha256(json.dumps([names, keys]).encode()).hexdigest()
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    return f"only in the first: {only_a[:5]}, only in the second: {only_b[:5]}"
+
+
+def agree(costs: CostModel, group: Any = None) -> CostModel:
+    """Every rank of ``group`` (default: the world) gets the same model: the element-wise MAX over ranks.
+
+    Collective (every rank calls it); returns ``costs`` unchanged without
+    torch.distributed or with one rank. ``node_ms`` and each link model's
+    alpha and beta are all-reduced with MAX (deterministic, and pessimistic:
+    the slowest rank sets the pace of a synchronous step); ``samples`` become
+    every rank's samples in rank order. The key lists must be identical (ranks
+    run the same graph): a mismatch raises ``ValueError`` naming both ranks on
+    every rank. Safe to call while a FakeTensorMode is active (inside a
+    compiled graph's call): the tensors it communicates are real.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return costs
+    size = dist.get_world_size(group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+    names, keys = sorted(costs.node_ms), sorted(costs.comm)
+    try:
+        return _agree(costs, group, size, ranks, names, keys)
+    except RuntimeError as e:  # a peer died, skipped agree() or timed out: say what was being done
+        raise RuntimeError(
+            f"agree: exchanging cost models over {size} ranks failed ({e}); "
+            "a rank died, did not call agree(), or ran past the process-group timeout"
+        ) from e
+
+
+def _agree(costs: CostModel, group: Any, size: int, ranks: list[int], names: list[str], keys: list[str]) -> CostModel:
+    import torch
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        digests: list[Any] = [None] * size
+        dist.all_gather_object(digests, _keys_digest(names, keys), group=group)
+        if len(set(digests)) > 1:
+            lists: list[Any] = [None] * size
+            dist.all_gather_object(lists, [names, keys], group=group)
+            bad = next(i for i in range(size) if digests[i] != digests[0])
+            raise ValueError(
+                f"ranks profiled different graphs: rank {ranks[bad]} and rank {ranks[0]} disagree on the cost keys "
+                f"(nodes {_first_difference(lists[bad][0], lists[0][0])}; "
+                f"links {_first_difference(lists[bad][1], lists[0][1])})"
+            )
+        backend = str(dist.get_backend(group))
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        values = [costs.node_ms[n] for n in names]
+        for k in keys:
+            values += [costs.comm[k].alpha, costs.comm[k].beta]
+        vec = torch.tensor(values, dtype=torch.float64, device=device)
+        if values:
+            dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
+        agreed = vec.cpu().tolist()
+        all_samples: list[Any] = [None] * size
+        dist.all_gather_object(all_samples, costs.samples, group=group)
+    node_ms = dict(zip(names, agreed[: len(names)]))
+    rest = agreed[len(names):]
+    comm = {k: LinearCost(max(rest[2 * i], 0.0), max(rest[2 * i + 1], 0.0)) for i, k in enumerate(keys)}
+    samples = [dict(s) for per_rank in all_samples for s in per_rank]
+    return CostModel(node_ms=node_ms, comm=comm, samples=samples)

@@ -1,0 +1,275 @@
+"""Profiler on one process: timing a real MoE graph, link-model fits, the cost model, and the profile cache.
+
+Graphs come from a local (no expert parallelism) ``MoELayer`` captured with
+aot_autograd, plus small hand-built graphs with a functional all-to-all node
+(never run: they are priced, not executed). Collectives on real ranks are in
+``test_profiler_ranks.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import statistics
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+
+from fsmoe_compiler.profiler import (
+    CostModel,
+    ProfileCache,
+    StepProfiler,
+    TimingInterpreter,
+    agree,
+    fit_collectives,
+    profile_call,
+    profile_key,
+)
+from fsmoe_compiler.profiler.cache import key_payload
+from fsmoe_compiler.profiler.ops import is_collective, is_wait
+from fsmoe_compiler.runtime.topology import world_layout
+from fsmoe_compiler.scheduler.costs import LinearCost
+from graph_capture import capture_graphs
+from test_executor import grads_through
+
+D_MODEL, D_FF, EXPERTS = 16, 32, 4
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_forward(batch: int = 2, seed: int = 0) -> fx.GraphModule:
+    from fsmoe_compiler.moe import MoELayer
+
+    torch.manual_seed(seed)
+    layer = MoELayer(D_MODEL, D_FF, EXPERTS, ep_group="local")
+    return capture_graphs(layer, torch.randn(batch, 6, D_MODEL), backward=False).forward[0]
+
+
+def inputs_from_meta(gm: fx.GraphModule, seed: int = 0) -> list[torch.Tensor]:
+    """Real tensors shaped like the placeholders' ``meta["val"]`` (random floats, zero integers)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        v = n.meta["val"]
+        if v.dtype.is_floating_point:
+            out.append(torch.randn(tuple(v.shape), generator=g, dtype=v.dtype))
+        else:
+            out.append(torch.zeros(tuple(v.shape), dtype=v.dtype))
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+
+def test_profiled_call_gives_the_graphs_outputs_and_a_time_for_every_compute_node():
+    gm = _moe_forward()
+    args = inputs_from_meta(gm)
+    out, node_ms, samples = profile_call(gm, args)
+    assert _same(out, gm(*args))
+    compute = [n.name for n in gm.graph.nodes if n.op == "call_function" and not is_collective(n) and not is_wait(n)]
+    assert set(node_ms) == set(compute)
+    assert all(ms >= 0 and math.isfinite(ms) for ms in node_ms.values())
+    assert samples == []  # a local layer does not communicate
+
+
+def test_interpreter_keeps_only_the_latest_call():
+    gm = _moe_forward()
+    interp = TimingInterpreter(gm)
+    interp.run(*inputs_from_meta(gm, 1))
+    first = dict(interp.node_ms)
+    interp.run(*inputs_from_meta(gm, 2))
+    assert set(interp.node_ms) == set(first)
+
+
+def test_step_profiler_is_a_boxed_compiled_function_that_drops_the_first_call():
+    gm = _moe_forward()
+    prof = StepProfiler(gm)
+    assert prof._boxed_call
+    for seed in range(3):
+        args = inputs_from_meta(gm, seed)
+        assert _same(prof(args), gm(*args))
+    assert prof.calls == 3
+    costs = prof.cost_model(_samples(0.1, 1e-6, [100, 1000]))
+    assert set(costs.node_ms) == set(prof.node_ms_runs[0])
+    for name, ms in costs.node_ms.items():  # median of calls 2 and 3; call 1 paid the warm-up
+        assert ms == pytest.approx(statistics.median(run[name] for run in prof.node_ms_runs[1:]))
+    assert set(costs.comm) == {"all_to_all/2"}
+
+
+def test_step_profilers_profile_aot_autograds_forward_and_backward():
+    profilers: list[StepProfiler] = []
+    assert grads_through(lambda gm: profilers.append(StepProfiler(gm)) or profilers[-1], steps=2)
+    assert [p.calls for p in profilers] == [2, 2]
+    assert all(p.cost_model().node_ms for p in profilers)
+
+
+# -- link model fits ---------------------------------------------------------------------------------
+
+
+def _samples(alpha: float, beta: float, sizes, repeats: int = 3, noise: float = 0.0, group_size: int = 2):
+    rng = random.Random(0)
+    return [
+        {"node": None, "kind": "all_to_all", "group": "7", "group_size": group_size, "bytes": n,
+         "ms": alpha + beta * n + rng.uniform(-noise, noise)}
+        for n in sizes for _ in range(repeats)
+    ]
+
+
+def test_fit_recovers_alpha_and_beta_per_kind_and_group_size():
+    samples = _samples(0.2, 3e-6, [1 << 14, 1 << 17, 1 << 20], noise=1e-3)
+    samples += _samples(0.5, 1e-5, [1000, 9000], group_size=4)
+    fits = fit_collectives(samples)
+    assert set(fits) == {"all_to_all/2", "all_to_all/4"}
+    assert fits["all_to_all/2"].alpha == pytest.approx(0.2, abs=2e-3)
+    assert fits["all_to_all/2"].beta == pytest.approx(3e-6, rel=1e-2)
+    assert fits["all_to_all/4"].alpha == pytest.approx(0.5)
+    assert fits["all_to_all/4"].beta == pytest.approx(1e-5)
+
+
+def test_fit_of_one_size_is_proportional_and_a_negative_intercept_is_clamped():
+    one = fit_collectives(_samples(0.0, 2e-6, [4096]) + [{"kind": "all_reduce", "group_size": 2, "bytes": 0, "ms": 0.1}])
+    assert one["all_to_all/2"].alpha == 0.0 and one["all_to_all/2"].beta == pytest.approx(2e-6)
+    assert one["all_reduce/2"] == LinearCost(0.1, 0.0)
+    neg = fit_collectives(_samples(-0.5, 1e-6, [1 << 20, 1 << 21]))["all_to_all/2"]
+    assert neg.alpha == 0.0 and neg.beta > 0
+    flat = fit_collectives([{"kind": "all_gather", "group_size": 2, "bytes": n, "ms": t}
+                            for n, t in [(100, 1.0), (200, 0.5)]])["all_gather/2"]
+    assert flat.beta == 0.0 and flat.alpha == pytest.approx(0.75)
+
+
+# -- cost model --------------------------------------------------------------------------------------
+
+
+def _a2a_graph(rows: int = 8, group: str = "0", splits=(2, 2)) -> fx.GraphModule:
+    """x -> mm -> all_to_all -> wait -> relu, with meta["val"] on every node (never executed)."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.empty(rows, 4), torch.empty(4, 6)
+    mm = g.create_node("call_function", torch.ops.aten.mm.default, (x, w), name="mm")
+    mm.meta["val"] = torch.empty(rows, 6)
+    a2a = g.create_node(
+        "call_function", torch.ops._c10d_functional.all_to_all_single.default, (mm, list(splits), list(splits), group),
+        name="all_to_all_single",
+    )
+    a2a.meta["val"] = torch.empty(rows, 6)
+    wait = g.create_node("call_function", torch.ops._c10d_functional.wait_tensor.default, (a2a,), name="wait_tensor")
+    wait.meta["val"] = torch.empty(rows, 6)
+    relu = g.create_node("call_function", torch.ops.aten.relu.default, (wait,), name="relu")
+    relu.meta["val"] = torch.empty(rows, 6)
+    g.output(relu)
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_node_cost_scales_chunk_copies_by_degree_and_prices_collectives_by_bytes():
+    gm = _a2a_graph()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    costs = CostModel(node_ms={"mm": 6.0, "relu": 1.0}, comm={"all_to_all/2": LinearCost(0.5, 0.01)})
+    assert costs.node_cost(nodes["mm"]) == 6.0
+    assert costs.node_cost(nodes["all_to_all_single"]) == pytest.approx(0.5 + 0.01 * 8 * 6 * 4)
+    assert costs.node_cost(nodes["wait_tensor"]) == 0.0
+    assert costs.node_cost(nodes["x"]) == 0.0
+    with gm.graph.inserting_after(nodes["mm"]):  # a chunk copy: same op, a third of the rows
+        copy = gm.graph.call_function(torch.ops.aten.mm.default, nodes["mm"].args)
+    copy.meta["fsmoe"] = {"layer": 0, "role": "expert", "chunk": 1, "degree": 3, "origin": "mm"}
+    assert costs.node_cost(copy) == pytest.approx(2.0)
+    copy.meta["fsmoe"]["origin"] = "never_measured"
+    assert costs.node_cost(copy) == 0.0
+    # a group size without its own model borrows the nearest measured one; an unmeasured kind is an error
+    assert costs.collective_ms("all_to_all", 4, 100) == pytest.approx(1.5)
+    with pytest.raises(KeyError, match="all_gather"):
+        costs.collective_ms("all_gather", 2, 100)
+
+
+def test_cost_model_json_round_trip_and_merge():
+    costs = CostModel(
+        node_ms={"mm": 1.25, "relu": 0.5},
+        comm={"all_to_all/2": LinearCost(0.1, 1e-6)},
+        samples=_samples(0.1, 1e-6, [100, 1000]),
+    )
+    again = CostModel.from_json(costs.to_json())
+    assert again == costs
+    assert CostModel.from_json(json.loads(costs.to_json())) == costs
+    with pytest.raises(ValueError, match="schema"):
+        CostModel.from_json(json.dumps({**json.loads(costs.to_json()), "schema": 99}))
+    other = CostModel(node_ms={"relu": 0.75, "add": 0.1}, samples=_samples(0.1, 1e-6, [10000]))
+    merged = costs.merge(other)
+    assert merged.node_ms == {"mm": 1.25, "relu": 0.75, "add": 0.1}
+    assert len(merged.samples) == len(costs.samples) + len(other.samples)
+    assert merged.comm["all_to_all/2"].beta == pytest.approx(1e-6)
+    assert costs.merge(other, nodes=False).node_ms == costs.node_ms
+
+
+def test_from_profiles_takes_the_median_per_node():
+    costs = CostModel.from_profiles([{"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 1.0}, {"a": 2.0, "b": 2.0}])
+    assert costs.node_ms == {"a": 2.0, "b": 2.0}
+
+
+def test_agree_without_distributed_is_the_identity():
+    costs = CostModel(node_ms={"a": 1.0})
+    assert agree(costs) is costs
+
+
+# -- cache -------------------------------------------------------------------------------------------
+
+
+def test_profile_key_is_stable_across_captures_and_changes_with_shapes():
+    _moe_forward.cache_clear()
+    first = profile_key(_moe_forward(), 2)
+    _moe_forward.cache_clear()
+    second = profile_key(_moe_forward(seed=1), 2)  # new capture, other weights: same shapes
+    assert first == second
+    assert profile_key(_moe_forward(batch=3), 2) != first
+    assert profile_key(_moe_forward(), 4) != first
+
+
+def test_profile_key_ignores_group_names_and_ranks_but_not_group_sizes():
+    a = profile_key(_a2a_graph(group="0"), world_layout(4, 2, 0))
+    assert a == profile_key(_a2a_graph(group="my_group"), world_layout(4, 2, 3))
+    payload = json.dumps(key_payload(_a2a_graph(group="my_group"), world_layout(4, 2, 3)), default=str)
+    assert "my_group" not in payload and "rank" not in payload
+    assert a != profile_key(_a2a_graph(group="0"), world_layout(4, 4, 0))
+    assert a != profile_key(_a2a_graph(group="0", splits=(1, 1, 1, 1)), world_layout(4, 2, 0))
+    assert a != profile_key(_a2a_graph(rows=12), world_layout(4, 2, 0))
+    assert profile_key(_a2a_graph(), {"world_size": 2, "ep_size": 2, "rank": 0}) == profile_key(
+        _a2a_graph(), {"world_size": 2, "ep_size": 2, "rank": 1}
+    )
+
+
+def test_cache_stores_atomically_and_loads(tmp_path):
+    cache = ProfileCache(tmp_path / "profiles")
+    key = profile_key(_a2a_graph(), 2)
+    assert cache.load(key) is None  # nothing stored yet, no warning
+    costs = CostModel(node_ms={"mm": 1.0}, comm={"all_to_all/2": LinearCost(0.1, 1e-6)})
+    path = cache.store(key, costs)
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load(key) == costs
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ("{not json", "not readable JSON"),
+        (json.dumps({"schema": 1, "key": "0" * 64, "costs": {}}), "holds key"),
+        (json.dumps({"schema": 0, "key": "K", "costs": {}}), "schema"),
+        (json.dumps({"schema": 1, "key": "K", "costs": {"schema": 1, "node_ms": {}}}), "bad cost model"),
+    ],
+    ids=["corrupt", "other-key", "old-schema", "truncated-model"],
+)
+def test_unusable_cache_files_warn_naming_the_file_and_load_as_none(tmp_path, content, why):
+    cache = ProfileCache(tmp_path)
+    key = "K" if '"K"' in content else profile_key(_a2a_graph(), 2)
+    cache.path(key).write_text(content)
+    with pytest.warns(UserWarning, match=why) as record:
+        assert cache.load(key) is None
+    assert str(cache.path(key)) in str(record[0].message)

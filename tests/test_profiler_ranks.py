@@ -1,0 +1,129 @@
+"""Profiler on 2 real gloo ranks: measured and fitted all-to-all, a profiled step, agreement, and faults.
+
+One launch runs every success scenario (spawns are the slow part); one more
+checks that a rank which never joins ``agree`` turns into an error on the
+other rank within the process-group timeout instead of a hang.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fsmoe_compiler.runtime.launch import run_ranks
+
+SIZES = (1 << 16, 1 << 20, 1 << 23)  # bytes sent per rank: 64 KiB .. 8 MiB, far apart so load noise cannot hide beta
+
+
+class _CountWaits(TorchDispatchMode):
+    """Counts ``wait_tensor`` calls that reach the dispatcher."""
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops._c10d_functional.wait_tensor.default
+        return func(*args, **(kwargs or {}))
+
+
+def _step(x, w):
+    import torch.distributed._functional_collectives as funcol
+
+    h = torch.relu(x @ w)
+    y = funcol.wait_tensor(funcol.all_to_all_single(h, None, None, dist.group.WORLD))
+    return y * 2 + 1
+
+
+def _profile_and_agree(rank: int, world_size: int) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fsmoe_compiler.profiler import CostModel, agree, fit_collectives, microbenchmark_collectives, profile_call
+    from fsmoe_compiler.runtime.executor import GraphExecutor
+
+    samples = microbenchmark_collectives(None, ["all_to_all"], SIZES, repeats=3)
+    fits = fit_collectives(samples)
+
+    torch.manual_seed(rank)
+    x, w = torch.randn(64, 32), torch.randn(32, 16)
+    gm = make_fx(_step)(x, w)
+    expected = gm(x, w)
+    out, node_ms, step_samples = profile_call(gm, [x, w])
+    exposed, _, exposed_samples = profile_call(gm, [x, w], sync_collectives=False)  # timed to the graph's wait
+    ex = GraphExecutor(gm)
+    with _CountWaits() as waits:
+        timed = ex.run([x, w], timed=True)
+    graph_waits = sum(n.target == torch.ops._c10d_functional.wait_tensor.default for n in gm.graph.nodes)
+
+    costs = CostModel.from_profiles([node_ms], samples + step_samples)
+    with FakeTensorMode():  # as inside a compiled graph's call
+        agreed = agree(costs)
+
+    mismatch = None
+    try:
+        agree(CostModel(node_ms={f"only_on_rank_{rank}": 1.0}))
+    except ValueError as e:
+        mismatch = str(e)
+    return {
+        "fits": {k: (c.alpha, c.beta) for k, c in fits.items()},
+        "sizes": sorted({s["bytes"] for s in samples}),
+        "ms_by_size": {n: sorted(s["ms"] for s in samples if s["bytes"] == n) for n in SIZES},
+        "same_outputs": all(torch.equal(o, expected) for o in (out, exposed, timed)),
+        "exposed_samples": [(s["node"], s["bytes"]) for s in exposed_samples],
+        "step_samples": step_samples,
+        "executor_waits": (waits.count, graph_waits),
+        "timing_ok": all(0 <= s <= e <= ex.last_total_ms for s, e in ex.last_timing.values()),
+        "local_mm": node_ms["mm"],
+        "agreed": agreed.to_json(),
+        "mismatch": mismatch,
+    }
+
+
+@pytest.mark.timeout(90)
+def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs():
+    r0, r1 = run_ranks(_profile_and_agree, 2, timeout_s=80, pg_timeout_s=30)
+    for r in (r0, r1):
+        assert r["sizes"] == list(SIZES)
+        assert set(r["fits"]) == {"all_to_all/2"}
+        assert r["fits"]["all_to_all/2"][1] > 0, r["ms_by_size"]  # beta: bigger messages take longer
+        assert r["same_outputs"] and r["timing_ok"]
+        waits, graph_waits = r["executor_waits"]
+        assert waits == graph_waits > 0  # the timed run adds no synchronisation of its own
+        (s,) = r["step_samples"]
+        assert (s["node"], s["kind"], s["group_size"], s["bytes"]) == ("all_to_all_single", "all_to_all", 2, 64 * 16 * 4)
+        assert s["ms"] > 0
+        assert r["exposed_samples"] == [("all_to_all_single", 64 * 16 * 4)]
+        assert "rank 1" in r["mismatch"] and "rank 0" in r["mismatch"]
+    assert r0["agreed"] == r1["agreed"]
+    from fsmoe_compiler.profiler import CostModel
+
+    agreed = CostModel.from_json(r0["agreed"])
+    assert agreed.node_ms["mm"] == max(r0["local_mm"], r1["local_mm"])
+    assert len(agreed.samples) == 2 * (3 * len(SIZES) + 1)
+
+
+def _one_rank_skips_agree(rank: int, world_size: int) -> dict:
+    from fsmoe_compiler.profiler import CostModel, agree
+
+    if rank == 1:
+        time.sleep(8)  # never joins the collective, but stays alive past rank 0's timeout
+        return {}
+    start = time.monotonic()
+    try:
+        agree(CostModel(node_ms={"a": 1.0}))
+    except Exception as e:  # noqa: BLE001 - the point is that it raises at all
+        return {"error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - start}
+    return {"error": None}
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_skips_agree_becomes_an_error_on_the_other_within_the_pg_timeout():
+    r0, _ = run_ranks(_one_rank_skips_agree, 2, timeout_s=45, pg_timeout_s=5)
+    assert r0["error"], "agree returned although rank 1 never joined"
+    assert "did not call agree()" in r0["error"]
+    assert r0["after_s"] < 5 + 5
