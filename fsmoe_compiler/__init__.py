@@ -2,14 +2,14 @@
 
 ``torch.compile(model, backend="fsmoe")`` works without importing this package
 (entry point ``torch_dynamo_backends``); importing it gives the user-facing
-helpers ``explain``, ``report`` and the options dataclass ``FSMoEConfig``.
+helpers ``explain``, ``report``, ``export_trace`` and the options dataclass ``FSMoEConfig``.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["FSMoEConfig", "explain", "report", "__version__"]
+__all__ = ["FSMoEConfig", "explain", "report", "export_trace", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,7 +18,7 @@ def __getattr__(name: str):
         from fsmoe_compiler.config import FSMoEConfig
 
         return FSMoEConfig
-    if name in ("explain", "report"):
+    if name in ("explain", "report", "export_trace"):
         from fsmoe_compiler import introspect as _introspect
 
         return getattr(_introspect, name)

@@ -1,17 +1,20 @@
 """The ``fsmoe`` torch.compile backend: aot_autograd with our pass pipeline on both graphs.
 
 Dynamo hands us an FX graph; aot_autograd splits it into forward and backward
-ATen graphs and gives each to a graph compiler that runs ``run_passes``. If a
-pass fails, the unmodified graph runs and the report says why (``strict=True``
-raises instead). Registered as the ``fsmoe`` entry point of
+ATen graphs and gives each to a graph compiler. It runs ``run_passes``
+(recognition) at once and returns a ``ScheduledGraph``: its first calls
+profile the graph chunked to each candidate degree (``chunk_passes``), then
+``schedule_passes`` turns the measured costs into a schedule and the
+reordered graph is swapped in. If a pass fails, the unmodified graph runs and
+the report says why (``strict=True`` raises instead). Registered as the ``fsmoe`` entry point of
 ``torch_dynamo_backends``, so ``torch.compile(model, backend="fsmoe")`` works
 without importing this package.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -23,9 +26,14 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
+from fsmoe_compiler.passes.annotate import annotate
+from fsmoe_compiler.passes.chunk import chunk
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.recognize import recognize
+from fsmoe_compiler.passes.solve import solve
+from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.passes.verify import graph_signature, verify
+from fsmoe_compiler.scheduled_graph import ScheduledGraph, copy_graph_module
 
 
 class FSMoECompileError(RuntimeError):
@@ -33,9 +41,26 @@ class FSMoECompileError(RuntimeError):
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """The pass pipeline, applied to the forward and the backward graph alike."""
+    """At compile time, for the forward and the backward graph alike."""
     gm = recognize(gm, ctx)  # find MoE regions: router, dispatch, expert, combine
     gm = verify(gm, ctx)  # inputs, outputs, collective order unchanged; else fall back
+    return gm
+
+
+def chunk_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Per candidate pipeline degree, before profiling it."""
+    gm = chunk(gm, ctx)  # split each region's dispatch -> experts -> combine into ctx.degrees chunks
+    gm = verify(gm, ctx)
+    return gm
+
+
+def schedule_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Once ctx.costs holds measured costs, per chunked graph."""
+    gm = taskgraph(gm, ctx)  # tasks on compute / link resources, deps, durations -> ctx.taskgraph
+    gm = solve(gm, ctx)  # ctx.schedule from the scheduler the options name
+    if ctx.config.scheduler != "sequential":  # the sequential baseline runs the graph as traced
+        gm = annotate(gm, ctx)  # reorder: collectives early, waits late; meta task/stream
+    gm = verify(gm, ctx)
     return gm
 
 
@@ -64,8 +89,9 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
             ctx.regions["forward"] = list(forward.regions)
         _dump(config, record, kind, "before", gm)
         fallback = None
+        t0 = time.perf_counter()
         try:
-            result = run_passes(_copy_graph_module(gm), ctx)
+            result = run_passes(copy_graph_module(gm), ctx)
         except Exception as exc:  # any pass failure: run the unmodified graph, say why
             if config.strict:
                 raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc
@@ -74,31 +100,22 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
             result = gm
         if config.check_ranks:  # on every path, so no rank waits alone in the gather
             _check_ranks_agree(kind, ctx.regions.get(kind, []) if fallback is None else [])
-        record.graphs.append(
-            records.GraphReport(
-                kind=kind,
-                regions=list(ctx.regions.get(kind, [])),
-                notes=list(ctx.notes),
-                fallback=fallback,
-                num_nodes=len(result.graph.nodes),
-            )
+        report = records.GraphReport(
+            kind=kind,
+            regions=list(ctx.regions.get(kind, [])),
+            notes=list(ctx.notes),
+            fallback=fallback,
+            num_nodes=len(result.graph.nodes),
+            compile_s=time.perf_counter() - t0,
         )
+        record.graphs.append(report)
         _dump(config, record, kind, "after", result)
-        return make_boxed_func(result.forward)
+        if fallback is not None:
+            return make_boxed_func(result.forward)
+        scheduled = ScheduledGraph(result, ctx, config, report, chunk_passes, schedule_passes)
+        return make_boxed_func(lambda *args: scheduled(list(args)))
 
     return compile_graph
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose graph passes may edit while ``gm`` stays intact for the fallback."""
-    graph = fx.Graph()
-    graph._codegen = copy.copy(gm.graph._codegen)
-    out_value = graph.graph_copy(gm.graph, {})
-    old_output = gm.graph.output_node()
-    graph.output(out_value, type_expr=old_output.type).meta = copy.copy(old_output.meta)
-    out = fx.GraphModule(gm, graph)
-    out.meta = dict(getattr(gm, "meta", {}))
-    return out
 
 
 class RanksDisagree(ValueError):

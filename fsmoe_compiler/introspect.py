@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fsmoe_compiler import records
-from fsmoe_compiler.reporting.tables import regions_table, roles_table
+from fsmoe_compiler.reporting.tables import regions_table, roles_table, schedule_summary, tasks_table
 
 
 @dataclass
@@ -41,7 +41,23 @@ class Explanation:
     def fallbacks(self) -> list[str]:
         return [f"{g.kind}: {g.fallback}" for g in self.graphs() if g.fallback]
 
-    def render(self, max_names: int | None = 8) -> str:
+    def schedules(self, kind: str | None = None) -> list[records.ScheduleReport]:
+        """The schedules chosen for the latest graphs of ``kind`` (graphs still profiling have none)."""
+        return [g.schedule for g in self.graphs(kind) if g.schedule is not None]
+
+    def predicted_ms(self) -> float | None:
+        """Predicted time of one forward + backward of every scheduled graph (None until scheduled)."""
+        scheds = self.schedules()
+        return sum(s.predicted_ms for s in scheds) if scheds else None
+
+    def measured_ms(self) -> float | None:
+        """Measured median time of the same graphs (None until they ran scheduled)."""
+        scheds = self.schedules()
+        if not scheds or any(s.measured_ms is None for s in scheds):
+            return None
+        return sum(s.measured_ms for s in scheds)
+
+    def render(self, max_names: int | None = 8, max_tasks: int | None = 40) -> str:
         if not self.records:
             return "fsmoe: no graph of this model was compiled with the fsmoe backend (run it once first)."
         parts = []
@@ -61,6 +77,14 @@ class Explanation:
                     parts.append(regions_table(g.regions))
                     parts.append("")
                     parts.append(roles_table(g.regions, max_names=max_names))
+                if g.schedule is not None:
+                    parts.append("")
+                    parts.append(schedule_summary(g.schedule))
+                    for note in g.schedule.notes:
+                        parts.append(f"note: {note}")
+                    parts.append(tasks_table(g.schedule, limit=max_tasks))
+                    if max_tasks is not None and len(g.schedule.tasks) > max_tasks:
+                        parts.append(f"... {len(g.schedule.tasks) - max_tasks} more task(s); render(max_tasks=None) shows all")
                 parts.append("")
         return "\n".join(parts).rstrip() + "\n"
 
@@ -92,6 +116,43 @@ def explain(
     if not quiet:
         print(result.render(), end="")
     return result
+
+
+def export_trace(compiled: torch.nn.Module, path: str) -> dict:
+    """Write a Chrome/Perfetto trace of each scheduled graph: the predicted timeline and, when timed, the measured one.
+
+    One process per graph and timeline ("forward predicted", "forward measured",
+    ...), one track per resource. Returns the trace object.
+    """
+    from fsmoe_compiler.reporting.trace import TraceSpan, chrome_trace_events
+
+    import json
+
+    processes: dict[str, list] = {}
+    meta: dict[str, Any] = {}
+    rep = report(compiled)
+    for i, g in enumerate(rep.graphs()):
+        s = g.schedule
+        if s is None:
+            continue
+        name = f"{g.kind}" + (f" {i // 2}" if len(rep.records) > 1 else "")
+        processes[f"{name} predicted"] = [
+            TraceSpan(t.task, t.resource, t.start_ms, t.end_ms - t.start_ms,
+                      {"layer": t.layer, "chunk": t.chunk, "role": t.role}) for t in s.tasks]
+        measured = [TraceSpan(t.task, t.resource, t.measured_start_ms, t.measured_end_ms - t.measured_start_ms,
+                              {"layer": t.layer, "chunk": t.chunk, "role": t.role})
+                    for t in s.tasks if t.measured_start_ms is not None and t.measured_end_ms is not None]
+        if measured:
+            processes[f"{name} measured"] = measured
+        meta[name] = {"scheduler": s.scheduler, "degrees": {str(k): v for k, v in s.degrees.items()},
+                      "predicted_ms": s.predicted_ms, "measured_ms": s.measured_ms}
+    if not processes:
+        raise ValueError("export_trace: no scheduled graph yet; run the compiled model past its profiling steps "
+                         "(profile_steps calls, plus one warm-up) first")
+    trace = {"traceEvents": chrome_trace_events(processes), "displayTimeUnit": "ms", "metadata": meta}
+    with open(path, "w") as f:
+        json.dump(trace, f, separators=(",", ":"))
+    return trace
 
 
 def report(compiled: torch.nn.Module) -> Explanation:

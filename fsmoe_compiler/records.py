@@ -18,10 +18,59 @@ _counter = itertools.count()
 
 
 @dataclass
+class TaskRow:
+    """One scheduled task: where the scheduler put it and, once timed, when it really ran (ms from call start)."""
+
+    task: str
+    resource: str
+    layer: int
+    chunk: int
+    role: str
+    start_ms: float
+    end_ms: float
+    measured_start_ms: float | None = None
+    measured_end_ms: float | None = None
+
+
+@dataclass
+class ScheduleReport:
+    """What the scheduler chose for one graph and how its prediction compares with the measured run.
+
+    ``candidates`` maps each pipeline degree tried to its predicted makespan;
+    ``degrees`` is the degree applied per layer (a layer the chunk pass could
+    not split keeps 1, with the reason in ``notes``); ``plan_s`` is the
+    compile overhead of planning (chunking, task graphs, solves, annotation),
+    profiling calls excluded.
+    """
+
+    scheduler: str
+    degrees: dict[int, int]
+    candidates: dict[int, float]
+    predicted_ms: float
+    tasks: list[TaskRow]
+    notes: list[str] = field(default_factory=list)
+    profile_calls: int = 0
+    plan_s: float = 0.0
+    cache_hit: bool = False
+    status: str = ""
+    measured_calls_ms: list[float] = field(default_factory=list)
+    schedule: Any = field(default=None, repr=False)  # scheduler.Schedule, for traces
+    taskgraph: Any = field(default=None, repr=False)  # scheduler.TaskGraph
+
+    @property
+    def measured_ms(self) -> float | None:
+        """Median wall time of the scheduled graph's calls so far (None before the first)."""
+        calls = sorted(self.measured_calls_ms)
+        return calls[len(calls) // 2] if calls else None
+
+
+@dataclass
 class GraphReport:
     """One aot_autograd graph after the pass pipeline.
 
-    ``fallback`` is the reason the unmodified graph was used instead, or None.
+    ``fallback`` is the reason the unmodified graph was used instead, or None;
+    ``schedule`` is filled once profiling ends and the scheduled graph is
+    swapped in; ``compile_s`` is the pass pipeline's time at compile.
     """
 
     kind: str  # "forward" | "backward"
@@ -29,6 +78,8 @@ class GraphReport:
     notes: list[str]
     fallback: str | None
     num_nodes: int
+    schedule: ScheduleReport | None = None
+    compile_s: float = 0.0
 
 
 @dataclass

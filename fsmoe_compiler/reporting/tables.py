@@ -66,3 +66,37 @@ def roles_table(regions: Iterable[Any], max_names: int | None = 8, tablefmt: str
         if r.all_to_all:
             rows.append([r.layer, "all_to_all", len(r.all_to_all), ", ".join(r.all_to_all)])
     return tabulate(rows, headers=["layer", "role", "nodes", "names"], tablefmt=tablefmt, maxcolwidths=[None, None, None, 100])
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def schedule_summary(sched: Any) -> str:
+    """Scheduler, degree per layer, predicted makespan per candidate degree, predicted vs measured graph time."""
+    measured = sched.measured_ms
+    err = "-" if measured is None else f"{100.0 * (sched.predicted_ms - measured) / measured:+.1f} %"
+    lines = [
+        f"scheduler {sched.scheduler} ({sched.status}); degree per layer: "
+        + (", ".join(f"L{layer}={d}" for layer, d in sorted(sched.degrees.items())) or "-")
+        + "; candidates: " + ", ".join(f"r={d}: {ms:.3f} ms" for d, ms in sorted(sched.candidates.items())),
+        f"predicted {sched.predicted_ms:.3f} ms, measured {_ms(measured)} ms (median of "
+        f"{len(sched.measured_calls_ms)} call(s)), error {err}; planning {sched.plan_s:.2f} s, "
+        + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
+    ]
+    return "\n".join(lines)
+
+
+def tasks_table(sched: Any, tablefmt: str = "simple", limit: int | None = None) -> str:
+    """One row per task: resource, layer/chunk/role, predicted start/end and measured start/end (ms)."""
+    rows = []
+    for t in sched.tasks[:limit]:
+        measured = None
+        if t.measured_start_ms is not None and t.measured_end_ms is not None:
+            measured = t.measured_end_ms - t.measured_start_ms
+        rows.append([t.task, t.resource, t.layer, "-" if t.chunk < 0 else t.chunk, t.role or "-",
+                     f"{t.start_ms:.3f}", f"{t.end_ms:.3f}", f"{t.end_ms - t.start_ms:.3f}",
+                     _ms(t.measured_start_ms), _ms(t.measured_end_ms), _ms(measured)])
+    headers = ["task", "resource", "layer", "chunk", "role", "pred start", "pred end", "pred ms",
+               "meas start", "meas end", "meas ms"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt)

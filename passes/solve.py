@@ -1,0 +1,41 @@
+"""``solve``: hand the graph's task graph to the scheduler the options name and keep the schedule.
+
+``scheduler="cpsat"`` minimises the makespan with CP-SAT (warm-started from
+list scheduling, deterministic time limit, never worse than the heuristic);
+``"heuristic"`` is the list scheduler alone; ``"tutel"`` replays a fixed
+Tutel-style pipeline (compute in graph order, collectives issued as soon as
+their inputs are ready); ``"sequential"`` replays the graph as traced. The
+schedule is deterministic for given costs, so ranks that agree on costs agree
+on the schedule.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.taskgraph import sequential_order, tutel_order
+from fsmoe_compiler.scheduler import Schedule, TaskGraph, fixed_order_schedule, heuristic_schedule, solve_cpsat
+
+
+def solve_taskgraph(graph: TaskGraph, taskmap: object, scheduler: str, time_limit_s: float) -> Schedule:
+    """The schedule of ``graph`` under ``scheduler`` (see the module docstring)."""
+    if scheduler == "cpsat":
+        return solve_cpsat(graph, time_limit_s=time_limit_s)
+    if scheduler == "heuristic":
+        return heuristic_schedule(graph)
+    if scheduler == "tutel":
+        return fixed_order_schedule(graph, tutel_order(graph, taskmap), method="tutel")
+    if scheduler == "sequential":
+        return fixed_order_schedule(graph, sequential_order(graph, taskmap), method="sequential")
+    raise ValueError(f"unknown scheduler {scheduler!r}; valid: 'cpsat', 'heuristic', 'tutel', 'sequential'")
+
+
+def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Set ``ctx.schedule`` for ``ctx.taskgraph``; the graph itself is unchanged."""
+    if ctx.taskgraph is None:
+        raise ValueError("solve needs ctx.taskgraph: run passes.taskgraph first")
+    config = ctx.config
+    ctx.schedule = solve_taskgraph(ctx.taskgraph, ctx.taskmap, getattr(config, "scheduler", "cpsat"),
+                                   getattr(config, "time_limit_s", 1.0))
+    return gm

@@ -1,0 +1,183 @@
+"""The scheduled path end to end: warm-up, profiling calls, the swapped-in chunked and reordered graph.
+
+Every step of every phase must give eager's loss and gradients, for every router
+and dispatch style of the reference layers with chunking on, on 2 gloo ranks;
+the report must show the chosen degree, a predicted and a measured time per
+task; the profile cache must skip profiling and survive corruption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fsmoe_compiler
+from fsmoe_compiler.moe import MoELayer
+from fsmoe_compiler.runtime.launch import run_ranks
+
+from test_numerics import CASES, ONE_GRAPH
+
+D, FF, E, TOKENS = 16, 32, 4, 24
+# warm-up + one profiling call per degree in [1, 2] + one timed + one plain scheduled call
+OPTIONS = {"strict": True, "pipeline_degree": "auto", "max_degree": 2, "profile_steps": 2, "time_limit_s": 0.05}
+STEPS = 5
+
+
+class Block(nn.Module):
+    """A dense projection then an MoE layer with a residual (dense and expert gradients)."""
+
+    def __init__(self, router: str, dispatch: str, expert: str, shared: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        kwargs = {"router_kwargs": {"num_groups": 2, "topk_groups": 1}} if router == "deepseek" else {}
+        self.moe = MoELayer(D, FF, E, router=router, dispatch=dispatch, expert=expert, shared_expert=shared,
+                            capacity_factor=2.0, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, aux = self.moe(self.proj(x))
+        return (x + y).pow(2).mean() + 0.01 * aux
+
+
+def _grads(model: nn.Module, fn, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    loss = fn(x)
+    loss.backward()
+    out = {"loss": loss.detach().clone(), "input": x.grad.clone()}
+    out.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return out
+
+
+def _steps_match(case: tuple, rank: int, options: dict, steps: int = STEPS) -> dict:
+    """Run ``steps`` steps eagerly and compiled on the same weights; the worst difference per step."""
+    torch.manual_seed(0)
+    model = Block(*case)
+    worst = []
+    with torch._dynamo.config.patch(**ONE_GRAPH):
+        compiled = torch.compile(model, backend="fsmoe", options=options)
+        for step in range(steps):
+            torch.manual_seed(1000 * step + rank)
+            x = torch.randn(TOKENS, D, requires_grad=True)
+            ref = _grads(model, model, x)
+            got = _grads(model, compiled, x)
+            assert ref.keys() == got.keys(), f"{case}: gradients of different parameters"
+            bad = {k: float((got[k] - ref[k]).abs().max()) for k in ref
+                   if not torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5)}
+            worst.append(bad)
+    rep = fsmoe_compiler.report(compiled)
+    scheds = {g.kind: g.schedule for g in rep.graphs()}
+    return {
+        "case": case,
+        "bad": worst,
+        "fallbacks": rep.fallbacks(),
+        "degrees": {k: (s.degrees if s else None) for k, s in scheds.items()},
+        "chunk_notes": {k: (s.notes if s else None) for k, s in scheds.items()},
+        "predicted": {k: (s.predicted_ms if s else None) for k, s in scheds.items()},
+        "measured": {k: (s.measured_ms if s else None) for k, s in scheds.items()},
+        "timed_tasks": {k: (sum(t.measured_end_ms is not None for t in s.tasks) if s else 0) for k, s in scheds.items()},
+        "tasks": {k: (len(s.tasks) if s else 0) for k, s in scheds.items()},
+        "render": rep.render() if rank == 0 else "",
+    }
+
+
+def _all_cases(rank: int, world_size: int, options: dict) -> list[dict]:
+    out = []
+    for case in CASES:
+        torch._dynamo.reset()
+        out.append(_steps_match(case, rank, options))
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_every_router_and_dispatch_matches_eager_at_every_step_with_chunking_on_two_ranks():
+    results = run_ranks(_all_cases, 2, (OPTIONS,), timeout_s=840)
+    for per_rank in results:
+        for res in per_rank:
+            case = res["case"]
+            for step, bad in enumerate(res["bad"]):
+                assert not bad, f"{case} step {step}: fsmoe differs from eager: {bad}"
+            assert res["fallbacks"] == [], f"{case}: {res['fallbacks']}"
+            for kind in ("forward", "backward"):
+                degrees = res["degrees"][kind]
+                assert degrees is not None, f"{case}: no schedule for the {kind} graph"
+                assert res["predicted"][kind] > 0 and res["measured"][kind] > 0
+                assert res["timed_tasks"][kind] == res["tasks"][kind] > 0, f"{case} {kind}: tasks not all timed"
+                if case[1] == "dropless":  # splits change every step: never chunked, and the report says why
+                    assert set(degrees.values()) == {1}, f"{case} {kind}: {degrees}"
+                    assert any("dropless" in n for n in res["chunk_notes"][kind]), res["chunk_notes"][kind]
+    chunked = [r for per_rank in results for r in per_rank if r["case"][1] == "capacity"]
+    assert chunked and all(set(r["degrees"]["forward"].values()) <= {1, 2} for r in chunked)
+
+
+def _fixed_degree_and_trace(rank: int, world_size: int, trace_path: str) -> dict:
+    res = _steps_match(("gshard", "capacity", "gelu", False), rank, {**OPTIONS, "pipeline_degree": 2})
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block("gshard", "capacity", "gelu", False)
+    compiled = torch.compile(model, backend="fsmoe", options={**OPTIONS, "pipeline_degree": 2})
+    for step in range(STEPS):
+        torch.manual_seed(step)
+        compiled(torch.randn(TOKENS, D)).backward()
+    if rank == 0:
+        fsmoe_compiler.export_trace(compiled, trace_path)
+    return res
+
+
+@pytest.mark.timeout(300)
+def test_fixed_degree_is_applied_reported_and_traced(tmp_path):
+    path = str(tmp_path / "trace.json")
+    results = run_ranks(_fixed_degree_and_trace, 2, (path,), timeout_s=240)
+    for res in results:
+        assert all(not bad for bad in res["bad"]), res["bad"]
+        assert res["degrees"]["forward"] == {0: 2} and res["degrees"]["backward"] == {0: 2}
+    text = results[0]["render"]
+    assert "degree per layer: L0=2" in text and "predicted" in text and "meas ms" in text
+    trace = json.load(open(path))
+    procs = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
+    assert procs == {"forward predicted", "forward measured", "backward predicted", "backward measured"}
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert any(e["cat"] == "inter" for e in spans) and any(e["cat"] == "compute" for e in spans)
+
+
+def _cache_run(rank: int, world_size: int, cache_dir: str, corrupt: bool) -> dict:
+    import warnings
+
+    if corrupt and rank == 0:
+        for name in os.listdir(cache_dir):
+            with open(os.path.join(cache_dir, name), "w") as f:
+                f.write("{not json")
+    if corrupt:
+        torch.distributed.barrier()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block("gshard", "capacity", "gelu", False)
+    compiled = torch.compile(model, backend="fsmoe", options={**OPTIONS, "cache_dir": cache_dir})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            torch.manual_seed(step)
+            compiled(torch.randn(TOKENS, D)).backward()
+    rep = fsmoe_compiler.report(compiled)
+    return {
+        "hit": [g.schedule.cache_hit if g.schedule else None for g in rep.graphs()],
+        "calls": [g.schedule.profile_calls if g.schedule else None for g in rep.graphs()],
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
+@pytest.mark.timeout(300)
+def test_profile_cache_skips_profiling_and_a_corrupt_cache_is_ignored_with_a_warning(tmp_path):
+    cache = str(tmp_path / "cache")
+    cold = run_ranks(_cache_run, 2, (cache, False), timeout_s=120)
+    assert cold[0]["hit"] == [False, False] and os.listdir(cache)
+    warm = run_ranks(_cache_run, 2, (cache, False), timeout_s=120)
+    for res in warm:
+        assert res["hit"] == [True, True], res
+        assert res["calls"] == [0, 0]  # scheduled at the first call: no warm-up, no profiling
+    broken = run_ranks(_cache_run, 2, (cache, True), timeout_s=120)
+    assert broken[0]["hit"] == [False, False]
+    assert any("cache" in w.lower() for w in broken[0]["warnings"]), broken[0]["warnings"]
