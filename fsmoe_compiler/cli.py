@@ -1,4 +1,4 @@
-"""``fsmoe``: the command line (demo, explain, simulate)."""
+"""``fsmoe``: the command line (demo, explain, simulate, bench)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fsmoe_compiler.sim.cli import add_simulate_parser
 
     add_simulate_parser(sub)
+    from fsmoe_compiler.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,253 @@
+"""``fsmoe bench``: time MoE training steps of several compilers side by side on local gloo ranks.
+
+Starts N local gloo ranks (default 2) and times training steps (forward,
+backward, gradient sync outside the compiled graph as one bucketed all-reduce,
+SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
+pytorch_overlap (PyTorch's schedule_overlap_bucketing on the same ATen graphs,
+with a CPU cost estimator), fsmoe_sequential, fsmoe_tutel and fsmoe (CP-SAT,
+pipeline_degree="auto"). The methods' steps run round-robin, one of each per
+repeat; the table shows the median over repeats of the slowest rank's step
+time, the interquartile range, the speedup over eager and the first step's
+loss (all methods must agree). A method that fails is marked failed with its
+error and the others go on.
+
+--emulate-link RATE (root only) puts each rank in its own network namespace,
+joined by veth links shaped with tc tbf to RATE, so communication takes real
+wall time without eating compute cores. The default model is
+communication-heavy: GPT-2-style, 2 MoE layers, d_model 256, d_ff 1536, 4
+experts top-2, 1024 tokens per rank; with --emulate-link 500mbit and 1 thread
+per rank the all-to-alls alone on the link take about as long as the expert
+GEMMs (the line under the table shows one eager step's measured split).
+
+The integrator's ``fsmoe_compiler/cli.py`` mounts this with
+:func:`add_bench_parser`; ``python -m fsmoe_compiler.bench`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .records import DEFAULT_MODEL, DEFAULT_SIZES, BenchConfig, BenchResult
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS
+
+    p.add_argument("--ranks", type=int, default=2, help="local gloo ranks (default 2)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"example model: mixtral or gpt2 (default {DEFAULT_MODEL})")
+    p.add_argument("--layers", type=int, default=DEFAULT_SIZES["layers"], help="decoder layers (default %(default)s)")
+    p.add_argument("--d-model", type=int, default=DEFAULT_SIZES["d_model"], help="hidden size (default %(default)s)")
+    p.add_argument("--d-ff", type=int, default=DEFAULT_SIZES["d_ff"], help="expert FFN size (default %(default)s)")
+    p.add_argument("--experts", type=int, default=DEFAULT_SIZES["experts"],
+                   help="experts per MoE layer, split over the ranks (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_SIZES["top_k"], help="experts per token (default %(default)s)")
+    p.add_argument("--capacity-factor", type=float, default=DEFAULT_SIZES["capacity_factor"],
+                   help="expert capacity factor (default %(default)s)")
+    p.add_argument("--batch", type=int, default=DEFAULT_SIZES["batch"], help="sequences per rank (default %(default)s)")
+    p.add_argument("--seq", type=int, default=DEFAULT_SIZES["seq"], help="sequence length (default %(default)s)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per rank; sets --batch to TOKENS // --seq (overrides --batch)")
+    p.add_argument("--steps", type=int, default=10, help="timed repeats per method (default 10)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps per method first; the first compiles (default 2; fsmoe methods take at least "
+                   "their profile_steps + measure_steps + 1, so timed steps run the scheduled graph)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset, in table order (default all: {','.join(METHODS)})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--emulate-link", default=None, metavar="RATE",
+                   help="root only: each rank in its own network namespace, veth links shaped with tc tbf to RATE "
+                   "(e.g. 200mbit, 1gbit); without root it says so and runs on loopback")
+    p.add_argument("--fsmoe-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra fsmoe backend option for the fsmoe methods, repeatable (e.g. max_degree=8, "
+                   "time_limit_s=2, cache_dir=/tmp/fsmoe-cache); VALUE is read as JSON, else as a string")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the profiled eager step that splits a step into all-to-all / grad sync / compute")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--timeout", type=float, default=600.0, help="hard deadline for the whole run, seconds (default 600)")
+    p.set_defaults(func=run_bench)
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``bench`` subcommand on ``subparsers`` (``set_defaults(func=run_bench)``)."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time training steps of eager, aot_eager, PyTorch's overlap scheduler and fsmoe on local ranks",
+        description=__doc__.split("\n\n", 1)[1].split("The integrator")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _configure(p)
+    return p
+
+
+def parse_fsmoe_options(items: list[str]) -> dict[str, Any]:
+    """``["max_degree=8", "cache_dir=/tmp/c"]`` -> ``{"max_degree": 8, "cache_dir": "/tmp/c"}`` (JSON values, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--fsmoe-option wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The validated :class:`BenchConfig` of parsed arguments (ValueError on bad input)."""
+    from fsmoe_compiler.demo import example_module
+
+    from .methods import parse_methods
+    from .netns import parse_rate
+
+    example_module(args.model)
+    methods = parse_methods(args.methods)
+    if args.emulate_link:
+        parse_rate(args.emulate_link)
+    batch = args.batch
+    if args.tokens is not None:
+        if args.tokens < args.seq:
+            raise ValueError(f"--tokens ({args.tokens}) must be >= --seq ({args.seq})")
+        batch = args.tokens // args.seq
+    fsmoe_options = parse_fsmoe_options(args.fsmoe_option)
+    cfg = BenchConfig(
+        methods=methods, ranks=args.ranks, model=args.model, layers=args.layers, d_model=args.d_model,
+        d_ff=args.d_ff, experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
+        batch=batch, seq=args.seq, steps=args.steps, warmup=args.warmup, threads=args.threads,
+        emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
+        fsmoe_options=fsmoe_options,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(result: BenchResult) -> str:
+    """The results table, the link and the eager step split, and any warnings, as text."""
+    c = result.config
+    link = result.link
+    lines = [
+        f"fsmoe bench: {c['model']} MoE, {c['layers']} layers, d_model {c['d_model']}, d_ff {c['d_ff']}, "
+        f"{c['experts']} experts top-{c['top_k']} (capacity factor {c['capacity_factor']}), "
+        f"{c['batch']}x{c['seq']} tokens per rank; {c['ranks']} gloo ranks x {c['threads']} thread(s); "
+        f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin",
+        "link: " + (f"emulated {link['rate']} ({link['topology']}, tc tbf)" if link["mode"] == "emulated"
+                    else "loopback (not shaped)")
+        + f"; all-to-all measured {link.get('measured_mbit_s', 0):.0f} Mbit/s, "
+        f"alpha {link.get('measured_alpha_ms', 0):.2f} ms",
+    ]
+    rows = []
+    for m in result.methods:
+        if not m.ok:
+            rows.append([m.name, "FAILED", "-", "-", "-", "-", "-", (m.error or "")[:90]])
+            continue
+        note = ""
+        ov = m.info.get("overlap")
+        if ov:
+            note = (f"{ov['moved']}/{ov['collectives']} collectives moved, "
+                    f"{ov['overlapped_after']} overlap compute (was {ov['overlapped_before']}), "
+                    f"{ov.get('exposed', '?')} left exposed")
+        fs = m.info.get("fsmoe")
+        if fs and "error" not in fs:
+            parts = []
+            for kind, short in (("forward", "fw"), ("backward", "bw")):
+                g = fs.get(kind)
+                if not g:
+                    continue
+                if g.get("fallback"):
+                    parts.append(f"{short}: fallback")
+                elif "predicted_ms" in g:
+                    meas = g.get("measured_ms")
+                    parts.append(f"{short} r={','.join(map(str, g['degrees'].values())) or '-'} "
+                                 f"pred {g['predicted_ms']:.0f}/meas {_fmt(meas, '.0f')} ms")
+            note = "; ".join(parts)
+        rows.append([
+            m.name, _fmt(m.median_ms), f"{_fmt(m.q1_ms)}-{_fmt(m.q3_ms)}", f"{_fmt(m.min_ms)}-{_fmt(m.max_ms)}",
+            _fmt(m.speedup_vs_eager, ".2f") + ("x" if m.speedup_vs_eager else ""), _fmt(m.first_loss, ".6f"),
+            _fmt(m.compile_s, ".1f"), note,
+        ])
+    lines.append(tabulate(rows, headers=["method", "median ms", "IQR ms", "min-max ms", "vs eager",
+                                         "first loss", "1st step s", "notes"], tablefmt="simple"))
+    b = result.breakdown
+    if b:
+        lines.append(
+            f"eager step split (one profiled step, rank 0): {b['step_ms']:.1f} ms = "
+            f"{int(b['all_to_all_count'])} all-to-alls {b['all_to_all_ms']:.1f} ms (alone on the link: "
+            f"{b['all_to_all_wire_ms']:.1f} ms) + compute {b['compute_ms']:.1f} ms (expert GEMMs "
+            f"{b.get('expert_gemm_ms', 0.0):.1f} ms) + gradient all-reduce "
+            f"{b['grad_sync_ms']:.1f} ms"
+        )
+    for name in ("fsmoe", "fsmoe_tutel"):
+        vs = result.speedups.get(name)
+        if vs:
+            lines.append(f"{name} step vs the others (median / median): "
+                         + ", ".join(f"{v:.2f}x {k}" for k, v in vs.items()))
+            break
+    for w in result.warnings:
+        lines.append(f"warning: {w}")
+    lines.append(f"wall time {result.wall_s:.1f} s")
+    return "\n".join(lines)
+
+
+def _fail(msg: str) -> int:
+    print(f"fsmoe bench: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry of ``fsmoe bench``; returns the exit code (2 on bad input, 1 when the ranks failed)."""
+    from .runner import BenchError, run
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        return _fail(str(e))
+    for note in _preflight_notes(cfg):
+        print(note)
+    try:
+        result = run(cfg)
+    except ValueError as e:
+        return _fail(str(e))
+    except BenchError as e:
+        print(f"fsmoe bench: the ranks failed: {e}", file=sys.stderr)
+        return 1
+    print(render(result))
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _preflight_notes(cfg: BenchConfig) -> list[str]:
+    from .netns import netns_unavailable_reason
+
+    if cfg.emulate_link and (reason := netns_unavailable_reason()):
+        return [f"fsmoe bench: --emulate-link needs root and iproute2: {reason}; running on loopback instead"]
+    return []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser for ``python -m fsmoe_compiler.bench``."""
+    parser = argparse.ArgumentParser(prog="fsmoe bench", description=__doc__.split("\n\n", 1)[1].split(
+        "The integrator")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_bench(args)
+
+
+def summary_dict(result: BenchResult) -> dict[str, Any]:
+    """Method name -> median ms and speedup (for quick checks in tests and scripts)."""
+    return {m.name: {"ok": m.ok, "median_ms": m.median_ms, "speedup": m.speedup_vs_eager} for m in result.methods}

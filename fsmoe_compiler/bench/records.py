@@ -1,0 +1,170 @@
+"""Dataclasses of ``fsmoe bench``: the run's configuration, each rank's raw timings, the aggregated result.
+
+Kept JSON-friendly (plain fields, ``to_json``/``from_json``) because the
+configuration goes to the rank processes as a file and the result comes back
+the same way, and ``--json`` writes the result for the README and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+# Communication-heavy default: with --emulate-link 500mbit and 1 thread per rank on the 2-core
+# Xeon of the dev machine, one eager step (~600 ms) has 8 all-to-alls taking ~160-185 ms on the
+# wire alone (~290 ms with the wait for the other rank) and the experts' GEMMs ~180 ms of
+# ~275 ms compute; the bucketed gradient all-reduce of the dense weights ~40 ms (measured with
+# the bench's eager step split).
+DEFAULT_MODEL = "gpt2"
+DEFAULT_SIZES: dict[str, Any] = {
+    "layers": 2,
+    "d_model": 256,
+    "d_ff": 1536,
+    "experts": 4,
+    "top_k": 2,
+    "capacity_factor": 1.25,
+    "batch": 16,
+    "seq": 64,
+}
+
+
+@dataclass
+class BenchConfig:
+    """Everything a rank needs to run its share of the benchmark."""
+
+    methods: list[str]
+    ranks: int = 2
+    model: str = DEFAULT_MODEL
+    layers: int = DEFAULT_SIZES["layers"]
+    d_model: int = DEFAULT_SIZES["d_model"]
+    d_ff: int = DEFAULT_SIZES["d_ff"]
+    experts: int = DEFAULT_SIZES["experts"]
+    top_k: int = DEFAULT_SIZES["top_k"]
+    capacity_factor: float = DEFAULT_SIZES["capacity_factor"]
+    batch: int = DEFAULT_SIZES["batch"]
+    seq: int = DEFAULT_SIZES["seq"]
+    steps: int = 10
+    warmup: int = 2
+    threads: int = 1
+    seed: int = 0
+    lr: float = 0.01
+    emulate_link: str | None = None  # suggested for the default model: "500mbit"
+    timeout_s: float = 600.0
+    pg_timeout_s: float = 120.0
+    breakdown: bool = True
+    fsmoe_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """ValueError naming the bad field and what would be valid."""
+        for name in ("ranks", "layers", "d_model", "d_ff", "experts", "top_k", "batch", "seq", "steps", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 1:
+            raise ValueError(f"--warmup must be >= 1 (the first step compiles), got {self.warmup}")
+        if self.experts % self.ranks:
+            raise ValueError(f"--experts ({self.experts}) must be a multiple of --ranks ({self.ranks})")
+        if self.top_k > self.experts:
+            raise ValueError(f"--top-k ({self.top_k}) must be <= --experts ({self.experts})")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Keyword overrides for the example's ``build_model``."""
+        return {
+            "n_layers": self.layers,
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "num_experts": self.experts,
+            "top_k": self.top_k,
+            "capacity_factor": self.capacity_factor,
+            "seq_len": self.seq,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "BenchConfig":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class RankMethodRaw:
+    """One rank's raw observations of one method."""
+
+    times_ms: list[float] = field(default_factory=list)
+    first_loss: float | None = None
+    compile_s: float | None = None
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    """One method aggregated over ranks: per repeat the slowest rank's step, then statistics over repeats."""
+
+    name: str
+    ok: bool
+    error: str | None = None
+    median_ms: float | None = None
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    speedup_vs_eager: float | None = None
+    first_loss: float | None = None
+    compile_s: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def aggregate(cls, name: str, per_rank: list[RankMethodRaw]) -> "MethodResult":
+        errors = [f"rank {r}: {raw.error}" for r, raw in enumerate(per_rank) if raw.error]
+        if errors:
+            return cls(name, ok=False, error=errors[0].splitlines()[0] if len(errors) == 1 else "; ".join(
+                e.splitlines()[0] for e in errors), info={"errors": errors})
+        n = min(len(raw.times_ms) for raw in per_rank)
+        times = [max(raw.times_ms[i] for raw in per_rank) for i in range(n)]
+        losses = [raw.first_loss for raw in per_rank if raw.first_loss is not None]
+        res = cls(
+            name,
+            ok=True,
+            times_ms=times,
+            first_loss=sum(losses) / len(losses) if losses else None,
+            compile_s=max((raw.compile_s or 0.0) for raw in per_rank),
+            info=per_rank[0].info,
+        )
+        if times:
+            res.median_ms = statistics.median(times)
+            qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+            res.q1_ms, res.q3_ms = qs[0], qs[2]
+            res.min_ms, res.max_ms = min(times), max(times)
+        return res
+
+
+@dataclass
+class BenchResult:
+    """The whole run: configuration, link, per-method results, eager step split, warnings."""
+
+    config: dict[str, Any]
+    link: dict[str, Any]
+    methods: list[MethodResult]
+    breakdown: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    # speedups[a][b]: median step of b / median step of a (how much faster a is than b), ok methods only
+    speedups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def method(self, name: str) -> MethodResult:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)

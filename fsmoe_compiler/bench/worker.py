@@ -1,0 +1,344 @@
+"""One rank of ``fsmoe bench``: ``python -m fsmoe_compiler.bench.worker CONFIG RANK OUT``.
+
+Started by :mod:`fsmoe_compiler.bench.runner` as a plain subprocess (inside the
+rank's network namespace when the link is emulated), so it takes its rendezvous
+from the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``GLOO_SOCKET_IFNAME``)
+and hands its raw timings back as a JSON file. Each method builds its model from
+the same seed, warms up (the first call compiles), then the methods' timed steps
+run round-robin, one step of each per repeat (the first method rotates), so
+drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .records import BenchConfig, RankMethodRaw
+
+
+def _agree(values: list[float], op: dist.ReduceOp) -> list[float]:
+    """All-reduce ``values`` with ``op`` so every rank holds the same numbers (schedules must agree)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def measure_link(world_size: int, nbytes: int = 1 << 22, reps: int = 3) -> tuple[float, float]:
+    """``(alpha_ms, bytes_per_ms)`` of an all-to-all on the default group: a tiny and a ``nbytes`` message.
+
+    bytes_per_ms counts the bytes that leave the rank ((W-1)/W of the buffer).
+    Max of the times over ranks, so every rank gets the same answer.
+    """
+
+    def time_a2a(n: int) -> float:
+        x = torch.zeros(max(n // 4, world_size) // world_size * world_size)
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x)  # warm
+        best = float("inf")
+        for _ in range(reps):
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_to_all_single(y, x)
+            best = min(best, (time.perf_counter() - t) * 1e3)
+        return best
+
+    small, big = time_a2a(1024), time_a2a(nbytes)
+    small, big = _agree([small, big], dist.ReduceOp.MAX)
+    share = nbytes * (world_size - 1) / world_size
+    return small, share / max(big - small, 1e-3)
+
+
+_COMM_RE = re.compile(r"all_to_all|wait_tensor|allreduce|all_reduce|alltoall")
+
+
+def sync_dense_gradients(model: torch.nn.Module) -> None:
+    """The gradient of the mean loss over ranks, as ``moe.parallel.sync_gradients`` computes it, in one bucket.
+
+    Dense gradients are flattened into one buffer and all-reduced once (as DDP
+    buckets do) instead of one all-reduce per parameter, whose per-call latency
+    would otherwise dominate a step on an emulated link; expert gradients (EP
+    over the whole world) are only divided by the world size. Falls back to
+    ``sync_gradients`` when expert parallelism spans fewer ranks than the world.
+    """
+    from fsmoe_compiler.moe.layer import MoELayer
+    from fsmoe_compiler.moe.parallel import split_parameters, sync_gradients
+
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
+    if ep_sizes and max(ep_sizes) < world:
+        sync_gradients(model)
+        return
+    dense, experts = split_parameters(model)
+    grads = [p.grad for p in dense if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for p in experts:
+        if p.grad is not None:
+            p.grad.div_(world)
+
+
+def _time_a2a(shape: list[int], dtype: torch.dtype = torch.float32, reps: int = 3) -> float:
+    """Best-of-``reps`` ms of one all-to-all of a tensor of ``shape`` (after a barrier, so no skew)."""
+    x = torch.zeros(shape, dtype=dtype)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(reps):
+        dist.barrier()
+        t = time.perf_counter()
+        dist.all_to_all_single(y, x)
+        best = min(best, (time.perf_counter() - t) * 1e3)
+    return best
+
+
+def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dict[str, float]:
+    """Split one eager step into all-to-all, gradient sync and compute, in ms.
+
+    * ``all_to_all_ms``: torch.profiler's outermost collective / ``wait_tensor``
+      events of the forward + backward (includes waiting for the other rank);
+    * ``all_to_all_wire_ms``: the same all-to-alls (shapes from the profile)
+      replayed alone after a barrier: the link time without rank skew;
+    * ``grad_sync_ms``: the gradient all-reduce, timed after a barrier;
+    * ``compute_ms``: forward + backward wall time minus ``all_to_all_ms``;
+    * ``expert_gemm_ms``: of that, the experts' batched GEMMs (``aten::bmm``
+      outside attention), forward and backward.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t = time.perf_counter()
+        fwd_bwd()
+        model_ms = (time.perf_counter() - t) * 1e3
+    a2a_us, bmm_us, shapes = 0.0, 0.0, []
+    for ev in prof.events():
+        if ev.name == "aten::bmm":  # the stacked experts' GEMMs (attention's bmm sits under an attention op)
+            parent, inside = ev.cpu_parent, False
+            while parent is not None:
+                if parent.name == "aten::bmm" or "attention" in parent.name:
+                    inside = True
+                    break
+                parent = parent.cpu_parent
+            if not inside:
+                bmm_us += ev.cpu_time_total
+        if ev.name == "c10d::alltoall_base_" and ev.input_shapes and ev.input_shapes[0]:
+            shapes.append(list(ev.input_shapes[0]))  # one per all-to-all actually issued
+        # gloo's own events run on its worker threads, beside the caller's; count the caller's side only
+        if ev.name.startswith("gloo:") or not _COMM_RE.search(ev.name):
+            continue
+        parent, nested = ev.cpu_parent, False
+        while parent is not None:
+            if _COMM_RE.search(parent.name):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            a2a_us += ev.cpu_time_total
+    dist.barrier()
+    t = time.perf_counter()
+    sync()
+    sync_ms = (time.perf_counter() - t) * 1e3
+    # every rank replays the same list (rank 0's), so the collectives match
+    box = [shapes]
+    dist.broadcast_object_list(box, src=0)
+    wire_ms = sum(_time_a2a(s) for s in box[0])
+    a2a_ms = a2a_us / 1e3
+    return {
+        "step_ms": model_ms + sync_ms,
+        "fwd_bwd_ms": model_ms,
+        "all_to_all_ms": a2a_ms,
+        "all_to_all_count": float(len(box[0])),
+        "all_to_all_wire_ms": wire_ms,
+        "grad_sync_ms": sync_ms,
+        "compute_ms": max(model_ms - a2a_ms, 0.0),
+        "expert_gemm_ms": bmm_us / 1e3,
+    }
+
+
+def _log(rank: int, msg: str) -> None:
+    """Progress on stderr (the launcher keeps each rank's log and shows its tail when a rank fails)."""
+    print(f"[rank {rank} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: first line"`` of the root cause (a backend's error is wrapped by dynamo's BackendCompilerFailed)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
+    """This rank's raw results: ``{"methods": {name: RankMethodRaw as dict}, "link": ..., "breakdown": ...}``."""
+    import torch._dynamo
+
+    from fsmoe_compiler.demo import example_module
+
+    from .methods import FSMOE_OPTIONS, fsmoe_summary, make_runner, measure_cpu_rates, warmup_steps
+
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(1024, torch._dynamo.config.accumulated_recompile_limit)
+    mod = example_module(cfg.model)
+
+    alpha_ms, link_bytes_per_ms = measure_link(world_size)
+    flops, mem = _agree(list(measure_cpu_rates()), dist.ReduceOp.MIN)
+    out: dict[str, Any] = {
+        "link": {"alpha_ms": alpha_ms, "bytes_per_ms": link_bytes_per_ms},
+        "cpu": {"flops_per_ms": flops, "bytes_per_ms": mem},
+        "methods": {},
+    }
+
+    setups: dict[str, Any] = {}
+    raws: dict[str, RankMethodRaw] = {}
+    batch: tuple | None = None
+    for name in cfg.methods:
+        raw = raws[name] = RankMethodRaw()
+        try:
+            torch.manual_seed(cfg.seed)
+            model = mod.build_model(**cfg.model_overrides())
+            if batch is None:
+                c = model.config
+                batch = tuple(mod.make_batch(cfg.batch, c.seq_len, c.vocab_size, seed=1000 + rank))
+            setup = make_runner(name, model, world_size=world_size, link_bytes_per_ms=link_bytes_per_ms,
+                                cpu_rates=(flops, mem), fsmoe_extra=cfg.fsmoe_options)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+            step = _make_step(setup.runner, model, opt, batch, sync_dense_gradients)
+            raw.info["warmup_steps"] = warmup_steps(name, cfg.warmup, cfg.fsmoe_options)
+            for i in range(raw.info["warmup_steps"]):
+                _log(rank, f"{name}: warm-up step {i}")
+                t = time.perf_counter()
+                loss = step()
+                if i == 0:
+                    raw.compile_s = time.perf_counter() - t
+                    raw.first_loss = float(loss)
+            setups[name] = (setup, step)
+        except Exception as exc:  # noqa: BLE001 - a failing method is reported, the others go on
+            raw.error = describe_error(exc)
+            raw.info["traceback"] = traceback.format_exc()[-4000:]
+            _log(rank, f"{name} failed: {raw.error}\n{raw.info['traceback']}")
+        # every rank must agree on which methods go on (a one-sided failure would desync collectives)
+        failed = _agree([1.0 if raw.error else 0.0], dist.ReduceOp.MAX)[0]
+        if failed and not raw.error:
+            raw.error = "failed on another rank"
+        if raw.error:
+            setups.pop(name, None)
+
+    gc.collect()
+    names = list(setups)
+    _log(rank, f"timed steps of {', '.join(names) or 'no method'}")
+    for rep in range(cfg.steps):
+        # round-robin, and the starting method rotates, so no method always follows the same one
+        for name in names[rep % len(names):] + names[: rep % len(names)] if names else []:
+            setup, step = setups[name]
+            dist.barrier()
+            t = time.perf_counter()
+            step()
+            raws[name].times_ms.append((time.perf_counter() - t) * 1e3)
+
+    for name, (setup, _) in setups.items():
+        if setup.stats is not None:
+            raws[name].info["overlap"] = {"per_graph": setup.stats.graphs, **setup.stats.summary()}
+        raws[name].info.update(setup.info)
+        if name in FSMOE_OPTIONS:
+            raws[name].info["fsmoe"] = fsmoe_summary(setup.model)
+
+    if cfg.breakdown and "eager" in setups:
+        setup, _ = setups["eager"]
+        model = setup.model
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        out["breakdown"] = eager_breakdown(lambda: model(*batch).backward(), lambda: sync_dense_gradients(model))
+
+    out["methods"] = {name: dataclasses.asdict(raw) for name, raw in raws.items()}
+    return out
+
+
+def _make_step(runner: Callable, model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple,
+               sync: Callable[[torch.nn.Module], None]) -> Callable[[], torch.Tensor]:
+    """One training step: forward, backward, gradient sync (outside any graph, one bucket), SGD update."""
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = runner(*batch)
+        loss.backward()
+        sync(model)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """Exit when the launcher goes away (it was killed outright): a rank never outlives its run."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fsmoe-bench-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one rank process; the exit code is 0 when the result file was written."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        print("usage: python -m fsmoe_compiler.bench.worker CONFIG_JSON RANK OUT_JSON", file=sys.stderr)
+        return 2
+    cfg_path, rank_s, out_path = argv
+    _exit_with_parent()
+    with open(cfg_path) as f:
+        cfg = BenchConfig.from_json(f.read())
+    rank = int(rank_s)
+    torch.set_num_threads(cfg.threads)
+    result: dict[str, Any]
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=cfg.ranks,
+                                timeout=timedelta(seconds=cfg.pg_timeout_s))
+        if os.environ.get("FSMOE_BENCH_TEST_CRASH_RANK") == str(rank):  # fault injection for the tests
+            os._exit(3)
+        result = {"ok": True, **run_worker(rank, cfg.ranks, cfg)}
+    except BaseException:  # noqa: BLE001 - the parent wants the cause
+        result = {"ok": False, "error": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, out_path)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
