@@ -29,6 +29,7 @@ from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.passes.collectives import is_collective
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.verify import collective_order
+from fsmoe_compiler.profiler.ops import KINDS
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, agree, fit_collectives, microbenchmark_collectives,
                                      profile_call, profile_key)
 from fsmoe_compiler.runtime.executor import GraphExecutor
@@ -98,6 +99,8 @@ class ScheduledGraph:
         self.variants: dict[int, tuple[fx.GraphModule, PassContext]] = {}
         self.measured: dict[int, list[dict[str, float]]] = {}
         self.samples: list[dict] = []
+        self.chunk_notes: list[str] = []  # why a layer stayed at r = 1 in some variant
+        self.built = False  # variants chunked (on the first profiling call, or before a cache lookup)
         self.runner: GraphExecutor | None = None
         self.timed_left = config.measure_steps
         self.degrees = config.degrees()
@@ -120,7 +123,7 @@ class ScheduledGraph:
         if self.calls == 0:  # warm-up: allocations, first-use costs of the collectives
             self.calls += 1
             return self.base(*args)
-        if self.calls == 1:
+        if not self.built:
             self._build_variants()
         step = self.calls - 1
         degree = self.degrees[step % len(self.degrees)]
@@ -166,6 +169,7 @@ class ScheduledGraph:
         on one rank is dropped on all, and an error raised on one rank is
         raised on all, so no rank waits alone in a collective.
         """
+        self.built = True
         for degree in list(self.degrees):
             error = None
             try:
@@ -174,6 +178,8 @@ class ScheduledGraph:
                 error = f"{type(exc).__name__}: {exc}"
             errors = _gather_errors(error)
             if not errors:
+                if degree > 1:
+                    self._keep_if_chunked(degree)
                 continue
             self.variants.pop(degree, None)
             why = "; ".join(f"rank {r}: {e}" for r, e in errors.items())
@@ -181,6 +187,18 @@ class ScheduledGraph:
                 raise PlanError(f"fsmoe could not chunk the {self.ctx.graph_kind} graph to degree {degree}: {why}")
             self.degrees.remove(degree)
             self.report.notes.append(f"degree {degree} dropped, chunking failed: {why}")
+
+    def _keep_if_chunked(self, degree: int) -> None:
+        """Keep the refusal notes of a degree; drop the degree if no layer took it (it would equal degree 1)."""
+        _, ctx = self.variants[degree]
+        self.chunk_notes.extend(n for n in ctx.notes if "not applied" in n and n not in self.chunk_notes)
+        applied = any(getattr(info, "degree", 1) > 1 for info in ctx.chunking.values())
+        if not _all_ranks_true(not applied) or 1 not in self.degrees:
+            return
+        self.variants.pop(degree)
+        self.degrees.remove(degree)
+        self.report.notes.append(f"degree {degree} not profiled: no MoE layer of the {self.ctx.graph_kind} graph "
+                                 f"can be split into {degree} chunks")
 
     def _explicit_degree(self) -> bool:
         return self.config.pipeline_degree != "auto"
@@ -202,17 +220,25 @@ class ScheduledGraph:
         """Microbenchmarks of each collective kind and process group the graph uses, at its message sizes.
 
         Timed after a barrier, so a rank that arrives late does not bill its
-        lateness to the link (the in-graph samples include that skew); every
-        rank runs the same list in the same order.
+        lateness to the link (the in-graph samples include that skew). The
+        sizes are merged over ranks first (a dropless layer sends different
+        sizes on each rank), so every rank runs the same list in the same
+        order. Kinds the microbenchmark does not know keep their in-graph samples.
         """
         if not _distributed():
-            return []
+            return list(self.samples)
         sizes: dict[tuple[str, str], set[int]] = {}
         for s in self.samples:
-            if s.get("group") is not None and s.get("bytes"):
+            if s.get("kind") in KINDS and s.get("group") is not None and s.get("bytes"):
                 sizes.setdefault((s["kind"], s["group"]), set()).add(int(s["bytes"]))
-        out: list[dict] = []
-        for (kind, group_name), nbytes in sorted(sizes.items()):
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sizes)
+        merged: dict[tuple[str, str], set[int]] = {}
+        for theirs in everyone:
+            for key, nbytes in theirs.items():
+                merged.setdefault(key, set()).update(nbytes)
+        out = [s for s in self.samples if s.get("kind") not in KINDS]
+        for (kind, group_name), nbytes in sorted(merged.items()):
             group = _resolve_process_group(group_name)
             picked = sorted(nbytes)
             picked = sorted({picked[0], picked[len(picked) // 2], picked[-1]})
@@ -220,7 +246,7 @@ class ScheduledGraph:
         return out
 
     def _costs(self) -> dict[int, CostModel]:
-        comm = fit_collectives(self._link_samples() or self.samples)
+        comm = fit_collectives(self._link_samples())
         out = {}
         for degree in self.degrees:
             runs = self.measured.get(degree)
@@ -240,6 +266,7 @@ class ScheduledGraph:
     def _try_cache(self) -> bool:
         if self.cache is None:
             return False
+        self._build_variants()  # the degrees worth looking up: those some layer takes
         stored = {d: self.cache.load(self._cache_key(d)) for d in self.degrees}
         hit = all(c is not None for c in stored.values())
         if not _all_ranks_true(hit):
@@ -289,6 +316,7 @@ class ScheduledGraph:
             self.runner = GraphExecutor(gm, ctx.taskmap.task_of)
             self.report.schedule = _schedule_report(self.config.scheduler, ctx, predicted, len(self.measured),
                                                     cache_hit, self.calls)
+            self.report.schedule.notes[:0] = [n for n in self.chunk_notes if n not in self.report.schedule.notes]
             self.report.schedule.plan_s = time.perf_counter() - t0
             self.report.num_nodes = len(gm.graph.nodes)
         self.variants.clear()  # the chosen graph lives in the runner; drop the other variants
