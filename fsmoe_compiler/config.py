@@ -39,7 +39,9 @@ class FSMoEConfig:
         scheduler picks among powers of two up to ``max_degree``).
     max_degree: the largest degree "auto" tries.
     profile_steps: calls of each graph that run under the timing interpreter
-        before the scheduled graph is swapped in (they compute the same results).
+        before the scheduled graph is swapped in (they compute the same results);
+        they cycle through the candidate degrees, and where a degree gets more
+        than one its first (cold: new shapes) is not used for costs.
     measure_steps: calls after the swap that run timed per task, for the
         report's predicted-vs-measured columns.
     cache_dir: directory of the JSON profile cache (None: no cache); a hit
@@ -53,7 +55,7 @@ class FSMoEConfig:
     scheduler: str = "cpsat"
     pipeline_degree: int | str = "auto"
     max_degree: int = 4
-    profile_steps: int = 3
+    profile_steps: int = 6
     measure_steps: int = 1
     cache_dir: str | None = None
     time_limit_s: float = 1.0

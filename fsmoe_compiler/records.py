@@ -36,7 +36,9 @@ class TaskRow:
 class ScheduleReport:
     """What the scheduler chose for one graph and how its prediction compares with the measured run.
 
-    ``candidates`` maps each pipeline degree tried to its predicted makespan;
+    ``candidates`` maps each pipeline degree tried to its predicted makespan
+    (with CP-SAT and several degrees: the list scheduler's makespan, except
+    for the chosen degree, which CP-SAT then solves);
     ``degrees`` is the degree applied per layer (a layer the chunk pass could
     not split keeps 1, with the reason in ``notes``); ``plan_s`` is the
     compile overhead of planning (chunking, task graphs, solves, annotation),

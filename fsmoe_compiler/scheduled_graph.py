@@ -13,10 +13,12 @@ as traced and says why in the report (``strict=True`` raises).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -64,6 +66,18 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@functools.lru_cache(maxsize=1)
+def _sources_digest() -> str:
+    """sha256 of the passes' and the profiler's sources: a cost table is keyed by node names these produce."""
+    from fsmoe_compiler import passes, profiler
+
+    h = hashlib.sha256()
+    for pkg in (passes, profiler):
+        for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
 def _gather_errors(error: str | None) -> dict[int, str]:
     """Every rank's error (rank -> message), so all ranks see the same failures; one collective per call."""
     if not _distributed():
@@ -100,6 +114,7 @@ class ScheduledGraph:
         self.measured: dict[int, list[dict[str, float]]] = {}
         self.samples: list[dict] = []
         self.chunk_notes: list[str] = []  # why a layer stayed at r = 1 in some variant
+        self.chunk_s = 0.0  # compile overhead of chunking the variants (part of the report's plan_s)
         self.built = False  # variants chunked (on the first profiling call, or before a cache lookup)
         self.runner: GraphExecutor | None = None
         self.timed_left = config.measure_steps
@@ -170,6 +185,13 @@ class ScheduledGraph:
         raised on all, so no rank waits alone in a collective.
         """
         self.built = True
+        t0 = time.perf_counter()
+        try:
+            self._chunk_every_degree()
+        finally:
+            self.chunk_s += time.perf_counter() - t0
+
+    def _chunk_every_degree(self) -> None:
         for degree in list(self.degrees):
             error = None
             try:
@@ -250,6 +272,8 @@ class ScheduledGraph:
         out = {}
         for degree in self.degrees:
             runs = self.measured.get(degree)
+            if runs and len(runs) > 1:  # a degree's first call runs new shapes (allocator, GEMM kernel set-up)
+                runs = runs[1:]
             if runs:
                 names = sorted(set().union(*runs))
                 node_ms = {n: sorted(r[n] for r in runs if n in r)[len([r for r in runs if n in r]) // 2] for n in names}
@@ -259,9 +283,16 @@ class ScheduledGraph:
         return out
 
     def _cache_key(self, degree: int) -> str:
-        """The profile key of this graph chunked to ``degree`` (hardware, world, shapes; no group names or ranks)."""
+        """The key of this graph chunked to ``degree``: hardware, world layout, shapes, pass sources, solver settings.
+
+        Never process-group names or ranks, so every rank and every run of the
+        same job on the same machines finds the same file.
+        """
         base = profile_key(self.base, _world_size())
-        return hashlib.sha256(f"{base}/{self.ctx.graph_kind}/degree{degree}".encode()).hexdigest()
+        c = self.config
+        solver = f"{c.scheduler}/{c.pipeline_degree}/{c.max_degree}/{c.time_limit_s}"
+        return hashlib.sha256(f"{base}/{_sources_digest()}/{solver}/{self.ctx.graph_kind}/degree{degree}"
+                              .encode()).hexdigest()
 
     def _try_cache(self) -> bool:
         if self.cache is None:
@@ -286,14 +317,24 @@ class ScheduledGraph:
         t0 = time.perf_counter()
         error, best, predicted = None, None, {}
         try:
+            # CP-SAT is the slow part of compiling: rank the degrees by the list scheduler, solve only the best
+            screen = self.config.scheduler == "cpsat" and len(self.degrees) > 1
             for degree in self.degrees:
                 gm, ctx = self._variant(degree)
                 ctx = replace(ctx, costs=costs[degree])
+                if screen:
+                    ctx.config = replace(self.config, scheduler="heuristic")
                 gm = self.schedule_passes(copy_graph_module(gm), ctx)
                 predicted[degree] = ctx.schedule.makespan
                 if best is None or ctx.schedule.makespan < best[2].schedule.makespan - 1e-9:
                     best = (degree, gm, ctx)
             assert best is not None
+            if screen:
+                degree = best[0]
+                gm, ctx = self._variant(degree)
+                ctx = replace(ctx, costs=costs[degree])
+                best = (degree, self.schedule_passes(copy_graph_module(gm), ctx), ctx)
+                predicted[degree] = ctx.schedule.makespan
         except Exception as exc:  # noqa: BLE001 - agreed over ranks below
             error = f"{type(exc).__name__}: {exc}"
         # one gather, reached by every rank: failures anywhere and the collective issue order of each plan
@@ -317,7 +358,7 @@ class ScheduledGraph:
             self.report.schedule = _schedule_report(self.config.scheduler, ctx, predicted, len(self.measured),
                                                     cache_hit, self.calls)
             self.report.schedule.notes[:0] = [n for n in self.chunk_notes if n not in self.report.schedule.notes]
-            self.report.schedule.plan_s = time.perf_counter() - t0
+            self.report.schedule.plan_s = time.perf_counter() - t0 + self.chunk_s
             self.report.num_nodes = len(gm.graph.nodes)
         self.variants.clear()  # the chosen graph lives in the runner; drop the other variants
 

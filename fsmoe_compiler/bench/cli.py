@@ -186,6 +186,19 @@ def render(result: BenchResult) -> str:
             f"{b.get('expert_gemm_ms', 0.0):.1f} ms) + gradient all-reduce "
             f"{b['grad_sync_ms']:.1f} ms"
         )
+    overheads = [f"{m.name} {_backend_overhead_s(m.info['fsmoe']):.2f} s" for m in result.methods
+                 if m.ok and isinstance(m.info.get("fsmoe"), dict) and "error" not in m.info["fsmoe"]]
+    for m in result.methods:
+        fs = m.info.get("fsmoe") if m.ok else None
+        graphs = [g for g in (fs or {}).values() if isinstance(g, dict) and g.get("predicted_ms")]
+        if graphs and all(g.get("measured_ms") for g in graphs):
+            pred = sum(g["predicted_ms"] for g in graphs)
+            meas = sum(g["measured_ms"] for g in graphs)
+            lines.append(f"{m.name}: predicted forward + backward {pred:.1f} ms, measured {meas:.1f} ms "
+                         f"(median per graph, rank 0), error {100 * (pred - meas) / meas:+.1f} %")
+    if overheads:
+        lines.append("backend compile overhead (passes at compile + chunking and planning, profiling steps "
+                     "excluded, both graphs): " + ", ".join(overheads))
     for name in ("fsmoe", "fsmoe_tutel"):
         vs = result.speedups.get(name)
         if vs:
@@ -196,6 +209,11 @@ def render(result: BenchResult) -> str:
         lines.append(f"warning: {w}")
     lines.append(f"wall time {result.wall_s:.1f} s")
     return "\n".join(lines)
+
+
+def _backend_overhead_s(summary: dict) -> float:
+    """Seconds the fsmoe backend itself spent on one model's graphs: compile-time passes plus planning."""
+    return sum((g.get("compile_s") or 0.0) + (g.get("plan_s") or 0.0) for g in summary.values() if isinstance(g, dict))
 
 
 def _fail(msg: str) -> int:
