@@ -4,8 +4,8 @@ Dynamo hands us an FX graph; aot_autograd splits it into forward and backward
 ATen graphs and gives each to a graph compiler. It runs ``run_passes``
 (recognition) at once and returns a ``ScheduledGraph``: its first calls
 profile the graph chunked to each candidate degree (``chunk_passes``), then
-``schedule_passes`` turns the measured costs into a schedule and the
-reordered graph is swapped in. If a pass fails, the unmodified graph runs and
+``screen_passes`` ranks the degrees on the measured costs, ``schedule_passes``
+schedules the best one and the reordered graph is swapped in. If a pass fails, the unmodified graph runs and
 the report says why (``strict=True`` raises instead). Registered as the ``fsmoe`` entry point of
 ``torch_dynamo_backends``, so ``torch.compile(model, backend="fsmoe")`` works
 without importing this package.
@@ -54,8 +54,15 @@ def chunk_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
+def screen_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Per candidate degree, to rank them cheaply; the graph is not changed."""
+    gm = taskgraph(gm, ctx)  # tasks on compute / link resources, deps, durations -> ctx.taskgraph
+    gm = solve(gm, ctx)  # a quick schedule (the list scheduler where the options say cpsat) -> ctx.schedule
+    return gm
+
+
 def schedule_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Once ctx.costs holds measured costs, per chunked graph."""
+    """Once ctx.costs holds measured costs, on the best-ranked chunked graph."""
     gm = taskgraph(gm, ctx)  # tasks on compute / link resources, deps, durations -> ctx.taskgraph
     gm = solve(gm, ctx)  # ctx.schedule from the scheduler the options name
     if ctx.config.scheduler != "sequential":  # the sequential baseline runs the graph as traced
@@ -112,7 +119,7 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
         _dump(config, record, kind, "after", result)
         if fallback is not None:
             return make_boxed_func(result.forward)
-        scheduled = ScheduledGraph(result, ctx, config, report, chunk_passes, schedule_passes)
+        scheduled = ScheduledGraph(result, ctx, config, report, chunk_passes, screen_passes, schedule_passes)
         return make_boxed_func(lambda *args: scheduled(list(args)))
 
     return compile_graph

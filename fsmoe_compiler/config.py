@@ -58,7 +58,7 @@ class FSMoEConfig:
     profile_steps: int = 6
     measure_steps: int = 1
     cache_dir: str | None = None
-    time_limit_s: float = 1.0
+    time_limit_s: float = 0.25
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":

@@ -53,6 +53,7 @@ class ScheduleReport:
     notes: list[str] = field(default_factory=list)
     profile_calls: int = 0
     plan_s: float = 0.0
+    plan_split_s: dict[str, float] = field(default_factory=dict)  # plan_s by phase: chunk, rank degrees, schedule
     cache_hit: bool = False
     status: str = ""
     measured_calls_ms: list[float] = field(default_factory=list)

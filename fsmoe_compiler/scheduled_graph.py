@@ -102,12 +102,13 @@ class ScheduledGraph:
     _boxed_call = True
 
     def __init__(self, base: fx.GraphModule, ctx: PassContext, config: FSMoEConfig, report: records.GraphReport,
-                 chunk_passes: Pipeline, schedule_passes: Pipeline) -> None:
+                 chunk_passes: Pipeline, screen_passes: Pipeline, schedule_passes: Pipeline) -> None:
         self.base = base
         self.ctx = ctx
         self.config = config
         self.report = report
         self.chunk_passes = chunk_passes
+        self.screen_passes = screen_passes
         self.schedule_passes = schedule_passes
         self.calls = 0
         self.variants: dict[int, tuple[fx.GraphModule, PassContext]] = {}
@@ -232,7 +233,9 @@ class ScheduledGraph:
             # "auto" tries what fits: a layer a degree does not fit stays at r = 1 with a note, never an error
             ctx = replace(self.ctx, notes=[], regions=regions, degrees={r.layer: degree for r in self._regions()},
                           chunking={}, strict=self.ctx.strict and self._explicit_degree())
-            self.variants[degree] = (self.chunk_passes(copy_graph_module(self.base), ctx), ctx)
+            # degree 1 changes only node meta: the recognised graph itself, no copy (copies cost a recompile)
+            gm = self.base if degree == 1 else copy_graph_module(self.base)
+            self.variants[degree] = (self.chunk_passes(gm, ctx), ctx)
         return self.variants[degree]
 
     def _regions(self) -> list:
@@ -317,24 +320,19 @@ class ScheduledGraph:
         t0 = time.perf_counter()
         error, best, predicted = None, None, {}
         try:
-            # CP-SAT is the slow part of compiling: rank the degrees by the list scheduler, solve only the best
-            screen = self.config.scheduler == "cpsat" and len(self.degrees) > 1
-            for degree in self.degrees:
-                gm, ctx = self._variant(degree)
-                ctx = replace(ctx, costs=costs[degree])
-                if screen:
-                    ctx.config = replace(self.config, scheduler="heuristic")
-                gm = self.schedule_passes(copy_graph_module(gm), ctx)
-                predicted[degree] = ctx.schedule.makespan
-                if best is None or ctx.schedule.makespan < best[2].schedule.makespan - 1e-9:
-                    best = (degree, gm, ctx)
-            assert best is not None
-            if screen:
-                degree = best[0]
-                gm, ctx = self._variant(degree)
-                ctx = replace(ctx, costs=costs[degree])
-                best = (degree, self.schedule_passes(copy_graph_module(gm), ctx), ctx)
-                predicted[degree] = ctx.schedule.makespan
+            if len(self.degrees) > 1:  # rank the degrees cheaply: task graph + a list schedule, no graph copy
+                quick = replace(self.config, scheduler="heuristic") if self.config.scheduler == "cpsat" else self.config
+                for degree in self.degrees:
+                    gm, ctx = self._variant(degree)
+                    ctx = replace(ctx, costs=costs[degree], notes=[], config=quick)
+                    self.screen_passes(gm, ctx)
+                    predicted[degree] = ctx.schedule.makespan
+            t_screen = time.perf_counter()
+            degree = min(self.degrees, key=lambda d: (predicted.get(d, 0.0), d))
+            gm, ctx = self._variant(degree)
+            ctx = replace(ctx, costs=costs[degree], notes=list(ctx.notes))
+            best = (degree, self.schedule_passes(copy_graph_module(gm), ctx), ctx)
+            predicted[degree] = ctx.schedule.makespan
         except Exception as exc:  # noqa: BLE001 - agreed over ranks below
             error = f"{type(exc).__name__}: {exc}"
         # one gather, reached by every rank: failures anywhere and the collective issue order of each plan
@@ -358,7 +356,10 @@ class ScheduledGraph:
             self.report.schedule = _schedule_report(self.config.scheduler, ctx, predicted, len(self.measured),
                                                     cache_hit, self.calls)
             self.report.schedule.notes[:0] = [n for n in self.chunk_notes if n not in self.report.schedule.notes]
-            self.report.schedule.plan_s = time.perf_counter() - t0 + self.chunk_s
+            t_end = time.perf_counter()
+            self.report.schedule.plan_s = t_end - t0 + self.chunk_s
+            self.report.schedule.plan_split_s = {"chunk": self.chunk_s, "rank degrees": t_screen - t0,
+                                                 "schedule": t_end - t_screen}
             self.report.num_nodes = len(gm.graph.nodes)
         self.variants.clear()  # the chosen graph lives in the runner; drop the other variants
 

@@ -499,6 +499,7 @@ def chunk(gm: fx.GraphModule, ctx: Any) -> fx.GraphModule:
                 ctx.notes.append(f"{kind}: MoE layer {region.layer}: {requested} chunks along {plan.anchor}")
         _tag_region(gm, region, info.degree)
         ctx.chunking[region.layer] = info
-    gm.graph.lint()
-    gm.recompile()
+    if any(info.degree > 1 for info in ctx.chunking.values()):  # else only node meta changed: no new code
+        gm.graph.lint()
+        gm.recompile()
     return gm

@@ -288,6 +288,7 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                         predicted_ms=sch.predicted_ms,
                         measured_ms=sch.measured_ms,
                         plan_s=sch.plan_s,
+                        plan_split_s=dict(sch.plan_split_s),
                         status=sch.status,
                         notes=list(sch.notes)[:5],
                     )
