@@ -33,7 +33,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .records import DEFAULT_MODEL, DEFAULT_SIZES, BenchConfig, BenchResult
+from .records import DEFAULT_MODEL, DEFAULT_SIZES, GRAD_SYNC, BenchConfig, BenchResult
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -66,6 +66,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsmoe-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra fsmoe backend option for the fsmoe methods, repeatable (e.g. max_degree=8, "
                    "time_limit_s=2, cache_dir=/tmp/fsmoe-cache); VALUE is read as JSON, else as a string")
+    p.add_argument("--grad-sync", choices=GRAD_SYNC, default="bucket",
+                   help="how every method averages gradients over ranks: 'bucket' (default: after backward, outside "
+                   "any graph, one flat all-reduce as DDP buckets) or 'graph' (inside backward, one functional "
+                   "all-reduce per parameter, so compiled backward graphs hold them and may overlap them)")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the profiled eager step that splits a step into all-to-all / grad sync / compute")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -121,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         d_ff=args.d_ff, experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
         batch=batch, seq=args.seq, steps=args.steps, warmup=args.warmup, threads=args.threads,
         emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
-        fsmoe_options=fsmoe_options,
+        fsmoe_options=fsmoe_options, grad_sync=args.grad_sync,
     )
     cfg.validate()
     return cfg
@@ -139,7 +143,8 @@ def render(result: BenchResult) -> str:
         f"fsmoe bench: {c['model']} MoE, {c['layers']} layers, d_model {c['d_model']}, d_ff {c['d_ff']}, "
         f"{c['experts']} experts top-{c['top_k']} (capacity factor {c['capacity_factor']}), "
         f"{c['batch']}x{c['seq']} tokens per rank; {c['ranks']} gloo ranks x {c['threads']} thread(s); "
-        f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin",
+        f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin; gradient sync "
+        + ("inside backward (per parameter)" if c.get("grad_sync") == "graph" else "after backward (one bucket)"),
         "link: " + (f"emulated {link['rate']} ({link['topology']}, tc tbf)" if link["mode"] == "emulated"
                     else "loopback (not shaped)")
         + f"; all-to-all measured {link.get('measured_mbit_s', 0):.0f} Mbit/s, "

@@ -19,6 +19,8 @@ from typing import Any
 # ~275 ms compute; the bucketed gradient all-reduce of the dense weights ~40 ms (measured with
 # the bench's eager step split).
 DEFAULT_MODEL = "gpt2"
+#: How the bench averages gradients over ranks (``--grad-sync``).
+GRAD_SYNC = ("bucket", "graph")
 DEFAULT_SIZES: dict[str, Any] = {
     "layers": 2,
     "d_model": 256,
@@ -56,6 +58,7 @@ class BenchConfig:
     pg_timeout_s: float = 120.0
     breakdown: bool = True
     fsmoe_options: dict[str, Any] = field(default_factory=dict)
+    grad_sync: str = "bucket"  # "bucket": after backward, one flat all-reduce; "graph": inside backward
 
     def validate(self) -> None:
         """ValueError naming the bad field and what would be valid."""
@@ -70,6 +73,8 @@ class BenchConfig:
             raise ValueError(f"--top-k ({self.top_k}) must be <= --experts ({self.experts})")
         if self.capacity_factor <= 0:
             raise ValueError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
+        if self.grad_sync not in GRAD_SYNC:
+            raise ValueError(f"--grad-sync must be one of {', '.join(GRAD_SYNC)}, got {self.grad_sync!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
 

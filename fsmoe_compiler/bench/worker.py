@@ -117,7 +117,8 @@ def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dic
       events of the forward + backward (includes waiting for the other rank);
     * ``all_to_all_wire_ms``: the same all-to-alls (shapes from the profile)
       replayed alone after a barrier: the link time without rank skew;
-    * ``grad_sync_ms``: the gradient all-reduce, timed after a barrier;
+    * ``grad_sync_ms``: the gradient all-reduce, timed after a barrier (with
+      ``--grad-sync graph``: the all-reduce events inside backward);
     * ``compute_ms``: forward + backward wall time minus ``all_to_all_ms``;
     * ``expert_gemm_ms``: of that, the experts' batched GEMMs (``aten::bmm``
       outside attention), forward and backward.
@@ -128,7 +129,7 @@ def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dic
         t = time.perf_counter()
         fwd_bwd()
         model_ms = (time.perf_counter() - t) * 1e3
-    a2a_us, bmm_us, shapes = 0.0, 0.0, []
+    a2a_us, ar_us, bmm_us, shapes = 0.0, 0.0, 0.0, []
     for ev in prof.events():
         if ev.name == "aten::bmm":  # the stacked experts' GEMMs (attention's bmm sits under an attention op)
             parent, inside = ev.cpu_parent, False
@@ -151,24 +152,27 @@ def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dic
                 break
             parent = parent.cpu_parent
         if not nested:
-            a2a_us += ev.cpu_time_total
+            if "all_reduce" in ev.name or "allreduce" in ev.name:
+                ar_us += ev.cpu_time_total  # --grad-sync graph: the gradient all-reduces inside backward
+            else:
+                a2a_us += ev.cpu_time_total
     dist.barrier()
     t = time.perf_counter()
     sync()
-    sync_ms = (time.perf_counter() - t) * 1e3
+    sync_ms = (time.perf_counter() - t) * 1e3 + ar_us / 1e3
     # every rank replays the same list (rank 0's), so the collectives match
     box = [shapes]
     dist.broadcast_object_list(box, src=0)
     wire_ms = sum(_time_a2a(s) for s in box[0])
     a2a_ms = a2a_us / 1e3
     return {
-        "step_ms": model_ms + sync_ms,
+        "step_ms": model_ms + sync_ms - ar_us / 1e3,
         "fwd_bwd_ms": model_ms,
         "all_to_all_ms": a2a_ms,
         "all_to_all_count": float(len(box[0])),
         "all_to_all_wire_ms": wire_ms,
         "grad_sync_ms": sync_ms,
-        "compute_ms": max(model_ms - a2a_ms, 0.0),
+        "compute_ms": max(model_ms - a2a_ms - ar_us / 1e3, 0.0),
         "expert_gemm_ms": bmm_us / 1e3,
     }
 
@@ -196,6 +200,7 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
     import torch._dynamo
 
     from fsmoe_compiler.demo import example_module
+    from fsmoe_compiler.moe.parallel import sync_gradients_in_graph
 
     from .methods import FSMOE_OPTIONS, fsmoe_summary, make_runner, measure_cpu_rates, warmup_steps
 
@@ -219,13 +224,16 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
         try:
             torch.manual_seed(cfg.seed)
             model = mod.build_model(**cfg.model_overrides())
+            if cfg.grad_sync == "graph":
+                sync_gradients_in_graph(model)
             if batch is None:
                 c = model.config
                 batch = tuple(mod.make_batch(cfg.batch, c.seq_len, c.vocab_size, seed=1000 + rank))
             setup = make_runner(name, model, world_size=world_size, link_bytes_per_ms=link_bytes_per_ms,
                                 cpu_rates=(flops, mem), fsmoe_extra=cfg.fsmoe_options)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-            step = _make_step(setup.runner, model, opt, batch, sync_dense_gradients)
+            sync = sync_dense_gradients if cfg.grad_sync == "bucket" else _synced_in_backward
+            step = _make_step(setup.runner, model, opt, batch, sync)
             raw.info["warmup_steps"] = warmup_steps(name, cfg.warmup, cfg.fsmoe_options)
             for i in range(raw.info["warmup_steps"]):
                 _log(rank, f"{name}: warm-up step {i}")
@@ -270,10 +278,14 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
         model = setup.model
         model.zero_grad(set_to_none=True)
         dist.barrier()
-        out["breakdown"] = eager_breakdown(lambda: model(*batch).backward(), lambda: sync_dense_gradients(model))
+        out["breakdown"] = eager_breakdown(lambda: model(*batch).backward(), lambda: (sync_dense_gradients if cfg.grad_sync == "bucket" else _synced_in_backward)(model))
 
     out["methods"] = {name: dataclasses.asdict(raw) for name, raw in raws.items()}
     return out
+
+
+def _synced_in_backward(model: torch.nn.Module) -> None:
+    """--grad-sync graph: backward already averaged the gradients (``sync_gradients_in_graph``)."""
 
 
 def _make_step(runner: Callable, model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple,

@@ -11,14 +11,19 @@ over all ``W`` ranks is:
   all-to-all), so sum over the ranks that hold the same experts (the DP
   group, absent when EP spans the world) and divide by ``W``.
 
-A compiled model may leave this to the compiler (FSMoE's partitioned
-gradient all-reduce); this helper is the plain, eager reference.
+``sync_gradients`` is the plain, eager reference, run after backward;
+``sync_gradients_in_graph`` puts the same all-reduces into the backward
+itself, so that a compiled backward graph holds them and a scheduler can
+overlap them with the rest of the step (FSMoE's gradient aggregation).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .layer import MoELayer
 
@@ -61,3 +66,66 @@ def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) 
                 if dp_group is not None and dist.get_world_size(dp_group) > 1:
                     dist.all_reduce(p.grad, group=dp_group)
                 p.grad.div_(world)
+
+
+class _ReduceGradient(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ``group`` with a functional all-reduce, divided by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_name: str | None, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.group_name, ctx.scale = group_name, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if ctx.group_name is not None:
+            grad = funcol.wait_tensor(funcol.all_reduce(grad, "sum", ctx.group_name))
+        return grad / ctx.scale, None, None
+
+
+class ReduceGradient(nn.Module):
+    """A parametrization: the parameter as is, its gradient all-reduced over a group (None: only scaled)."""
+
+    def __init__(self, group_name: str | None, scale: float) -> None:
+        super().__init__()
+        self.group_name = group_name
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReduceGradient.apply(x, self.group_name, self.scale)
+
+
+def sync_gradients_in_graph(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Make ``model``'s backward itself compute the gradient of the mean loss over ranks; returns ``model``.
+
+    The same arithmetic as :func:`sync_gradients`, but done where each gradient
+    is produced: every parameter gets a parametrization whose backward
+    all-reduces its gradient with a functional collective (dense parameters over
+    the world, expert-parallel ones over ``dp_group`` if any) and divides by the
+    world size. Compiled, the all-reduces are nodes of the backward ATen graph,
+    so a scheduler can overlap them with the rest of the backward (FSMoE's
+    gradient aggregation); eagerly they run as each gradient is ready. Call it
+    once, before compiling; parameter names gain ``parametrizations.<name>.original``.
+    A parameter shared by several modules (tied embeddings) is all-reduced at
+    each use; the reduced parts add up to the reduced sum.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    world = dist.get_world_size()
+    dense, experts = split_parameters(model)
+    if experts:
+        ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
+        if max(ep_sizes) < world and dp_group is None:
+            raise ValueError(
+                f"expert-parallel groups of size {sorted(ep_sizes)} are smaller than the world ({world}): "
+                "pass dp_group (the ranks that hold the same experts)"
+            )
+    world_name = dist.group.WORLD.group_name
+    dp_name = dp_group.group_name if dp_group is not None and dist.get_world_size(dp_group) > 1 else None
+    group_of = {id(p): world_name for p in dense}
+    group_of.update({id(p): dp_name for p in experts})
+    targets = [(module, name, group_of[id(p)]) for module in model.modules()
+               for name, p in list(module.named_parameters(recurse=False)) if id(p) in group_of]
+    for module, name, group_name in targets:  # a tied parameter gets one per owner: the all-reduced parts add up
+        parametrize.register_parametrization(module, name, ReduceGradient(group_name, world), unsafe=True)
+    return model
