@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
@@ -33,6 +32,7 @@ from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.passes.verify import graph_signature, verify
+from fsmoe_compiler.runtime.control import exchange
 from fsmoe_compiler.scheduled_graph import ScheduledGraph, copy_graph_module
 
 
@@ -138,9 +138,7 @@ def _check_ranks_agree(kind: str, regions: list) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     mine = _region_summary(regions)
-    everyone: list[Any] = [None] * dist.get_world_size()
-    with unset_fake_temporarily():  # graph compilers run under Dynamo's fake-tensor mode
-        dist.all_gather_object(everyone, mine)
+    everyone = exchange(f"regions/{kind}", mine)  # over the store: no collective while Dynamo compiles
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
             raise RanksDisagree(

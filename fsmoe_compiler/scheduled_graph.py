@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -34,6 +33,7 @@ from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.profiler.ops import KINDS
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, agree, fit_collectives, microbenchmark_collectives,
                                      profile_call, profile_key)
+from fsmoe_compiler.runtime.control import exchange
 from fsmoe_compiler.runtime.executor import GraphExecutor
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
@@ -78,22 +78,14 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
-def _gather_errors(error: str | None) -> dict[int, str]:
-    """Every rank's error (rank -> message), so all ranks see the same failures; one collective per call."""
-    if not _distributed():
-        return {} if error is None else {0: error}
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, error)
-    return {r: e for r, e in enumerate(everyone) if e is not None}
+def _gather_errors(tag: str, error: str | None) -> dict[int, str]:
+    """Every rank's error (rank -> message), so all ranks see the same failures."""
+    return {r: e for r, e in enumerate(exchange(tag, error)) if e is not None}
 
 
-def _all_ranks_true(flag: bool) -> bool:
+def _all_ranks_true(tag: str, flag: bool) -> bool:
     """True only if ``flag`` holds on every rank (so all ranks take the same path)."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return all(exchange(tag, bool(flag)))
 
 
 class ScheduledGraph:
@@ -125,6 +117,7 @@ class ScheduledGraph:
             self.report.notes.append(f"not scheduled: {reason}")
             self.runner = GraphExecutor(base)
             self.timed_left = 0
+        self.tag = f"graph/{ctx.graph_kind}"  # names this graph's control exchanges with the other ranks
         self.cache = ProfileCache(config.cache_dir) if config.cache_dir else None
         self.cache_checked = False
 
@@ -199,7 +192,7 @@ class ScheduledGraph:
                 self._variant(degree)
             except Exception as exc:  # noqa: BLE001 - reported below, on every rank alike
                 error = f"{type(exc).__name__}: {exc}"
-            errors = _gather_errors(error)
+            errors = _gather_errors(f"{self.tag}/chunk{degree}", error)
             if not errors:
                 if degree > 1:
                     self._keep_if_chunked(degree)
@@ -216,7 +209,7 @@ class ScheduledGraph:
         _, ctx = self.variants[degree]
         self.chunk_notes.extend(n for n in ctx.notes if "not applied" in n and n not in self.chunk_notes)
         applied = any(getattr(info, "degree", 1) > 1 for info in ctx.chunking.values())
-        if not _all_ranks_true(not applied) or 1 not in self.degrees:
+        if not _all_ranks_true(f"{self.tag}/unchunked{degree}", not applied) or 1 not in self.degrees:
             return
         self.variants.pop(degree)
         self.degrees.remove(degree)
@@ -256,8 +249,7 @@ class ScheduledGraph:
         for s in self.samples:
             if s.get("kind") in KINDS and s.get("group") is not None and s.get("bytes"):
                 sizes.setdefault((s["kind"], s["group"]), set()).add(int(s["bytes"]))
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, sizes)
+        everyone = exchange(f"{self.tag}/sizes", sizes)
         merged: dict[tuple[str, str], set[int]] = {}
         for theirs in everyone:
             for key, nbytes in theirs.items():
@@ -303,7 +295,7 @@ class ScheduledGraph:
         self._build_variants()  # the degrees worth looking up: those some layer takes
         stored = {d: self.cache.load(self._cache_key(d)) for d in self.degrees}
         hit = all(c is not None for c in stored.values())
-        if not _all_ranks_true(hit):
+        if not _all_ranks_true(f"{self.tag}/cache", hit):
             return False
         self._plan(stored, cache_hit=True)  # type: ignore[arg-type]
         return True
@@ -337,7 +329,7 @@ class ScheduledGraph:
             error = f"{type(exc).__name__}: {exc}"
         # one gather, reached by every rank: failures anywhere and the collective issue order of each plan
         order = collective_order(best[1]) if error is None and best is not None else None
-        errors, orders = _gather_plans(error, order)
+        errors, orders = _gather_plans(f"{self.tag}/plan", error, order)
         if not errors and any(o != order for o in orders.values()):
             errors = {r: f"would issue collectives in the order {o}, rank {_rank()} in {order}"
                       for r, o in orders.items() if o != order}
@@ -368,12 +360,9 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _gather_plans(error: str | None, order: Any) -> tuple[dict[int, str], dict[int, Any]]:
+def _gather_plans(tag: str, error: str | None, order: Any) -> tuple[dict[int, str], dict[int, Any]]:
     """Every rank's planning error and collective issue order (a plan must issue them alike on every rank)."""
-    if not _distributed():
-        return ({} if error is None else {0: error}), {0: order}
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (error, order))
+    everyone = exchange(tag, (error, order))
     errors = {r: e for r, (e, _) in enumerate(everyone) if e is not None}
     return errors, {r: o for r, (_, o) in enumerate(everyone)}
 

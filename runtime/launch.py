@@ -7,10 +7,13 @@ caller instead of a hang. Used by the tests, ``fsmoe demo`` and benchmarks.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import queue as queue_mod
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -52,7 +55,10 @@ def _rank_main(
     fn: Callable[..., Any],
     args: tuple,
     results: Any,
+    stack_file: str | None = None,
 ) -> None:
+    if stack_file is not None and hasattr(signal, "SIGUSR1"):  # the parent asks for our stack when we hang
+        faulthandler.register(signal.SIGUSR1, file=open(stack_file, "w"), all_threads=True)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -101,10 +107,12 @@ def run_ranks(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    stacks = tempfile.TemporaryDirectory(prefix="fsmoe-ranks-")
+    stack_files = [os.path.join(stacks.name, f"rank{r}.txt") for r in range(world_size)]
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(r, world_size, port, backend, pg_timeout_s, threads_per_rank, fn, args, results),
+            args=(r, world_size, port, backend, pg_timeout_s, threads_per_rank, fn, args, results, stack_files[r]),
             daemon=True,
         )
         for r in range(world_size)
@@ -121,7 +129,8 @@ def run_ranks(
                 if errors:
                     break
                 missing = sorted(set(range(world_size)) - set(out))
-                raise RankError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+                raise RankError(f"ranks {missing} did not finish within {timeout_s:.0f} s"
+                                + _stacks_of(procs, missing, stack_files))
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
@@ -136,7 +145,9 @@ def run_ranks(
             else:
                 out[rank] = _loads(payload)
         if errors:
-            raise RankError("\n".join(f"rank {r} failed:\n{errors[r]}" for r in sorted(errors)))
+            silent = sorted(set(range(world_size)) - set(out) - set(errors))
+            raise RankError("\n".join(f"rank {r} failed:\n{errors[r]}" for r in sorted(errors))
+                            + _stacks_of(procs, silent, stack_files))
     finally:
         for p in procs:
             p.join(timeout=5 if len(out) == world_size else 0.1)
@@ -144,4 +155,24 @@ def run_ranks(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        stacks.cleanup()
     return [out[r] for r in range(world_size)]
+
+
+def _stacks_of(procs: list, ranks: list[int], stack_files: list[str]) -> str:
+    """The Python stacks of ranks that are still running (a hang's other half), for the error message."""
+    alive = [r for r in ranks if procs[r].is_alive()]
+    if not alive or not hasattr(signal, "SIGUSR1"):
+        return ""
+    for r in alive:
+        os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    parts = []
+    for r in alive:
+        try:
+            with open(stack_files[r]) as f:
+                text = f.read().strip()
+        except OSError:
+            text = ""
+        parts.append(f"\nrank {r} had not reported; where it was:\n{text or '(no stack written)'}")
+    return "".join(parts)

@@ -1,0 +1,36 @@
+"""Control-plane exchanges over the store: values in rank order, numbered per tag, a missing rank is an error."""
+
+from __future__ import annotations
+
+import pytest
+
+from fsmoe_compiler.runtime.control import ExchangeTimeout, exchange
+from fsmoe_compiler.runtime.launch import run_ranks
+
+
+def _exchanges(rank: int, world_size: int) -> dict:
+    first = exchange("test/a", {"rank": rank})
+    other = exchange("test/b", rank * 10)
+    second = exchange("test/a", [rank] * (rank + 1))  # sizes may differ per rank
+    missing = None
+    if rank == 0:  # rank 1 never posts this one
+        try:
+            exchange("test/only-rank-0", 1, timeout_s=2.0)
+        except ExchangeTimeout as exc:
+            missing = str(exc)
+    return {"first": first, "other": other, "second": second, "missing": missing}
+
+
+@pytest.mark.timeout(120)
+def test_exchange_returns_every_rank_value_in_rank_order_and_names_a_missing_rank():
+    res = run_ranks(_exchanges, 2, timeout_s=90)
+    for r in res:
+        assert r["first"] == [{"rank": 0}, {"rank": 1}]
+        assert r["other"] == [0, 10]
+        assert r["second"] == [[0], [1, 1]]
+    assert "rank(s) [1] did not arrive" in res[0]["missing"]
+    assert res[1]["missing"] is None
+
+
+def test_without_distributed_it_returns_the_value_alone():
+    assert exchange("test/single", 5) == [5]
