@@ -11,7 +11,9 @@ What becomes a task
       weight gradients (no downstream collective) form a task separate from the
       input-gradient chain that feeds the next all-to-all, which is what lets the
       scheduler run dW after dX. Other compute nodes form maximal runs in the
-      original order between region nodes, collectives and barriers.
+      original order between region nodes, collectives and barriers; in the
+      backward a run is split further by its nodes' nearest downstream
+      collective (dense weight gradients apart from the input-gradient chain).
     * Free nodes (views, ``getitem``) cost nothing and join the task of their compute
       users in the same segment when those are all in one task (so tasks are not
       littered with zero-length views); so do nodes outside every region whose users
@@ -219,8 +221,14 @@ def _nearest_collectives(nodes: list[fx.Node], kinds: dict[fx.Node, str], pos: d
 
 
 def _group_keys(nodes: list[fx.Node], kinds: dict[fx.Node, str], seg: dict[fx.Node, int],
-                pos: dict[fx.Node, int]) -> dict[fx.Node, tuple]:
-    """A grouping key for every compute node (see the module docstring)."""
+                pos: dict[fx.Node, int], split_runs: bool = False) -> dict[fx.Node, tuple]:
+    """A grouping key for every compute node (see the module docstring).
+
+    ``split_runs`` (the backward) also splits each run outside the regions by
+    the nearest downstream collective, so weight gradients that feed only a
+    gradient all-reduce or the output are tasks apart from the chain that
+    feeds the next all-to-all, and can be run while it waits.
+    """
     up, down = _nearest_collectives(nodes, kinds, pos)
     follows = {n for n in nodes if kinds[n] == COMPUTE and is_free(n)
                and any(kinds[u] == COMPUTE and seg[u] == seg[n] for u in n.users)}
@@ -256,7 +264,7 @@ def _group_keys(nodes: list[fx.Node], kinds: dict[fx.Node, str], seg: dict[fx.No
             if not open_run:
                 run += 1
                 open_run = True
-            key[n] = ("run", seg[n], run)
+            key[n] = ("run", seg[n], run, (down[n].name if down[n] is not None else None) if split_runs else None)
     # followers join their users' task when all users are in one; else the task of what they view (a view is
     # an alias: its users depend on its producer anyway, so that adds no dependency), or one zero-work task
     # per producer (views of a wait that both dX and dW read must not tie dX to dW)
@@ -401,7 +409,7 @@ def build_taskgraph(gm: fx.GraphModule, cost: Cost, phase: str) -> tuple[TaskGra
         seg[n] = s
         if kinds[n] == BARRIER:
             s += 1
-    key = _group_keys(nodes, kinds, seg, pos)
+    key = _group_keys(nodes, kinds, seg, pos, split_runs=phase == "backward")
     succ = _successors(nodes, kinds)
 
     by_key: dict[tuple, list[fx.Node]] = {}
