@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import statistics
 import time
 import warnings
 from dataclasses import replace
@@ -269,10 +270,9 @@ class ScheduledGraph:
             runs = self.measured.get(degree)
             if runs and len(runs) > 1:  # a degree's first call runs new shapes (allocator, GEMM kernel set-up)
                 runs = runs[1:]
-            if runs:
-                names = sorted(set().union(*runs))
-                node_ms = {n: sorted(r[n] for r in runs if n in r)[len([r for r in runs if n in r]) // 2] for n in names}
-            else:  # not profiled: scale the unchunked graph's times by 1/degree (meta "origin")
+            if runs:  # per node, the median over this degree's calls
+                node_ms = {n: statistics.median_low([r[n] for r in runs if n in r]) for n in set().union(*runs)}
+            else:  # not profiled: the unchunked graph's times (node_cost divides a copy's origin by the degree)
                 node_ms = dict(out.get(1, CostModel(node_ms={}, comm=comm, samples=[])).node_ms)
             out[degree] = agree(CostModel(node_ms=node_ms, comm=comm, samples=list(self.samples)))
         return out

@@ -74,6 +74,9 @@ def _rank_main(
             world_size=world_size,
             timeout=timedelta(seconds=pg_timeout_s),
         )
+        # every rank's connections are up before any rank may return and tear its own down (else a slower
+        # peer still connecting sees "connection closed by peer" in init_process_group)
+        dist.barrier()
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", _dumps(value)))
     except BaseException:  # noqa: BLE001 - report anything to the parent

@@ -43,16 +43,9 @@ def measure_link(world_size: int, nbytes: int = 1 << 22, reps: int = 3) -> tuple
     """
 
     def time_a2a(n: int) -> float:
-        x = torch.zeros(max(n // 4, world_size) // world_size * world_size)
-        y = torch.empty_like(x)
-        dist.all_to_all_single(y, x)  # warm
-        best = float("inf")
-        for _ in range(reps):
-            dist.barrier()
-            t = time.perf_counter()
-            dist.all_to_all_single(y, x)
-            best = min(best, (time.perf_counter() - t) * 1e3)
-        return best
+        shape = [max(n // 4, world_size) // world_size * world_size]
+        _time_a2a(shape, reps=1)  # warm
+        return _time_a2a(shape, reps=reps)
 
     small, big = time_a2a(1024), time_a2a(nbytes)
     small, big = _agree([small, big], dist.ReduceOp.MAX)

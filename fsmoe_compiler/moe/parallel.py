@@ -39,6 +39,16 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return dense, list(sharded.values())
 
 
+def _check_dp_group(model: nn.Module, world: int, dp_group: dist.ProcessGroup | None) -> None:
+    """ValueError when expert parallelism spans fewer ranks than the world and no ``dp_group`` says who shares experts."""
+    ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
+    if ep_sizes and max(ep_sizes) < world and dp_group is None:
+        raise ValueError(
+            f"expert-parallel groups of size {sorted(ep_sizes)} are smaller than the world ({world}): "
+            "pass dp_group (the ranks that hold the same experts)"
+        )
+
+
 def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
     """Turn each rank's local gradients into the gradient of the mean loss over all ranks (collective).
 
@@ -55,12 +65,7 @@ def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) 
             dist.all_reduce(p.grad)
             p.grad.div_(world)
     if experts:
-        ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
-        if max(ep_sizes) < world and dp_group is None:
-            raise ValueError(
-                f"expert-parallel groups of size {sorted(ep_sizes)} are smaller than the world ({world}): "
-                "pass dp_group (the ranks that hold the same experts)"
-            )
+        _check_dp_group(model, world, dp_group)
         for p in experts:
             if p.grad is not None:
                 if dp_group is not None and dist.get_world_size(dp_group) > 1:
@@ -114,12 +119,7 @@ def sync_gradients_in_graph(model: nn.Module, dp_group: dist.ProcessGroup | None
     world = dist.get_world_size()
     dense, experts = split_parameters(model)
     if experts:
-        ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
-        if max(ep_sizes) < world and dp_group is None:
-            raise ValueError(
-                f"expert-parallel groups of size {sorted(ep_sizes)} are smaller than the world ({world}): "
-                "pass dp_group (the ranks that hold the same experts)"
-            )
+        _check_dp_group(model, world, dp_group)
     world_name = dist.group.WORLD.group_name
     dp_name = dp_group.group_name if dp_group is not None and dist.get_world_size(dp_group) > 1 else None
     group_of = {id(p): world_name for p in dense}
