@@ -40,8 +40,8 @@ class FSMoEConfig:
     max_degree: the largest degree "auto" tries.
     profile_steps: calls of each graph that run under the timing interpreter
         before the scheduled graph is swapped in (they compute the same results);
-        they cycle through the candidate degrees, and where a degree gets more
-        than one its first (cold: new shapes) is not used for costs.
+        they cycle through the candidate degrees, and each node costs the
+        fastest of its degree's calls (a first, cold call only adds time).
     measure_steps: calls after the swap that run timed per task, for the
         report's predicted-vs-measured columns.
     cache_dir: directory of the JSON profile cache (None: no cache); a hit

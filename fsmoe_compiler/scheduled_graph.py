@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import statistics
 import time
 import warnings
 from dataclasses import replace
@@ -268,10 +267,9 @@ class ScheduledGraph:
         out = {}
         for degree in self.degrees:
             runs = self.measured.get(degree)
-            if runs and len(runs) > 1:  # a degree's first call runs new shapes (allocator, GEMM kernel set-up)
-                runs = runs[1:]
-            if runs:  # per node, the median over this degree's calls
-                node_ms = {n: statistics.median_low([r[n] for r in runs if n in r]) for n in set().union(*runs)}
+            if runs:  # per node, the fastest of this degree's calls: a first call's new shapes (allocator,
+                # GEMM set-up) and a call another process interrupted only ever add time
+                node_ms = {n: min(r[n] for r in runs if n in r) for n in set().union(*runs)}
             else:  # not profiled: the unchunked graph's times (node_cost divides a copy's origin by the degree)
                 node_ms = dict(out.get(1, CostModel(node_ms={}, comm=comm, samples=[])).node_ms)
             out[degree] = agree(CostModel(node_ms=node_ms, comm=comm, samples=list(self.samples)))
