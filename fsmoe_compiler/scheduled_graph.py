@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from fsmoe_compiler import records
@@ -47,13 +48,19 @@ class PlanError(RuntimeError):
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose graph passes may edit while ``gm`` stays intact (node names and meta kept)."""
+    """A copy whose graph passes may edit while ``gm`` stays intact (node names and meta kept).
+
+    The copy is a ``_LazyGraphModule`` (as Inductor's passes use): its Python
+    code is generated when first needed, not on every copy and every pass's
+    ``recompile()``; variants are profiled through an interpreter and most are
+    thrown away, so for them it never is.
+    """
     graph = fx.Graph()
     graph._codegen = copy.copy(gm.graph._codegen)
     out_value = graph.graph_copy(gm.graph, {})
     old_output = gm.graph.output_node()
     graph.output(out_value, type_expr=old_output.type).meta = copy.copy(old_output.meta)
-    out = fx.GraphModule(gm, graph)
+    out = _LazyGraphModule(gm, graph)
     out.meta = dict(getattr(gm, "meta", {}))
     return out
 
