@@ -1,8 +1,9 @@
 """``solve``: hand the graph's task graph to the scheduler the options name and keep the schedule.
 
 ``scheduler="cpsat"`` minimises the makespan with CP-SAT (warm-started from
-list scheduling, deterministic time limit, never worse than the heuristic);
-``"heuristic"`` is the list scheduler alone; ``"tutel"`` replays a fixed
+the best of list scheduling and the two baseline orders below, deterministic
+time limit, never worse than any of them); ``"heuristic"`` is that best start
+alone; ``"tutel"`` replays a fixed
 Tutel-style pipeline (compute in graph order, collectives issued as soon as
 their inputs are ready); ``"sequential"`` replays the graph as traced. The
 schedule is deterministic for given costs, so ranks that agree on costs agree
@@ -15,19 +16,26 @@ import torch.fx as fx
 
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.taskgraph import sequential_order, tutel_order
-from fsmoe_compiler.scheduler import Schedule, TaskGraph, fixed_order_schedule, heuristic_schedule, solve_cpsat
+from fsmoe_compiler.scheduler import (Schedule, TaskGraph, fixed_order_schedule, heuristic_schedule, replay,
+                                      solve_cpsat)
+
+
+def baseline_schedules(graph: TaskGraph, taskmap: object) -> dict[str, Schedule]:
+    """The ``tutel`` and ``sequential`` fixed-order schedules of ``graph`` (baselines, and starts for ours)."""
+    return {"tutel": fixed_order_schedule(graph, tutel_order(graph, taskmap), method="tutel"),
+            "sequential": fixed_order_schedule(graph, sequential_order(graph, taskmap), method="sequential")}
 
 
 def solve_taskgraph(graph: TaskGraph, taskmap: object, scheduler: str, time_limit_s: float) -> Schedule:
     """The schedule of ``graph`` under ``scheduler`` (see the module docstring)."""
-    if scheduler == "cpsat":
-        return solve_cpsat(graph, time_limit_s=time_limit_s)
-    if scheduler == "heuristic":
-        return heuristic_schedule(graph)
-    if scheduler == "tutel":
-        return fixed_order_schedule(graph, tutel_order(graph, taskmap), method="tutel")
-    if scheduler == "sequential":
-        return fixed_order_schedule(graph, sequential_order(graph, taskmap), method="sequential")
+    if scheduler in ("cpsat", "heuristic"):
+        heuristic = heuristic_schedule(graph)
+        start = min([heuristic, *baseline_schedules(graph, taskmap).values()], key=lambda s: s.makespan)
+        if scheduler == "heuristic":
+            return replay(graph, start, method="heuristic", status=start.status)
+        return solve_cpsat(graph, time_limit_s=time_limit_s, hint=start, heuristic=heuristic)
+    if scheduler in ("tutel", "sequential"):
+        return baseline_schedules(graph, taskmap)[scheduler]
     raise ValueError(f"unknown scheduler {scheduler!r}; valid: 'cpsat', 'heuristic', 'tutel', 'sequential'")
 
 

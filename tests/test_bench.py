@@ -111,8 +111,10 @@ def _run_json(tmp_path, argv: list[str]) -> dict:
 def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
     # without root / iproute2 the emulated link falls back to loopback and says so; force that path here
     monkeypatch.setattr(bench_runner, "netns_unavailable_reason", lambda: "not running as root (test)")
-    data = _run_json(tmp_path, TINY + ["--emulate-link", "1gbit"])
+    data = _run_json(tmp_path, TINY + ["--emulate-link", "1gbit", "--shared-expert", "--trace-dir",
+                                       str(tmp_path / "traces")])
     out = capsys.readouterr().out
+    assert data["config"]["shared_expert"] and "+ shared expert" in out
     assert "running on loopback instead" in out and "method" in out and "median ms" in out
     assert data["link"]["mode"] == "loopback"
     assert any("running on loopback instead" in w for w in data["warnings"])
@@ -132,6 +134,8 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
         assert m["ok"] or m["error"], m  # a failing fsmoe method is marked with its error, the rest go on
         if m["ok"]:
             assert m["first_loss"] == pytest.approx(by_name["eager"]["first_loss"], rel=1e-4)
+            trace = json.loads((tmp_path / "traces" / f"{name}.rank0.json").read_text())  # --trace-dir
+            assert {"forward", "backward"} <= set(trace["metadata"]) and trace["traceEvents"]
 
 
 @pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"no emulated links: {netns_unavailable_reason()}")

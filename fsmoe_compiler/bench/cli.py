@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=DEFAULT_SIZES["top_k"], help="experts per token (default %(default)s)")
     p.add_argument("--capacity-factor", type=float, default=DEFAULT_SIZES["capacity_factor"],
                    help="expert capacity factor (default %(default)s)")
+    p.add_argument("--shared-expert", action="store_true",
+                   help="add a dense shared expert (width --d-ff) beside each MoE layer's routed experts, "
+                   "as DeepSeek-MoE and Qwen-MoE do")
     p.add_argument("--batch", type=int, default=DEFAULT_SIZES["batch"], help="sequences per rank (default %(default)s)")
     p.add_argument("--seq", type=int, default=DEFAULT_SIZES["seq"], help="sequence length (default %(default)s)")
     p.add_argument("--tokens", type=int, default=None,
@@ -73,6 +77,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the profiled eager step that splits a step into all-to-all / grad sync / compute")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--trace-dir", metavar="DIR",
+                   help="each rank writes the predicted and measured timelines of every fsmoe method as a Chrome "
+                   "trace, DIR/METHOD.rankN.json (fsmoe_compiler.export_trace)")
     p.add_argument("--timeout", type=float, default=600.0, help="hard deadline for the whole run, seconds (default 600)")
     p.set_defaults(func=run_bench)
 
@@ -123,9 +130,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig(
         methods=methods, ranks=args.ranks, model=args.model, layers=args.layers, d_model=args.d_model,
         d_ff=args.d_ff, experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
-        batch=batch, seq=args.seq, steps=args.steps, warmup=args.warmup, threads=args.threads,
+        shared_expert=args.shared_expert, batch=batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+        threads=args.threads,
         emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
         fsmoe_options=fsmoe_options, grad_sync=args.grad_sync,
+        trace_dir=os.path.abspath(args.trace_dir) if args.trace_dir else None,
     )
     cfg.validate()
     return cfg
@@ -141,7 +150,8 @@ def render(result: BenchResult) -> str:
     link = result.link
     lines = [
         f"fsmoe bench: {c['model']} MoE, {c['layers']} layers, d_model {c['d_model']}, d_ff {c['d_ff']}, "
-        f"{c['experts']} experts top-{c['top_k']} (capacity factor {c['capacity_factor']}), "
+        f"{c['experts']} experts top-{c['top_k']} (capacity factor {c['capacity_factor']})"
+        + (" + shared expert" if c.get("shared_expert") else "") + ", "
         f"{c['batch']}x{c['seq']} tokens per rank; {c['ranks']} gloo ranks x {c['threads']} thread(s); "
         f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin; gradient sync "
         + ("inside backward (per parameter)" if c.get("grad_sync") == "graph" else "after backward (one bucket)"),

@@ -46,6 +46,7 @@ class BenchConfig:
     experts: int = DEFAULT_SIZES["experts"]
     top_k: int = DEFAULT_SIZES["top_k"]
     capacity_factor: float = DEFAULT_SIZES["capacity_factor"]
+    shared_expert: bool = False
     batch: int = DEFAULT_SIZES["batch"]
     seq: int = DEFAULT_SIZES["seq"]
     steps: int = 10
@@ -59,6 +60,7 @@ class BenchConfig:
     breakdown: bool = True
     fsmoe_options: dict[str, Any] = field(default_factory=dict)
     grad_sync: str = "bucket"  # "bucket": after backward, one flat all-reduce; "graph": inside backward
+    trace_dir: str | None = None  # each rank writes a Chrome trace per fsmoe method here
 
     def validate(self) -> None:
         """ValueError naming the bad field and what would be valid."""
@@ -87,6 +89,7 @@ class BenchConfig:
             "num_experts": self.experts,
             "top_k": self.top_k,
             "capacity_factor": self.capacity_factor,
+            "shared_expert": self.shared_expert,
             "seq_len": self.seq,
         }
 

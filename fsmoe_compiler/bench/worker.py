@@ -265,6 +265,8 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
         raws[name].info.update(setup.info)
         if name in FSMOE_OPTIONS:
             raws[name].info["fsmoe"] = fsmoe_summary(setup.model)
+            if cfg.trace_dir:
+                raws[name].info["trace"] = _write_trace(setup.model, cfg.trace_dir, f"{name}.rank{rank}.json")
 
     if cfg.breakdown and "eager" in setups:
         setup, _ = setups["eager"]
@@ -275,6 +277,19 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
 
     out["methods"] = {name: dataclasses.asdict(raw) for name, raw in raws.items()}
     return out
+
+
+def _write_trace(model: torch.nn.Module, directory: str, filename: str) -> str:
+    """``export_trace`` of an fsmoe-compiled model into ``directory``; the path, or why it could not be written."""
+    from fsmoe_compiler import export_trace
+
+    path = os.path.join(directory, filename)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        export_trace(model, path)
+    except Exception as exc:  # noqa: BLE001 - a trace is a by-product: say why, keep the timings
+        return f"not written: {describe_error(exc)}"
+    return path
 
 
 def _synced_in_backward(model: torch.nn.Module) -> None:
