@@ -56,6 +56,7 @@ class ScheduleReport:
     plan_split_s: dict[str, float] = field(default_factory=dict)  # plan_s by phase: chunk, rank degrees, schedule
     cache_hit: bool = False
     status: str = ""
+    reference_ms: dict[str, float] = field(default_factory=dict)  # "tutel", "sequential", "lower_bound"
     measured_calls_ms: list[float] = field(default_factory=list)
     schedule: Any = field(default=None, repr=False)  # scheduler.Schedule, for traces
     taskgraph: Any = field(default=None, repr=False)  # scheduler.TaskGraph

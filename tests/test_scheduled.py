@@ -77,6 +77,7 @@ def _steps_match(case: tuple, rank: int, options: dict, steps: int = STEPS) -> d
         "degrees": {k: (s.degrees if s else None) for k, s in scheds.items()},
         "chunk_notes": {k: (s.notes if s else None) for k, s in scheds.items()},
         "predicted": {k: (s.predicted_ms if s else None) for k, s in scheds.items()},
+        "reference": {k: (s.reference_ms if s else None) for k, s in scheds.items()},
         "measured": {k: (s.measured_ms if s else None) for k, s in scheds.items()},
         "timed_tasks": {k: (sum(t.measured_end_ms is not None for t in s.tasks) if s else 0) for k, s in scheds.items()},
         "tasks": {k: (len(s.tasks) if s else 0) for k, s in scheds.items()},
@@ -134,8 +135,11 @@ def test_fixed_degree_is_applied_reported_and_traced(tmp_path):
     for res in results:
         assert all(not bad for bad in res["bad"]), res["bad"]
         assert res["degrees"]["forward"] == {0: 2} and res["degrees"]["backward"] == {0: 2}
+        for kind, ref in res["reference"].items():  # same graph, same costs: baselines >= ours >= the bound
+            assert ref["lower_bound"] - 1e-9 <= res["predicted"][kind] <= min(ref["tutel"], ref["sequential"]) + 1e-9
     text = results[0]["render"]
     assert "degree per layer: L0=2" in text and "predicted" in text and "meas ms" in text
+    assert "same task graph and costs: tutel " in text and "lower bound" in text
     trace = json.load(open(path))
     procs = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
     assert procs == {"forward predicted", "forward measured", "backward predicted", "backward measured"}

@@ -211,6 +211,14 @@ def render(result: BenchResult) -> str:
             meas = sum(g["measured_ms"] for g in graphs)
             lines.append(f"{m.name}: predicted forward + backward {pred:.1f} ms, measured {meas:.1f} ms "
                          f"(median per graph, rank 0), error {100 * (pred - meas) / meas:+.1f} %")
+        refs = [g.get("reference_ms") or {} for g in graphs]
+        if m.name == "fsmoe" and graphs and all({"tutel", "lower_bound"} <= set(r) for r in refs):
+            pred = sum(g["predicted_ms"] for g in graphs)
+            tut = sum(r["tutel"] for r in refs)
+            lb = sum(r["lower_bound"] for r in refs)
+            lines.append(f"{m.name} cost model, its own graphs and costs, forward + backward: schedule {pred:.1f} ms, "
+                         f"tutel order {tut:.1f} ms ({tut / pred:.2f}x), lower bound {lb:.1f} ms (no order beats "
+                         f"tutel's by more than {tut / lb:.2f}x)")
     if overheads:
         lines.append("backend compile overhead (passes at compile + chunking and planning, profiling steps "
                      "excluded, both graphs): " + ", ".join(overheads))

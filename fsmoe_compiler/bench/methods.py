@@ -290,6 +290,7 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                         plan_s=sch.plan_s,
                         plan_split_s=dict(sch.plan_split_s),
                         status=sch.status,
+                        reference_ms=dict(sch.reference_ms),
                         notes=list(sch.notes)[:5],
                     )
                 out[f"{kind}{rec.id}" if kind in out else kind] = row
