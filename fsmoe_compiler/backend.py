@@ -25,6 +25,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
+from fsmoe_compiler.gc_pause import gc_paused
 from fsmoe_compiler.passes.annotate import annotate
 from fsmoe_compiler.passes.chunk import chunk
 from fsmoe_compiler.passes.context import PassContext
@@ -98,7 +99,8 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
         fallback = None
         t0 = time.perf_counter()
         try:
-            result = run_passes(copy_graph_module(gm), ctx)
+            with gc_paused():
+                result = run_passes(copy_graph_module(gm), ctx)
         except Exception as exc:  # any pass failure: run the unmodified graph, say why
             if config.strict:
                 raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc

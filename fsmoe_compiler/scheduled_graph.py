@@ -28,6 +28,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
+from fsmoe_compiler.gc_pause import gc_paused
 from fsmoe_compiler.passes.collectives import is_collective
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.solve import baseline_schedules
@@ -190,7 +191,8 @@ class ScheduledGraph:
         self.built = True
         t0 = time.perf_counter()
         try:
-            self._chunk_every_degree()
+            with gc_paused():
+                self._chunk_every_degree()
         finally:
             self.chunk_s += time.perf_counter() - t0
 
@@ -304,7 +306,8 @@ class ScheduledGraph:
         hit = all(c is not None for c in stored.values())
         if not _all_ranks_true(f"{self.tag}/cache", hit):
             return False
-        self._plan(stored, cache_hit=True)  # type: ignore[arg-type]
+        with gc_paused():
+            self._plan(stored, cache_hit=True)  # type: ignore[arg-type]
         return True
 
     def _finish_profiling(self) -> None:
@@ -312,7 +315,8 @@ class ScheduledGraph:
         if self.cache is not None:  # every rank: a node-local cache directory must hit on every node
             for degree, c in costs.items():
                 self.cache.store(self._cache_key(degree), c)
-        self._plan(costs, cache_hit=False)
+        with gc_paused():
+            self._plan(costs, cache_hit=False)
 
     def _plan(self, costs: dict[int, CostModel], cache_hit: bool) -> None:
         """Schedule every variant, keep the one with the smallest predicted makespan; all ranks agree or fall back."""

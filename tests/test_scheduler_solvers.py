@@ -190,3 +190,43 @@ def test_parallel_generation_valid_and_runs_fillers_when_compute_would_idle():
     validate_schedule(g, schedule_from_starts(g, starts))
     assert serial == pytest.approx(4.5) and par == pytest.approx(4.1)
     assert starts[g.arrays().index["w"]] == pytest.approx(1.0)
+
+
+def test_cpsat_starts_from_the_hint_even_when_its_float_times_do_not_round_to_a_solution():
+    """Irregular durations: rounding each float start alone breaks precedences, so CP-SAT would drop the hint and
+    find nothing in a short limit; the hint replayed in integer time is a solution it starts from."""
+    from dataclasses import replace
+
+    spec = LayerSpec(B=4, L=1024, M=2048, H=8192, f=2.4)
+    base = build_stack_backward([spec] * 4, COSTS, [4] * 4, [[spec.dense_grad_elems / 2] * 2] * 4)
+    rng = random.Random(0)
+    g = TaskGraph(name="irregular")
+    for t in base.tasks.values():
+        g.add_task(replace(t, duration=t.duration * (1 + rng.random() * 1e-3) + 1e-7))
+    for u, v in base.deps:
+        g.add_dep(u, v)
+    h = heuristic_schedule(g)
+    s = solve_cpsat(g, time_limit_s=0.002, heuristic=h, skip_if_tight=False)
+    validate_schedule(g, s)
+    assert s.status in ("OPTIMAL", "FEASIBLE"), s.status
+    assert s.makespan <= h.makespan + 1e-9
+
+
+def test_gc_paused_restores_the_collector_also_on_error():
+    import gc
+
+    from fsmoe_compiler.gc_pause import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: stays off
+    finally:
+        gc.enable()

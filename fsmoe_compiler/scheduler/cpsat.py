@@ -129,18 +129,25 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
     for i in range(n):
         for j in arr.succs[i]:
             m.add(starts[j] >= ends[i])
+    hint_start = _integer_starts(arr, dur, hint) if set(hint.start) >= set(arr.ids) else None
     if symmetry_breaking:
         for a, b in _symmetric_chunk_pairs(graph):
-            m.add(starts[arr.index[a]] <= starts[arr.index[b]])
+            ia, ib = arr.index[a], arr.index[b]
+            if hint_start is None or hint_start[ia] <= hint_start[ib]:  # never cut off the hint
+                m.add(starts[ia] <= starts[ib])
     makespan = m.new_int_var(0, horizon, "makespan")
     m.add_max_equality(makespan, ends)
     # Integer rounding can move the hint's makespan by a few units; allow slack of n units.
-    m.add(makespan <= int(round(best_known.makespan * scale)) + n + 1)
+    cap = int(round(best_known.makespan * scale)) + n + 1
+    if hint_start is not None:
+        cap = max(cap, max(hint_start[i] + dur[i] for i in range(n)))
+    m.add(makespan <= cap)
     m.minimize(makespan)
-    hs = hint.start
-    for i, tid in enumerate(arr.ids):
-        if tid in hs:
-            m.add_hint(starts[i], int(round(hs[tid] * scale)))
+    if hint_start is not None:  # a complete hint, feasible in integer time: CP-SAT starts from a solution
+        for i in range(n):
+            m.add_hint(starts[i], hint_start[i])
+            m.add_hint(ends[i], hint_start[i] + dur[i])
+        m.add_hint(makespan, max(hint_start[i] + dur[i] for i in range(n)))
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = 1
@@ -167,6 +174,28 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
         return out
     exact.solve_time_s = time.perf_counter() - t0
     return exact
+
+
+def _integer_starts(arr, dur: list[int], hint: Schedule) -> list[int]:
+    """``hint``'s per-resource order replayed in integer time units: a solution of the CP-SAT model.
+
+    Rounding the hint's float times independently can make a task start one
+    unit before its predecessor ends, and CP-SAT then drops the whole hint;
+    replaying the order (each task as early as its predecessors and the
+    previous task on its resource allow) keeps every constraint.
+    """
+    rank = {j: k for k, j in enumerate(arr.topo)}
+    order = sorted(range(len(arr.ids)), key=lambda i: (hint.start[arr.ids[i]], hint.end[arr.ids[i]], rank[i]))
+    start = [0] * len(arr.ids)
+    end = [0] * len(arr.ids)
+    free: dict[int, int] = {}
+    for i in order:
+        t = max([end[p] for p in arr.preds[i]], default=0)
+        if dur[i] > 0:
+            t = max(t, free.get(arr.res[i], 0))
+            free[arr.res[i]] = t + dur[i]
+        start[i], end[i] = t, t + dur[i]
+    return start
 
 
 def _copy(s: Schedule, method: str, status: str, t0: float) -> Schedule:
