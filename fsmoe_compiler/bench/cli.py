@@ -15,9 +15,10 @@ error and the others go on.
 joined by veth links shaped with tc tbf to RATE, so communication takes real
 wall time without eating compute cores. The default model is
 communication-heavy: GPT-2-style, 2 MoE layers, d_model 256, d_ff 1536, 4
-experts top-2, 1024 tokens per rank; with --emulate-link 500mbit and 1 thread
-per rank the all-to-alls alone on the link take about as long as the expert
-GEMMs (the line under the table shows one eager step's measured split).
+experts top-2, 1024 tokens per rank; with 1 thread per rank and
+--emulate-link 300mbit to 500mbit (slower cores: the lower rate) the
+all-to-alls alone on the link take about as long as the expert GEMMs (the
+line under the table shows one eager step's measured split).
 
 The integrator's ``fsmoe_compiler/cli.py`` mounts this with
 :func:`add_bench_parser`; ``python -m fsmoe_compiler.bench`` runs it alone.

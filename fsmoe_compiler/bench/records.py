@@ -13,11 +13,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-# Communication-heavy default: with --emulate-link 500mbit and 1 thread per rank on the 2-core
-# Xeon of the dev machine, one eager step (~600 ms) has 8 all-to-alls taking ~160-185 ms on the
-# wire alone (~290 ms with the wait for the other rank) and the experts' GEMMs ~180 ms of
-# ~275 ms compute; the bucketed gradient all-reduce of the dense weights ~40 ms (measured with
-# the bench's eager step split).
+# Communication-heavy default: with 1 thread per rank, one eager step has 8 all-to-alls taking
+# ~165 ms on a 500 Mbit/s link alone (~320 ms at 300 Mbit/s) against ~225 ms of expert GEMMs on
+# the 2-core Xeon of one dev machine and ~360 ms on the AMD EPYC of another; the bucketed
+# gradient all-reduce of the dense weights ~40-65 ms (measured with the bench's eager step split).
 DEFAULT_MODEL = "gpt2"
 #: How the bench averages gradients over ranks (``--grad-sync``).
 GRAD_SYNC = ("bucket", "graph")
@@ -54,7 +53,7 @@ class BenchConfig:
     threads: int = 1
     seed: int = 0
     lr: float = 0.01
-    emulate_link: str | None = None  # suggested for the default model: "500mbit"
+    emulate_link: str | None = None  # suggested for the default model: "300mbit" to "500mbit"
     timeout_s: float = 600.0
     pg_timeout_s: float = 120.0
     breakdown: bool = True
