@@ -31,14 +31,12 @@ from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
 from fsmoe_compiler.passes.collectives import is_collective
 from fsmoe_compiler.passes.context import PassContext
-from fsmoe_compiler.passes.solve import baseline_schedules
 from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.profiler.ops import KINDS
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, agree, fit_collectives, microbenchmark_collectives,
                                      profile_call, profile_key)
 from fsmoe_compiler.runtime.control import exchange
 from fsmoe_compiler.runtime.executor import GraphExecutor
-from fsmoe_compiler.scheduler.bounds import lower_bound
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
@@ -390,9 +388,8 @@ def _schedule_report(scheduler: str, ctx: PassContext, predicted: dict[int, floa
     rows.sort(key=lambda r: (r.start_ms, r.resource, r.task))
     degrees = {layer: getattr(info, "degree", 1) for layer, info in ctx.chunking.items()}
     notes = [n for n in ctx.notes]
-    reference = {k: s.makespan for k, s in baseline_schedules(graph, ctx.taskmap).items()}
-    reference["lower_bound"] = lower_bound(graph)
     return records.ScheduleReport(scheduler=scheduler, degrees=degrees, candidates=predicted,
                                   predicted_ms=sched.makespan, tasks=rows, notes=notes, profile_calls=calls,
-                                  cache_hit=cache_hit, status=sched.status, reference_ms=reference,
+                                  cache_hit=cache_hit, status=sched.status,
+                                  reference_ms=dict(sched.meta.get("reference_ms", {})),
                                   schedule=sched, taskgraph=graph)
