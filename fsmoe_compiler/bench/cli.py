@@ -207,14 +207,13 @@ def render(result: BenchResult) -> str:
     for m in result.methods:
         fs = m.info.get("fsmoe") if m.ok else None
         graphs = [g for g in (fs or {}).values() if isinstance(g, dict) and g.get("predicted_ms")]
+        pred = sum(g["predicted_ms"] for g in graphs)
         if graphs and all(g.get("measured_ms") for g in graphs):
-            pred = sum(g["predicted_ms"] for g in graphs)
             meas = sum(g["measured_ms"] for g in graphs)
             lines.append(f"{m.name}: predicted forward + backward {pred:.1f} ms, measured {meas:.1f} ms "
                          f"(median per graph, rank 0), error {100 * (pred - meas) / meas:+.1f} %")
         refs = [g.get("reference_ms") or {} for g in graphs]
         if m.name == "fsmoe" and graphs and all({"tutel", "lower_bound"} <= set(r) for r in refs):
-            pred = sum(g["predicted_ms"] for g in graphs)
             tut = sum(r["tutel"] for r in refs)
             lb = sum(r["lower_bound"] for r in refs)
             lines.append(f"{m.name} cost model, its own graphs and costs, forward + backward: schedule {pred:.1f} ms, "

@@ -84,10 +84,9 @@ def schedule_summary(sched: Any) -> str:
         f"{len(sched.measured_calls_ms)} call(s)), error {err}; planning {sched.plan_s:.2f} s, "
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
-    ref = getattr(sched, "reference_ms", None)
-    if ref:
+    if sched.reference_ms:
         lines.append("same task graph and costs: " + ", ".join(
-            f"{name.replace('_', ' ')} {ms:.3f} ms" for name, ms in ref.items()))
+            f"{name.replace('_', ' ')} {ms:.3f} ms" for name, ms in sched.reference_ms.items()))
     return "\n".join(lines)
 
 

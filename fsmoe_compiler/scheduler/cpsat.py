@@ -139,15 +139,15 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
     m.add_max_equality(makespan, ends)
     # Integer rounding can move the hint's makespan by a few units; allow slack of n units.
     cap = int(round(best_known.makespan * scale)) + n + 1
-    if hint_start is not None:
-        cap = max(cap, max(hint_start[i] + dur[i] for i in range(n)))
-    m.add(makespan <= cap)
-    m.minimize(makespan)
     if hint_start is not None:  # a complete hint, feasible in integer time: CP-SAT starts from a solution
+        hint_end = [hint_start[i] + dur[i] for i in range(n)]
+        cap = max(cap, max(hint_end))
         for i in range(n):
             m.add_hint(starts[i], hint_start[i])
-            m.add_hint(ends[i], hint_start[i] + dur[i])
-        m.add_hint(makespan, max(hint_start[i] + dur[i] for i in range(n)))
+            m.add_hint(ends[i], hint_end[i])
+        m.add_hint(makespan, max(hint_end))
+    m.add(makespan <= cap)
+    m.minimize(makespan)
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = 1
