@@ -121,7 +121,8 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
         _dump(config, record, kind, "after", result)
         if fallback is not None:
             return make_boxed_func(result.forward)
-        scheduled = ScheduledGraph(result, ctx, config, report, chunk_passes, screen_passes, schedule_passes)
+        scheduled = ScheduledGraph(result, ctx, config, report, chunk_passes, screen_passes, schedule_passes,
+                                   dump=lambda stage, g: _dump(config, record, kind, stage, g))
         return make_boxed_func(lambda *args: scheduled(list(args)))
 
     return compile_graph
@@ -156,5 +157,9 @@ def _dump(config: FSMoEConfig, record: records.CompileRecord, kind: str, stage: 
     os.makedirs(config.dump_dir, exist_ok=True)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     path = os.path.join(config.dump_dir, f"graph{record.id}_{kind}_{stage}_rank{rank}.py")
+    tasks = [f"#   {n.name}: task {m['task']}, stream {m.get('stream')}" for n in gm.graph.nodes
+             if isinstance(m := n.meta.get("fsmoe"), dict) and "task" in m]
     with open(path, "w") as f:
         f.write(gm.print_readable(print_output=False))
+        if tasks:
+            f.write("\n# node -> task, stream (in graph order)\n" + "\n".join(tasks) + "\n")

@@ -29,7 +29,8 @@ class FSMoEConfig:
     check_ranks: when torch.distributed is initialised with more than one rank,
         compare the regions every rank found and raise if they differ (ranks
         that disagree would otherwise issue collectives in different orders).
-    dump_dir: if set, write each graph's code before and after the passes there.
+    dump_dir: if set, write each graph's code there: before and after the passes, and the scheduled graph
+        once profiling ends (with each node's task and stream).
     scheduler: how MoE regions are chunked and ordered: "cpsat" (CP-SAT over
         the measured task graph, the default), "heuristic" (list scheduling),
         "tutel" (fixed pipeline: compute in graph order, collectives issued

@@ -102,8 +102,10 @@ class ScheduledGraph:
     _boxed_call = True
 
     def __init__(self, base: fx.GraphModule, ctx: PassContext, config: FSMoEConfig, report: records.GraphReport,
-                 chunk_passes: Pipeline, screen_passes: Pipeline, schedule_passes: Pipeline) -> None:
+                 chunk_passes: Pipeline, screen_passes: Pipeline, schedule_passes: Pipeline,
+                 dump: Callable[[str, fx.GraphModule], None] | None = None) -> None:
         self.base = base
+        self.dump = dump  # writes the scheduled graph where ``dump_dir`` asks
         self.ctx = ctx
         self.config = config
         self.report = report
@@ -354,6 +356,8 @@ class ScheduledGraph:
         else:
             degree, gm, ctx = best
             self.runner = GraphExecutor(gm, ctx.taskmap.task_of)
+            if self.dump is not None:
+                self.dump("scheduled", gm)
             self.report.schedule = _schedule_report(self.config.scheduler, ctx, predicted, len(self.measured),
                                                     cache_hit, self.calls)
             self.report.schedule.notes[:0] = [n for n in self.chunk_notes if n not in self.report.schedule.notes]

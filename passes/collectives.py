@@ -35,6 +35,13 @@ def is_wait(node: fx.Node) -> bool:
     return parts is not None and parts[0] in COLLECTIVE_NAMESPACES and parts[1] in WAIT_OPS
 
 
+def is_redundant_wait(node: fx.Node) -> bool:
+    """A ``wait_tensor`` of what another ``wait_tensor`` returned: the tensor is already complete, so it is the
+    identity (tracing ``wait_tensor(all_reduce(x))`` records two waits: funcol adds its own)."""
+    src = node.args[0] if node.args else None
+    return is_wait(node) and isinstance(src, fx.Node) and is_wait(src)
+
+
 def is_collective(node: fx.Node) -> bool:
     """A node that communicates (issues a collective); waits are not collectives."""
     parts = _op_parts(node)

@@ -59,7 +59,7 @@ import torch
 import torch.fx as fx
 
 from fsmoe_compiler.passes.collectives import (COLLECTIVE_NAMESPACES, collective_group, collective_kind, is_collective,
-                                               is_wait)
+                                               is_redundant_wait, is_wait)
 from fsmoe_compiler.passes.graph_utils import MATMUL_OPS, nbytes, overloads
 from fsmoe_compiler.scheduler import TaskGraph
 
@@ -149,8 +149,9 @@ def _is_random(node: fx.Node) -> bool:
 
 
 def is_free(node: fx.Node) -> bool:
-    """A node that does no work (a view or ``getitem``): it joins its user's task."""
-    return node.op == "call_function" and (node.target in FREE_OPS or node.target is operator.getitem)
+    """A node that does no work (a view, ``getitem`` or a wait on a completed tensor): it joins its user's task."""
+    return node.op == "call_function" and (node.target in FREE_OPS or node.target is operator.getitem
+                                           or is_redundant_wait(node))
 
 
 def classify_nodes(graph: fx.Graph) -> dict[fx.Node, str]:
@@ -166,6 +167,8 @@ def classify_nodes(graph: fx.Graph) -> dict[fx.Node, str]:
             ok = (_namespace(n) in FUNCTIONAL_NAMESPACES and collective_kind(n) in MODELED_COLLECTIVES
                   and len(users) == 1 and is_wait(users[0]) and users[0].args[0] is n)
             kinds[n] = COLLECTIVE if ok else BARRIER
+        elif is_redundant_wait(n):
+            kinds[n] = COMPUTE  # the identity: no communication left to order
         elif is_wait(n):
             src = n.args[0] if n.args else None
             kinds[n] = WAIT if isinstance(src, fx.Node) and kinds.get(src) == COLLECTIVE else BARRIER

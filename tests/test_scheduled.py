@@ -119,12 +119,16 @@ def _fixed_degree_and_trace(rank: int, world_size: int, trace_path: str) -> dict
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Block("gshard", "capacity", "gelu", False)
-    compiled = torch.compile(model, backend="fsmoe", options={**OPTIONS, "pipeline_degree": 2})
+    dump = os.path.join(os.path.dirname(trace_path), "dump")
+    compiled = torch.compile(model, backend="fsmoe", options={**OPTIONS, "pipeline_degree": 2, "dump_dir": dump})
     for step in range(STEPS):
         torch.manual_seed(step)
         compiled(torch.randn(TOKENS, D)).backward()
     if rank == 0:
         fsmoe_compiler.export_trace(compiled, trace_path)
+    res["scheduled_dump"] = {kind: "".join(open(os.path.join(dump, f)).read() for f in sorted(os.listdir(dump))
+                                           if f.endswith(f"_{kind}_scheduled_rank{rank}.py"))
+                             for kind in ("forward", "backward")}
     return res
 
 
@@ -137,6 +141,9 @@ def test_fixed_degree_is_applied_reported_and_traced(tmp_path):
         assert res["degrees"]["forward"] == {0: 2} and res["degrees"]["backward"] == {0: 2}
         for kind, ref in res["reference"].items():  # same graph, same costs: baselines >= ours >= the bound
             assert ref["lower_bound"] - 1e-9 <= res["predicted"][kind] <= min(ref["tutel"], ref["sequential"]) + 1e-9
+    for res in results:  # dump_dir also gets the scheduled graph, each node with its task and stream
+        assert "task F.L0.c1." in res["scheduled_dump"]["forward"] and "stream comm" in res["scheduled_dump"]["forward"]
+        assert "task B.L0.c1." in res["scheduled_dump"]["backward"]
     text = results[0]["render"]
     assert "degree per layer: L0=2" in text and "predicted" in text and "meas ms" in text
     assert "same task graph and costs: tutel " in text and "lower bound" in text

@@ -319,6 +319,27 @@ def test_a_size_read_off_a_collective_output_does_not_make_it_a_barrier():
     assert tm.nodes_of["F.a2a0"] == ["a2a", "wait_a2a"] and tm.barriers == []
 
 
+def test_a_wait_on_a_completed_tensor_is_the_identity_not_a_barrier():
+    """``wait_tensor(all_reduce(g))`` traces as two waits (funcol adds its own); the second must not pin every
+    task to its side, or no gradient all-reduce could ever move."""
+    b = GraphBuilder()
+    x = b.input("x", 4, 4)
+    g = b.input("g", 4, 4)
+    w = b.all_reduce("ar", g)
+    again = b._node(c10d.wait_tensor.default, (w,), "wait_again", torch.empty_like(w.meta["val"]))
+    scaled = b.op("scaled", aten.div.Tensor, again, 2.0)
+    y = b.a2a("a2a", b.op("a", aten.relu.default, x))
+    gm = b.output(scaled, y)
+    kinds = classify_nodes(gm.graph)
+    assert kinds[w] == "wait" and kinds[again] == "compute"
+    tg, tm = build_taskgraph(gm, cost_table({}, 1.0), "backward")
+    assert tm.barriers == []
+    assert tm.task_of["wait_again"] == tm.task_of["scaled"]  # joins its user, like a view
+    assert nx.has_path(tg.g, "B.ar0", tm.task_of["scaled"])
+    # the all-reduce and the all-to-all are independent: either may go first on the link
+    assert not nx.has_path(tg.g, "B.ar0", "B.a2a0") and not nx.has_path(tg.g, "B.a2a0", "B.ar0")
+
+
 def test_all_gather_groups_run_on_the_intra_link_and_a2a_groups_on_inter():
     b = GraphBuilder()
     x = b.input("x", 4, 4)
