@@ -56,6 +56,19 @@ def test_tokens_sets_the_batch():
     assert cfg.fsmoe_options == {"max_degree": 8, "cache_dir": "/tmp/c"}
 
 
+def test_ranks_keep_freed_memory_unless_system_malloc_is_asked_for():
+    from fsmoe_compiler.bench.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--threads", "2"]))
+    env = bench_runner.rank_env(cfg, None, 29555)
+    assert env["OMP_NUM_THREADS"] == "2" and env["MASTER_PORT"] == "29555" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert {k: env[k] for k in bench_runner.MALLOC_KEEP} == bench_runner.MALLOC_KEEP
+    assert int(env["MALLOC_MMAP_THRESHOLD_"]) == 32 << 20  # glibc's ceiling; larger values are ignored
+    plain = config_from_args(build_parser().parse_args(["--system-malloc"]))
+    env = bench_runner.rank_env(plain, None, 29555)
+    assert all(env.get(k) == os.environ.get(k) for k in bench_runner.MALLOC_KEEP)
+
+
 def test_aggregate_takes_the_slowest_rank_per_repeat_and_flags_loss_mismatch():
     cfg = BenchConfig(methods=["eager", "aot_eager", "fsmoe"])
     ranks = [

@@ -75,6 +75,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="how every method averages gradients over ranks: 'bucket' (default: after backward, outside "
                    "any graph, one flat all-reduce as DDP buckets) or 'graph' (inside backward, one functional "
                    "all-reduce per parameter, so compiled backward graphs hold them and may overlap them)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave the ranks' glibc malloc at its defaults; by default every rank keeps freed heap "
+                   "memory for reuse (MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=64 GiB, as a "
+                   "caching allocator does on CUDA), so no method pays page faults for re-allocating activations")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the profiled eager step that splits a step into all-to-all / grad sync / compute")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -135,7 +139,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         threads=args.threads,
         emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
         fsmoe_options=fsmoe_options, grad_sync=args.grad_sync,
-        trace_dir=os.path.abspath(args.trace_dir) if args.trace_dir else None,
+        trace_dir=os.path.abspath(args.trace_dir) if args.trace_dir else None, system_malloc=args.system_malloc,
     )
     cfg.validate()
     return cfg
@@ -155,7 +159,8 @@ def render(result: BenchResult) -> str:
         + (" + shared expert" if c.get("shared_expert") else "") + ", "
         f"{c['batch']}x{c['seq']} tokens per rank; {c['ranks']} gloo ranks x {c['threads']} thread(s); "
         f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin; gradient sync "
-        + ("inside backward (per parameter)" if c.get("grad_sync") == "graph" else "after backward (one bucket)"),
+        + ("inside backward (per parameter)" if c.get("grad_sync") == "graph" else "after backward (one bucket)")
+        + ("; glibc malloc defaults" if c.get("system_malloc") else "; malloc keeps freed memory"),
         "link: " + (f"emulated {link['rate']} ({link['topology']}, tc tbf)" if link["mode"] == "emulated"
                     else "loopback (not shaped)")
         + f"; all-to-all measured {link.get('measured_mbit_s', 0):.0f} Mbit/s, "

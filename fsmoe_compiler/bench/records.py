@@ -60,6 +60,7 @@ class BenchConfig:
     fsmoe_options: dict[str, Any] = field(default_factory=dict)
     grad_sync: str = "bucket"  # "bucket": after backward, one flat all-reduce; "graph": inside backward
     trace_dir: str | None = None  # each rank writes a Chrome trace per fsmoe method here
+    system_malloc: bool = False  # False: the ranks' glibc malloc keeps freed memory (see runner.MALLOC_KEEP)
 
     def validate(self) -> None:
         """ValueError naming the bad field and what would be valid."""
