@@ -1,8 +1,8 @@
 """``fsmoe bench``: time MoE training steps of several compilers side by side on local gloo ranks.
 
 Starts N local gloo ranks (default 2) and times training steps (forward,
-backward, gradient sync outside the compiled graph as one bucketed all-reduce,
-SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
+backward, gradient sync: by default outside the compiled graph as one bucketed
+all-reduce, with --grad-sync graph inside backward; SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
 pytorch_overlap (PyTorch's schedule_overlap_bucketing on the same ATen graphs,
 with a CPU cost estimator), fsmoe_sequential, fsmoe_tutel and fsmoe (CP-SAT,
 pipeline_degree="auto"). The methods' steps run round-robin, one of each per
@@ -18,7 +18,13 @@ communication-heavy: GPT-2-style, 2 MoE layers, d_model 256, d_ff 1536, 4
 experts top-2, 1024 tokens per rank; with 1 thread per rank and
 --emulate-link 300mbit to 500mbit (slower cores: the lower rate) the
 all-to-alls alone on the link take about as long as the expert GEMMs (the
-line under the table shows one eager step's measured split).
+line under the table shows one eager step's measured split). With
+--shared-expert --grad-sync graph the scheduler also has a shared expert and
+the gradient all-reduces to place around the all-to-alls.
+
+Every rank's glibc malloc keeps freed memory for reuse (as a caching
+allocator does on CUDA; --system-malloc turns this off), so no method pays
+page faults for re-allocating its activations every step.
 
 The integrator's ``fsmoe_compiler/cli.py`` mounts this with
 :func:`add_bench_parser`; ``python -m fsmoe_compiler.bench`` runs it alone.
