@@ -125,6 +125,35 @@ def test_forward_layouts_start_at_the_capacity_dim_of_the_dispatch_all_to_all():
     assert by["index_select"] not in plan.layouts  # the combine's gather stays outside
 
 
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_a_regions_paths_are_searched_only_between_its_first_and_last_node(kind):
+    import networkx as nx
+
+    from fsmoe_compiler.passes import chunk as chunk_mod
+    from fsmoe_compiler.passes.graph_utils import to_digraph
+
+    fw, bw = graphs(shared_expert=True)
+    gm = fw if kind == "forward" else bw
+    ctx = PassContext(graph_kind="forward")
+    recognize(fw, ctx)
+    if kind == "backward":
+        ctx.graph_kind = "backward"
+        recognize(bw, ctx)
+    region = ctx.regions[kind][0]
+    members = {n for names in region.nodes.values() for n in names} | set(region.all_to_all)
+    window = chunk_mod._window_digraph(gm, members)
+    order = [n.name for n in gm.graph.nodes]
+    first, last = min(order.index(m) for m in members), max(order.index(m) for m in members)
+    assert set(window.nodes) == set(order[first:last + 1]) and len(window) < len(order)
+    full = to_digraph(gm.graph)  # every path between two members stays inside the window
+    for a in members:
+        for b in members:
+            if a != b and nx.has_path(full, a, b):
+                assert nx.has_path(window, a, b), (a, b)
+    sub = chunk_mod.region_subgraph(gm, region)
+    assert {n.name for n in sub.nodes} <= set(window.nodes)
+
+
 def test_backward_layouts_reach_saved_activations_through_their_partners():
     fw, bw = graphs()
     ctx = PassContext(graph_kind="forward")
