@@ -56,6 +56,7 @@ class ScheduleReport:
     notes: list[str] = field(default_factory=list)
     profile_calls: int = 0
     plan_s: float = 0.0
+    wait_s: float = 0.0  # planning time spent waiting for the other ranks at control exchanges (not in plan_s)
     plan_split_s: dict[str, float] = field(default_factory=dict)  # plan_s by phase: chunk, rank degrees, schedule
     cache_hit: bool = False
     status: str = ""
@@ -77,7 +78,9 @@ class GraphReport:
 
     ``fallback`` is the reason the unmodified graph was used instead, or None;
     ``schedule`` is filled once profiling ends and the scheduled graph is
-    swapped in; ``compile_s`` is the pass pipeline's time at compile.
+    swapped in; ``compile_s`` is the pass pipeline's time at compile, and
+    ``wait_s`` the time this rank then waited for the others to agree on the
+    regions (their Dynamo tracing, not this backend's work; not in ``compile_s``).
     """
 
     kind: str  # "forward" | "backward"
@@ -87,6 +90,7 @@ class GraphReport:
     num_nodes: int
     schedule: ScheduleReport | None = None
     compile_s: float = 0.0
+    wait_s: float = 0.0
 
 
 @dataclass

@@ -35,7 +35,7 @@ from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.profiler.ops import KINDS
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, agree, fit_collectives, microbenchmark_collectives,
                                      profile_call, profile_key)
-from fsmoe_compiler.runtime.control import exchange
+from fsmoe_compiler.runtime.control import exchange, waited_s
 from fsmoe_compiler.runtime.executor import GraphExecutor
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
@@ -118,6 +118,7 @@ class ScheduledGraph:
         self.samples: list[dict] = []
         self.chunk_notes: list[str] = []  # why a layer stayed at r = 1 in some variant
         self.chunk_s = 0.0  # compile overhead of chunking the variants (part of the report's plan_s)
+        self.chunk_wait_s = 0.0  # of which spent waiting for the other ranks at exchanges (taken out of chunk_s)
         self.built = False  # variants chunked (on the first profiling call, or before a cache lookup)
         self.runner: GraphExecutor | None = None
         self.timed_left = config.measure_steps
@@ -189,12 +190,13 @@ class ScheduledGraph:
         raised on all, so no rank waits alone in a collective.
         """
         self.built = True
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), waited_s()
         try:
             with gc_paused():
                 self._chunk_every_degree()
         finally:
-            self.chunk_s += time.perf_counter() - t0
+            self.chunk_wait_s += waited_s() - w0
+            self.chunk_s += time.perf_counter() - t0 - (waited_s() - w0)
 
     def _chunk_every_degree(self) -> None:
         for degree in list(self.degrees):
@@ -320,7 +322,7 @@ class ScheduledGraph:
 
     def _plan(self, costs: dict[int, CostModel], cache_hit: bool) -> None:
         """Schedule every variant, keep the one with the smallest predicted makespan; all ranks agree or fall back."""
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), waited_s()
         error, best, predicted = None, None, {}
         try:
             if len(self.degrees) > 1:  # rank the degrees cheaply: task graph + a list schedule, no graph copy
@@ -334,7 +336,9 @@ class ScheduledGraph:
             degree = min(self.degrees, key=lambda d: (predicted.get(d, 0.0), d))
             gm, ctx = self._variant(degree)
             ctx = replace(ctx, costs=costs[degree], notes=list(ctx.notes))
-            best = (degree, self.schedule_passes(copy_graph_module(gm), ctx), ctx)
+            # the scheduling passes reorder the graph in place: a copy only where the variant is the traced graph
+            # itself (degree 1), which stays the fallback; a chunked variant is dropped right after
+            best = (degree, self.schedule_passes(copy_graph_module(gm) if gm is self.base else gm, ctx), ctx)
             predicted[degree] = ctx.schedule.makespan
         except Exception as exc:  # noqa: BLE001 - agreed over ranks below
             error = f"{type(exc).__name__}: {exc}"
@@ -361,10 +365,11 @@ class ScheduledGraph:
             self.report.schedule = _schedule_report(self.config.scheduler, ctx, predicted, len(self.measured),
                                                     cache_hit, self.calls)
             self.report.schedule.notes[:0] = [n for n in self.chunk_notes if n not in self.report.schedule.notes]
-            t_end = time.perf_counter()
-            self.report.schedule.plan_s = t_end - t0 + self.chunk_s
+            t_end, waited = time.perf_counter(), waited_s() - w0  # the plan exchange: after the screening
+            self.report.schedule.plan_s = t_end - t0 - waited + self.chunk_s
             self.report.schedule.plan_split_s = {"chunk": self.chunk_s, "rank degrees": t_screen - t0,
-                                                 "schedule": t_end - t_screen}
+                                                 "schedule": t_end - t_screen - waited}
+            self.report.schedule.wait_s = waited + self.chunk_wait_s
             self.report.num_nodes = len(gm.graph.nodes)
         self.variants.clear()  # the chosen graph lives in the runner; drop the other variants
 

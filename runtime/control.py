@@ -16,6 +16,7 @@ they compile and run the same graphs).
 from __future__ import annotations
 
 import pickle
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,17 @@ import torch.distributed as dist
 
 _PREFIX = "fsmoe/control"
 _counters: dict[str, int] = {}
+_waited = [0.0]  # seconds this process has spent blocked in exchanges, waiting for the other ranks
+
+
+def waited_s() -> float:
+    """Seconds this process has spent so far waiting in :func:`exchange` for the other ranks' values.
+
+    Compile-overhead figures subtract it: a rank that reaches an exchange first
+    waits there for the others' Dynamo tracing, which is not this backend's work
+    (without the exchange it would wait at the model's first collective instead).
+    """
+    return _waited[0]
 
 
 class ExchangeTimeout(RuntimeError):
@@ -45,6 +57,7 @@ def exchange(tag: str, value: Any, timeout_s: float | None = None) -> list[Any]:
     base = f"{_PREFIX}/{tag}/{n}"
     store.set(f"{base}/{rank}", pickle.dumps(value))
     keys = [f"{base}/{r}" for r in range(world)]
+    t0 = time.perf_counter()
     try:
         if timeout_s is None:
             store.wait(keys)
@@ -56,4 +69,6 @@ def exchange(tag: str, value: Any, timeout_s: float | None = None) -> list[Any]:
             f"exchange {tag!r} #{n}: rank(s) {missing} did not arrive ({type(exc).__name__}: {exc}); "
             "a rank died, is stuck, or compiled a different graph"
         ) from exc
+    finally:
+        _waited[0] += time.perf_counter() - t0
     return [pickle.loads(store.get(k)) for k in keys]

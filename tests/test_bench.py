@@ -149,6 +149,11 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
             assert m["first_loss"] == pytest.approx(by_name["eager"]["first_loss"], rel=1e-4)
             trace = json.loads((tmp_path / "traces" / f"{name}.rank0.json").read_text())  # --trace-dir
             assert {"forward", "backward"} <= set(trace["metadata"]) and trace["traceEvents"]
+            # the backend's own work per rank, with its waits for the other rank kept apart
+            assert len(m["info"]["overhead_s_by_rank"]) == 2 and min(m["info"]["overhead_s_by_rank"]) > 0
+            assert len(m["info"]["wait_s_by_rank"]) == 2 and min(m["info"]["wait_s_by_rank"]) >= 0
+    if any(by_name[n]["ok"] for n in ("fsmoe_sequential", "fsmoe_tutel", "fsmoe")):
+        assert "backend compile overhead (the slowest rank's passes" in out
 
 
 @pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"no emulated links: {netns_unavailable_reason()}")

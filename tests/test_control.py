@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fsmoe_compiler.runtime.control import ExchangeTimeout, exchange
+import time
+
+from fsmoe_compiler.runtime.control import ExchangeTimeout, exchange, waited_s
 from fsmoe_compiler.runtime.launch import run_ranks
 
 
@@ -18,7 +20,12 @@ def _exchanges(rank: int, world_size: int) -> dict:
             exchange("test/only-rank-0", 1, timeout_s=2.0)
         except ExchangeTimeout as exc:
             missing = str(exc)
-    return {"first": first, "other": other, "second": second, "missing": missing}
+    exchange("test/realign", 0)  # rank 1 went ahead while rank 0 timed out above
+    if rank == 1:  # rank 0 reaches the next exchange first and waits there for rank 1
+        time.sleep(0.5)
+    w0 = waited_s()
+    exchange("test/late", rank)
+    return {"first": first, "other": other, "second": second, "missing": missing, "waited": waited_s() - w0}
 
 
 @pytest.mark.timeout(120)
@@ -30,7 +37,11 @@ def test_exchange_returns_every_rank_value_in_rank_order_and_names_a_missing_ran
         assert r["second"] == [[0], [1, 1]]
     assert "rank(s) [1] did not arrive" in res[0]["missing"]
     assert res[1]["missing"] is None
+    # the time a rank spends waiting for the others is counted, so compile overheads can leave it out
+    assert res[0]["waited"] >= 0.4 and res[1]["waited"] < 0.3
 
 
 def test_without_distributed_it_returns_the_value_alone():
+    w0 = waited_s()
     assert exchange("test/single", 5) == [5]
+    assert waited_s() == w0

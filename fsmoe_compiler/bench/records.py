@@ -101,6 +101,14 @@ class BenchConfig:
         return cls(**json.loads(text))
 
 
+def backend_overhead_s(summary: dict) -> float:
+    """Seconds the fsmoe backend itself spent on one rank's graphs: compile-time passes plus planning.
+
+    Time waiting at control exchanges for the other ranks is not in it (see ``runtime.control.waited_s``).
+    """
+    return sum((g.get("compile_s") or 0.0) + (g.get("plan_s") or 0.0) for g in summary.values() if isinstance(g, dict))
+
+
 @dataclass
 class RankMethodRaw:
     """One rank's raw observations of one method."""
@@ -145,8 +153,13 @@ class MethodResult:
             times_ms=times,
             first_loss=sum(losses) / len(losses) if losses else None,
             compile_s=max((raw.compile_s or 0.0) for raw in per_rank),
-            info=per_rank[0].info,
+            info=dict(per_rank[0].info),
         )
+        summaries = [raw.info.get("fsmoe") for raw in per_rank]
+        if all(isinstance(s, dict) and "error" not in s for s in summaries):
+            res.info["overhead_s_by_rank"] = [backend_overhead_s(s) for s in summaries]
+            res.info["wait_s_by_rank"] = [sum(g.get("wait_s") or 0.0 for g in s.values() if isinstance(g, dict))
+                                          for s in summaries]
         if times:
             res.median_ms = statistics.median(times)
             qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
