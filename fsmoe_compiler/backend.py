@@ -14,7 +14,6 @@ without importing this package.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -33,7 +32,7 @@ from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.passes.verify import graph_signature, verify
-from fsmoe_compiler.runtime.control import exchange, waited_s
+from fsmoe_compiler.runtime.control import OwnClock, exchange
 from fsmoe_compiler.scheduled_graph import ScheduledGraph, copy_graph_module
 
 
@@ -97,7 +96,7 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
             ctx.regions["forward"] = list(forward.regions)
         _dump(config, record, kind, "before", gm)
         fallback = None
-        t0, w0 = time.perf_counter(), waited_s()
+        clock = OwnClock()
         try:
             with gc_paused():
                 result = run_passes(copy_graph_module(gm), ctx)
@@ -115,8 +114,8 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
             notes=list(ctx.notes),
             fallback=fallback,
             num_nodes=len(result.graph.nodes),
-            compile_s=time.perf_counter() - t0 - (waited_s() - w0),
-            wait_s=waited_s() - w0,
+            compile_s=clock.own(),
+            wait_s=clock.waited(),
         )
         record.graphs.append(report)
         _dump(config, record, kind, "after", result)

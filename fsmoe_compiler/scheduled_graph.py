@@ -35,7 +35,7 @@ from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.profiler.ops import KINDS
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, agree, fit_collectives, microbenchmark_collectives,
                                      profile_call, profile_key)
-from fsmoe_compiler.runtime.control import exchange, waited_s
+from fsmoe_compiler.runtime.control import OwnClock, exchange
 from fsmoe_compiler.runtime.executor import GraphExecutor
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
@@ -190,13 +190,13 @@ class ScheduledGraph:
         raised on all, so no rank waits alone in a collective.
         """
         self.built = True
-        t0, w0 = time.perf_counter(), waited_s()
+        clock = OwnClock()
         try:
             with gc_paused():
                 self._chunk_every_degree()
         finally:
-            self.chunk_wait_s += waited_s() - w0
-            self.chunk_s += time.perf_counter() - t0 - (waited_s() - w0)
+            self.chunk_wait_s += clock.waited()
+            self.chunk_s += clock.own()
 
     def _chunk_every_degree(self) -> None:
         for degree in list(self.degrees):
@@ -308,8 +308,7 @@ class ScheduledGraph:
         hit = all(c is not None for c in stored.values())
         if not _all_ranks_true(f"{self.tag}/cache", hit):
             return False
-        with gc_paused():
-            self._plan(stored, cache_hit=True)  # type: ignore[arg-type]
+        self._plan(stored, cache_hit=True)  # type: ignore[arg-type]
         return True
 
     def _finish_profiling(self) -> None:
@@ -317,12 +316,12 @@ class ScheduledGraph:
         if self.cache is not None:  # every rank: a node-local cache directory must hit on every node
             for degree, c in costs.items():
                 self.cache.store(self._cache_key(degree), c)
-        with gc_paused():
-            self._plan(costs, cache_hit=False)
+        self._plan(costs, cache_hit=False)
 
+    @gc_paused()
     def _plan(self, costs: dict[int, CostModel], cache_hit: bool) -> None:
         """Schedule every variant, keep the one with the smallest predicted makespan; all ranks agree or fall back."""
-        t0, w0 = time.perf_counter(), waited_s()
+        clock = OwnClock()
         error, best, predicted = None, None, {}
         try:
             if len(self.degrees) > 1:  # rank the degrees cheaply: task graph + a list schedule, no graph copy
@@ -332,7 +331,7 @@ class ScheduledGraph:
                     ctx = replace(ctx, costs=costs[degree], notes=[], config=quick)
                     self.screen_passes(gm, ctx)
                     predicted[degree] = ctx.schedule.makespan
-            t_screen = time.perf_counter()
+            t_screen = clock.own()
             degree = min(self.degrees, key=lambda d: (predicted.get(d, 0.0), d))
             gm, ctx = self._variant(degree)
             ctx = replace(ctx, costs=costs[degree], notes=list(ctx.notes))
@@ -365,11 +364,11 @@ class ScheduledGraph:
             self.report.schedule = _schedule_report(self.config.scheduler, ctx, predicted, len(self.measured),
                                                     cache_hit, self.calls)
             self.report.schedule.notes[:0] = [n for n in self.chunk_notes if n not in self.report.schedule.notes]
-            t_end, waited = time.perf_counter(), waited_s() - w0  # the plan exchange: after the screening
-            self.report.schedule.plan_s = t_end - t0 - waited + self.chunk_s
-            self.report.schedule.plan_split_s = {"chunk": self.chunk_s, "rank degrees": t_screen - t0,
-                                                 "schedule": t_end - t_screen - waited}
-            self.report.schedule.wait_s = waited + self.chunk_wait_s
+            t_end = clock.own()
+            self.report.schedule.plan_s = t_end + self.chunk_s
+            self.report.schedule.plan_split_s = {"chunk": self.chunk_s, "rank degrees": t_screen,
+                                                 "schedule": t_end - t_screen}
+            self.report.schedule.wait_s = clock.waited() + self.chunk_wait_s
             self.report.num_nodes = len(gm.graph.nodes)
         self.variants.clear()  # the chosen graph lives in the runner; drop the other variants
 

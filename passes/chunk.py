@@ -41,7 +41,7 @@ from fsmoe_compiler.passes.chunk_rules import (
     rule_for,
     static_shape,
 )
-from fsmoe_compiler.passes.graph_utils import ALL_TO_ALL_OPS, WAIT_OPS, ancestors_of_set, is_op
+from fsmoe_compiler.passes.graph_utils import ALL_TO_ALL_OPS, WAIT_OPS, ancestors_of_set, is_op, to_digraph
 from fsmoe_compiler.passes.region import ROLES, MoERegion
 
 aten = torch.ops.aten
@@ -121,15 +121,7 @@ def _window_digraph(gm: fx.GraphModule, names: set[str]) -> nx.DiGraph:
     """
     nodes = list(gm.graph.nodes)
     at = [i for i, n in enumerate(nodes) if n.name in names]
-    window = nodes[at[0]:at[-1] + 1] if at else []
-    inside = set(window)
-    g = nx.DiGraph()
-    for node in window:
-        g.add_node(node.name)
-        for inp in node.all_input_nodes:
-            if inp in inside:
-                g.add_edge(inp.name, node.name)
-    return g
+    return to_digraph(gm.graph, nodes[at[0]:at[-1] + 1] if at else [])
 
 
 def region_subgraph(gm: fx.GraphModule, region: MoERegion) -> Subgraph:

@@ -120,13 +120,19 @@ def nbytes(node) -> int | None:
     return n * val(node).element_size()
 
 
-def to_digraph(graph: fx.Graph) -> nx.DiGraph:
-    """The data-flow graph: an edge from each input node to each user, keyed by node name."""
+def to_digraph(graph: fx.Graph, nodes: Iterable[fx.Node] | None = None) -> nx.DiGraph:
+    """The data-flow graph: an edge from each input node to each user, keyed by node name.
+
+    With ``nodes``, only those nodes and the edges between them.
+    """
     g = nx.DiGraph()
-    for node in graph.nodes:
+    chosen = list(graph.nodes if nodes is None else nodes)
+    keep = None if nodes is None else set(chosen)
+    for node in chosen:
         g.add_node(node.name)
         for inp in node.all_input_nodes:
-            g.add_edge(inp.name, node.name)
+            if keep is None or inp in keep:
+                g.add_edge(inp.name, node.name)
     return g
 
 

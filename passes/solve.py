@@ -39,6 +39,7 @@ def solve_taskgraph(graph: TaskGraph, taskmap: object, scheduler: str, time_limi
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(map(repr, SCHEDULERS))}")
     base = baseline_schedules(graph, taskmap)
+    bound = lower_bound(graph)
     if scheduler in base:
         schedule = base[scheduler]
     else:
@@ -47,8 +48,8 @@ def solve_taskgraph(graph: TaskGraph, taskmap: object, scheduler: str, time_limi
         if scheduler == "heuristic":
             schedule = replay(graph, start, method="heuristic", status=start.status)
         else:
-            schedule = solve_cpsat(graph, time_limit_s=time_limit_s, hint=start, heuristic=heuristic)
-    schedule.meta["reference_ms"] = {**{k: s.makespan for k, s in base.items()}, "lower_bound": lower_bound(graph)}
+            schedule = solve_cpsat(graph, time_limit_s=time_limit_s, hint=start, heuristic=heuristic, bound=bound)
+    schedule.meta["reference_ms"] = {**{k: s.makespan for k, s in base.items()}, "lower_bound": bound}
     return schedule
 
 

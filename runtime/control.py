@@ -37,6 +37,21 @@ def waited_s() -> float:
     return _waited[0]
 
 
+class OwnClock:
+    """Wall time since it was made, split into this rank's own work and its waits in :func:`exchange`."""
+
+    def __init__(self) -> None:
+        self._t0, self._w0 = time.perf_counter(), _waited[0]
+
+    def waited(self) -> float:
+        """Seconds spent waiting for the other ranks since the clock was made."""
+        return _waited[0] - self._w0
+
+    def own(self) -> float:
+        """Seconds since the clock was made, less the waits."""
+        return time.perf_counter() - self._t0 - self.waited()
+
+
 class ExchangeTimeout(RuntimeError):
     """Some rank did not post its value for an exchange within the timeout."""
 

@@ -6,7 +6,7 @@ import pytest
 
 import time
 
-from fsmoe_compiler.runtime.control import ExchangeTimeout, exchange, waited_s
+from fsmoe_compiler.runtime.control import ExchangeTimeout, OwnClock, exchange, waited_s
 from fsmoe_compiler.runtime.launch import run_ranks
 
 
@@ -23,9 +23,10 @@ def _exchanges(rank: int, world_size: int) -> dict:
     exchange("test/realign", 0)  # rank 1 went ahead while rank 0 timed out above
     if rank == 1:  # rank 0 reaches the next exchange first and waits there for rank 1
         time.sleep(0.5)
-    w0 = waited_s()
+    w0, clock = waited_s(), OwnClock()
     exchange("test/late", rank)
-    return {"first": first, "other": other, "second": second, "missing": missing, "waited": waited_s() - w0}
+    return {"first": first, "other": other, "second": second, "missing": missing, "waited": waited_s() - w0,
+            "clock": (clock.own(), clock.waited())}
 
 
 @pytest.mark.timeout(120)
@@ -39,6 +40,8 @@ def test_exchange_returns_every_rank_value_in_rank_order_and_names_a_missing_ran
     assert res[1]["missing"] is None
     # the time a rank spends waiting for the others is counted, so compile overheads can leave it out
     assert res[0]["waited"] >= 0.4 and res[1]["waited"] < 0.3
+    own, waited = res[0]["clock"]  # OwnClock splits the same interval into own work and waiting
+    assert waited == pytest.approx(res[0]["waited"], abs=1e-3) and own < 0.2
 
 
 def test_without_distributed_it_returns_the_value_alone():

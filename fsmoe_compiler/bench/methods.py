@@ -279,8 +279,9 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                 g = rec.latest(kind)
                 if g is None:
                     continue
-                row: dict[str, Any] = {"fallback": g.fallback, "compile_s": g.compile_s, "wait_s": g.wait_s}
                 sch = g.schedule
+                row: dict[str, Any] = {"fallback": g.fallback, "compile_s": g.compile_s,
+                                       "wait_s": g.wait_s + (sch.wait_s if sch is not None else 0.0)}
                 if sch is not None:
                     row.update(
                         scheduler=sch.scheduler,
@@ -289,7 +290,6 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                         measured_ms=sch.measured_ms,
                         plan_s=sch.plan_s,
                         plan_split_s=dict(sch.plan_split_s),
-                        wait_s=g.wait_s + sch.wait_s,
                         status=sch.status,
                         reference_ms=dict(sch.reference_ms),
                         notes=list(sch.notes)[:5],

@@ -101,12 +101,13 @@ class BenchConfig:
         return cls(**json.loads(text))
 
 
-def backend_overhead_s(summary: dict) -> float:
-    """Seconds the fsmoe backend itself spent on one rank's graphs: compile-time passes plus planning.
+def graphs_total(summary: dict, *keys: str) -> float:
+    """The sum of ``keys`` over every graph row of an fsmoe summary (``methods.fsmoe_summary``).
 
-    Time waiting at control exchanges for the other ranks is not in it (see ``runtime.control.waited_s``).
+    ``graphs_total(s, "compile_s", "plan_s")`` is the seconds the backend itself spent on one rank's
+    graphs; ``graphs_total(s, "wait_s")`` the time that rank waited for the others at control exchanges.
     """
-    return sum((g.get("compile_s") or 0.0) + (g.get("plan_s") or 0.0) for g in summary.values() if isinstance(g, dict))
+    return sum(g.get(k) or 0.0 for g in summary.values() if isinstance(g, dict) for k in keys)
 
 
 @dataclass
@@ -157,9 +158,8 @@ class MethodResult:
         )
         summaries = [raw.info.get("fsmoe") for raw in per_rank]
         if all(isinstance(s, dict) and "error" not in s for s in summaries):
-            res.info["overhead_s_by_rank"] = [backend_overhead_s(s) for s in summaries]
-            res.info["wait_s_by_rank"] = [sum(g.get("wait_s") or 0.0 for g in s.values() if isinstance(g, dict))
-                                          for s in summaries]
+            res.info["overhead_s_by_rank"] = [graphs_total(s, "compile_s", "plan_s") for s in summaries]
+            res.info["wait_s_by_rank"] = [graphs_total(s, "wait_s") for s in summaries]
         if times:
             res.median_ms = statistics.median(times)
             qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3

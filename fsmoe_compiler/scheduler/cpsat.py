@@ -77,7 +77,7 @@ def _symmetric_chunk_pairs(graph: TaskGraph) -> list[tuple[str, str]]:
 def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | None = None,
                 heuristic: Schedule | None = None, method: str = "cpsat", seed: int = 0,
                 symmetry_breaking: bool = True, wall_limit_s: float | None = None,
-                skip_if_tight: bool = True) -> Schedule:
+                skip_if_tight: bool = True, bound: float | None = None) -> Schedule:
     """Minimise the makespan of ``graph`` with CP-SAT; never worse than the heuristic.
 
     ``time_limit_s`` is CP-SAT's deterministic time (reproducible across
@@ -87,7 +87,8 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
     or ``FEASIBLE`` when CP-SAT's schedule is returned, ``FALLBACK_NO_SOLUTION``
     / ``FALLBACK_WORSE`` when the heuristic's is. With ``skip_if_tight`` the
     solver is not called when the best known schedule already meets
-    :func:`lower_bound` (it is optimal; status ``OPTIMAL``).
+    :func:`lower_bound` (it is optimal; status ``OPTIMAL``); ``bound`` is that
+    bound when the caller already has it.
     """
     t0 = time.perf_counter()
     arr = graph.arrays()
@@ -102,7 +103,7 @@ def solve_cpsat(graph: TaskGraph, time_limit_s: float = 0.05, hint: Schedule | N
     if skip_if_tight:
         from fsmoe_compiler.scheduler.bounds import lower_bound
 
-        lb = lower_bound(graph)
+        lb = lower_bound(graph) if bound is None else bound
         if best_known.makespan <= lb * (1 + 1e-9) + 1e-9:
             out = _copy(best_known, method, "OPTIMAL", t0)
             out.meta["proof"] = "meets lower bound"
