@@ -29,10 +29,10 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
-from fsmoe_compiler.passes.collectives import is_collective
+from fsmoe_compiler.names import COLLECTIVE_KINDS
+from fsmoe_compiler.ops import is_collective
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.verify import collective_order
-from fsmoe_compiler.profiler.ops import KINDS
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, agree, fit_collectives, microbenchmark_collectives,
                                      profile_call, profile_key)
 from fsmoe_compiler.runtime.control import OwnClock, exchange
@@ -260,14 +260,14 @@ class ScheduledGraph:
             return list(self.samples)
         sizes: dict[tuple[str, str], set[int]] = {}
         for s in self.samples:
-            if s.get("kind") in KINDS and s.get("group") is not None and s.get("bytes"):
+            if s.get("kind") in COLLECTIVE_KINDS and s.get("group") is not None and s.get("bytes"):
                 sizes.setdefault((s["kind"], s["group"]), set()).add(int(s["bytes"]))
         everyone = exchange(f"{self.tag}/sizes", sizes)
         merged: dict[tuple[str, str], set[int]] = {}
         for theirs in everyone:
             for key, nbytes in theirs.items():
                 merged.setdefault(key, set()).update(nbytes)
-        out = [s for s in self.samples if s.get("kind") not in KINDS]
+        out = [s for s in self.samples if s.get("kind") not in COLLECTIVE_KINDS]
         for (kind, group_name), nbytes in sorted(merged.items()):
             group = _resolve_process_group(group_name)
             picked = sorted(nbytes)

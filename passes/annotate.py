@@ -35,9 +35,9 @@ from collections import deque
 import networkx as nx
 import torch.fx as fx
 
-from fsmoe_compiler.passes.collectives import is_collective, is_wait
+from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM
+from fsmoe_compiler.ops import is_communication
 from fsmoe_compiler.passes.taskgraph import TaskMap
-from fsmoe_compiler.runtime.streams import COMM, COMPUTE
 from fsmoe_compiler.scheduler import Schedule
 
 
@@ -186,7 +186,7 @@ def write_meta(gm: fx.GraphModule, taskmap: TaskMap) -> None:
     """``meta["fsmoe"]["task"]`` and ``["stream"]`` (``comm`` for collectives and their waits, barriers that
     communicate included) on every task node."""
     comm = {name for t, pair in taskmap.collective.items() for name in pair}
-    comm |= {n.name for n in gm.graph.nodes if is_collective(n) or is_wait(n)}  # unmodelled ones (barriers) too
+    comm |= {n.name for n in gm.graph.nodes if is_communication(n)}  # unmodelled ones (barriers) too
     for n in gm.graph.nodes:
         t = taskmap.task_of.get(n.name)
         if t is None:
@@ -194,7 +194,7 @@ def write_meta(gm: fx.GraphModule, taskmap: TaskMap) -> None:
         old = n.meta.get("fsmoe")
         meta = dict(old) if isinstance(old, dict) else {}  # a copy: the chunk pass may share meta dicts
         meta["task"] = t
-        meta["stream"] = COMM if n.name in comm else COMPUTE
+        meta["stream"] = COMM_STREAM if n.name in comm else COMPUTE_STREAM
         n.meta["fsmoe"] = meta
 
 

@@ -31,17 +31,9 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fsmoe_compiler.passes.chunk_rules import (
-    PARTIAL,
-    TRANSPOSE_OPS,
-    UNSPLIT,
-    Layout,
-    Split,
-    Unchunkable,
-    rule_for,
-    static_shape,
-)
-from fsmoe_compiler.passes.graph_utils import ALL_TO_ALL_OPS, WAIT_OPS, ancestors_of_set, is_op, to_digraph
+from fsmoe_compiler.ops import ALL_TO_ALL_OPS, TRANSPOSE_OPS, WAIT_OPS, is_op
+from fsmoe_compiler.passes.chunk_rules import PARTIAL, UNSPLIT, Layout, Split, Unchunkable, rule_for, static_shape
+from fsmoe_compiler.passes.graph_utils import ancestors_of_set, to_digraph
 from fsmoe_compiler.passes.region import ROLES, MoERegion
 
 aten = torch.ops.aten

@@ -32,7 +32,9 @@ from typing import Callable, Optional, Union
 import torch
 import torch.fx as fx
 
-from fsmoe_compiler.passes.graph_utils import ALL_TO_ALL_OPS, WAIT_OPS, overloads, shape
+from fsmoe_compiler.ops import (ALL_TO_ALL_OPS, COPY_OPS, PLAIN_MATMUL_OPS, REDUCE_OPS, TRANSPOSE_OPS, WAIT_OPS,
+                                is_pointwise, overloads)
+from fsmoe_compiler.passes.graph_utils import shape
 
 aten = torch.ops.aten
 
@@ -341,16 +343,10 @@ def all_to_all_rule(node: fx.Node, lay: Lookup) -> dict:
 # the table
 
 
-def _pointwise_tagged(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
-
-
-RESHAPE_OPS = overloads(aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze)
-TRANSPOSE_OPS = overloads(aten.t, aten.transpose, aten.permute)
-IDENTITY_OPS = overloads(aten.clone, aten.contiguous, aten._to_copy, aten.detach, aten.alias) | WAIT_OPS
-EXPAND_OPS = overloads(aten.expand)
-MATMUL_OPS = overloads(aten.mm, aten.bmm, aten.matmul)
-REDUCE_OPS = frozenset({aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default})
+# which rule takes which ops (built from the vocabulary in ``fsmoe_compiler.ops``)
+_RESHAPE_RULE_OPS = overloads(aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze)
+_IDENTITY_RULE_OPS = COPY_OPS | overloads(aten.detach, aten.alias) | WAIT_OPS
+_EXPAND_RULE_OPS = overloads(aten.expand)
 
 
 def rule_for(node: fx.Node) -> Optional[Rule]:
@@ -358,15 +354,15 @@ def rule_for(node: fx.Node) -> Optional[Rule]:
     t = node.target
     if node.op != "call_function" or t is operator.getitem:
         return None
-    if t in RESHAPE_OPS:
+    if t in _RESHAPE_RULE_OPS:
         return reshape_rule
     if t in TRANSPOSE_OPS:
         return transpose_rule
-    if t in IDENTITY_OPS:
+    if t in _IDENTITY_RULE_OPS:
         return identity_rule
-    if t in EXPAND_OPS:
+    if t in _EXPAND_RULE_OPS:
         return expand_rule
-    if t in MATMUL_OPS:
+    if t in PLAIN_MATMUL_OPS:
         ranks = {len(static_shape(a)) for a in node.args[:2]}
         if t in overloads(aten.matmul) and ranks not in ({2}, {3}):
             return None  # a matmul that broadcasts has no rule
@@ -375,7 +371,7 @@ def rule_for(node: fx.Node) -> Optional[Rule]:
         return reduce_rule
     if t in ALL_TO_ALL_OPS:
         return all_to_all_rule
-    if _pointwise_tagged(t):
+    if is_pointwise(t):
         if t in LINEAR_POINTWISE or len(tensor_args(node)) > 1:
             return pointwise_rule
         return nonlinear_unary_rule

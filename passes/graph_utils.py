@@ -1,72 +1,20 @@
-"""Small helpers over ATen FX graphs used by MoE recognition: op families, shapes, networkx views.
+"""Small helpers over ATen FX graphs for the passes: recorded values and shapes, size keys, networkx views.
 
-Everything here reads a graph and never edits it.
+Everything here reads a graph and never edits it. Op families and what counts
+as a collective live in ``fsmoe_compiler.ops``.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Iterable
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
+from fsmoe_compiler.ops import BIAS_MATMUL_OPS, MATMUL_OPS, TRANSPOSE_OPS, is_op, overloads
+
 aten = torch.ops.aten
-
-
-def overloads(*packets) -> frozenset:
-    """Every overload of the given op packets, so a check works whatever overload the graph uses."""
-    out = set()
-    for packet in packets:
-        out.add(packet)
-        for name in packet.overloads():
-            out.add(getattr(packet, name))
-    return frozenset(out)
-
-
-def _optional(namespace, *names) -> list:
-    """Op packets that exist in this torch build (some are newer than others)."""
-    return [getattr(namespace, n) for n in names if hasattr(namespace, n)]
-
-
-MATMUL_OPS = overloads(aten.mm, aten.addmm, aten.bmm, aten.baddbmm, *_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
-GROUPED_MM_OPS = overloads(*_optional(aten, "_grouped_mm", "_scaled_grouped_mm"))
-TOPK_OPS = overloads(aten.topk)
-ARGMAX_OPS = overloads(aten.argmax, aten.max)  # top-1 selection: argmax(dim), max(dim) -> (values, indices)
-SOFTMAX_OPS = overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
-SIGMOID_OPS = overloads(aten.sigmoid)
-SOFTMAX_BACKWARD_OPS = overloads(aten._softmax_backward_data, aten._log_softmax_backward_data)
-SIGMOID_BACKWARD_OPS = overloads(aten.sigmoid_backward)
-NORM_OPS = overloads(aten.linalg_vector_norm, aten.norm, aten.rsqrt, aten.sqrt)
-SCATTER_OPS = overloads(aten.scatter, aten.scatter_add, aten.index_put, aten.index_add, aten.index_put_, aten.index_add_,
-                         aten.scatter_add_, aten.scatter_)
-GATHER_OPS = overloads(aten.index_select, aten.gather, aten.index)
-VIEW_OPS = overloads(
-    aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze,
-    aten.squeeze, aten.select, aten.slice, aten.alias, aten.clone, aten._to_copy, aten.contiguous, aten.detach,
-    aten.unbind, aten.split, aten.split_with_sizes, aten.as_strided, aten.unflatten, aten.flatten,
-)
-
-
-def _c10d_ops(*names: str) -> frozenset:
-    ns = getattr(torch.ops, "_c10d_functional", None)
-    return overloads(*_optional(ns, *names)) if ns is not None else frozenset()
-
-
-ALL_TO_ALL_OPS = _c10d_ops("all_to_all_single")
-WAIT_OPS = _c10d_ops("wait_tensor")
-COLLECTIVE_OPS = _c10d_ops("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce")
-
-
-def is_op(node: fx.Node, ops: frozenset) -> bool:
-    """``node`` calls one of ``ops``."""
-    return node.op == "call_function" and node.target in ops
-
-
-def is_getitem(node: fx.Node) -> bool:
-    """``node`` takes one output of a multi-output op (``operator.getitem``)."""
-    return node.op == "call_function" and node.target is operator.getitem
 
 
 def val(node) -> object:
@@ -146,7 +94,7 @@ def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if not is_op(node, MATMUL_OPS):
         return None
     target = node.target
-    if target in overloads(aten.addmm, aten.baddbmm):
+    if target in BIAS_MATMUL_OPS:
         a, b = node.args[1], node.args[2]
     else:
         a, b = node.args[0], node.args[1]
@@ -200,9 +148,6 @@ def ancestors_of_set(dg: nx.DiGraph, names) -> set[str]:
         seen.add(n)
         stack.extend(dg.predecessors(n))
     return seen
-
-
-TRANSPOSE_OPS = overloads(aten.t, aten.transpose, aten.permute)
 
 
 def dim_through_transpose(node: fx.Node, dim: int, upward: bool) -> int | None:

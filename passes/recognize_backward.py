@@ -14,35 +14,38 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from fsmoe_compiler.passes.graph_utils import (
+from fsmoe_compiler.ops import (
     ALL_TO_ALL_OPS,
     GATHER_OPS,
     GROUPED_MM_OPS,
+    LAYOUT_OPS,
     MATMUL_OPS,
     SCATTER_OPS,
+    SHAPE_ONLY_OPS,
     SIGMOID_BACKWARD_OPS,
     SOFTMAX_BACKWARD_OPS,
-    VIEW_OPS,
+    TRANSPOSE_OPS,
     WAIT_OPS,
-    ancestors_of_set,
-    in_order,
     is_op,
+    overloads,
+)
+from fsmoe_compiler.passes.graph_utils import (
+    ancestors_of_set,
+    dim_through_transpose,
+    in_order,
     matmul_operands,
     nbytes,
     numel,
-    overloads,
     prod_key,
     shape,
     shape_keys,
     tensor_inputs,
     to_digraph,
-    TRANSPOSE_OPS,
-    dim_through_transpose,
 )
 
 aten = torch.ops.aten
 
-from fsmoe_compiler.passes.recognize_forward import ALLOC_OPS, COMBINE_OPS, node_positions
+from fsmoe_compiler.passes.recognize_forward import COMBINE_OPS, node_positions
 from fsmoe_compiler.passes.region import MoERegion
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def _soft_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
             continue
         cur = n.args[0]
         for _ in range(10):
-            if not isinstance(cur, fx.Node) or not (cur.target in VIEW_OPS or is_op(cur, MATMUL_OPS)):
+            if not isinstance(cur, fx.Node) or not (cur.target in LAYOUT_OPS or is_op(cur, MATMUL_OPS)):
                 cur = None
                 break
             if is_op(cur, MATMUL_OPS):
@@ -175,7 +178,7 @@ def _gradient_nodes(graph: fx.Graph) -> set[str]:
     for n in graph.nodes:
         if _is_tangent(n):
             grad.add(n.name)
-        elif n.op == "call_function" and n.target not in ALLOC_OPS:
+        elif n.op == "call_function" and n.target not in SHAPE_ONLY_OPS:
             v = n.meta.get("val")
             if isinstance(v, (torch.SymInt, int, float, bool)):
                 continue
@@ -224,7 +227,7 @@ def _permuted_above(node: fx.Node, grad: set[str]) -> bool:
         if _permutes(cur, grad):
             return True
         gins = [a for a in cur.all_input_nodes if a.name in grad]
-        if cur.target not in VIEW_OPS or len(gins) != 1:
+        if cur.target not in LAYOUT_OPS or len(gins) != 1:
             return False
         cur = gins[0]
     return False
@@ -409,7 +412,7 @@ def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node,
     chain = [fork.name]
     for d in _idom_chain(dg, fork.name, grad | {fork.name}):
         node = by_name[d]
-        if not (node.target in VIEW_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
+        if not (node.target in LAYOUT_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
                 or is_op(node, WAIT_OPS) or _is_tangent(node)):
             break
         chain.append(d)
@@ -590,7 +593,7 @@ def _saved_root(node: fx.Node) -> fx.Node | None:
         if cur.op == "placeholder":
             return cur
         ins = tensor_inputs(cur)
-        if cur.target not in VIEW_OPS or not ins:
+        if cur.target not in LAYOUT_OPS or not ins:
             return None
         cur = ins[0]
     return None

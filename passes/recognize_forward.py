@@ -14,30 +14,34 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from fsmoe_compiler.passes.graph_utils import (
+from fsmoe_compiler.ops import (
     ALL_TO_ALL_OPS,
     ARGMAX_OPS,
     COLLECTIVE_OPS,
     GATHER_OPS,
     GROUPED_MM_OPS,
+    LAYOUT_OPS,
     MATMUL_OPS,
     NORM_OPS,
     SCATTER_OPS,
+    SHAPE_ONLY_OPS,
     SIGMOID_OPS,
     SOFTMAX_OPS,
     TOPK_OPS,
     TRANSPOSE_OPS,
-    VIEW_OPS,
     WAIT_OPS,
-    ancestors_of_set,
-    in_order,
     is_getitem,
     is_op,
+    is_opaque,
+    overloads,
+)
+from fsmoe_compiler.passes.graph_utils import (
+    ancestors_of_set,
+    in_order,
     is_tensor,
     matmul_operands,
     nbytes,
     numel,
-    overloads,
     prod_key,
     shape,
     shape_keys,
@@ -52,16 +56,10 @@ aten = torch.ops.aten
 from fsmoe_compiler.passes.region import MoERegion
 
 
-# Ops whose result takes only a shape, dtype and device from their tensor input: they carry no data.
-ALLOC_OPS = overloads(
-    aten.new_zeros, aten.new_empty, aten.new_full, aten.new_ones, aten.zeros_like, aten.empty_like, aten.ones_like,
-    aten.full_like, aten.sym_size, aten.sym_numel, aten.sym_stride,
-)
-
 # Ops that combined (C) data may flow through and still be part of the combine:
 # un-permuting, weighting, summing over the k choices, reshaping, communication.
 COMBINE_OPS = (
-    VIEW_OPS
+    LAYOUT_OPS
     | SCATTER_OPS
     | GATHER_OPS
     | COLLECTIVE_OPS  # all-to-all, and the all-gather / reduce-scatter of expert sharding
@@ -257,7 +255,7 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
         if n is t:
             started = True
             continue
-        if not started or n.op != "call_function" or n.name in blocked or n.target in ALLOC_OPS:
+        if not started or n.op != "call_function" or n.name in blocked or n.target in SHAPE_ONLY_OPS:
             continue
         ins = n.all_input_nodes
         if not any(a.name in state for a in ins):
@@ -279,7 +277,7 @@ def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[s
                 new = C
             else:
                 new = None
-                if _is_opaque(n):
+                if is_opaque(n):
                     opaque.append(str(n.target))
         elif is_op(n, MATMUL_OPS):
             a, b = matmul_operands(n) or (None, None)
@@ -485,15 +483,9 @@ def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None
 def _view_chain(x: fx.Node) -> list[fx.Node]:
     """``x`` and the tensors it is a view of, nearest first (``[T, M]`` back to ``[B, S, M]``)."""
     chain = [x]
-    while chain[-1].target in VIEW_OPS and len(tensor_inputs(chain[-1])) == 1:
+    while chain[-1].target in LAYOUT_OPS and len(tensor_inputs(chain[-1])) == 1:
         chain.append(tensor_inputs(chain[-1])[0])
     return chain
-
-
-def _is_opaque(node: fx.Node) -> bool:
-    """A call into an op that is not ATen, prims or a functional collective (e.g. a library's custom kernel)."""
-    name = getattr(node.target, "namespace", None)
-    return node.op == "call_function" and name is not None and name not in ("aten", "prims", "_c10d_functional")
 
 
 def _token_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:

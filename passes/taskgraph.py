@@ -55,41 +55,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import networkx as nx
-import torch
 import torch.fx as fx
 
-from fsmoe_compiler.passes.collectives import (COLLECTIVE_NAMESPACES, collective_group, collective_kind, is_collective,
-                                               is_redundant_wait, is_wait)
-from fsmoe_compiler.passes.graph_utils import MATMUL_OPS, nbytes, overloads
+from fsmoe_compiler.names import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, SHORT
+from fsmoe_compiler.ops import (ALIAS_OPS, ASSERT_OPS, DISTRIBUTED_NAMESPACES, MATMUL_OPS, SIZE_QUERY_OPS,
+                                collective_group, collective_kind, is_collective, is_modeled_collective, is_mutating,
+                                is_random, is_redundant_wait, is_wait, namespace)
+from fsmoe_compiler.passes.graph_utils import nbytes
 from fsmoe_compiler.scheduler import TaskGraph
-
-aten = torch.ops.aten
-
-#: Functional collectives the scheduler models, by op name -> task kind (the scheduler's names).
-MODELED_COLLECTIVES: dict[str, str] = {
-    "all_to_all_single": "a2a",
-    "all_gather_into_tensor": "allgather",
-    "reduce_scatter_tensor": "reducescatter",
-    "all_reduce": "allreduce",
-}
-#: Short names used in task ids.
-SHORT = {"a2a": "a2a", "allgather": "ag", "reducescatter": "rs", "allreduce": "ar"}
-FUNCTIONAL_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional"})
-#: Op namespaces whose ops are barriers unless modelled: communication, FSDP's copy-in/out, stream control.
-BARRIER_NAMESPACES = COLLECTIVE_NAMESPACES | {"fsdp", "streams", "nvshmem", "distributed"}
-
-#: Ops that only alias their input (no work): they join their user's task.
-FREE_OPS = overloads(
-    aten.view, aten._unsafe_view, aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze, aten.squeeze,
-    aten.select, aten.slice, aten.alias, aten.detach, aten.unbind, aten.split, aten.split_with_sizes, aten.as_strided,
-    aten.unflatten,
-)
-#: Side-effectful ops that only check a condition: ordinary compute, not barriers.
-HARMLESS_SIDE_EFFECTS = overloads(aten._assert_async, aten._assert_scalar, aten.sym_constrain_range,
-                                  aten.sym_constrain_range_for_size, aten._assert_tensor_metadata)
-
-#: Ops that read only a tensor's metadata (dropless graphs read the size of an all-to-all's output).
-SIZE_QUERIES = overloads(aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset)
 
 # Node kinds (see classify_nodes).
 INPUT, OUTPUT, COLLECTIVE, WAIT, BARRIER, COMPUTE = "input", "output", "collective", "wait", "barrier", "compute"
@@ -130,27 +103,9 @@ class TaskMap:
 # node classification
 # ---------------------------------------------------------------------------
 
-def _namespace(node: fx.Node) -> str | None:
-    name = getattr(node.target, "name", None)
-    if node.op != "call_function" or not callable(name):
-        return None
-    q = node.target.name()
-    return q.split("::", 1)[0] if "::" in q else None
-
-
-def _is_mutating(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
-
-
-def _is_random(node: fx.Node) -> bool:
-    tags = getattr(node.target, "tags", ())
-    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags
-
-
 def is_free(node: fx.Node) -> bool:
     """A node that does no work (a view, ``getitem`` or a wait on a completed tensor): it joins its user's task."""
-    return node.op == "call_function" and (node.target in FREE_OPS or node.target is operator.getitem
+    return node.op == "call_function" and (node.target in ALIAS_OPS or node.target is operator.getitem
                                            or is_redundant_wait(node))
 
 
@@ -163,19 +118,18 @@ def classify_nodes(graph: fx.Graph) -> dict[fx.Node, str]:
         elif n.op == "output":
             kinds[n] = OUTPUT
         elif is_collective(n):
-            users = [u for u in n.users if u.target not in SIZE_QUERIES]  # reading the output's size is fine
-            ok = (_namespace(n) in FUNCTIONAL_NAMESPACES and collective_kind(n) in MODELED_COLLECTIVES
-                  and len(users) == 1 and is_wait(users[0]) and users[0].args[0] is n)
+            users = [u for u in n.users if u.target not in SIZE_QUERY_OPS]  # reading the output's size is fine
+            ok = (is_modeled_collective(n) and len(users) == 1 and is_wait(users[0]) and users[0].args[0] is n)
             kinds[n] = COLLECTIVE if ok else BARRIER
         elif is_redundant_wait(n):
             kinds[n] = COMPUTE  # the identity: no communication left to order
         elif is_wait(n):
             src = n.args[0] if n.args else None
             kinds[n] = WAIT if isinstance(src, fx.Node) and kinds.get(src) == COLLECTIVE else BARRIER
-        elif n.op == "call_module" or _namespace(n) in BARRIER_NAMESPACES:
+        elif n.op == "call_module" or namespace(n) in DISTRIBUTED_NAMESPACES:
             kinds[n] = BARRIER
-        elif n.op == "call_function" and n.target not in HARMLESS_SIDE_EFFECTS and (
-                n.target in fx.node._side_effectful_functions or _is_mutating(n)):
+        elif n.op == "call_function" and n.target not in ASSERT_OPS and (
+                n.target in fx.node._side_effectful_functions or is_mutating(n)):
             kinds[n] = BARRIER
         else:
             kinds[n] = COMPUTE
@@ -296,7 +250,7 @@ def _group_keys(nodes: list[fx.Node], kinds: dict[fx.Node, str], seg: dict[fx.No
 def _successors(nodes: list[fx.Node], kinds: dict[fx.Node, str]) -> dict[fx.Node, list[fx.Node]]:
     """Node-level edges: data flow plus the chain that keeps random ops in order."""
     succ = {n: list(n.users) for n in nodes}
-    rng = [n for n in nodes if kinds[n] == COMPUTE and _is_random(n)]
+    rng = [n for n in nodes if kinds[n] == COMPUTE and is_random(n)]
     for a, b in zip(rng, rng[1:]):
         succ[a].append(b)
     return succ
@@ -370,8 +324,8 @@ def link_resources(starts: list[fx.Node]) -> dict[str | None, str]:
     """Process group -> link resource: ``intra`` for groups that only all-gather / reduce-scatter, else ``inter``."""
     kinds_by_group: dict[str | None, set[str]] = defaultdict(set)
     for s in starts:
-        kinds_by_group[collective_group(s)].add(MODELED_COLLECTIVES[collective_kind(s)])
-    return {g: ("intra" if ks <= {"allgather", "reducescatter"} and len(kinds_by_group) > 1 else "inter")
+        kinds_by_group[collective_group(s)].add(collective_kind(s))
+    return {g: ("intra" if ks <= {ALL_GATHER, REDUCE_SCATTER} and len(kinds_by_group) > 1 else "inter")
             for g, ks in kinds_by_group.items()}
 
 
@@ -437,14 +391,14 @@ def build_taskgraph(gm: fx.GraphModule, cost: Cost, phase: str) -> tuple[TaskGra
         head = members[0]
         if unit_kind == "collective":
             start, wait = members
-            kind = MODELED_COLLECTIVES[collective_kind(start)]
+            kind = collective_kind(start)
             layer = _layer(start) if _layer(start) is not None else _layer(wait)
             chunk = _chunk(start) if _chunk(start) is not None else _chunk(wait)
             pre = _prefix(phase, layer, chunk if layer is not None else None)
             tid = f"{pre}.{SHORT[kind]}{counters[(pre, kind)]}"
             counters[(pre, kind)] += 1
             role = _meta(start).get("role") or _meta(wait).get("role") or (
-                "grad_sync" if kind == "allreduce" and phase == "backward" else kind)
+                "grad_sync" if kind == ALL_REDUCE and phase == "backward" else kind)
             group = collective_group(start)
             res = link[group]
             b = nbytes(start.args[0]) if isinstance(start.args[0], fx.Node) else None

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from fsmoe_compiler.passes.collectives import (collective_group, collective_kind, collective_sequence, is_collective,
-                                               is_wait)
+from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM
+from fsmoe_compiler.ops import collective_group, collective_op, collective_sequence, is_communication, is_collective
 from fsmoe_compiler.passes.graph_utils import nbytes, shape
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.region import ROLES
@@ -65,7 +65,7 @@ def _details(graph: fx.Graph) -> tuple[tuple[str, str | None, str, int | None], 
         if is_collective(n):
             meta = n.meta.get("fsmoe") if isinstance(n.meta.get("fsmoe"), dict) else {}
             src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-            out.append((collective_kind(n), collective_group(n), str(meta.get("origin") or n.name),
+            out.append((collective_op(n), collective_group(n), str(meta.get("origin") or n.name),
                         nbytes(src) if src is not None else None))
     return tuple(out)
 
@@ -82,7 +82,7 @@ def collective_order(gm: fx.GraphModule) -> dict[str, list[str]]:
             src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             shp = shape(src) if src is not None else None
             dims = "?" if shp is None else ", ".join("?" if d is None else str(d) for d in shp)
-            out.setdefault(str(collective_group(n)), []).append(f"{collective_kind(n)}[{dims}]")
+            out.setdefault(str(collective_group(n)), []).append(f"{collective_op(n)}[{dims}]")
     return out
 
 
@@ -107,7 +107,7 @@ def check_streams(gm: fx.GraphModule) -> None:
         meta = n.meta.get("fsmoe")
         if not isinstance(meta, dict) or "stream" not in meta:
             continue
-        want = "comm" if is_collective(n) or is_wait(n) else "compute"
+        want = COMM_STREAM if is_communication(n) else COMPUTE_STREAM
         if meta["stream"] != want:
             raise VerificationError(f"node {n.name} is annotated for stream {meta['stream']!r}, expected {want!r}")
 

@@ -40,10 +40,9 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 
-COMPUTE = "compute"
-COMM = "comm"
-STREAMS = (COMPUTE, COMM)
-_COMM_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "c10d"})
+from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM, STREAMS
+from fsmoe_compiler.ops import is_communication
+
 STREAM_OPS = ("fork", "join", "record_event", "wait_event", "wait_stream", "synchronize_event",
               "synchronize_stream", "synchronize_device", "sync_dealloc", "record_stream")
 
@@ -54,11 +53,7 @@ def stream_of(node: fx.Node) -> str:
     meta = node.meta.get("fsmoe")
     if isinstance(meta, dict) and meta.get("stream") in STREAMS:
         return meta["stream"]
-    name = getattr(node.target, "name", None)
-    if node.op == "call_function" and callable(name) and "::" in node.target.name():
-        if node.target.name().split("::", 1)[0] in _COMM_NAMESPACES:
-            return COMM
-    return COMPUTE
+    return COMM_STREAM if is_communication(node) else COMPUTE_STREAM
 
 
 def device_supports_streams(device: torch.device | str | None = None) -> bool:

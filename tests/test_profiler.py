@@ -30,7 +30,7 @@ from fsmoe_compiler.profiler import (
     profile_key,
 )
 from fsmoe_compiler.profiler.cache import key_payload
-from fsmoe_compiler.profiler.ops import is_collective, is_wait
+from fsmoe_compiler.ops import is_collective, is_wait
 from fsmoe_compiler.runtime.topology import world_layout
 from fsmoe_compiler.scheduler.costs import LinearCost
 from graph_capture import capture_graphs

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.passes.graph_utils import GATHER_OPS, MATMUL_OPS, SCATTER_OPS, TOPK_OPS, VIEW_OPS
+from fsmoe_compiler.ops import GATHER_OPS, LAYOUT_OPS, MATMUL_OPS, SCATTER_OPS, TOPK_OPS
 from fsmoe_compiler.passes.recognize import find_moe_regions
 from graph_capture import capture_graphs
 import moe_styles as ms
@@ -151,7 +151,7 @@ def _root(node: fx.Node) -> fx.Node | None:
         if cur.op == "placeholder":
             return cur
         ins = [a for a in cur.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if cur.op != "call_function" or cur.target not in VIEW_OPS or len(ins) != 1:
+        if cur.op != "call_function" or cur.target not in LAYOUT_OPS or len(ins) != 1:
             return None
         cur = ins[0]
     return None

@@ -43,7 +43,7 @@ def test_forward_layer_shape():
     single = build_layer_forward(SPEC, COSTS, 3, comm="single")
     assert {t.resource for t in single if t.role in ("gather", "scatter")} == {"inter"}
     no_esp = build_layer_forward(LayerSpec(B=4, L=512, M=2048, H=8192, f=2.4, esp=1), COSTS, 2)
-    assert len(no_esp) == 1 + 3 * 2 and not any(t.kind == "allgather" for t in no_esp)
+    assert len(no_esp) == 1 + 3 * 2 and not any(t.kind == "all_gather" for t in no_esp)
 
 
 def test_backward_layer_shape_and_gradient_slices():

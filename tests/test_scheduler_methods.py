@@ -74,7 +74,7 @@ def test_tutel_uses_one_stream_and_one_degree():
     s = tutel([spec, spec], TESTBED)
     validate_schedule(s.graph, s.schedule)
     assert s.r_fwd == s.r_bwd and s.r_fwd[0] in (1, 2, 4, 8)
-    assert {t.resource for t in s.graph if t.kind in ("allgather", "reducescatter")} == {"inter"}
+    assert {t.resource for t in s.graph if t.kind in ("all_gather", "reduce_scatter")} == {"inter"}
     assert s.graph.total("intra") == 0
     assert "B.bucket" in s.graph.tasks and s.schedule.start["B.bucket"] >= s.schedule.end["B0.attn"]
     r, t = tutel_degree(spec, TESTBED)

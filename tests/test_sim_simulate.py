@@ -34,7 +34,7 @@ def test_stacks_of_layers_simulate_and_validate():
     assert len(res.detail["r_fwd"]) == 3
     assert res.makespan_ms[OURS] <= res.makespan_ms["sequential"]
     # dense gradients of each layer are all-reduced over the inter-node link
-    assert any(t.kind == "allreduce" for t in plans[OURS].graph)
+    assert any(t.kind == "all_reduce" for t in plans[OURS].graph)
 
 
 def test_summary_over_a_slice_and_parallel_workers_agree():

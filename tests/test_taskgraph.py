@@ -149,7 +149,7 @@ def test_each_collective_with_its_wait_is_one_task_on_the_link_priced_by_its_sta
     assert sorted(coll) == ["F.L0.c0.a2a0", "F.L0.c0.a2a1", "F.L0.c1.a2a0", "F.L0.c1.a2a1"]
     assert tm.nodes_of["F.L0.c0.a2a0"] == ["a2a_d0", "wait_a2a_d0"]
     assert tm.collective["F.L0.c1.a2a1"] == ("a2a_c1", "wait_a2a_c1")
-    assert all(t.resource == "inter" and t.kind == "a2a" and t.duration == 2.0 for t in coll.values())
+    assert all(t.resource == "inter" and t.kind == "all_to_all" and t.duration == 2.0 for t in coll.values())
     assert coll["F.L0.c0.a2a0"].role == "dispatch" and coll["F.L0.c0.a2a1"].role == "combine"
     assert coll["F.L0.c0.a2a0"].size == 4 * 8 * 4  # bytes of the input
     assert tm.group["F.L0.c0.a2a0"] == "ep"

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fsmoe_compiler.profiler.costs import SCHEMA, CostModel
-from fsmoe_compiler.profiler.ops import is_collective, node_group_size, node_kind
+from fsmoe_compiler.ops import collective_group_size, collective_kind, is_collective
 
 #: Version of the key recipe and of the cache file layout.
 CACHE_SCHEMA = 1
@@ -116,7 +116,7 @@ def graph_fingerprint(gm: fx.GraphModule) -> list:
 
 def key_payload(gm: fx.GraphModule, world: Any = None) -> dict:
     """What ``profile_key`` hashes (JSON-able; for debugging a cache miss)."""
-    groups = sorted({(node_kind(n), node_group_size(n) or 0) for n in gm.graph.nodes if is_collective(n)})
+    groups = sorted({(collective_kind(n), collective_group_size(n) or 0) for n in gm.graph.nodes if is_collective(n)})
     return {
         "schema": [CACHE_SCHEMA, SCHEMA],
         "hardware": hardware_info(),

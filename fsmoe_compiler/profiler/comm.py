@@ -2,7 +2,7 @@
 
 Units: a fitted ``LinearCost`` gives milliseconds; its ``n`` is **bytes this
 rank sends** (the collective's input ``numel * element_size``, see
-``profiler.ops.value_bytes``), so ``beta`` is ms per byte. Bytes rather than
+``fsmoe_compiler.ops.value_bytes``), so ``beta`` is ms per byte. Bytes rather than
 elements keep bf16 and fp32 traffic on one line.
 
 ``microbenchmark_collectives`` times real functional collectives
@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from fsmoe_compiler.profiler.ops import KINDS, comm_key
+from fsmoe_compiler.names import ALL_GATHER, ALL_TO_ALL, REDUCE_SCATTER, check_kind, comm_key
 from fsmoe_compiler.scheduler.costs import LinearCost
 from fsmoe_compiler.sim.presets import fit_linear
 
@@ -56,22 +56,21 @@ def fit_collectives(samples: Iterable[dict]) -> dict[str, LinearCost]:
 def _run_collective(kind: str, x, group) -> object:
     import torch.distributed._functional_collectives as funcol
 
-    if kind == "all_to_all":
+    kind = check_kind(kind)
+    if kind == ALL_TO_ALL:
         out = funcol.all_to_all_single(x, None, None, group)
-    elif kind == "all_gather":
+    elif kind == ALL_GATHER:
         out = funcol.all_gather_tensor(x, 0, group)
-    elif kind == "reduce_scatter":
+    elif kind == REDUCE_SCATTER:
         out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
-    elif kind == "all_reduce":
-        out = funcol.all_reduce(x, "sum", group)
     else:
-        raise ValueError(f"unknown collective kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        out = funcol.all_reduce(x, "sum", group)
     return funcol.wait_tensor(out)
 
 
 def microbenchmark_collectives(
     group=None,
-    kinds: Sequence[str] = ("all_to_all",),
+    kinds: Sequence[str] = (ALL_TO_ALL,),
     sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,
     repeats: int = 5,
     *,
@@ -90,8 +89,7 @@ def microbenchmark_collectives(
     import torch.distributed as dist
 
     for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"unknown collective kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        check_kind(kind)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not dist.is_initialized():

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch.fx as fx
 
 from fsmoe_compiler.profiler.comm import fit_collectives
-from fsmoe_compiler.profiler.ops import comm_key, is_collective, is_wait, node_bytes, node_group_size, node_kind
+from fsmoe_compiler.names import comm_key
+from fsmoe_compiler.ops import collective_bytes, collective_group_size, collective_kind, is_collective, is_wait
 from fsmoe_compiler.scheduler.costs import LinearCost
 
 #: Version of the JSON layout written by ``CostModel.to_json``.
@@ -97,7 +98,7 @@ class CostModel:
         if is_wait(node):
             return 0.0
         if is_collective(node):
-            return self.collective_ms(node_kind(node), node_group_size(node), node_bytes(node))
+            return self.collective_ms(collective_kind(node), collective_group_size(node), collective_bytes(node))
         if node.name in self.node_ms:
             return self.node_ms[node.name]
         info = node.meta.get("fsmoe") or {}

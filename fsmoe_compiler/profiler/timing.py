@@ -27,8 +27,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from fsmoe_compiler.profiler.ops import is_collective, is_wait, node_group_size, node_kind, value_bytes
-from fsmoe_compiler.passes.collectives import collective_group
+from fsmoe_compiler.ops import collective_group, collective_group_size, collective_kind, is_collective, is_wait, value_bytes
 from fsmoe_compiler.runtime.executor import any_cuda
 
 
@@ -108,7 +107,7 @@ class TimingInterpreter(fx.Interpreter):
             return super().run_node(n)
         if is_collective(n):
             sent = value_bytes(map_arg(n.args[0], lambda a: self.env[a])) if n.args else 0
-            sample = CollectiveSample(n.name, node_kind(n), collective_group(n), node_group_size(n), sent, 0.0)
+            sample = CollectiveSample(n.name, collective_kind(n), collective_group(n), collective_group_size(n), sent, 0.0)
             start = self._now()
             result = super().run_node(n)
             if self.sync_collectives:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from fsmoe_compiler.names import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER
 from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.taskgraph import TaskGraph
 
@@ -70,7 +71,7 @@ def allreduce_cost(costs: ClusterCosts, elems: float) -> float:
     return costs.allreduce(elems)
 
 
-_KIND = {"dispatch": "a2a", "gather": "allgather", "expert": "expert", "scatter": "reducescatter", "combine": "a2a"}
+_KIND = {"dispatch": ALL_TO_ALL, "gather": ALL_GATHER, "expert": "expert", "scatter": REDUCE_SCATTER, "combine": ALL_TO_ALL}
 _SHORT = {"dispatch": "a2a_d", "gather": "ag", "expert": "exp", "scatter": "rs", "combine": "a2a_c"}
 _CHAIN = ("dispatch", "gather", "expert", "scatter", "combine")
 
@@ -161,7 +162,7 @@ def add_layer_backward(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: in
         if not n > 0:
             raise ValueError(f"layer {layer}: gradient partition sizes must be > 0 elements, got {n!r}")
         pid = f"B{layer}.ar{k}"
-        g.add(pid, "allreduce", "inter", allreduce_cost(costs, n), size=n, layer=layer, chunk=k,
+        g.add(pid, ALL_REDUCE, "inter", allreduce_cost(costs, n), size=n, layer=layer, chunk=k,
               role="grad_sync", phase="backward")
         g.add_dep(src, pid)
     return tid
@@ -227,7 +228,7 @@ def build_stack_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, r_bwd:
         prev = [add_layer_backward(g, specs[l], costs, rs[l], l, prev, comm, p, wgrad)]
     if grad_sync == "bucket":
         total = sum(s.dense_grad_elems for s in specs)
-        g.add("B.bucket", "allreduce", "inter", allreduce_cost(costs, total), size=total, layer=0,
+        g.add("B.bucket", ALL_REDUCE, "inter", allreduce_cost(costs, total), size=total, layer=0,
               role="grad_sync", phase="backward")
         g.add_dep(prev[0], "B.bucket")
         if wgrad:

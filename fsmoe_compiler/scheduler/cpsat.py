@@ -17,6 +17,7 @@ import time
 
 from ortools.sat.python import cp_model
 
+from fsmoe_compiler.names import ALL_REDUCE
 from fsmoe_compiler.scheduler.heuristic import heuristic_schedule, replay
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
@@ -44,7 +45,7 @@ def _symmetric_chunk_pairs(graph: TaskGraph) -> list[tuple[str, str]]:
     groups: dict[tuple, dict[int, list]] = {}
     for t in graph.tasks.values():
         if t.chunk >= 0:
-            groups.setdefault((t.layer, t.phase, t.kind == "allreduce"), {}).setdefault(t.chunk, []).append(t)
+            groups.setdefault((t.layer, t.phase, t.kind == ALL_REDUCE), {}).setdefault(t.chunk, []).append(t)
     pairs: list[tuple[str, str]] = []
     for (layer, phase, is_ar), chunks in groups.items():
         keys = sorted(chunks)
