@@ -48,6 +48,16 @@ MODELED_OPS: dict[str, str] = {
 SHORT: dict[str, str] = {ALL_TO_ALL: "a2a", ALL_GATHER: "ag", REDUCE_SCATTER: "rs", ALL_REDUCE: "ar"}
 
 
+#: The schedules this project compares itself with, by one name each, in the compiler and the simulator alike.
+#: ``sequential``: DeepSpeed-MoE's way: no pipelining, every op in the order it was written, no overlap beyond
+#: what that order allows. ``tutel``: Tutel's way: each MoE layer split into r chunks (r picked per layer by
+#: trying the candidates), compute stage by stage and chunk by chunk in written order (every chunk's dispatch,
+#: then each chunk's experts, then the combines), every collective issued as soon as its inputs are ready, one
+#: communication queue per link. The compiler applies them to a real task graph (``passes.solve``), the
+#: simulator to its layer model (``sim``); the definition is this one.
+SEQUENTIAL = "sequential"
+TUTEL = "tutel"
+
 #: Streams a scheduled node runs on: collectives and their waits on the communication stream, the rest on compute.
 COMPUTE_STREAM = "compute"
 COMM_STREAM = "comm"
