@@ -1,12 +1,13 @@
-"""The ``fsmoe`` torch.compile backend: aot_autograd with our pass pipeline on both graphs.
+"""The ``fsmoe`` torch.compile backend: aot_autograd with our pass pipelines on both graphs.
 
 Dynamo hands us an FX graph; aot_autograd splits it into forward and backward
-ATen graphs and gives each to a graph compiler. It runs ``run_passes``
+ATen graphs and gives each to a graph compiler. It runs the ``COMPILE`` passes
 (recognition) at once and returns a ``ScheduledGraph``: its first calls
-profile the graph chunked to each candidate degree (``chunk_passes``), then
-``screen_passes`` ranks the degrees on the measured costs, ``schedule_passes``
-schedules the best one and the reordered graph is swapped in. If a pass fails, the unmodified graph runs and
-the report says why (``strict=True`` raises instead). Registered as the ``fsmoe`` entry point of
+profile the graph chunked to each candidate degree (``CHUNK``), then the
+planner ranks the degrees on the measured costs (``SCREEN``), schedules the
+best one (``SCHEDULE``) and the reordered graph is swapped in. If a pass
+fails, the unmodified graph runs and the report says why (``strict=True``
+raises instead). Registered as the ``fsmoe`` entry point of
 ``torch_dynamo_backends``, so ``torch.compile(model, backend="fsmoe")`` works
 without importing this package.
 """
@@ -27,54 +28,69 @@ from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
 from fsmoe_compiler.passes.annotate import annotate
 from fsmoe_compiler.passes.chunk import chunk
-from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.context import Pass, PassContext, check_pipeline
+from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.passes.verify import graph_signature, verify
+from fsmoe_compiler.planner import Pipelines
 from fsmoe_compiler.runtime.control import OwnClock, exchange
-from fsmoe_compiler.scheduled_graph import ScheduledGraph, copy_graph_module
+from fsmoe_compiler.scheduled_graph import ScheduledGraph
 
 
 class FSMoECompileError(RuntimeError):
     """A pass could not apply and ``strict=True`` asked for an error instead of a fallback."""
 
 
-def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """At compile time, for the forward and the backward graph alike."""
-    gm = recognize(gm, ctx)  # find MoE regions: router, dispatch, expert, combine
-    gm = verify(gm, ctx)  # inputs, outputs, collective order unchanged; else fall back
+# The pass pipelines, in the order the data flows. Each pass is a function (gm, ctx) -> gm that declares
+# what it reads from and writes to the PassContext; check_pipeline below proves every read is written first.
+
+#: At compile time, for the forward and the backward graph alike.
+COMPILE: tuple[Pass, ...] = (
+    recognize,  # find MoE regions: router, dispatch, expert, combine, shared expert -> ctx.regions
+    verify,  # inputs, outputs, collective order unchanged; else fall back
+)
+#: Per candidate pipeline degree, before profiling it.
+CHUNK: tuple[Pass, ...] = (
+    chunk,  # split each region's dispatch -> experts -> combine into ctx.degrees chunks -> ctx.chunking
+    verify,
+)
+#: Per candidate degree once costs are measured, to rank the degrees cheaply; the graph is not changed.
+SCREEN: tuple[Pass, ...] = (
+    taskgraph,  # tasks on compute / link resources, deps, durations from ctx.costs -> ctx.taskgraph, ctx.taskmap
+    solve,  # a quick schedule (the list scheduler where the options say cpsat) -> ctx.schedule
+)
+#: On the best-ranked degree.
+SCHEDULE: tuple[Pass, ...] = (
+    taskgraph,
+    solve,  # the scheduler the options name -> ctx.schedule
+    annotate,  # reorder: collectives early, waits late; meta task/stream (the sequential baseline stays as traced)
+    verify,
+)
+
+check_pipeline(COMPILE)
+check_pipeline(CHUNK, given=("regions",))
+check_pipeline(SCREEN, given=("regions", "costs"))
+check_pipeline(SCHEDULE, given=("regions", "costs"))
+
+
+def run_pipeline(passes: tuple[Pass, ...], gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Run ``passes`` in order on ``gm``."""
+    for p in passes:
+        gm = p(gm, ctx)
     return gm
 
 
-def chunk_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Per candidate pipeline degree, before profiling it."""
-    gm = chunk(gm, ctx)  # split each region's dispatch -> experts -> combine into ctx.degrees chunks
-    gm = verify(gm, ctx)
-    return gm
-
-
-def screen_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Per candidate degree, to rank them cheaply; the graph is not changed."""
-    gm = taskgraph(gm, ctx)  # tasks on compute / link resources, deps, durations -> ctx.taskgraph
-    gm = solve(gm, ctx)  # a quick schedule (the list scheduler where the options say cpsat) -> ctx.schedule
-    return gm
-
-
-def schedule_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Once ctx.costs holds measured costs, on the best-ranked chunked graph."""
-    gm = taskgraph(gm, ctx)  # tasks on compute / link resources, deps, durations -> ctx.taskgraph
-    gm = solve(gm, ctx)  # ctx.schedule from the scheduler the options name
-    if ctx.config.scheduler != "sequential":  # the sequential baseline runs the graph as traced
-        gm = annotate(gm, ctx)  # reorder: collectives early, waits late; meta task/stream
-    gm = verify(gm, ctx)
-    return gm
+PIPELINES = Pipelines(chunk=lambda gm, ctx: run_pipeline(CHUNK, gm, ctx),
+                      screen=lambda gm, ctx: run_pipeline(SCREEN, gm, ctx),
+                      schedule=lambda gm, ctx: run_pipeline(SCHEDULE, gm, ctx))
 
 
 def fsmoe_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None, **kwargs: Any
 ) -> Callable:
-    """Compile a Dynamo graph: aot_autograd with ``run_passes`` on the forward and backward graphs."""
+    """Compile a Dynamo graph: aot_autograd with the ``COMPILE`` passes on the forward and backward graphs."""
     if kwargs:
         raise ValueError(
             f"the fsmoe backend takes only options=..., got {sorted(kwargs)}; "
@@ -90,7 +106,7 @@ def fsmoe_backend(
 
 def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        ctx = PassContext(graph_kind=kind, strict=config.strict, config=config, original=graph_signature(gm))
+        ctx = PassContext(graph_kind=kind, config=config, strict=config.strict, original=graph_signature(gm))
         forward = record.latest("forward")
         if kind == "backward" and forward is not None:  # backward regions take their layer from the forward's
             ctx.regions["forward"] = list(forward.regions)
@@ -99,7 +115,7 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
         clock = OwnClock()
         try:
             with gc_paused():
-                result = run_passes(copy_graph_module(gm), ctx)
+                result = run_pipeline(COMPILE, copy_graph_module(gm), ctx)
         except Exception as exc:  # any pass failure: run the unmodified graph, say why
             if config.strict:
                 raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc
@@ -121,7 +137,7 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
         _dump(config, record, kind, "after", result)
         if fallback is not None:
             return make_boxed_func(result.forward)
-        scheduled = ScheduledGraph(result, ctx, config, report, chunk_passes, screen_passes, schedule_passes,
+        scheduled = ScheduledGraph(result, ctx, config, report, PIPELINES,
                                    dump=lambda stage, g: _dump(config, record, kind, stage, g))
         return make_boxed_func(lambda *args: scheduled(list(args)))
 

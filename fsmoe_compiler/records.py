@@ -112,6 +112,24 @@ class CompileRecord:
         return found[-1] if found else None
 
 
+def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bool) -> ScheduleReport:
+    """The report of a ``planner.Plan``: one row per scheduled task, the degrees applied, predicted times."""
+    ctx = plan.ctx
+    sched, graph = ctx.schedule, ctx.taskgraph
+    rows = []
+    for resource, ids in sched.order.items():
+        for tid in ids:
+            t = graph.tasks[tid]
+            rows.append(TaskRow(task=tid, resource=resource, layer=t.layer, chunk=t.chunk, role=t.role,
+                                start_ms=sched.start[tid], end_ms=sched.end[tid]))
+    rows.sort(key=lambda r: (r.start_ms, r.resource, r.task))
+    return ScheduleReport(scheduler=scheduler, degrees={layer: info.degree for layer, info in ctx.chunking.items()},
+                          candidates=dict(plan.predicted), predicted_ms=sched.makespan, tasks=rows,
+                          notes=list(ctx.notes), profile_calls=profile_calls, plan_s=plan.plan_s, wait_s=plan.wait_s,
+                          plan_split_s=dict(plan.split_s), cache_hit=cache_hit, status=sched.status,
+                          reference_ms=dict(sched.meta.get("reference_ms", {})), schedule=sched, taskgraph=graph)
+
+
 _RECORDS: list[CompileRecord] = []
 
 

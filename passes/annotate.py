@@ -35,8 +35,9 @@ from collections import deque
 import networkx as nx
 import torch.fx as fx
 
-from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM
+from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM, SEQUENTIAL
 from fsmoe_compiler.ops import is_communication
+from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.taskgraph import TaskMap
 from fsmoe_compiler.scheduler import Schedule
 
@@ -198,16 +199,20 @@ def write_meta(gm: fx.GraphModule, taskmap: TaskMap) -> None:
         n.meta["fsmoe"] = meta
 
 
-def annotate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+@graph_pass(uses=("schedule", "taskmap"))
+def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Pass: reorder ``gm`` by ``ctx.schedule`` / ``ctx.taskmap`` and write task/stream metadata.
 
-    A schedule whose ``method`` is ``"sequential"`` (or whose ``meta["sync_collectives"]``
-    is true) gets every wait right after its collective: the no-overlap baseline.
+    With the ``sequential`` scheduler option the graph is left as traced (the
+    baseline runs as written). Otherwise a schedule
+    whose ``method`` is ``"sequential"`` (or whose ``meta["sync_collectives"]`` is
+    true) gets every wait right after its collective: the no-overlap baseline.
     Without a schedule or task map the graph is left alone and the report says why
     (``ctx.strict`` makes that an error).
     """
-    schedule = getattr(ctx, "schedule", None)
-    taskmap = getattr(ctx, "taskmap", None)
+    if ctx.config.scheduler == SEQUENTIAL:
+        return gm
+    schedule, taskmap = ctx.schedule, ctx.taskmap
     if schedule is None or taskmap is None:
         why = f"{ctx.graph_kind}: annotate skipped (no {'schedule' if schedule is None else 'task map'})"
         if ctx.strict:

@@ -32,6 +32,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fsmoe_compiler.ops import ALL_TO_ALL_OPS, TRANSPOSE_OPS, WAIT_OPS, is_op
+from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.chunk_rules import PARTIAL, UNSPLIT, Layout, Split, Unchunkable, rule_for, static_shape
 from fsmoe_compiler.passes.graph_utils import ancestors_of_set, to_digraph
 from fsmoe_compiler.passes.region import ROLES, MoERegion
@@ -458,30 +459,29 @@ def _forget_removed(gm: fx.GraphModule, regions: list[MoERegion]) -> None:
         region.all_to_all = [n for n in region.all_to_all if n in alive]
 
 
-def _refuse(ctx: Any, region: MoERegion, requested: int, reason: str) -> "ChunkInfo":
+def _refuse(ctx: PassContext, region: MoERegion, requested: int, reason: str) -> "ChunkInfo":
     """Leave ``region`` unchunked and say why (or raise when strict)."""
-    kind = getattr(ctx, "graph_kind", "forward")
+    kind = ctx.graph_kind
     msg = f"{kind}: MoE layer {region.layer}: chunk degree {requested} not applied, r = 1 ({reason})"
-    if getattr(ctx, "strict", False):
+    if ctx.strict:
         raise ChunkError(msg)
     ctx.notes.append(msg)
     return ChunkInfo(region.layer, 1, requested, reason, graph=kind)
 
 
-def chunk(gm: fx.GraphModule, ctx: Any) -> fx.GraphModule:
+@graph_pass(reads=("regions",), writes=("chunking",))
+def chunk(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """The chunk pass: split each expert-parallel region into ``ctx.degrees[layer]`` chunks, in place.
 
-    Reads ``ctx.regions[ctx.graph_kind]`` and ``ctx.degrees``; writes
-    ``ctx.chunking[layer]`` (a ``ChunkInfo``), a note per region left at r = 1
+    Reads ``ctx.regions[ctx.graph_kind]`` (and renames its chunked nodes) and
+    ``ctx.degrees``; writes ``ctx.chunking[layer]`` (a ``ChunkInfo``), a note per region left at r = 1
     although more was asked, and ``node.meta["fsmoe"]`` on every region node.
     Dead pure nodes are removed first (the backward graph holds dead
     recomputations of forward nodes). Graph inputs and outputs are unchanged.
     """
-    kind = getattr(ctx, "graph_kind", "forward")
-    regions = ctx.regions.get(kind, [])
-    degrees = getattr(ctx, "degrees", None) or {}
-    if getattr(ctx, "chunking", None) is None:
-        setattr(ctx, "chunking", {})
+    kind = ctx.graph_kind
+    regions = ctx.regions_here
+    degrees = ctx.degrees
     if any(degrees.get(r.layer, 1) > 1 for r in regions):
         gm.graph.eliminate_dead_code()
         _forget_removed(gm, regions)

@@ -1,16 +1,18 @@
-"""Small helpers over ATen FX graphs for the passes: recorded values and shapes, size keys, networkx views.
+"""Small helpers over ATen FX graphs for the passes: recorded values and shapes, size keys, networkx views, copies.
 
-Everything here reads a graph and never edits it. Op families and what counts
+Everything here reads a graph and never edits it (``copy_graph_module`` makes a copy to edit). Op families and what counts
 as a collective live in ``fsmoe_compiler.ops``.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fsmoe_compiler.ops import BIAS_MATMUL_OPS, MATMUL_OPS, TRANSPOSE_OPS, is_op, overloads
 
@@ -169,3 +171,21 @@ def dim_through_transpose(node: fx.Node, dim: int, upward: bool) -> int | None:
         return b if dim == a else a if dim == b else dim
     perm = [p % rank for p in node.args[1]]
     return perm[dim] if upward else perm.index(dim)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph passes may edit while ``gm`` stays intact (node names and meta kept).
+
+    The copy is a ``_LazyGraphModule`` (as Inductor's passes use): its Python
+    code is generated when first needed, not on every copy and every pass's
+    ``recompile()``; variants are profiled through an interpreter and most are
+    thrown away, so for them it never is.
+    """
+    graph = fx.Graph()
+    graph._codegen = copy.copy(gm.graph._codegen)
+    out_value = graph.graph_copy(gm.graph, {})
+    old_output = gm.graph.output_node()
+    graph.output(out_value, type_expr=old_output.type).meta = copy.copy(old_output.meta)
+    out = _LazyGraphModule(gm, graph)
+    out.meta = dict(getattr(gm, "meta", {}))
+    return out

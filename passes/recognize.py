@@ -64,6 +64,7 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
+from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.recognize_backward import find_backward_regions
 from fsmoe_compiler.passes.recognize_forward import find_forward_regions
 from fsmoe_compiler.passes.region import ROLES, MoERegion
@@ -115,13 +116,15 @@ def _without_shared_nodes(regions: list[MoERegion]) -> list[MoERegion]:
     return regions
 
 
-def recognize(gm: fx.GraphModule, ctx: Any) -> fx.GraphModule:
+@graph_pass(uses=("regions",), writes=("regions",))
+def recognize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """The recognition pass: store regions on ``ctx.regions[ctx.graph_kind]`` and tag region nodes.
 
-    Writes ``node.meta["fsmoe"]["role"]`` and ``["layer"]`` for every node of
-    every region; changes nothing else in the graph.
+    In the backward graph it reads the forward's regions, when present, to name
+    each region's layer. Writes ``node.meta["fsmoe"]["role"]`` and ``["layer"]``
+    for every node of every region; changes nothing else in the graph.
     """
-    kind = getattr(ctx, "graph_kind", "forward")
+    kind = ctx.graph_kind
     regions = find_moe_regions(gm, kind, ctx.regions.get("forward") if kind == "backward" else None, ctx.notes)
     ctx.regions[kind] = regions
     by_name = {n.name: n for n in gm.graph.nodes}

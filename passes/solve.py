@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fsmoe_compiler.config import SCHEDULERS
-from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.taskgraph import sequential_order, tutel_order
 from fsmoe_compiler.scheduler import (Schedule, TaskGraph, fixed_order_schedule, heuristic_schedule, lower_bound,
                                       replay, solve_cpsat)
@@ -53,11 +53,8 @@ def solve_taskgraph(graph: TaskGraph, taskmap: object, scheduler: str, time_limi
     return schedule
 
 
+@graph_pass(reads=("taskgraph", "taskmap"), writes=("schedule",))
 def solve(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Set ``ctx.schedule`` for ``ctx.taskgraph``; the graph itself is unchanged."""
-    if ctx.taskgraph is None:
-        raise ValueError("solve needs ctx.taskgraph: run passes.taskgraph first")
-    config = ctx.config
-    ctx.schedule = solve_taskgraph(ctx.taskgraph, ctx.taskmap, getattr(config, "scheduler", "cpsat"),
-                                   getattr(config, "time_limit_s", 1.0))
+    """Set ``ctx.schedule`` for ``ctx.taskgraph`` with the config's scheduler and time limit; the graph is unchanged."""
+    ctx.schedule = solve_taskgraph(ctx.taskgraph, ctx.taskmap, ctx.config.scheduler, ctx.config.time_limit_s)
     return gm

@@ -61,6 +61,7 @@ from fsmoe_compiler.names import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, SHORT
 from fsmoe_compiler.ops import (ALIAS_OPS, ASSERT_OPS, DISTRIBUTED_NAMESPACES, MATMUL_OPS, SIZE_QUERY_OPS,
                                 collective_group, collective_kind, is_collective, is_modeled_collective, is_mutating,
                                 is_random, is_redundant_wait, is_wait, namespace)
+from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.graph_utils import nbytes
 from fsmoe_compiler.scheduler import TaskGraph
 
@@ -572,17 +573,16 @@ def _zero_cost(node: fx.Node) -> float:
     return 0.0
 
 
-def taskgraph(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+@graph_pass(uses=("costs",), writes=("taskgraph", "taskmap"))
+def taskgraph(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Pass form: build ``gm``'s task graph with ``ctx.costs.node_cost``; store ``ctx.taskgraph`` / ``ctx.taskmap``.
 
     Without costs (``ctx.costs`` None) every node costs 0 and the report says so; the
     graph itself is not changed.
     """
-    costs = getattr(ctx, "costs", None)
-    cost = costs.node_cost if costs is not None else _zero_cost
+    costs = ctx.costs
     if costs is None:
         ctx.notes.append(f"{ctx.graph_kind}: no cost model; task durations are 0")
-    tg, tm = build_taskgraph(gm, cost, ctx.graph_kind)
-    setattr(ctx, "taskgraph", tg)
-    setattr(ctx, "taskmap", tm)
+    ctx.taskgraph, ctx.taskmap = build_taskgraph(gm, costs.node_cost if costs is not None else _zero_cost,
+                                                 ctx.graph_kind)
     return gm

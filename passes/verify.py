@@ -23,7 +23,7 @@ import torch.fx as fx
 from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM
 from fsmoe_compiler.ops import collective_group, collective_op, collective_sequence, is_communication, is_collective
 from fsmoe_compiler.passes.graph_utils import nbytes, shape
-from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.region import ROLES
 
 
@@ -153,8 +153,13 @@ def compare_collectives(before: GraphSignature, now: GraphSignature) -> str | No
     return None
 
 
+@graph_pass(uses=("original", "regions"))
 def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Raise ``VerificationError`` unless ``gm`` keeps the invariants; return it unchanged."""
+    """Raise ``VerificationError`` unless ``gm`` keeps the invariants; return it unchanged.
+
+    Against ``ctx.original`` when set (inputs, outputs, collectives); against
+    the regions of this graph when recognised (roles, one region per node).
+    """
     try:
         gm.graph.lint()
     except Exception as exc:  # lint raises RuntimeError / AssertionError variants
@@ -163,7 +168,7 @@ def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     check_streams(gm)
 
     now = graph_signature(gm)
-    before = ctx.original if isinstance(ctx.original, GraphSignature) else None
+    before = ctx.original
     if before is not None:
         if now.placeholders != before.placeholders:
             raise VerificationError(

@@ -141,7 +141,7 @@ def _boom(gm, ctx):
 
 
 def test_a_failing_pass_falls_back_to_the_unmodified_graph_and_says_why(monkeypatch):
-    monkeypatch.setattr(backend_mod, "recognize", _boom)
+    monkeypatch.setattr(backend_mod, "COMPILE", (_boom, backend_mod.verify))
     torch.manual_seed(0)
     model = DenseBlock()
     x = torch.randn(4, 16)
@@ -158,7 +158,7 @@ def test_a_failing_pass_falls_back_to_the_unmodified_graph_and_says_why(monkeypa
 
 
 def test_strict_turns_the_fallback_into_an_error(monkeypatch):
-    monkeypatch.setattr(backend_mod, "recognize", _boom)
+    monkeypatch.setattr(backend_mod, "COMPILE", (_boom, backend_mod.verify))
     compiled = torch.compile(DenseBlock(), backend="fsmoe", options={"strict": True})
     with pytest.raises(Exception, match="fsmoe could not compile the forward graph: recognizer exploded"):
         compiled(torch.randn(4, 16))
@@ -175,7 +175,7 @@ def test_verify_rejects_a_pass_that_changes_the_graph_outputs(monkeypatch):
         gm.recompile()
         return gm
 
-    monkeypatch.setattr(backend_mod, "recognize", drop_output)
+    monkeypatch.setattr(backend_mod, "COMPILE", (drop_output, backend_mod.verify))
     compiled = torch.compile(DenseBlock(), backend="fsmoe", options={"strict": True})
     with pytest.raises(Exception, match=r"graph (output count|inputs) changed"):
         compiled(torch.randn(4, 16)).sum().backward()

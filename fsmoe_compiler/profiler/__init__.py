@@ -4,13 +4,13 @@
 step); ``fit_collectives`` / ``microbenchmark_collectives`` give
 ``t = alpha + beta * bytes`` per collective kind and group size; ``CostModel``
 prices nodes for the scheduler; ``agree`` makes all ranks hold the same model;
-``ProfileCache`` / ``profile_key`` skip profiling next time; ``StepProfiler``
-is the profiling phase as a boxed compiled function.
+``ProfileCache`` / ``profile_key`` / ``plan_key`` skip profiling next time;
+``StepProfiler`` is one graph's profiling calls (a node costs its fastest call).
 """
 
-from fsmoe_compiler.profiler.cache import ProfileCache, profile_key
+from fsmoe_compiler.profiler.cache import ProfileCache, plan_key, profile_key
 from fsmoe_compiler.profiler.comm import fit_collectives, microbenchmark_collectives
-from fsmoe_compiler.profiler.costs import CostModel, agree
+from fsmoe_compiler.profiler.costs import CostModel, agree, fastest_per_node
 from fsmoe_compiler.profiler.session import StepProfiler
 from fsmoe_compiler.profiler.timing import CollectiveSample, TimingInterpreter, profile_call
 
@@ -21,8 +21,10 @@ __all__ = [
     "StepProfiler",
     "TimingInterpreter",
     "agree",
+    "fastest_per_node",
     "fit_collectives",
     "microbenchmark_collectives",
     "profile_call",
+    "plan_key",
     "profile_key",
 ]

@@ -12,7 +12,9 @@ read, or that holds another key or schema, is ignored with a warning.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -131,6 +133,29 @@ def profile_key(gm: fx.GraphModule, world: Any = None) -> str:
     """sha256 hex key of (hardware, torch version, world layout, collectives' group sizes, graph)."""
     payload = key_payload(gm, world)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def sources_digest() -> str:
+    """sha256 of the passes' and the profiler's sources: a cost table is keyed by node names these produce."""
+    h = hashlib.sha256()
+    for package in ("fsmoe_compiler.passes", "fsmoe_compiler.profiler"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"cannot locate the sources of {package}")
+        for path in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def plan_key(gm: fx.GraphModule, world: Any, kind: str, degree: int, settings: str) -> str:
+    """The cache key of ``gm`` chunked to ``degree``: ``profile_key`` plus the pass sources and solver ``settings``.
+
+    Never process-group names or ranks, so every rank and every run of the same
+    job on the same machines finds the same file.
+    """
+    return hashlib.sha256(f"{profile_key(gm, world)}/{sources_digest()}/{settings}/{kind}/degree{degree}"
+                          .encode()).hexdigest()
 
 
 class ProfileCache:

@@ -1,7 +1,7 @@
 """The measured cost model the scheduler prices an ATen graph with, and how ranks agree on it.
 
-``CostModel`` holds what profiling measured: compute ms per node name (median
-over the profiled calls), one link model per ``f"{kind}/{group_size}"``
+``CostModel`` holds what profiling measured: compute ms per node name (the
+fastest of the profiled calls, :func:`fastest_per_node`), one link model per ``f"{kind}/{group_size}"``
 (``LinearCost`` in ms with ``n`` = bytes sent, see ``profiler.comm``) and the
 raw collective samples it was fitted from. ``node_cost(node)`` prices any
 node of the profiled graph *or of a rewritten copy of it*: a chunk copy made
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,6 +30,20 @@ from fsmoe_compiler.scheduler.costs import LinearCost
 
 #: Version of the JSON layout written by ``CostModel.to_json``.
 SCHEMA = 1
+
+
+def fastest_per_node(node_ms_runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per node name, the fastest of the calls that ran it.
+
+    A first call's new shapes (allocator growth, GEMM set-up) and a call
+    another process interrupted only ever add time, so the minimum is the
+    node's own cost.
+    """
+    out: dict[str, float] = {}
+    for run in node_ms_runs:
+        for name, ms in run.items():
+            out[name] = min(out.get(name, float("inf")), float(ms))
+    return out
 
 
 @dataclass
@@ -49,14 +62,9 @@ class CostModel:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_profiles(cls, node_ms_runs: Sequence[dict[str, float]], samples: Sequence[dict] = ()) -> "CostModel":
-        """Median per node over several profiled calls; link models fitted from ``samples``."""
-        names: dict[str, list[float]] = {}
-        for run in node_ms_runs:
-            for name, ms in run.items():
-                names.setdefault(name, []).append(float(ms))
-        node_ms = {name: statistics.median(v) for name, v in names.items()}
+        """The fastest time per node over several profiled calls; link models fitted from ``samples``."""
         samples = [dict(s) for s in samples]
-        return cls(node_ms=node_ms, comm=fit_collectives(samples), samples=samples)
+        return cls(node_ms=fastest_per_node(node_ms_runs), comm=fit_collectives(samples), samples=samples)
 
     def merge(self, other: "CostModel", *, nodes: bool = True) -> "CostModel":
         """A new model with both models' data: ``other`` wins on equal node names; link models refitted.

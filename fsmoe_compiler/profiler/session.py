@@ -1,11 +1,12 @@
-"""Profile the first calls of a compiled graph, then hand over one cost model: the backend's profiling phase.
+"""The profiling phase of one graph: run calls under the timing interpreter and keep what they measured.
 
 ``StepProfiler(gm)`` is a drop-in compiled function (boxed: it takes
 aot_autograd's argument list) that runs each call under the
-``TimingInterpreter`` and keeps its numbers; ``cost_model()`` turns the calls
-into a ``CostModel`` (median per node; the first call is dropped when there
-are more, since it pays one-time costs such as allocator growth and
-connection setup). The backend swaps in the scheduled graph afterwards.
+``TimingInterpreter`` and keeps its numbers. A node costs the fastest of its
+calls: a first call's new shapes (allocator growth, GEMM set-up, connection
+set-up) and a call another process interrupted only ever add time. The
+planner keeps one per candidate degree; ``cost_model()`` turns the calls
+into a ``CostModel``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from fsmoe_compiler.profiler.costs import CostModel
+from fsmoe_compiler.profiler.costs import CostModel, fastest_per_node
 from fsmoe_compiler.profiler.timing import TimingInterpreter
 
 
@@ -25,7 +26,8 @@ class StepProfiler:
         # aot_autograd passes one argument list; an instance attribute survives the functools.wraps
         # of dynamo's disable() wrapper (a class attribute would not)
         self._boxed_call = True
-        self.interpreter = TimingInterpreter(gm, sync_collectives=sync_collectives)
+        self.gm = gm
+        self.sync_collectives = sync_collectives
         self.node_ms_runs: list[dict[str, float]] = []
         self.sample_runs: list[list[dict]] = []
 
@@ -34,15 +36,23 @@ class StepProfiler:
         return len(self.node_ms_runs)
 
     def __call__(self, args: Sequence[Any]) -> Any:
-        out = self.interpreter.run(*args)
-        self.node_ms_runs.append(dict(self.interpreter.node_ms))
-        self.sample_runs.append(list(self.interpreter.samples))
+        interpreter = TimingInterpreter(self.gm, sync_collectives=self.sync_collectives)
+        out = interpreter.run(*args)
+        self.node_ms_runs.append(dict(interpreter.node_ms))
+        self.sample_runs.append(list(interpreter.samples))
         return out
+
+    @property
+    def samples(self) -> list[dict]:
+        """Every collective sample of every call, in call order."""
+        return [s for run in self.sample_runs for s in run]
+
+    def node_ms(self) -> dict[str, float]:
+        """Per node, the fastest of the calls so far."""
+        return fastest_per_node(self.node_ms_runs)
 
     def cost_model(self, extra_samples: Sequence[dict] = ()) -> CostModel:
         """The calls so far as a ``CostModel`` (link models also fitted from ``extra_samples``, e.g. microbenchmarks)."""
         if not self.node_ms_runs:
             raise RuntimeError("StepProfiler.cost_model: no call has been profiled yet")
-        skip = 1 if self.calls > 1 else 0
-        samples = [s for run in self.sample_runs[skip:] for s in run] + [dict(s) for s in extra_samples]
-        return CostModel.from_profiles(self.node_ms_runs[skip:], samples)
+        return CostModel.from_profiles(self.node_ms_runs, self.samples + [dict(s) for s in extra_samples])

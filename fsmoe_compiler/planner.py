@@ -1,0 +1,320 @@
+"""The planner: from a recognised graph and its profiling calls to a ``Plan`` (variants → costs → screening → choice).
+
+1. **Variants** (:class:`Variants`): the graph chunked to every candidate
+   pipeline degree by the chunk pipeline. A degree whose chunking fails on
+   any rank is dropped on every rank (an explicit degree under ``strict``
+   raises); a degree no layer takes is dropped (it would equal degree 1).
+2. **Costs** (:func:`measure_costs`): per degree, each node's fastest
+   profiled call; link models fitted from microbenchmarks at the graph's own
+   message sizes (merged over ranks); then agreed over ranks (maximum per
+   node). Or the profile cache (:func:`cached_costs`), when every rank has
+   every degree.
+3. **Screening and choice** (:func:`make_plan`): each degree's task graph
+   priced by a quick schedule (the list scheduler where the options say
+   cpsat), the best degree scheduled by the scheduler the options name, its
+   collective issue order compared across ranks.
+
+Every step that decides which collectives run is agreed over ranks through
+``runtime.control.exchange`` before any rank acts on it, so all ranks take
+the same path or fail together; a failure is a :class:`PlanError` naming
+every rank's reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.fx as fx
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from fsmoe_compiler.config import FSMoEConfig
+from fsmoe_compiler.gc_pause import gc_paused
+from fsmoe_compiler.names import COLLECTIVE_KINDS
+from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.graph_utils import copy_graph_module
+from fsmoe_compiler.passes.verify import collective_order
+from fsmoe_compiler.profiler import (CostModel, ProfileCache, StepProfiler, agree, fit_collectives,
+                                     microbenchmark_collectives, plan_key)
+from fsmoe_compiler.runtime.control import OwnClock, exchange
+
+Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+
+class PlanError(RuntimeError):
+    """Planning failed and ``strict=True`` asked for an error instead of a fallback."""
+
+
+@dataclass(frozen=True)
+class Pipelines:
+    """The backend's pass pipelines the planner runs: chunk a variant, screen a degree, schedule the choice."""
+
+    chunk: Pipeline
+    screen: Pipeline
+    schedule: Pipeline
+
+
+@dataclass
+class Plan:
+    """What planning chose for one graph.
+
+    ``gm`` is the scheduled graph and ``ctx`` its pass context (task graph,
+    task map, schedule, chunking); ``predicted`` maps each degree screened to
+    its predicted makespan (ms); ``split_s`` the planning time by phase and
+    ``wait_s`` the time spent waiting for the other ranks (not in ``split_s``).
+    """
+
+    degree: int
+    gm: fx.GraphModule
+    ctx: PassContext
+    predicted: dict[int, float]
+    split_s: dict[str, float] = field(default_factory=dict)
+    wait_s: float = 0.0
+
+    @property
+    def plan_s(self) -> float:
+        """The planner's own time (chunking, ranking degrees, scheduling)."""
+        return sum(self.split_s.values())
+
+
+def distributed() -> bool:
+    """torch.distributed is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Ranks in the default group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def _gather_errors(tag: str, error: str | None) -> dict[int, str]:
+    """Every rank's error (rank -> message), so all ranks see the same failures."""
+    return {r: e for r, e in enumerate(exchange(tag, error)) if e is not None}
+
+
+def _all_ranks_true(tag: str, flag: bool) -> bool:
+    """True only if ``flag`` holds on every rank (so all ranks take the same path)."""
+    return all(exchange(tag, bool(flag)))
+
+
+class Variants:
+    """The recognised graph chunked to each candidate degree (degree 1 is the recognised graph itself).
+
+    ``degrees`` shrinks as degrees are dropped; ``notes`` (the report's, when
+    given) says why, and ``chunk_notes`` why some layer stayed at r = 1 in a
+    degree that was kept. ``tag`` names this graph's exchanges with the other ranks.
+    """
+
+    def __init__(self, base: fx.GraphModule, ctx: PassContext, config: FSMoEConfig, chunk: Pipeline,
+                 tag: str, notes: list[str] | None = None) -> None:
+        self.base, self.ctx, self.config, self.chunk, self.tag = base, ctx, config, chunk, tag
+        self.degrees = config.degrees()
+        self.notes: list[str] = notes if notes is not None else []
+        self.chunk_notes: list[str] = []
+        self.built = False
+        self.chunk_s = 0.0  # own time spent chunking (a part of the plan's time)
+        self.wait_s = 0.0  # time spent waiting for the other ranks while chunking
+        self._graphs: dict[int, tuple[fx.GraphModule, PassContext]] = {}
+
+    def build(self) -> None:
+        """Chunk the graph to every candidate degree; every rank keeps and drops the same degrees."""
+        self.built = True
+        clock = OwnClock()
+        try:
+            with gc_paused():
+                for degree in list(self.degrees):
+                    self._build_one(degree)
+        finally:
+            self.wait_s += clock.waited()
+            self.chunk_s += clock.own()
+
+    def get(self, degree: int) -> tuple[fx.GraphModule, PassContext]:
+        """The graph chunked to ``degree`` and its pass context (memoised)."""
+        if degree not in self._graphs:
+            regions = copy.deepcopy(self.ctx.regions)  # the chunk pass renames a region's nodes in its variant
+            # "auto" tries what fits: a layer a degree does not fit stays at r = 1 with a note, never an error
+            ctx = replace(self.ctx, notes=[], regions=regions, degrees={r.layer: degree for r in self.ctx.regions_here},
+                          chunking={}, strict=self.ctx.strict and self.explicit)
+            # degree 1 changes only node meta: the recognised graph itself, no copy (copies cost a recompile)
+            gm = self.base if degree == 1 else copy_graph_module(self.base)
+            self._graphs[degree] = (self.chunk(gm, ctx), ctx)
+        return self._graphs[degree]
+
+    def clear(self) -> None:
+        """Drop the variants (the chosen graph lives on in the plan)."""
+        self._graphs.clear()
+
+    @property
+    def explicit(self) -> bool:
+        """The options name one degree (not "auto")."""
+        return self.config.pipeline_degree != "auto"
+
+    def _build_one(self, degree: int) -> None:
+        error = None
+        try:
+            self.get(degree)
+        except Exception as exc:  # noqa: BLE001 - reported below, on every rank alike
+            error = f"{type(exc).__name__}: {exc}"
+        errors = _gather_errors(f"{self.tag}/chunk{degree}", error)
+        if not errors:
+            if degree > 1:
+                self._keep_if_chunked(degree)
+            return
+        self._graphs.pop(degree, None)
+        why = "; ".join(f"rank {r}: {e}" for r, e in errors.items())
+        if (self.config.strict and self.explicit) or degree == 1:
+            raise PlanError(f"fsmoe could not chunk the {self.ctx.graph_kind} graph to degree {degree}: {why}")
+        self.degrees.remove(degree)
+        self.notes.append(f"degree {degree} dropped, chunking failed: {why}")
+
+    def _keep_if_chunked(self, degree: int) -> None:
+        """Keep the refusal notes of a degree; drop the degree if no layer took it (it would equal degree 1)."""
+        _, ctx = self._graphs[degree]
+        self.chunk_notes.extend(n for n in ctx.notes if "not applied" in n and n not in self.chunk_notes)
+        applied = any(info.degree > 1 for info in ctx.chunking.values())
+        if not _all_ranks_true(f"{self.tag}/unchunked{degree}", not applied) or 1 not in self.degrees:
+            return
+        self._graphs.pop(degree)
+        self.degrees.remove(degree)
+        self.notes.append(f"degree {degree} not profiled: no MoE layer of the {self.ctx.graph_kind} graph "
+                          f"can be split into {degree} chunks")
+
+
+# ---------------------------------------------------------------------------------------------------
+# costs
+
+
+def link_samples(samples: list[dict], tag: str) -> list[dict]:
+    """Microbenchmarks of each collective kind and process group the graph uses, at its message sizes.
+
+    Timed after a barrier, so a rank that arrives late does not bill its
+    lateness to the link (the in-graph samples include that skew). The sizes
+    are merged over ranks first (a dropless layer sends different sizes on
+    each rank), so every rank runs the same list in the same order. Kinds the
+    microbenchmark does not know keep their in-graph samples.
+    """
+    if not distributed():
+        return list(samples)
+    sizes: dict[tuple[str, str], set[int]] = {}
+    for s in samples:
+        if s.get("kind") in COLLECTIVE_KINDS and s.get("group") is not None and s.get("bytes"):
+            sizes.setdefault((s["kind"], s["group"]), set()).add(int(s["bytes"]))
+    merged: dict[tuple[str, str], set[int]] = {}
+    for theirs in exchange(f"{tag}/sizes", sizes):
+        for key, nbytes in theirs.items():
+            merged.setdefault(key, set()).update(nbytes)
+    out = [s for s in samples if s.get("kind") not in COLLECTIVE_KINDS]
+    for (kind, group_name), nbytes in sorted(merged.items()):
+        picked = sorted(nbytes)
+        picked = sorted({picked[0], picked[len(picked) // 2], picked[-1]})
+        out.extend(microbenchmark_collectives(_resolve_process_group(group_name), (kind,), picked, repeats=3))
+    return out
+
+
+def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: str) -> dict[int, CostModel]:
+    """One agreed cost model per degree from its profiling calls; a degree never profiled costs degree 1's times.
+
+    Link models are shared by every degree: fitted from microbenchmarks at the
+    sizes every degree sent (``link_samples``).
+    """
+    samples = [s for d in degrees if d in profiles for s in profiles[d].samples]
+    comm = fit_collectives(link_samples(samples, tag))
+    out: dict[int, CostModel] = {}
+    for degree in degrees:
+        profile = profiles.get(degree)
+        if profile is not None and profile.calls:
+            node_ms = profile.node_ms()
+        else:  # node_cost divides a chunk copy's origin by the degree
+            node_ms = dict(out[1].node_ms) if 1 in out else {}
+        out[degree] = agree(CostModel(node_ms=node_ms, comm=comm, samples=list(samples)))
+    return out
+
+
+def _settings(config: FSMoEConfig) -> str:
+    return f"{config.scheduler}/{config.pipeline_degree}/{config.max_degree}/{config.time_limit_s}"
+
+
+def cache_keys(variants: Variants) -> dict[int, str]:
+    """The profile-cache key of each candidate degree of ``variants``."""
+    return {d: plan_key(variants.base, world_size(), variants.ctx.graph_kind, d, _settings(variants.config))
+            for d in variants.degrees}
+
+
+def cached_costs(variants: Variants, cache: ProfileCache) -> dict[int, CostModel] | None:
+    """Every degree's cost model from the cache, if every rank has every one; else None (on every rank)."""
+    if not variants.built:
+        variants.build()  # the degrees worth looking up: those some layer takes
+    stored = {d: cache.load(key) for d, key in cache_keys(variants).items()}
+    hit = all(c is not None for c in stored.values())
+    if not _all_ranks_true(f"{variants.tag}/cache", hit):
+        return None
+    return stored  # type: ignore[return-value]
+
+
+def store_costs(variants: Variants, cache: ProfileCache, costs: dict[int, CostModel]) -> None:
+    """Write every degree's cost model to the cache (every rank: a node-local directory must hit on every node)."""
+    keys = cache_keys(variants)
+    for degree, c in costs.items():
+        cache.store(keys[degree], c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# screening and choice
+
+
+def _screen(variants: Variants, costs: dict[int, CostModel], screen: Pipeline) -> dict[int, float]:
+    """Each degree's predicted makespan under a quick schedule (no graph copy)."""
+    config = variants.config
+    quick = replace(config, scheduler="heuristic") if config.scheduler == "cpsat" else config
+    predicted: dict[int, float] = {}
+    for degree in variants.degrees:
+        gm, ctx = variants.get(degree)
+        ctx = replace(ctx, costs=costs[degree], notes=[], config=quick)
+        screen(gm, ctx)
+        predicted[degree] = ctx.schedule.makespan
+    return predicted
+
+
+def _choose(variants: Variants, costs: dict[int, CostModel], pipelines: Pipelines
+            ) -> tuple[int, fx.GraphModule, PassContext, dict[int, float], float]:
+    clock = OwnClock()
+    predicted = _screen(variants, costs, pipelines.screen) if len(variants.degrees) > 1 else {}
+    t_screen = clock.own()
+    degree = min(variants.degrees, key=lambda d: (predicted.get(d, 0.0), d))
+    gm, ctx = variants.get(degree)
+    ctx = replace(ctx, costs=costs[degree], notes=list(ctx.notes))
+    # the scheduling passes reorder the graph in place: a copy only where the variant is the traced graph
+    # itself (degree 1), which stays the fallback; a chunked variant is dropped right after
+    gm = pipelines.schedule(copy_graph_module(gm) if gm is variants.base else gm, ctx)
+    predicted[degree] = ctx.schedule.makespan
+    return degree, gm, ctx, predicted, t_screen
+
+
+def make_plan(variants: Variants, costs: dict[int, CostModel], pipelines: Pipelines) -> Plan:
+    """Screen the degrees, schedule the best; every rank gets the same plan, or a ``PlanError`` with every reason."""
+    clock = OwnClock()
+    error, chosen = None, None
+    try:
+        chosen = _choose(variants, costs, pipelines)
+    except Exception as exc:  # noqa: BLE001 - agreed over ranks below
+        error = f"{type(exc).__name__}: {exc}"
+    # one exchange, reached by every rank: failures anywhere and the collective issue order of each plan
+    order = collective_order(chosen[1]) if chosen is not None else None
+    everyone = exchange(f"{variants.tag}/plan", (error, order))
+    errors = {r: e for r, (e, _) in enumerate(everyone) if e is not None}
+    if not errors:
+        errors = {r: f"would issue collectives in the order {o}, rank {_rank()} in {order}"
+                  for r, (_, o) in enumerate(everyone) if o != order}
+    if errors:
+        raise PlanError("; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
+    degree, gm, ctx, predicted, t_screen = chosen
+    total = clock.own()
+    return Plan(degree, gm, ctx, predicted,
+                split_s={"chunk": variants.chunk_s, "rank degrees": t_screen, "schedule": total - t_screen},
+                wait_s=clock.waited() + variants.wait_s)
