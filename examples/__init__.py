@@ -1,1 +1,1 @@
-"""Tiny trainable MoE models built from ``fsmoe_compiler.moe`` (importable from the repo root as ``examples.*``)."""
+"""Tiny trainable MoE models built from ``fsmoe_compiler.moe``; the folder `examples/` installs as ``fsmoe_compiler.examples``."""

@@ -1,6 +1,6 @@
 """A tiny GPT-2-style decoder whose FFNs are MoE layers (every layer, or every other one).
 
-    from examples.gpt2_moe import build_model, make_batch
+    from fsmoe_compiler.examples.gpt2_moe import build_model, make_batch
     model = build_model(num_experts=8, moe_every=2)
     idx, targets = make_batch(batch_size=4)
     loss = model(idx, targets)          # cross-entropy + aux_loss_weight * sum of MoE aux losses

@@ -1,6 +1,6 @@
 """A tiny Mixtral-style decoder: RMSNorm, rotary attention with grouped KV heads, top-2 SwiGLU MoE in every layer.
 
-    from examples.mixtral_moe import build_model, make_batch
+    from fsmoe_compiler.examples.mixtral_moe import build_model, make_batch
     model = build_model()                      # vocab 128, d_model 32, 2 layers, 4 experts, seq 16
     idx, targets = make_batch(batch_size=4, seed=rank)
     loss = model(idx, targets)                 # cross-entropy + aux_loss_weight * sum of router aux losses

@@ -32,10 +32,13 @@ class FSMoEConfig:
     dump_dir: if set, write each graph's code there: before and after the passes, and the scheduled graph
         once profiling ends (with each node's task and stream).
     scheduler: how MoE regions are chunked and ordered: "cpsat" (CP-SAT over
-        the measured task graph, the default), "heuristic" (list scheduling),
-        "tutel" (fixed pipeline: compute in graph order, collectives issued
-        early), "sequential" (no chunking, no reordering: the baseline) or
-        "none" (recognise and report only; no profiling, the graph runs as traced).
+        the measured task graph, started from the best of the next three; the
+        default), "heuristic" (the best of list scheduling and the "tutel" and
+        "sequential" orders), "tutel" (Tutel's schedule: compute stage by stage,
+        collectives issued as soon as their inputs are ready; see
+        ``fsmoe_compiler.names``), "sequential" (no chunking, no reordering: the
+        baseline) or "none" (recognise and report only; no profiling, the graph
+        runs as traced).
     pipeline_degree: chunks per MoE region (an int >= 1) or "auto" (the
         scheduler picks among powers of two up to ``max_degree``).
     max_degree: the largest degree "auto" tries.

@@ -10,7 +10,7 @@ import torch
 from fsmoe_compiler.moe import MoELayer
 from fsmoe_compiler.runtime.launch import run_ranks
 
-EXAMPLES = ["examples.gpt2_moe", "examples.mixtral_moe"]
+EXAMPLES = ["fsmoe_compiler.examples.gpt2_moe", "fsmoe_compiler.examples.mixtral_moe"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -28,14 +28,14 @@ def test_defaults_are_tiny_and_overrides_are_checked(name):
 
 
 def test_gpt2_moe_every_other_layer():
-    mod = importlib.import_module("examples.gpt2_moe")
+    mod = importlib.import_module("fsmoe_compiler.examples.gpt2_moe")
     model = mod.build_model(n_layers=4, moe_every=2)
     kinds = [isinstance(b.ffn, MoELayer) for b in model.blocks]
     assert kinds == [False, True, False, True]
 
 
 def test_mixtral_is_rmsnorm_swiglu_top2():
-    model = importlib.import_module("examples.mixtral_moe").build_model()
+    model = importlib.import_module("fsmoe_compiler.examples.mixtral_moe").build_model()
     moe = model.moe_layers()[0]
     assert moe.config["router"] == "mixtral" and moe.config["expert"] == "swiglu" and moe.router.top_k == 2
     assert type(model.norm).__name__ == "RMSNorm"
@@ -72,7 +72,7 @@ def _train_mixtral_ep(rank: int, world_size: int) -> dict:
 
     from fsmoe_compiler.moe import split_parameters, sync_gradients
 
-    mod = importlib.import_module("examples.mixtral_moe")
+    mod = importlib.import_module("fsmoe_compiler.examples.mixtral_moe")
     torch.manual_seed(0)
     model = mod.build_model()
     local = model.moe_layers()[0]
