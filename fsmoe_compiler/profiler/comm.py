@@ -9,8 +9,11 @@ elements keep bf16 and fp32 traffic on one line.
 (``torch.distributed._functional_collectives``, the ops compiled graphs use)
 at a few message sizes; ``fit_collectives`` turns those samples, or the ones
 ``profile_call`` collected from a real step, into one ``LinearCost`` per
-``f"{kind}/{group_size}"``. The least-squares fit itself is the simulator's
-``fit_linear`` (``sim.presets``), shared rather than repeated.
+``f"{kind}/{group_size}"``. The least-squares fit itself is the scheduler's
+``LinearCost.fit``, which the simulator's ``local`` preset uses too.
+``microbenchmark_collectives`` is the project's one collective microbenchmark:
+the bench's all-to-all timer and the ``local`` preset's measurement
+(``fsmoe_compiler.bench.worker``, ``fsmoe_compiler.bench.links``) call it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Iterable, Sequence
 
 from fsmoe_compiler.names import ALL_GATHER, ALL_TO_ALL, REDUCE_SCATTER, check_kind, comm_key
 from fsmoe_compiler.scheduler.costs import LinearCost
-from fsmoe_compiler.sim.presets import fit_linear
 
 DEFAULT_SIZES_BYTES = (1 << 16, 1 << 18, 1 << 20)
 
@@ -49,7 +51,7 @@ def fit_collectives(samples: Iterable[dict]) -> dict[str, LinearCost]:
             t = max(t, 0.0)
             fits[key] = LinearCost(0.0, t / n) if n > 0 else LinearCost(t, 0.0)
         else:
-            fits[key] = fit_linear([float(n) for n, _ in points], [t for _, t in points])
+            fits[key] = LinearCost.fit([float(n) for n, _ in points], [t for _, t in points])
     return fits
 
 
