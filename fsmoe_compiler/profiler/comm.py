@@ -61,10 +61,10 @@ def _run_collective(kind: str, x, group) -> object:
     kind = check_kind(kind)
     if kind == ALL_TO_ALL:
         out = funcol.all_to_all_single(x, None, None, group)
-    elif kind == ALL_GATHER:
-        out = funcol.all_gather_tensor(x, 0, group)
+    elif kind == ALL_GATHER:  # torch >= 2.10 names it *_single (the *_tensor name warns there); same signature
+        out = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)(x, 0, group)
     elif kind == REDUCE_SCATTER:
-        out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
+        out = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)(x, "sum", 0, group)
     else:
         out = funcol.all_reduce(x, "sum", group)
     return funcol.wait_tensor(out)
