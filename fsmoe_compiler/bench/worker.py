@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import re
 import sys
@@ -26,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 from .records import BenchConfig, RankMethodRaw
+
+#: --grad-sync bucket: all dense gradients in one all-reduce (``sync_gradients``' ``bucket_mb``).
+GRAD_BUCKET_MB = math.inf
 
 
 def _agree(values: list[float], op: dist.ReduceOp) -> list[float]:
@@ -57,37 +61,14 @@ _COMM_RE = re.compile(r"all_to_all|wait_tensor|allreduce|all_reduce|alltoall")
 
 
 def sync_dense_gradients(model: torch.nn.Module) -> None:
-    """The gradient of the mean loss over ranks, as ``moe.parallel.sync_gradients`` computes it, in one bucket.
+    """--grad-sync bucket: ``moe.parallel.sync_gradients`` with every dense gradient in one flat all-reduce.
 
-    Dense gradients are flattened into one buffer and all-reduced once (as DDP
-    buckets do) instead of one all-reduce per parameter, whose per-call latency
-    would otherwise dominate a step on an emulated link; expert gradients (EP
-    over the whole world) are only divided by the world size. Falls back to
-    ``sync_gradients`` when expert parallelism spans fewer ranks than the world.
+    One bucket (as DDP buckets do) instead of one all-reduce per parameter,
+    whose per-call latency would otherwise dominate a step on an emulated link.
     """
-    from fsmoe_compiler.moe.layer import MoELayer
-    from fsmoe_compiler.moe.parallel import split_parameters, sync_gradients
+    from fsmoe_compiler.moe.parallel import sync_gradients
 
-    world = dist.get_world_size()
-    if world == 1:
-        return
-    ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
-    if ep_sizes and max(ep_sizes) < world:
-        sync_gradients(model)
-        return
-    dense, experts = split_parameters(model)
-    grads = [p.grad for p in dense if p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for p in experts:
-        if p.grad is not None:
-            p.grad.div_(world)
+    sync_gradients(model, bucket_mb=GRAD_BUCKET_MB)
 
 
 def _time_a2a(shape: list[int], dtype: torch.dtype = torch.float32, reps: int = 3) -> float:
