@@ -196,9 +196,9 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
 
 def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
     from fsmoe_compiler.reporting.trace import schedule_to_chrome_trace
+    from fsmoe_compiler.sim.methods import LOWER_BOUND, OURS, REPORTED_METHODS
     from fsmoe_compiler.sim.presets import get_preset
     from fsmoe_compiler.sim.simulate import simulate_point
-    from fsmoe_compiler.sim.methods import LOWER_BOUND, OURS, REPORTED_METHODS
 
     out_json: dict = {"config": None, "layers": args.layers, "presets": {}}
     traces: dict = {}
