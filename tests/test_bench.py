@@ -10,7 +10,7 @@ import torch
 
 from fsmoe_compiler.bench import runner as bench_runner
 from fsmoe_compiler.bench.cli import main as bench_main
-from fsmoe_compiler.bench.methods import METHODS, CpuRuntimeEstimator, parse_methods
+from fsmoe_compiler.bench.methods import BENCH_METHODS, CpuRuntimeEstimator, parse_methods
 from fsmoe_compiler.bench.netns import netns_unavailable_reason
 from fsmoe_compiler.bench.records import BenchConfig, MethodResult, RankMethodRaw
 
@@ -19,7 +19,7 @@ TINY = ["--layers", "1", "--d-model", "32", "--d-ff", "64", "--batch", "4", "--s
 
 
 def test_parse_methods_keeps_order_and_names_the_valid_ones():
-    assert parse_methods(None) == list(METHODS)
+    assert parse_methods(None) == list(BENCH_METHODS)
     assert parse_methods("aot_eager, eager,aot_eager") == ["aot_eager", "eager"]
     with pytest.raises(ValueError, match="unknown method.*'inductor'.*valid methods: eager, aot_eager, "
                                           "pytorch_overlap, fsmoe_sequential, fsmoe_tutel, fsmoe"):
@@ -132,7 +132,7 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
     assert data["link"]["mode"] == "loopback"
     assert any("running on loopback instead" in w for w in data["warnings"])
     by_name = {m["name"]: m for m in data["methods"]}
-    assert list(by_name) == list(METHODS)  # every method is in the table, failed or not
+    assert list(by_name) == list(BENCH_METHODS)  # every method is in the table, failed or not
     for name in ("eager", "aot_eager", "pytorch_overlap"):
         m = by_name[name]
         assert m["ok"], m["error"]

@@ -2,14 +2,16 @@
 
 import pytest
 
-from fsmoe_compiler.scheduler import (LayerSpec, build_layer_backward, build_layer_forward, build_stack_backward,
-                                      build_stack_forward, build_step, chunk_costs, validate_schedule, heuristic_schedule)
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LinearCost
+from fsmoe_compiler.scheduler import heuristic_schedule, validate_schedule
+from fsmoe_compiler.scheduler.costs import LinearCost
+from fsmoe_compiler.sim import (LayerSpec, build_layer_backward, build_layer_forward, build_stack_backward,
+                                build_stack_forward, build_step, chunk_costs)
+from fsmoe_compiler.sim.costs import ClusterCosts
 
 COSTS = ClusterCosts(
-    name="test", a2a=LinearCost(0.3, 1.3e-6), allgather=LinearCost(0.34, 6.7e-7), reducescatter=LinearCost(0.4, 6.7e-7),
-    allreduce=LinearCost(0.5, 2.9e-6), gemm={"gpt": LinearCost(1.09, 1.53e-10), "swiglu": LinearCost(1.47, 3.17e-10)},
-    dense=LinearCost(0.2, 1.53e-10))
+    name="test", all_to_all=LinearCost(0.3, 1.3e-6), all_gather=LinearCost(0.34, 6.7e-7),
+    reduce_scatter=LinearCost(0.4, 6.7e-7), all_reduce=LinearCost(0.5, 2.9e-6),
+    gemm={"gpt": LinearCost(1.09, 1.53e-10), "swiglu": LinearCost(1.47, 3.17e-10)}, dense=LinearCost(0.2, 1.53e-10))
 SPEC = LayerSpec(B=4, L=512, M=2048, H=8192, f=2.4)
 
 

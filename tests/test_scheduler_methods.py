@@ -2,18 +2,20 @@
 
 import pytest
 
-from fsmoe_compiler.scheduler import (CACHE, LayerSpec, SearchOptions, SolveCache, best_forward, build_layer_forward,
-                                      evaluate_layer, fsmoe_paper, fsmoe_step, paper_degree, paper_T, schedule_step,
-                                      sequential, step_lower_bound, tutel, tutel_degree, validate_schedule)
-from fsmoe_compiler.scheduler.baselines import paper_terms
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LinearCost
+from fsmoe_compiler.scheduler import validate_schedule
+from fsmoe_compiler.scheduler.costs import LinearCost
+from fsmoe_compiler.sim import (CACHE, LayerSpec, SearchOptions, SolveCache, best_forward, build_layer_forward,
+                                evaluate_layer, fsmoe_paper, fsmoe_step, paper_degree, paper_T, schedule_step,
+                                sequential, step_lower_bound, tutel, tutel_degree)
+from fsmoe_compiler.sim.baselines import paper_terms
+from fsmoe_compiler.sim.costs import ClusterCosts
 
 
 def costs(a2a=(0.287, 1.306e-6), ag=(0.338, 6.7e-7), rs=(0.395, 6.7e-7), ar=(0.511, 2.916e-6), gemm=(1.09, 1.53e-10),
           dense=(0.2, 1.53e-10), name="test") -> ClusterCosts:
-    return ClusterCosts(name=name, a2a=LinearCost(*a2a), allgather=LinearCost(*ag), reducescatter=LinearCost(*rs),
-                        allreduce=LinearCost(*ar), gemm={"gpt": LinearCost(*gemm), "swiglu": LinearCost(*gemm)},
-                        dense=LinearCost(*dense))
+    return ClusterCosts(name=name, all_to_all=LinearCost(*a2a), all_gather=LinearCost(*ag),
+                        reduce_scatter=LinearCost(*rs), all_reduce=LinearCost(*ar),
+                        gemm={"gpt": LinearCost(*gemm), "swiglu": LinearCost(*gemm)}, dense=LinearCost(*dense))
 
 
 TESTBED = costs()
@@ -32,7 +34,7 @@ def test_sequential_is_the_sum_of_all_durations():
     A, G, R, E = paper_terms(spec, TESTBED, 1, "forward")
     attn = TESTBED.dense(spec.attention_macs)
     per_layer = (attn + 2 * A + G + R + E) + (2 * attn + 2 * A + G + R + 2 * E)
-    bucket = TESTBED.allreduce(2 * spec.dense_grad_elems)
+    bucket = TESTBED.all_reduce(2 * spec.dense_grad_elems)
     assert s.makespan == pytest.approx(2 * per_layer + bucket, rel=1e-9)
     assert s.r_fwd == [1, 1] and s.r_bwd == [1, 1]
 
@@ -191,7 +193,8 @@ def test_lower_bound_stays_valid_when_our_degrees_are_capped():
 @pytest.mark.parametrize("split", [False, True])
 def test_step_lower_bound_holds_for_other_configurations(split):
     """No configuration (other degrees, other slicings) solved hard beats the step bound."""
-    from fsmoe_compiler.scheduler import build_layer_forward, build_stack_backward, solve_cpsat
+    from fsmoe_compiler.scheduler import solve_cpsat
+    from fsmoe_compiler.sim import build_layer_forward, build_stack_backward
 
     spec = SPECS[3]
     lb = step_lower_bound([spec, spec], FAST, 8, split).makespan

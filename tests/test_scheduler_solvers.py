@@ -5,15 +5,16 @@ import random
 
 import pytest
 
-from fsmoe_compiler.scheduler import (RESOURCES, LayerSpec, TaskGraph, build_layer_backward, build_layer_forward,
-                                      build_stack_backward, critical_path, fixed_order_schedule, heuristic_schedule,
+from fsmoe_compiler.scheduler import (RESOURCES, TaskGraph, critical_path, fixed_order_schedule, heuristic_schedule,
                                       list_schedule, lower_bound, solve_cpsat, validate_schedule)
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LinearCost
+from fsmoe_compiler.scheduler.costs import LinearCost
+from fsmoe_compiler.sim import LayerSpec, build_layer_backward, build_layer_forward, build_stack_backward
+from fsmoe_compiler.sim.costs import ClusterCosts
 
 COSTS = ClusterCosts(
-    name="test", a2a=LinearCost(0.3, 1.3e-6), allgather=LinearCost(0.34, 6.7e-7), reducescatter=LinearCost(0.4, 6.7e-7),
-    allreduce=LinearCost(0.5, 2.9e-6), gemm={"gpt": LinearCost(1.09, 1.53e-10), "swiglu": LinearCost(1.47, 3.17e-10)},
-    dense=LinearCost(0.2, 1.53e-10))
+    name="test", all_to_all=LinearCost(0.3, 1.3e-6), all_gather=LinearCost(0.34, 6.7e-7),
+    reduce_scatter=LinearCost(0.4, 6.7e-7), all_reduce=LinearCost(0.5, 2.9e-6),
+    gemm={"gpt": LinearCost(1.09, 1.53e-10), "swiglu": LinearCost(1.47, 3.17e-10)}, dense=LinearCost(0.2, 1.53e-10))
 
 
 def random_graph(seed: int, n: int) -> TaskGraph:
@@ -137,8 +138,8 @@ def test_justify_never_worse_and_valid():
 def test_split_weight_gradient_rules_let_the_all_reduce_start_early():
     """With weight gradients split off, running the attention weight gradient right after its input gradient
     lets the all-reduce overlap the layers below; the heuristic must find that, not leave the all-reduces last."""
-    fast = ClusterCosts(name="h100-like", a2a=LinearCost(0.03, 2.5e-8), allgather=LinearCost(0.015, 4.86e-9),
-                        reducescatter=LinearCost(0.015, 4.86e-9), allreduce=LinearCost(0.05, 6.25e-9),
+    fast = ClusterCosts(name="h100-like", all_to_all=LinearCost(0.03, 2.5e-8), all_gather=LinearCost(0.015, 4.86e-9),
+                        reduce_scatter=LinearCost(0.015, 4.86e-9), all_reduce=LinearCost(0.05, 6.25e-9),
                         gemm={"swiglu": LinearCost(0.0468, 3.11e-12)}, dense=LinearCost(0.072, 3.11e-12))
     spec = LayerSpec(B=2, L=512, M=4096, H=32768, f=4.8, ffn="swiglu")
     g = build_stack_backward([spec] * 4, fast, 1, None, wgrad=True)

@@ -1,5 +1,25 @@
 """``fsmoe bench``: time MoE training steps of several compilers side by side on local gloo ranks.
 
+:data:`DESCRIPTION` (the ``--help`` text) says what it runs and prints. The
+integrator's ``fsmoe_compiler/cli.py`` mounts this with
+:func:`add_bench_parser`; ``python -m fsmoe_compiler.bench`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .records import DEFAULT_MODEL, DEFAULT_SIZES, GRAD_SYNC, BenchConfig, BenchResult
+
+#: What ``fsmoe bench --help`` says above the options.
+DESCRIPTION = """\
 Starts N local gloo ranks (default 2) and times training steps (forward,
 backward, gradient sync: by default outside the compiled graph as one bucketed
 all-reduce, with --grad-sync graph inside backward; SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
@@ -24,28 +44,11 @@ the gradient all-reduces to place around the all-to-alls.
 
 Every rank's glibc malloc keeps freed memory for reuse (as a caching
 allocator does on CUDA; --system-malloc turns this off), so no method pays
-page faults for re-allocating its activations every step.
-
-The integrator's ``fsmoe_compiler/cli.py`` mounts this with
-:func:`add_bench_parser`; ``python -m fsmoe_compiler.bench`` runs it alone.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import sys
-from pathlib import Path
-from typing import Any
-
-from tabulate import tabulate
-
-from .records import DEFAULT_MODEL, DEFAULT_SIZES, GRAD_SYNC, BenchConfig, BenchResult
+page faults for re-allocating its activations every step."""
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    from .methods import METHODS
+    from .methods import BENCH_METHODS
 
     p.add_argument("--ranks", type=int, default=2, help="local gloo ranks (default 2)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"example model: mixtral or gpt2 (default {DEFAULT_MODEL})")
@@ -69,7 +72,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="untimed steps per method first; the first compiles (default 2; fsmoe methods take at least "
                    "their profile_steps + measure_steps + 1, so timed steps run the scheduled graph)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset, in table order (default all: {','.join(METHODS)})")
+                   help=f"comma-separated subset, in table order (default all: {','.join(BENCH_METHODS)})")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     p.add_argument("--emulate-link", default=None, metavar="RATE",
                    help="root only: each rank in its own network namespace, veth links shaped with tc tbf to RATE "
@@ -100,7 +103,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "bench",
         help="time training steps of eager, aot_eager, PyTorch's overlap scheduler and fsmoe on local ranks",
-        description=__doc__.split("\n\n", 1)[1].split("The integrator")[0].strip(),
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(p)
@@ -285,8 +288,7 @@ def _preflight_notes(cfg: BenchConfig) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """A standalone parser for ``python -m fsmoe_compiler.bench``."""
-    parser = argparse.ArgumentParser(prog="fsmoe bench", description=__doc__.split("\n\n", 1)[1].split(
-        "The integrator")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fsmoe bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(parser)
     return parser
 

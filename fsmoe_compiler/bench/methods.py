@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-METHODS: tuple[str, ...] = ("eager", "aot_eager", "pytorch_overlap", "fsmoe_sequential", "fsmoe_tutel", "fsmoe")
+#: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
+BENCH_METHODS: tuple[str, ...] = ("eager", "aot_eager", "pytorch_overlap", "fsmoe_sequential", "fsmoe_tutel", "fsmoe")
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe_sequential": {"scheduler": "sequential"},
@@ -40,13 +41,13 @@ def parse_methods(spec: str | list[str] | None) -> list[str]:
     ValueError names the unknown ones and lists the valid methods.
     """
     if spec is None:
-        return list(METHODS)
+        return list(BENCH_METHODS)
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in BENCH_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(BENCH_METHODS)}")
     if not names:
-        raise ValueError(f"no methods given; valid methods: {', '.join(METHODS)}")
+        raise ValueError(f"no methods given; valid methods: {', '.join(BENCH_METHODS)}")
     seen: list[str] = []
     for n in names:
         if n not in seen:
@@ -247,7 +248,7 @@ def make_runner(
     if name in FSMOE_OPTIONS:
         options = dict(FSMOE_OPTIONS[name], **(fsmoe_extra or {}))
         return MethodSetup(name, model, torch.compile(model, backend="fsmoe", options=options), {"options": options})
-    raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(BENCH_METHODS)}")
 
 
 def warmup_steps(name: str, requested: int, fsmoe_extra: dict[str, Any] | None = None) -> int:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from .methods import METHODS
+from .methods import BENCH_METHODS
 from .netns import LinkEmulation, netns_unavailable_reason, parse_rate
 from .records import BenchConfig, BenchResult, MethodResult, RankMethodRaw
 
@@ -208,9 +208,9 @@ def aggregate(cfg: BenchConfig, ranks: list[dict[str, Any]], link_info: dict[str
 def run(cfg: BenchConfig) -> BenchResult:
     """Validate, set up the link, run the ranks, tear everything down, aggregate."""
     cfg.validate()
-    unknown = [m for m in cfg.methods if m not in METHODS]
+    unknown = [m for m in cfg.methods if m not in BENCH_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(BENCH_METHODS)}")
     if cfg.emulate_link:
         parse_rate(cfg.emulate_link)  # bad RATE -> ValueError before anything starts
         if cfg.ranks < 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from fsmoe_compiler.names import ALL_TO_ALL
+
 from .records import BenchConfig, RankMethodRaw
+
+#: --grad-sync bucket: all dense gradients in one all-reduce (``sync_gradients``' ``bucket_mb``).
+GRAD_BUCKET_MB = math.inf
+#: The replayed all-to-alls are timed as float32 tensors.
+_FLOAT32_BYTES = 4
 
 
 def _agree(values: list[float], op: dist.ReduceOp) -> list[float]:
@@ -41,66 +49,38 @@ def measure_link(world_size: int, nbytes: int = 1 << 22, reps: int = 3) -> tuple
     bytes_per_ms counts the bytes that leave the rank ((W-1)/W of the buffer).
     Max of the times over ranks, so every rank gets the same answer.
     """
-
-    def time_a2a(n: int) -> float:
-        shape = [max(n // 4, world_size) // world_size * world_size]
-        _time_a2a(shape, reps=1)  # warm
-        return _time_a2a(shape, reps=reps)
-
-    small, big = time_a2a(1024), time_a2a(nbytes)
-    small, big = _agree([small, big], dist.ReduceOp.MAX)
+    best = best_all_to_all_ms([1024, nbytes], reps=reps)
+    small, big = _agree([best[1024], best[nbytes]], dist.ReduceOp.MAX)
     share = nbytes * (world_size - 1) / world_size
     return small, share / max(big - small, 1e-3)
+
+
+def best_all_to_all_ms(sizes_bytes: list[int], reps: int = 3) -> dict[int, float]:
+    """Best-of-``reps`` ms of one float32 all-to-all on the default group, per message size in bytes sent.
+
+    Timed by the profiler's ``microbenchmark_collectives`` (a warm-up, then a
+    barrier before each repetition, so rank skew is not billed to the link;
+    each size rounded down to whole elements that split evenly over the ranks).
+    Collective: every rank calls it with the same sizes.
+    """
+    from fsmoe_compiler.profiler.comm import microbenchmark_collectives
+
+    return {n: min(s["ms"] for s in microbenchmark_collectives(kinds=(ALL_TO_ALL,), sizes_bytes=(n,), repeats=reps))
+            for n in sorted(set(sizes_bytes))}
 
 
 _COMM_RE = re.compile(r"all_to_all|wait_tensor|allreduce|all_reduce|alltoall")
 
 
 def sync_dense_gradients(model: torch.nn.Module) -> None:
-    """The gradient of the mean loss over ranks, as ``moe.parallel.sync_gradients`` computes it, in one bucket.
+    """--grad-sync bucket: ``moe.parallel.sync_gradients`` with every dense gradient in one flat all-reduce.
 
-    Dense gradients are flattened into one buffer and all-reduced once (as DDP
-    buckets do) instead of one all-reduce per parameter, whose per-call latency
-    would otherwise dominate a step on an emulated link; expert gradients (EP
-    over the whole world) are only divided by the world size. Falls back to
-    ``sync_gradients`` when expert parallelism spans fewer ranks than the world.
+    One bucket (as DDP buckets do) instead of one all-reduce per parameter,
+    whose per-call latency would otherwise dominate a step on an emulated link.
     """
-    from fsmoe_compiler.moe.layer import MoELayer
-    from fsmoe_compiler.moe.parallel import split_parameters, sync_gradients
+    from fsmoe_compiler.moe.parallel import sync_gradients
 
-    world = dist.get_world_size()
-    if world == 1:
-        return
-    ep_sizes = {m.ep_size for m in model.modules() if isinstance(m, MoELayer) and m.is_expert_parallel}
-    if ep_sizes and max(ep_sizes) < world:
-        sync_gradients(model)
-        return
-    dense, experts = split_parameters(model)
-    grads = [p.grad for p in dense if p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for p in experts:
-        if p.grad is not None:
-            p.grad.div_(world)
-
-
-def _time_a2a(shape: list[int], dtype: torch.dtype = torch.float32, reps: int = 3) -> float:
-    """Best-of-``reps`` ms of one all-to-all of a tensor of ``shape`` (after a barrier, so no skew)."""
-    x = torch.zeros(shape, dtype=dtype)
-    y = torch.empty_like(x)
-    best = float("inf")
-    for _ in range(reps):
-        dist.barrier()
-        t = time.perf_counter()
-        dist.all_to_all_single(y, x)
-        best = min(best, (time.perf_counter() - t) * 1e3)
-    return best
+    sync_gradients(model, bucket_mb=GRAD_BUCKET_MB)
 
 
 def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dict[str, float]:
@@ -156,7 +136,9 @@ def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dic
     # every rank replays the same list (rank 0's), so the collectives match
     box = [shapes]
     dist.broadcast_object_list(box, src=0)
-    wire_ms = sum(_time_a2a(s) for s in box[0])
+    sizes = [_FLOAT32_BYTES * math.prod(s) for s in box[0]]
+    best = best_all_to_all_ms(sizes) if sizes else {}
+    wire_ms = sum(best[n] for n in sizes)
     a2a_ms = a2a_us / 1e3
     return {
         "step_ms": model_ms + sync_ms - ar_us / 1e3,

@@ -11,7 +11,8 @@ over all ``W`` ranks is:
   all-to-all), so sum over the ranks that hold the same experts (the DP
   group, absent when EP spans the world) and divide by ``W``.
 
-``sync_gradients`` is the plain, eager reference, run after backward;
+``sync_gradients`` is the plain, eager reference, run after backward (one
+all-reduce per parameter, or per bucket of flattened gradients);
 ``sync_gradients_in_graph`` puts the same all-reduces into the backward
 itself, so that a compiled backward graph holds them and a scheduler can
 overlap them with the rest of the step (FSMoE's gradient aggregation).
@@ -49,21 +50,36 @@ def _check_dp_group(model: nn.Module, world: int, dp_group: dist.ProcessGroup | 
         )
 
 
-def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
+def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None, *,
+                   bucket_mb: float | None = None) -> None:
     """Turn each rank's local gradients into the gradient of the mean loss over all ranks (collective).
 
     ``dp_group``: the ranks holding the same experts (``topology.dp_group``);
-    needed only when the EP group is smaller than the world. A no-op without
-    torch.distributed or with one rank.
+    needed only when the EP group is smaller than the world. ``bucket_mb``:
+    all-reduce the dense gradients flattened into buckets of at most that many
+    MiB each (as DDP buckets do; ``math.inf``: all in one bucket) instead of
+    one all-reduce per parameter, whose per-call latency dominates a step on a
+    slow link; the sums are the same. A no-op without torch.distributed or
+    with one rank.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
     dense, experts = split_parameters(model)
-    for p in dense:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    grads = [p.grad for p in dense if p.grad is not None]
+    if bucket_mb is None:
+        for g in grads:
+            dist.all_reduce(g)
+            g.div_(world)
+    else:
+        for bucket in _buckets(grads, bucket_mb):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
     if experts:
         _check_dp_group(model, world, dp_group)
         for p in experts:
@@ -71,6 +87,25 @@ def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) 
                 if dp_group is not None and dist.get_world_size(dp_group) > 1:
                     dist.all_reduce(p.grad, group=dp_group)
                 p.grad.div_(world)
+
+
+def _buckets(grads: list[torch.Tensor], bucket_mb: float) -> list[list[torch.Tensor]]:
+    """``grads`` in order, cut into runs of one dtype and device of at most ``bucket_mb`` MiB (a larger one alone)."""
+    if not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be > 0 (math.inf: one bucket), got {bucket_mb!r}")
+    limit = bucket_mb * 2**20
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        last = out[-1] if out else None
+        if last is None or (g.dtype, g.device) != (last[0].dtype, last[0].device) or size + nbytes > limit:
+            out.append([g])
+            size = nbytes
+        else:
+            last.append(g)
+            size += nbytes
+    return out
 
 
 class _ReduceGradient(torch.autograd.Function):

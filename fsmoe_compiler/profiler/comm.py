@@ -9,8 +9,11 @@ elements keep bf16 and fp32 traffic on one line.
 (``torch.distributed._functional_collectives``, the ops compiled graphs use)
 at a few message sizes; ``fit_collectives`` turns those samples, or the ones
 ``profile_call`` collected from a real step, into one ``LinearCost`` per
-``f"{kind}/{group_size}"``. The least-squares fit itself is the simulator's
-``fit_linear`` (``sim.presets``), shared rather than repeated.
+``f"{kind}/{group_size}"``. The least-squares fit itself is the scheduler's
+``LinearCost.fit``, which the simulator's ``local`` preset uses too.
+``microbenchmark_collectives`` is the project's one collective microbenchmark:
+the bench's all-to-all timer and the ``local`` preset's measurement
+(``fsmoe_compiler.bench.worker``, ``fsmoe_compiler.bench.links``) call it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Iterable, Sequence
 
 from fsmoe_compiler.names import ALL_GATHER, ALL_TO_ALL, REDUCE_SCATTER, check_kind, comm_key
 from fsmoe_compiler.scheduler.costs import LinearCost
-from fsmoe_compiler.sim.presets import fit_linear
 
 DEFAULT_SIZES_BYTES = (1 << 16, 1 << 18, 1 << 20)
 
@@ -49,7 +51,7 @@ def fit_collectives(samples: Iterable[dict]) -> dict[str, LinearCost]:
             t = max(t, 0.0)
             fits[key] = LinearCost(0.0, t / n) if n > 0 else LinearCost(t, 0.0)
         else:
-            fits[key] = fit_linear([float(n) for n, _ in points], [t for _, t in points])
+            fits[key] = LinearCost.fit([float(n) for n, _ in points], [t for _, t in points])
     return fits
 
 
@@ -59,10 +61,10 @@ def _run_collective(kind: str, x, group) -> object:
     kind = check_kind(kind)
     if kind == ALL_TO_ALL:
         out = funcol.all_to_all_single(x, None, None, group)
-    elif kind == ALL_GATHER:
-        out = funcol.all_gather_tensor(x, 0, group)
+    elif kind == ALL_GATHER:  # torch >= 2.10 names it *_single (the *_tensor name warns there); same signature
+        out = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)(x, 0, group)
     elif kind == REDUCE_SCATTER:
-        out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
+        out = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)(x, "sum", 0, group)
     else:
         out = funcol.all_reduce(x, "sum", group)
     return funcol.wait_tensor(out)

@@ -331,7 +331,7 @@ def heuristic_starts(graph: TaskGraph, improve: bool = False) -> tuple[list[floa
 
 
 def heuristic_schedule(graph: TaskGraph, method: str = "heuristic") -> Schedule:
-    """Best of the critical-path rule and the fill-last rule (gradient syncs go into gaps)."""
+    """The best of :func:`heuristic_starts`' list-scheduling rules, as a Schedule (status ``HEURISTIC``)."""
     t0 = time.perf_counter()
     start, _ = heuristic_starts(graph)
     return _to_schedule(graph, graph.arrays(), start, method, "HEURISTIC", t0)

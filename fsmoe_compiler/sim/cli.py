@@ -1,5 +1,26 @@
-"""``fsmoe simulate``: replay the scheduler on layer grids or one configured layer stack.
+"""``fsmoe simulate``: replay the scheduler on layer grids or one configured layer stack, against the baselines.
 
+:data:`DESCRIPTION` (the ``--help`` text) says what the two modes print.
+``fsmoe_compiler/cli.py`` mounts the subcommand through
+:func:`add_simulate_parser`; ``python -m fsmoe_compiler.sim.cli`` runs it
+alone. A CLI may import everything, lazily: the ``local`` preset's measurement
+comes from ``fsmoe_compiler.bench.links`` (torch ranks), imported only when
+that preset runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tabulate import tabulate
+
+#: What ``fsmoe simulate --help`` says above the options.
+DESCRIPTION = """\
 Two modes:
 
 * ``--grid fsmoe``: FSMoE's 1458 layers on each cost preset (or ``--preset
@@ -10,22 +31,7 @@ Two modes:
   writes the same as JSON.
 * ``--config B=4,L=512,M=2048,H=8192,f=2.4,gpus=32,ffn=gpt [--layers 4]``: one
   layer (or a stack of identical blocks); prints each method's makespan and,
-  with ``--trace out.json``, writes all methods' schedules as one Chrome trace.
-
-The lead's ``fsmoe_compiler/cli.py`` mounts this through
-:func:`add_simulate_parser`; ``python -m fsmoe_compiler.sim.cli`` runs it alone.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
-from typing import Sequence
-
-from tabulate import tabulate
+  with ``--trace out.json``, writes all methods' schedules as one Chrome trace."""
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -78,7 +84,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p = subparsers.add_parser(
         "simulate",
         help="replay the scheduler on FSMoE's 1458-layer grid or one layer stack, against the baselines",
-        description=__doc__.split("\n\n", 1)[1].split("The lead")[0].strip(),
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(p)
@@ -94,7 +100,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Entry of ``fsmoe simulate``; returns the exit code (2 on a usage error)."""
     from fsmoe_compiler.sim.grid import ConfigError, get_grid, parse_config
     from fsmoe_compiler.sim.presets import DEFAULT_PRESETS, PRESETS, preset_names
-
     from fsmoe_compiler.sim.simulate import DEFAULT_GRID_LAYERS
 
     presets = args.preset or (list(DEFAULT_PRESETS) if args.grid else ["fsmoe-testbed"])
@@ -158,6 +163,7 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
                 validate=args.validate,
                 refit=args.refit,
                 split_weight_grads=args.split_weight_grads,
+                measure=_measure_for(name),
             )
         except ValueError as e:
             return _fail(str(e))
@@ -190,9 +196,9 @@ def _run_grid(args: argparse.Namespace, specs: list, presets: list[str]) -> int:
 
 def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
     from fsmoe_compiler.reporting.trace import schedule_to_chrome_trace
+    from fsmoe_compiler.sim.methods import LOWER_BOUND, OURS, REPORTED_METHODS
     from fsmoe_compiler.sim.presets import get_preset
     from fsmoe_compiler.sim.simulate import simulate_point
-    from fsmoe_compiler.sim.summary import LOWER_BOUND, METHODS, OURS
 
     out_json: dict = {"config": None, "layers": args.layers, "presets": {}}
     traces: dict = {}
@@ -200,7 +206,7 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
     notes: list[str] = []
     for name in presets:
         try:
-            costs = get_preset(name, spec.gpus, refit=args.refit)
+            costs = get_preset(name, spec.gpus, refit=args.refit, measure=_measure_for(name))
         except ValueError as e:
             return _fail(str(e))
         res, plans = simulate_point(spec, costs, layers=args.layers, time_limit_s=args.time_limit,
@@ -213,7 +219,7 @@ def _run_config(args: argparse.Namespace, spec, presets: list[str]) -> int:
             "optimal": res.optimal,
             "detail": res.detail,
         }
-        for m in METHODS:
+        for m in REPORTED_METHODS:
             ms = res.makespan_ms[m]
             p = plans[m]
             speed = "" if m in (OURS, LOWER_BOUND) else f"{ms / res.makespan_ms[OURS]:.3f}x"
@@ -254,11 +260,20 @@ def _print_costs(presets: list[str], gpus_list: list[int], refit: bool) -> None:
     rows = []
     for name in presets:
         for gpus in gpus_list:
-            for op, a, b in costs_table(get_preset(name, gpus, refit=refit)):
+            for op, a, b in costs_table(get_preset(name, gpus, refit=refit, measure=_measure_for(name))):
                 rows.append([name, gpus, op, f"{a:.4g}", f"{b:.4g}"])
             refit = False
     print("cost models t(n) = alpha + beta * n (ms; n = elements, or MACs for gemm/dense)")
     print(tabulate(rows, headers=["preset", "gpus", "op", "alpha ms", "beta ms/unit"], tablefmt="github"))
+
+
+def _measure_for(preset: str) -> Callable[[], Any] | None:
+    """The measurement a preset needs: ``local``'s starts torch ranks (``bench.links``, imported only then)."""
+    if preset != "local":
+        return None
+    from fsmoe_compiler.bench.links import measure_local
+
+    return measure_local
 
 
 def _degrees(rs: Sequence[int]) -> str:
@@ -270,7 +285,7 @@ def _degrees(rs: Sequence[int]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fsmoe_compiler.sim.cli ...``: the simulate subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="fsmoe simulate", description=__doc__.split("\n\n", 1)[1].split("The lead")[0].strip(),
+    parser = argparse.ArgumentParser(prog="fsmoe simulate", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(parser)
     args = parser.parse_args(argv)

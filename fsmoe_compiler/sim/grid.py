@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from fsmoe_compiler.scheduler.costs import FFN_GEMMS, LayerSpec
+from fsmoe_compiler.sim.costs import FFN_GEMMS, LayerSpec
 
 GPUS_PER_NODE = 8
 ESP = 8

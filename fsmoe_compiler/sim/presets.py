@@ -15,12 +15,17 @@ multiply-accumulates (MACs) for a GEMM. Three presets:
     per node on NVLink 4, one 400 Gb/s InfiniBand NIC per GPU, bf16. The
     derivation is in :func:`h100_ib400`.
 ``local``
-    Fitted on this machine: gloo collectives between 2 local ranks and CPU
-    GEMMs, least squares to ``alpha + beta * n``, cached as JSON in the user's
-    cache dir (``~/.cache/fsmoe/local_costs.json``; ``refit=True`` re-measures).
+    Fitted on this machine: collectives between 2 local gloo ranks and CPU
+    GEMMs, least squares to ``alpha + beta * n``, the samples cached as JSON in
+    the user's cache dir (``~/.cache/fsmoe/local_costs.json``; ``refit=True``
+    re-measures). The measurement starts torch ranks, so it lives outside the
+    simulator (``fsmoe_compiler.bench.links.measure_local``) and is handed to
+    :func:`local_costs` / :func:`get_preset` as ``measure``; reading the cache
+    and fitting stay here. Caches written with the old kind words (``a2a``,
+    ``allgather``, ``reducescatter``, ``allreduce``) are still read.
 
-Only :func:`measure_local` touches torch, and imports it lazily, so the rest of
-the simulator stays torch-free.
+Pure Python: imports the scheduler's ``LinearCost``, ``fsmoe_compiler.names``
+and the standard library only.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ import platform
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-from fsmoe_compiler.scheduler.costs import FFN_GEMMS, ClusterCosts, LinearCost
+from fsmoe_compiler.names import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, COLLECTIVE_KINDS, REDUCE_SCATTER
+from fsmoe_compiler.scheduler.costs import LinearCost
+from fsmoe_compiler.sim.costs import FFN_GEMMS, ClusterCosts
 
 GPUS_PER_NODE = 8
 
@@ -63,10 +70,10 @@ def fsmoe_testbed(gpus: int = 16) -> ClusterCosts:
         raise ValueError(f"preset 'fsmoe-testbed' was measured at gpus in {sorted(TESTBED_A2A_BETA)}, got gpus={gpus}")
     return ClusterCosts(
         name="fsmoe-testbed",
-        a2a=LinearCost(TESTBED_A2A_ALPHA, TESTBED_A2A_BETA[gpus]),
-        allgather=TESTBED_AG,
-        reducescatter=TESTBED_RS,
-        allreduce=LinearCost(TESTBED_ALLREDUCE_ALPHA, TESTBED_ALLREDUCE_BETA[gpus]),
+        all_to_all=LinearCost(TESTBED_A2A_ALPHA, TESTBED_A2A_BETA[gpus]),
+        all_gather=TESTBED_AG,
+        reduce_scatter=TESTBED_RS,
+        all_reduce=LinearCost(TESTBED_ALLREDUCE_ALPHA, TESTBED_ALLREDUCE_BETA[gpus]),
         gemm=dict(TESTBED_GEMM),
         dense=TESTBED_DENSE,
         gpus=gpus,
@@ -133,10 +140,10 @@ def h100_ib400(gpus: int = 16) -> ClusterCosts:
     gemm = {ffn: LinearCost(1.3 * g * H100_GEMM_ALPHA, beta_gemm) for ffn, g in FFN_GEMMS.items()}
     return ClusterCosts(
         name="h100-ib400",
-        a2a=LinearCost(H100_A2A_ALPHA, beta_a2a),
-        allgather=LinearCost(H100_NVLINK_ALPHA, beta_nvl),
-        reducescatter=LinearCost(H100_NVLINK_ALPHA, beta_nvl),
-        allreduce=LinearCost(H100_ALLREDUCE_ALPHA, beta_ar),
+        all_to_all=LinearCost(H100_A2A_ALPHA, beta_a2a),
+        all_gather=LinearCost(H100_NVLINK_ALPHA, beta_nvl),
+        reduce_scatter=LinearCost(H100_NVLINK_ALPHA, beta_nvl),
+        all_reduce=LinearCost(H100_ALLREDUCE_ALPHA, beta_ar),
         gemm=gemm,
         dense=LinearCost(6 * H100_GEMM_ALPHA, beta_gemm),
         gpus=gpus,
@@ -148,139 +155,42 @@ def h100_ib400(gpus: int = 16) -> ClusterCosts:
 # local: fitted on this machine
 # ---------------------------------------------------------------------------
 
-#: Collective kinds measured by :func:`measure_local`, in ClusterCosts field order.
-LOCAL_COLLECTIVES = ("a2a", "allgather", "reducescatter", "allreduce")
-LOCAL_COLL_SIZES = (1 << 14, 1 << 17, 1 << 19, 1 << 20)  # float32 elements per rank
-LOCAL_GEMM_SIZES = ((128, 256, 256), (256, 512, 512), (512, 512, 1024), (512, 1024, 1024))  # (m, k, n)
+#: Collective kinds the ``local`` preset measures: every kind, in ClusterCosts field order.
+LOCAL_COLLECTIVES: tuple[str, ...] = COLLECTIVE_KINDS
+#: Version of the cache file's format and of what it holds; a cache of another version is re-measured.
 LOCAL_CACHE_VERSION = 1
-
-
-def fit_linear(ns: Sequence[float], ts: Sequence[float]) -> LinearCost:
-    """Least-squares fit of ``t = alpha + beta * n``, clamped to alpha, beta >= 0.
-
-    If the unconstrained fit gives a negative intercept (noise on a nearly
-    proportional cost) the slope is refitted through the origin; a negative
-    slope (cost flat in n) becomes the mean time with beta = 0.
-    """
-    if len(ns) != len(ts) or len(ns) < 2:
-        raise ValueError(f"fit_linear needs >= 2 (n, t) pairs of equal length, got {len(ns)} and {len(ts)}")
-    k = len(ns)
-    mn = sum(ns) / k
-    mt = sum(ts) / k
-    sxx = sum((n - mn) ** 2 for n in ns)
-    if sxx == 0:
-        raise ValueError("fit_linear needs at least two distinct sizes n")
-    beta = sum((n - mn) * (t - mt) for n, t in zip(ns, ts)) / sxx
-    alpha = mt - beta * mn
-    if beta < 0:
-        return LinearCost(max(mt, 0.0), 0.0)
-    if alpha < 0:
-        beta = sum(n * t for n, t in zip(ns, ts)) / sum(n * n for n in ns)
-        return LinearCost(0.0, max(beta, 0.0))
-    return LinearCost(alpha, beta)
+#: Kind words caches written before the kinds got one word each used (``a2a``, ...); read as their kind.
+_LEGACY_KINDS = {"a2a": ALL_TO_ALL, "allgather": ALL_GATHER, "reducescatter": REDUCE_SCATTER, "allreduce": ALL_REDUCE}
 
 
 @dataclass
 class LocalSamples:
-    """Raw timings from :func:`measure_local`: per kind, sizes n and median ms."""
+    """Raw timings of the ``local`` preset: per collective kind and for one GEMM, sizes n and median ms.
+
+    A collective's ``n`` is elements per rank, as in every preset (the A2A's
+    send buffer, the all-gather's output, the reduce-scatter's input, the
+    all-reduce's buffer); a GEMM's is its MACs.
+    """
 
     coll: dict[str, list[tuple[float, float]]]  # kind -> [(elements, ms)]
     gemm: list[tuple[float, float]]  # [(MACs, ms)]
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
-
-
-def _measure_rank(rank: int, world_size: int, coll_sizes: tuple, gemm_sizes: tuple, reps: int) -> dict:
-    """Run on each spawned rank: time the gloo collectives (both ranks) and GEMMs (rank 0)."""
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    def timed(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        dist.barrier()
-        out = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return _median(out)
-
-    # torch >= 2.10 names them *_single; older versions only have *_tensor.
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    coll: dict[str, list[tuple[float, float]]] = {k: [] for k in LOCAL_COLLECTIVES}
-    for n in coll_sizes:
-        n = n - n % world_size
-        x = torch.randn(n)
-        y = torch.empty(n)
-        shard = torch.randn(n // world_size)
-        coll["a2a"].append((n, timed(lambda: dist.all_to_all_single(y, x))))
-        coll["allgather"].append((n, timed(lambda: all_gather(y, shard))))
-        coll["reducescatter"].append((n, timed(lambda: reduce_scatter(shard, x))))
-        coll["allreduce"].append((n, timed(lambda: dist.all_reduce(x))))
-    gemm: list[tuple[float, float]] = []
-    dist.barrier()
-    if rank == 0:
-        for m, k, n in gemm_sizes:
-            a, b = torch.randn(m, k), torch.randn(k, n)
-            t = timed_local(lambda: torch.mm(a, b), reps)
-            gemm.append((float(m * k * n), t))
-    dist.barrier()
-    return {"coll": coll, "gemm": gemm}
-
-
-def timed_local(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of ``fn`` in ms over ``reps`` runs after one warm-up."""
-    import time
-
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return _median(out)
-
-
-def measure_local(
-    coll_sizes: Sequence[int] = LOCAL_COLL_SIZES,
-    gemm_sizes: Sequence[tuple[int, int, int]] = LOCAL_GEMM_SIZES,
-    reps: int = 7,
-    timeout_s: float = 120.0,
-) -> LocalSamples:
-    """Time gloo collectives on 2 local ranks and CPU GEMMs; the only torch user in ``sim``.
-
-    Ranks start through ``fsmoe_compiler.runtime.launch.run_ranks`` (one thread
-    each). Each point is the median of ``reps`` timed runs after a warm-up.
-    """
-    from fsmoe_compiler.runtime.launch import run_ranks  # imports torch
-
-    out = run_ranks(_measure_rank, 2, (tuple(coll_sizes), tuple(gemm_sizes), reps), timeout_s=timeout_s)
-    r0 = out[0]
-    return LocalSamples(coll={k: [tuple(p) for p in v] for k, v in r0["coll"].items()}, gemm=[tuple(p) for p in r0["gemm"]])
-
-
 def fit_local(samples: LocalSamples, gpus: int = 2) -> ClusterCosts:
-    """Turn :class:`LocalSamples` into ClusterCosts by least squares per kind.
+    """Turn :class:`LocalSamples` into ClusterCosts by least squares per kind (:meth:`LinearCost.fit`).
 
     A GEMM sample is one ``mm``; an expert FFN is g GEMMs, so its intercept is
     g times the single GEMM's (slope per MAC unchanged), the attention block's
     6 times.
     """
-    fits = {k: fit_linear([n for n, _ in v], [t for _, t in v]) for k, v in samples.coll.items()}
-    g1 = fit_linear([n for n, _ in samples.gemm], [t for _, t in samples.gemm])
+    fits = {k: LinearCost.fit([n for n, _ in v], [t for _, t in v]) for k, v in samples.coll.items()}
+    g1 = LinearCost.fit([n for n, _ in samples.gemm], [t for _, t in samples.gemm])
     return ClusterCosts(
         name="local",
-        a2a=fits["a2a"],
-        allgather=fits["allgather"],
-        reducescatter=fits["reducescatter"],
-        allreduce=fits["allreduce"],
+        all_to_all=fits[ALL_TO_ALL],
+        all_gather=fits[ALL_GATHER],
+        reduce_scatter=fits[REDUCE_SCATTER],
+        all_reduce=fits[ALL_REDUCE],
         gemm={ffn: LinearCost(g * g1.alpha, g1.beta) for ffn, g in FFN_GEMMS.items()},
         dense=LinearCost(6 * g1.alpha, g1.beta),
         gpus=gpus,
@@ -306,13 +216,29 @@ def _costs_to_json(samples: LocalSamples) -> dict:
     return {"machine": _machine_key(), "samples": asdict(samples)}
 
 
-def local_costs(gpus: int = 16, *, refit: bool = False, cache_path: Path | str | None = None) -> ClusterCosts:
-    """The ``local`` preset: fit from this machine's own measurements (cached).
+def _samples_from_json(s: dict) -> LocalSamples:
+    """The cached samples; the old kind words (``a2a``, ``allgather``, ...) are read as their kinds.
+
+    ValueError when a kind is missing or unknown (the cache is then re-measured).
+    """
+    coll = {_LEGACY_KINDS.get(k, k): [tuple(p) for p in v] for k, v in s["coll"].items()}
+    if set(coll) != set(LOCAL_COLLECTIVES):
+        raise ValueError(f"cached collective kinds {sorted(s['coll'])}, expected {', '.join(LOCAL_COLLECTIVES)}")
+    return LocalSamples(coll=coll, gemm=[tuple(p) for p in s["gemm"]])
+
+
+def local_costs(gpus: int = 16, *, refit: bool = False, cache_path: Path | str | None = None,
+                measure: Callable[[], LocalSamples] | None = None) -> ClusterCosts:
+    """The ``local`` preset: fitted from this machine's own measurements, cached.
 
     The raw samples are cached (not only the fit) so the fit can be checked and
     redone. A cache from another machine or an unreadable one is ignored with a
-    warning and re-measured. The fit does not depend on ``gpus`` (2 local ranks
-    cannot show how a cluster scales); ``gpus`` is only recorded.
+    warning. Measuring runs torch ranks, which the simulator does not import:
+    ``measure`` (``fsmoe_compiler.bench.links.measure_local``, which is what
+    ``fsmoe simulate`` passes) takes the samples when the cache is missing,
+    unusable or ``refit`` asks; without it that is a ValueError. The fit does
+    not depend on ``gpus`` (2 local ranks cannot show how a cluster scales);
+    ``gpus`` is only recorded.
     """
     path = Path(cache_path) if cache_path is not None else default_cache_path()
     samples: LocalSamples | None = None
@@ -322,15 +248,17 @@ def local_costs(gpus: int = 16, *, refit: bool = False, cache_path: Path | str |
             if data.get("machine") != _machine_key():
                 warnings.warn(f"ignoring local cost cache {path}: measured on another machine or version", stacklevel=2)
             else:
-                s = data["samples"]
-                samples = LocalSamples(
-                    coll={k: [tuple(p) for p in v] for k, v in s["coll"].items()}, gemm=[tuple(p) for p in s["gemm"]]
-                )
+                samples = _samples_from_json(data["samples"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             warnings.warn(f"ignoring unreadable local cost cache {path}: {e}", stacklevel=2)
             samples = None
     if samples is None:
-        samples = measure_local()
+        if measure is None:
+            why = "re-measuring was asked (refit)" if refit else f"no usable measurement is cached at {path}"
+            raise ValueError(f"preset 'local': {why}, and measuring needs torch ranks, which the simulator does not "
+                             "start: run `fsmoe simulate --preset local` (it measures and caches), or pass "
+                             "measure=fsmoe_compiler.bench.links.measure_local")
+        samples = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -338,8 +266,7 @@ def local_costs(gpus: int = 16, *, refit: bool = False, cache_path: Path | str |
             tmp.replace(path)
         except OSError as e:
             warnings.warn(f"could not write local cost cache {path}: {e}", stacklevel=2)
-    costs = fit_local(samples, gpus)
-    return costs
+    return fit_local(samples, gpus)
 
 
 # ---------------------------------------------------------------------------
@@ -361,18 +288,22 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_preset(name: str, gpus: int = 16, *, refit: bool = False) -> ClusterCosts:
-    """ClusterCosts of preset ``name`` at ``gpus`` GPUs; ValueError naming the valid presets."""
+def get_preset(name: str, gpus: int = 16, *, refit: bool = False,
+               measure: Callable[[], LocalSamples] | None = None) -> ClusterCosts:
+    """ClusterCosts of preset ``name`` at ``gpus`` GPUs; ValueError naming the valid presets.
+
+    ``refit`` and ``measure`` concern ``local`` only (see :func:`local_costs`).
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown cost preset {name!r}; valid presets: {', '.join(preset_names())}")
     if name == "local":
-        return local_costs(gpus, refit=refit)
+        return local_costs(gpus, refit=refit, measure=measure)
     return PRESETS[name](gpus)
 
 
 def costs_table(costs: ClusterCosts) -> list[tuple[str, float, float]]:
-    """Rows (operation, alpha ms, beta ms/unit) for printing a ClusterCosts."""
-    rows = [(k, getattr(costs, k).alpha, getattr(costs, k).beta) for k in LOCAL_COLLECTIVES]
+    """Rows (operation, alpha ms, beta ms/unit) for printing a ClusterCosts; collectives by kind."""
+    rows = [(k, costs.collective(k).alpha, costs.collective(k).beta) for k in COLLECTIVE_KINDS]
     rows += [(f"gemm[{ffn}]", c.alpha, c.beta) for ffn, c in sorted(costs.gemm.items())]
     rows.append(("dense", costs.dense.alpha, costs.dense.beta))
     return rows
@@ -384,12 +315,10 @@ __all__ = [
     "LocalSamples",
     "costs_table",
     "default_cache_path",
-    "fit_linear",
     "fit_local",
     "fsmoe_testbed",
     "get_preset",
     "h100_ib400",
     "local_costs",
-    "measure_local",
     "preset_names",
 ]

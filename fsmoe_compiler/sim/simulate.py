@@ -22,12 +22,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any, Callable, Sequence
 
-from fsmoe_compiler.scheduler.api import evaluate_layer
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.schedule import validate_schedule
-from fsmoe_compiler.scheduler.step import StepSchedule
-from fsmoe_compiler.sim.presets import get_preset
-from fsmoe_compiler.sim.summary import BASELINES, LOWER_BOUND, OURS, PointResult
+from fsmoe_compiler.sim.costs import ClusterCosts, LayerSpec
+from fsmoe_compiler.sim.evaluate import evaluate_layer
+from fsmoe_compiler.sim.methods import LOWER_BOUND, METHODS, OURS, report_name
+from fsmoe_compiler.sim.presets import LocalSamples, get_preset
+from fsmoe_compiler.sim.step import StepSchedule
+from fsmoe_compiler.sim.summary import PointResult
 
 
 #: Blocks per simulated model in grid runs. One block is not a model: the
@@ -37,9 +38,6 @@ from fsmoe_compiler.sim.summary import BASELINES, LOWER_BOUND, OURS, PointResult
 #: below it to hide its all-reduce in, as a real (deeper) model does, at
 #: a cost that still fits the grid in the time budget.
 DEFAULT_GRID_LAYERS = 4
-
-#: Scheduler method names -> the names this simulator reports.
-_REPORT_NAME = {"fsmoe": OURS}
 
 
 def _is_optimal(step: StepSchedule) -> bool:
@@ -56,9 +54,9 @@ def plan_step(
 ) -> dict[str, StepSchedule]:
     """Every method's :class:`StepSchedule` for a stack of ``layers`` copies of ``spec``.
 
-    Goes through the scheduler's ``evaluate_layer`` (baselines computed once,
-    they also seed our search); keys are :data:`METHODS` (``ours`` for the
-    scheduler's ``fsmoe``). ``split_weight_grads`` lets our schedule run each
+    Goes through ``evaluate_layer`` (baselines computed once, they also seed
+    our search); keys are the reported names of :data:`~.methods.METHODS`
+    (``ours`` for ``fsmoe``: :data:`~.methods.REPORTED_METHODS`). ``split_weight_grads`` lets our schedule run each
     backward's weight-gradient GEMMs apart from its input-gradient chain, as a
     compiler can reorder the separate dW / dX matmuls of the backward graph;
     the baselines keep autograd's order, as those systems run.
@@ -66,9 +64,8 @@ def plan_step(
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
     kw = {} if time_limit_s is None else {"time_limit_s": time_limit_s}
-    plans = evaluate_layer(spec, costs, methods=("fsmoe",) + BASELINES + (LOWER_BOUND,), num_layers=layers,
-                           split_weight_grads=split_weight_grads, **kw)
-    return {_REPORT_NAME.get(k, k): v for k, v in plans.items()}
+    plans = evaluate_layer(spec, costs, methods=METHODS, num_layers=layers, split_weight_grads=split_weight_grads, **kw)
+    return {report_name(k): v for k, v in plans.items()}
 
 
 def validate_plans(plans: dict[str, StepSchedule]) -> None:
@@ -146,7 +143,7 @@ def _problem_key(spec: LayerSpec, costs: ClusterCosts) -> tuple:
     """
     d = asdict(spec)
     d.pop("gpus")
-    models = (costs.name, costs.a2a, costs.allgather, costs.reducescatter, costs.allreduce,
+    models = (costs.name, costs.all_to_all, costs.all_gather, costs.reduce_scatter, costs.all_reduce,
               tuple(sorted(costs.gemm.items())), costs.dense, costs.gpus_per_node)
     return tuple(sorted(d.items())), models
 
@@ -161,11 +158,13 @@ def simulate_grid(
     validate: bool = False,
     refit: bool = False,
     split_weight_grads: bool = True,
+    measure: Callable[[], LocalSamples] | None = None,
 ) -> list[PointResult]:
     """Simulate every spec under ``preset`` (a name or ``gpus -> ClusterCosts``), in order.
 
     Costs are resolved once per GPU count in this process (the ``local`` preset
-    measures or reads its cache here); points that are the same scheduling
+    reads its cache here, or measures with ``measure``: see
+    :func:`~.presets.get_preset`); points that are the same scheduling
     problem (see :func:`_problem_key`) are solved once and the copy says so in
     ``detail["same_problem_as"]`` (it keeps the solver time of the solve it
     reuses); then ``workers`` processes share the unique points in contiguous
@@ -173,7 +172,7 @@ def simulate_grid(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    make = (lambda g: get_preset(preset, g, refit=refit)) if isinstance(preset, str) else preset
+    make = (lambda g: get_preset(preset, g, refit=refit, measure=measure)) if isinstance(preset, str) else preset
     costs_by_gpus: dict[int, ClusterCosts] = {}
     for s in specs:
         if s.gpus not in costs_by_gpus:
@@ -216,4 +215,4 @@ def simulate_grid(
     return out
 
 
-__all__ = ["BASELINES", "plan_step", "simulate_grid", "simulate_point", "validate_plans"]
+__all__ = ["plan_step", "simulate_grid", "simulate_point", "validate_plans"]

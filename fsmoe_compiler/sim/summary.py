@@ -11,12 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-#: Our schedule (degree / partition search + CP-SAT).
-OURS = "ours"
-#: The baselines we compare against, in print order.
-BASELINES = ("sequential", "tutel", "fsmoe_paper")
-LOWER_BOUND = "lower_bound"
-METHODS = (OURS,) + BASELINES + (LOWER_BOUND,)
+from fsmoe_compiler.sim.methods import BASELINES, LOWER_BOUND, OURS
 
 
 @dataclass
@@ -25,7 +20,7 @@ class PointResult:
 
     preset: str
     config: dict[str, Any]  # the LayerSpec's fields
-    makespan_ms: dict[str, float]  # method -> makespan of forward + backward
+    makespan_ms: dict[str, float]  # method (as reported: methods.REPORTED_METHODS) -> makespan of forward + backward
     solver_s: float  # wall time of our search and solves for this point
     optimal: bool  # CP-SAT proved every solve of ours optimal
     detail: dict[str, Any] = field(default_factory=dict)  # chosen degrees etc.

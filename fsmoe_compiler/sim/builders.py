@@ -1,4 +1,4 @@
-"""TaskGraphs of MoE layers, stacks of layers and whole training steps.
+"""The layer model's task graphs: MoE layers, layer stacks and whole training steps, as the simulator plans them.
 
 One layer = an attention / dense block (compute) followed by an MoE FFN. The
 MoE part is pipelined into ``r`` chunks along the capacity dimension; chunk i
@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from fsmoe_compiler.names import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, REDUCE_SCATTER
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.taskgraph import TaskGraph
+from fsmoe_compiler.sim.costs import ClusterCosts, LayerSpec
 
 COMM_MODES = ("split", "single")
 GRAD_SYNC_MODES = ("partitions", "bucket", "none")
@@ -48,16 +48,16 @@ def chunk_costs(spec: LayerSpec, costs: ClusterCosts, r: int, phase: str = "forw
         raise ValueError(f"costs {costs.name!r} have no GEMM model for ffn {spec.ffn!r}; have {sorted(costs.gemm)}")
     a0, a1, a2, a3 = spec.a2a_elems / r, spec.ag_elems / r, spec.expert_macs / r, spec.rs_elems / r
     gemm = costs.gemm[spec.ffn]
-    out = {"dispatch": (costs.a2a(a0), a0)}
+    out = {"dispatch": (costs.all_to_all(a0), a0)}
     if spec.esp > 1:
         if phase == "forward":
-            out["gather"] = (costs.allgather(a1), a1)
-            out["scatter"] = (costs.reducescatter(a3), a3)
+            out["gather"] = (costs.all_gather(a1), a1)
+            out["scatter"] = (costs.reduce_scatter(a3), a3)
         else:  # gradient of RS is an AG, gradient of AG is an RS
-            out["gather"] = (costs.allgather(a3), a3)
-            out["scatter"] = (costs.reducescatter(a1), a1)
+            out["gather"] = (costs.all_gather(a3), a3)
+            out["scatter"] = (costs.reduce_scatter(a1), a1)
     out["expert"] = (gemm(a2) if phase == "forward" else 2.0 * gemm(a2), a2 if phase == "forward" else 2 * a2)
-    out["combine"] = (costs.a2a(a0), a0)
+    out["combine"] = (costs.all_to_all(a0), a0)
     return out
 
 
@@ -67,8 +67,9 @@ def attention_cost(spec: LayerSpec, costs: ClusterCosts, phase: str = "forward")
     return t if phase == "forward" else 2.0 * t
 
 
-def allreduce_cost(costs: ClusterCosts, elems: float) -> float:
-    return costs.allreduce(elems)
+def all_reduce_cost(costs: ClusterCosts, elems: float) -> float:
+    """The dense-gradient all-reduce of ``elems`` elements."""
+    return costs.all_reduce(elems)
 
 
 _KIND = {"dispatch": ALL_TO_ALL, "gather": ALL_GATHER, "expert": "expert", "scatter": REDUCE_SCATTER, "combine": ALL_TO_ALL}
@@ -162,7 +163,7 @@ def add_layer_backward(g: TaskGraph, spec: LayerSpec, costs: ClusterCosts, r: in
         if not n > 0:
             raise ValueError(f"layer {layer}: gradient partition sizes must be > 0 elements, got {n!r}")
         pid = f"B{layer}.ar{k}"
-        g.add(pid, ALL_REDUCE, "inter", allreduce_cost(costs, n), size=n, layer=layer, chunk=k,
+        g.add(pid, ALL_REDUCE, "inter", all_reduce_cost(costs, n), size=n, layer=layer, chunk=k,
               role="grad_sync", phase="backward")
         g.add_dep(src, pid)
     return tid
@@ -228,7 +229,7 @@ def build_stack_backward(specs: Sequence[LayerSpec], costs: ClusterCosts, r_bwd:
         prev = [add_layer_backward(g, specs[l], costs, rs[l], l, prev, comm, p, wgrad)]
     if grad_sync == "bucket":
         total = sum(s.dense_grad_elems for s in specs)
-        g.add("B.bucket", ALL_REDUCE, "inter", allreduce_cost(costs, total), size=total, layer=0,
+        g.add("B.bucket", ALL_REDUCE, "inter", all_reduce_cost(costs, total), size=total, layer=0,
               role="grad_sync", phase="backward")
         g.add_dep(prev[0], "B.bucket")
         if wgrad:

@@ -1,16 +1,22 @@
-"""Baselines, modelled as those systems run, on the same cost model as ours.
+"""The simulator's baselines and lower bound, on the same layer model and cost model as ours.
 
-* ``sequential`` — DeepSpeed-MoE: no pipelining (r = 1), so dispatch A2A,
+* ``sequential`` (:data:`fsmoe_compiler.names.SEQUENTIAL`: DeepSpeed-MoE's
+  way) on the layer model: no pipelining (r = 1), so dispatch A2A,
   all-gather, experts, reduce-scatter and combine A2A run one after another;
   the dense gradients are all-reduced in one bucket after the backward (all
   dense gradients of a layer stack fit in DeepSpeed's default 5e8-element
-  reduce bucket). The step time is the sum of all task durations.
-* ``tutel`` — Tutel: one pipeline degree per layer from {1, 2, 4, 8}, picked
-  by trying each (forward + backward time of that layer) and used for both
-  directions; ONE communication stream, so AG/RS share the ``inter`` resource
-  with the A2As; its launch order (all dispatch transfers, then per chunk the
-  experts and the combine transfers) runs as a fixed-order schedule; the
-  all-reduce runs in one bucket after the backward, no partitioning.
+  reduce bucket). The step time is the sum of all task durations. The
+  compiler's ``sequential`` replays a real graph as traced, so its gradient
+  all-reduces sit wherever that graph has them, not in one bucket.
+* ``tutel`` (:data:`fsmoe_compiler.names.TUTEL`: Tutel's way) on the layer
+  model: one pipeline degree per layer from {1, 2, 4, 8}, picked by trying
+  each (forward + backward time of that layer) and used for both
+  directions; all dispatch transfers, then per chunk the experts and the
+  combine transfers, as a fixed-order schedule; the all-reduce in one bucket
+  after the backward, no partitioning. Coarser than the compiler's ``tutel``
+  order on a real task graph in one respect: here AG/RS share the ``inter``
+  resource with the A2As (one communication stream, as Tutel issues them),
+  where the compiler keeps one queue per link.
 * ``fsmoe_paper`` — FSMoE's algorithm as ``shared/FSMOE.md`` states it:
   closed-form per-layer time T(r) (inter- or intra-node dominant, chosen as
   FSMoE's code does by comparing one A2A chunk with one AG chunk) minimised
@@ -36,15 +42,17 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+from fsmoe_compiler.names import SEQUENTIAL, TUTEL
 from fsmoe_compiler.scheduler.bounds import lower_bound
-from fsmoe_compiler.scheduler.builders import (attention_cost, build_layer_backward, build_layer_forward, build_step,
-                                               chunk_costs)
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.heuristic import fixed_order_schedule
-from fsmoe_compiler.scheduler.layercache import costs_key, layer_eval
 from fsmoe_compiler.scheduler.schedule import Schedule
-from fsmoe_compiler.scheduler.step import StepSchedule
 from fsmoe_compiler.scheduler.taskgraph import RESOURCES, TaskGraph
+from fsmoe_compiler.sim.builders import (attention_cost, build_layer_backward, build_layer_forward, build_step,
+                                         chunk_costs)
+from fsmoe_compiler.sim.costs import ClusterCosts, LayerSpec
+from fsmoe_compiler.sim.layercache import costs_key, layer_eval
+from fsmoe_compiler.sim.methods import FSMOE_PAPER, LOWER_BOUND
+from fsmoe_compiler.sim.step import StepSchedule
 
 #: Pipeline degrees Tutel and FSMoE choose from.
 POW2_DEGREES: tuple[int, ...] = (1, 2, 4, 8)
@@ -59,11 +67,11 @@ def _ids(p: str, l: int, short: str, r: int) -> list[str]:
 
 
 def _moe_order(g: TaskGraph, p: str, l: int, r: int, style: str, mid: Sequence[str] = ()) -> dict[str, list[str]]:
-    """Per-resource launch order of one MoE layer (``style`` "fsmoe" or "tutel")."""
+    """Per-resource launch order of one MoE layer (``style`` :data:`TUTEL`, else FSMoE's order)."""
     esp = f"{p}{l}.ag0" in g.tasks
     d, c, e = _ids(p, l, "a2a_d", r), _ids(p, l, "a2a_c", r), _ids(p, l, "exp", r)
     ag, rs = (_ids(p, l, "ag", r), _ids(p, l, "rs", r)) if esp else ([], [])
-    if style == "tutel":  # one stream: dispatch (+AG) of every chunk, then per chunk RS + combine
+    if style == TUTEL:  # one stream: dispatch (+AG) of every chunk, then per chunk RS + combine
         comm = [x for i in range(r) for x in ([d[i], ag[i]] if esp else [d[i]])]
         comm += [x for i in range(r) for x in ([rs[i], c[i]] if esp else [c[i]])]
         return {"inter": comm + list(mid), "intra": [], "compute": e}
@@ -99,11 +107,11 @@ def _finish(method: str, g: TaskGraph, sched: Schedule, n: int, r_fwd, r_bwd, pa
 
 
 # ---------------------------------------------------------------------------
-# sequential (DeepSpeed-MoE)
+# sequential (names.SEQUENTIAL, DeepSpeed-MoE)
 # ---------------------------------------------------------------------------
 
 def sequential(specs: Sequence[LayerSpec], costs: ClusterCosts) -> StepSchedule:
-    """DeepSpeed-MoE: r = 1, no overlap, one all-reduce bucket after the backward."""
+    """The ``sequential`` schedule on the layer model: r = 1, no overlap, one all-reduce bucket after the backward."""
     t0 = time.perf_counter()
     n = len(specs)
     g = build_step(specs, costs, 1, 1, comm="split", grad_sync="bucket")
@@ -111,12 +119,12 @@ def sequential(specs: Sequence[LayerSpec], costs: ClusterCosts) -> StepSchedule:
     order: dict[str, list[str]] = {r: [] for r in RESOURCES}
     for i in arr.topo:  # a chain: topological order is the only order
         order[RESOURCES[arr.res[i]]].append(arr.ids[i])
-    sched = fixed_order_schedule(g, order, method="sequential", status="FIXED_ORDER")
-    return _finish("sequential", g, sched, n, [1] * n, [1] * n, [[] for _ in specs], t0, "FIXED_ORDER")
+    sched = fixed_order_schedule(g, order, method=SEQUENTIAL, status="FIXED_ORDER")
+    return _finish(SEQUENTIAL, g, sched, n, [1] * n, [1] * n, [[] for _ in specs], t0, "FIXED_ORDER")
 
 
 # ---------------------------------------------------------------------------
-# tutel
+# tutel (names.TUTEL)
 # ---------------------------------------------------------------------------
 
 _TUTEL_CACHE: dict[tuple, tuple[int, float]] = {}
@@ -133,7 +141,7 @@ def tutel_degree(spec: LayerSpec, costs: ClusterCosts, candidates: Sequence[int]
         tot = 0.0
         for phase, build in (("F", build_layer_forward), ("B", build_layer_backward)):
             g = build(spec, costs, r, comm="single") if phase == "F" else build(spec, costs, r, [], comm="single")
-            order = _moe_order(g, phase, 0, r, "tutel")
+            order = _moe_order(g, phase, 0, r, TUTEL)
             order["compute"] = (["F0.attn"] + order["compute"]) if phase == "F" else (order["compute"] + ["B0.attn"])
             tot += fixed_order_schedule(g, order).makespan
         if tot < best[1] - 1e-12:
@@ -143,14 +151,15 @@ def tutel_degree(spec: LayerSpec, costs: ClusterCosts, candidates: Sequence[int]
 
 
 def tutel(specs: Sequence[LayerSpec], costs: ClusterCosts, candidates: Sequence[int] = POW2_DEGREES) -> StepSchedule:
-    """Tutel: per-layer degree from {1,2,4,8} by trial, same for forward and backward, one comm stream."""
+    """The ``tutel`` schedule on the layer model: per-layer degree from {1,2,4,8} by trial, same for forward and
+    backward, one comm stream."""
     t0 = time.perf_counter()
     n = len(specs)
     rs = [tutel_degree(s, costs, candidates)[0] for s in specs]
     g = build_step(specs, costs, rs, rs, comm="single", grad_sync="bucket")
-    order = _step_order(g, n, rs, rs, "tutel", tail=["B.bucket"])
-    sched = fixed_order_schedule(g, order, method="tutel")
-    return _finish("tutel", g, sched, n, rs, rs, [[] for _ in specs], t0, "FIXED_ORDER")
+    order = _step_order(g, n, rs, rs, TUTEL, tail=["B.bucket"])
+    sched = fixed_order_schedule(g, order, method=TUTEL)
+    return _finish(TUTEL, g, sched, n, rs, rs, [[] for _ in specs], t0, "FIXED_ORDER")
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +212,7 @@ def paper_grad_plan(specs: Sequence[LayerSpec], costs: ClusterCosts, candidates:
     ``("moe", l)``, ``("attn", l)`` or ``("tail", -1)`` (after the backward).
     """
     n = len(specs)
-    ar = costs.allreduce
+    ar = costs.all_reduce
     r_b = [paper_degree(s, costs, "backward", 0.0, candidates)[0] for s in specs]
     windows = []  # in backward order: (kind, layer, capacity ms, new gradient source or None)
     for l in reversed(range(n)):
@@ -280,9 +289,9 @@ def fsmoe_paper(specs: Sequence[LayerSpec], costs: ClusterCosts, candidates: Seq
     for l, p in enumerate(parts):
         p[-1] += specs[l].dense_grad_elems - sum(p)
     g = build_step(specs, costs, r_f, r_b, parts, comm="split", grad_sync="partitions")
-    order = _step_order(g, n, r_f, r_b, "fsmoe", moe_slices, attn_slices, tail)
-    sched = fixed_order_schedule(g, order, method="fsmoe_paper")
-    return _finish("fsmoe_paper", g, sched, n, r_f, r_b, parts, t0, "FIXED_ORDER",
+    order = _step_order(g, n, r_f, r_b, FSMOE_PAPER, moe_slices, attn_slices, tail)
+    sched = fixed_order_schedule(g, order, method=FSMOE_PAPER)
+    return _finish(FSMOE_PAPER, g, sched, n, r_f, r_b, parts, t0, "FIXED_ORDER",
                    meta={"slices": slices, "T_fwd": [paper_T(s, costs, r, "forward") for s, r in zip(specs, r_f)]})
 
 
@@ -355,7 +364,7 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
     max_degree = max(max_degree, max(POW2_DEGREES))  # the baselines may use r = 8 whatever our search is limited to
     lb = [layer_bounds(s, costs, max_degree) for s in specs]
     fwd = sum(x[0] for x in lb)
-    ar = costs.allreduce
+    ar = costs.all_reduce
     best = 0.0
     for l in range(n + 1):
         seg = sum(lb[k][1] for k in range(l, n))
@@ -391,6 +400,6 @@ def step_lower_bound(specs: Sequence[LayerSpec], costs: ClusterCosts, max_degree
         # the last layer's attention halves both run after its MoE, one after the other, at the very end
         relaxed = max(relaxed, sum(seg) + attention_cost(specs[0], costs, "backward") / 2)
         best = min(best, relaxed)
-    return StepSchedule(method="lower_bound", makespan=fwd + best, forward_ms=fwd, backward_ms=best,
+    return StepSchedule(method=LOWER_BOUND, makespan=fwd + best, forward_ms=fwd, backward_ms=best,
                         r_fwd=[], r_bwd=[], grad_partitions=[], status="BOUND",
                         solve_time_s=time.perf_counter() - t0)

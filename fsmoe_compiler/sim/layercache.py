@@ -12,11 +12,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from fsmoe_compiler.scheduler.bounds import lower_bound
-from fsmoe_compiler.scheduler.builders import build_layer_backward, build_layer_forward
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.heuristic import heuristic_starts, schedule_from_starts
 from fsmoe_compiler.scheduler.schedule import Schedule
 from fsmoe_compiler.scheduler.taskgraph import TaskGraph
+from fsmoe_compiler.sim.builders import build_layer_backward, build_layer_forward
+from fsmoe_compiler.sim.costs import ClusterCosts, LayerSpec
 
 _COSTS_KEYS: dict[int, tuple] = {}
 
@@ -25,7 +25,7 @@ def costs_key(costs: ClusterCosts) -> tuple:
     """A hashable key of a ClusterCosts (its gemm dict makes it unhashable)."""
     k = _COSTS_KEYS.get(id(costs))
     if k is None or k[0] is not costs:
-        key = (costs.name, costs.a2a, costs.allgather, costs.reducescatter, costs.allreduce,
+        key = (costs.name, costs.all_to_all, costs.all_gather, costs.reduce_scatter, costs.all_reduce,
                tuple(sorted(costs.gemm.items())), costs.dense, costs.gpus, costs.gpus_per_node)
         k = (costs, key)
         if len(_COSTS_KEYS) > 1024:

@@ -8,9 +8,9 @@ gradient all-reduce slices of layer l may run anywhere during the backward of
 the layers below. We therefore:
 
 1. forward, per layer (cached by ``LayerSpec.signature()``): try every
-   r in 1..max_degree with the list-scheduling heuristic, then CP-SAT (free
-   order, hinted) on the most promising degrees whose lower bound still
-   leaves room;
+   r in 1..max_degree with the heuristic (``heuristic_starts``, the best of
+   its list-scheduling rules), then CP-SAT (free order, hinted) on the most
+   promising degrees whose lower bound still leaves room;
 2. backward, jointly over the stack: candidate degree vectors (the best
    and second-best isolated backward degree of each layer, chosen apart from
    the forward degree, plus every baseline's vector) times candidate
@@ -34,17 +34,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from fsmoe_compiler.scheduler.baselines import fsmoe_paper, paper_degree, sequential, tutel, tutel_degree
 from fsmoe_compiler.scheduler.bounds import lower_bound
-from fsmoe_compiler.scheduler.builders import build_layer_forward, build_stack_backward, build_step
-from fsmoe_compiler.scheduler.costs import ClusterCosts, LayerSpec
 from fsmoe_compiler.scheduler.cpsat import solve_cpsat
 from fsmoe_compiler.scheduler.heuristic import (fixed_order_schedule, heuristic_starts, justify, replay,
                                                 schedule_from_starts)
-from fsmoe_compiler.scheduler.layercache import costs_key, layer_eval
 from fsmoe_compiler.scheduler.schedule import Schedule
-from fsmoe_compiler.scheduler.step import StepSchedule, concat, rename_layer
 from fsmoe_compiler.scheduler.taskgraph import TaskGraph
+from fsmoe_compiler.sim.baselines import fsmoe_paper, paper_degree, sequential, tutel, tutel_degree
+from fsmoe_compiler.sim.builders import build_layer_forward, build_stack_backward, build_step
+from fsmoe_compiler.sim.costs import ClusterCosts, LayerSpec
+from fsmoe_compiler.sim.layercache import costs_key, layer_eval
+from fsmoe_compiler.sim.methods import FSMOE
+from fsmoe_compiler.sim.step import StepSchedule, concat, rename_layer
 
 EPS = 1e-9
 
@@ -182,7 +183,7 @@ def best_forward(spec: LayerSpec, costs: ClusterCosts, opts: SearchOptions | Non
     if status == "HEURISTIC" and best_ms <= layer_eval(spec, costs, best_r, "forward").lb + EPS:
         status, meta["proof"] = "OPTIMAL", "meets lower bound"
     best_s = Schedule(start=best_s.start, end=best_s.end, order=best_s.order, makespan=best_s.makespan,
-                      method="fsmoe", status=status, solve_time_s=best_s.solve_time_s, meta=meta)
+                      method=FSMOE, status=status, solve_time_s=best_s.solve_time_s, meta=meta)
     best_s.meta["r"] = best_r
     out = (best_r, best_s)
     cache.put(key, out)
@@ -219,7 +220,7 @@ def window_slices(specs: Sequence[LayerSpec], costs: ClusterCosts, isos: Sequenc
     choice. Whatever does not fit stays one slice.
     """
     n = len(specs)
-    ar = costs.allreduce
+    ar = costs.all_reduce
     parts: list[list[float]] = [[] for _ in specs]
     stack: list[list] = []
     for l in reversed(range(n)):
@@ -492,9 +493,9 @@ def fsmoe_step(specs: Sequence[LayerSpec], costs: ClusterCosts, opts: SearchOpti
     def sched_fn(g: TaskGraph) -> Schedule:
         loss = Schedule(start={"loss": 0.0}, end={"loss": 0.0}, order={"compute": ["loss"]}, makespan=0.0)
         pieces = [rename_layer(s, "F", 0, l) for l, (_, s) in enumerate(fw)] + [loss, bs]
-        return concat(pieces, method="fsmoe", status=status)
+        return concat(pieces, method=FSMOE, status=status)
 
-    return StepSchedule(method="fsmoe", makespan=fwd_ms + bs.makespan, forward_ms=fwd_ms, backward_ms=bs.makespan,
+    return StepSchedule(method=FSMOE, makespan=fwd_ms + bs.makespan, forward_ms=fwd_ms, backward_ms=bs.makespan,
                         r_fwd=r_f, r_bwd=list(r_b), grad_partitions=part_list if grad_sync != "bucket" else [[] for _ in specs],
                         status=status, solve_time_s=time.perf_counter() - t0,
                         meta={"grad_sync": grad_sync, "bwd_status": bs.status,
