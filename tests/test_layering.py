@@ -26,6 +26,8 @@ RULES: dict[str, tuple[frozenset[str], bool]] = {
                                          "fsmoe_compiler.scheduler", "fsmoe_compiler.passes"}), True),
     "fsmoe_compiler.profiler": (frozenset({"fsmoe_compiler.names", "fsmoe_compiler.ops", "fsmoe_compiler.scheduler",
                                            "fsmoe_compiler.runtime", "fsmoe_compiler.profiler"}), True),
+    "fsmoe_compiler.sim": (frozenset({"fsmoe_compiler.names", "fsmoe_compiler.scheduler", "fsmoe_compiler.sim"}),
+                           False),
     "fsmoe_compiler.moe": (frozenset({"fsmoe_compiler.names", "fsmoe_compiler.ops", "fsmoe_compiler.runtime",
                                       "fsmoe_compiler.moe"}), True),
 }

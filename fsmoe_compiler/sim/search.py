@@ -59,7 +59,7 @@ class SearchOptions:
     ``degree_top`` how many degrees per layer (by isolated backward time)
     enter the joint backward search; ``max_parts`` the largest equal slicing
     tried for gradients. ``split_weight_grads`` (off by default: it changes
-    the task graph the issue specifies) lets the backward run weight
+    the layer model's task graph, FSMoE's) lets the backward run weight
     gradients apart from input gradients, as a compiler can reorder them: the
     weight-gradient halves of the expert and attention backward leave the
     critical chain and fill later compute gaps, and the all-reduce slices
