@@ -45,7 +45,7 @@ from fsmoe_compiler.passes.graph_utils import (
 
 aten = torch.ops.aten
 
-from fsmoe_compiler.passes.recognize_forward import COMBINE_OPS, node_positions
+from fsmoe_compiler.passes.recognize_common import COMBINE_OPS
 from fsmoe_compiler.passes.region import MoERegion
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def find_backward_regions(gm: fx.GraphModule, forward_regions: list[MoERegion] |
     dg = to_digraph(graph)
     by_name = {n.name: n for n in graph.nodes}
     grad = _gradient_nodes(graph)
-    pos = node_positions(graph)
+    pos = {n.name: i for i, n in enumerate(graph.nodes)}
     found: list[tuple[MoERegion, str | None]] = []
     seen: set[tuple] = set()
     topk_anchors = _topk_backward_anchors(graph, grad)
