@@ -506,7 +506,7 @@ def _expert_side_matmul_use(index: GraphIndex, n: fx.Node, other: fx.Node, desc_
 
 
 @dataclass
-class Seen:
+class BackwardSeen:
     """What the backward walk sees at one gradient node: its gradient inputs' states, and its layer."""
 
     node: fx.Node
@@ -536,15 +536,15 @@ class Seen:
         return _expert_side_matmul_use(self.index, self.node, self.operands[1], self.layer.anchor.desc)
 
 
-def _meets_other_gradient(s: Seen) -> bool:
+def _meets_other_gradient(s: BackwardSeen) -> bool:
     return None in s.states
 
 
-def _forked(s: Seen) -> bool:
+def _forked(s: BackwardSeen) -> bool:
     return s.furthest == FORKED
 
 
-def _forked_matmul_into_experts(s: Seen) -> bool:
+def _forked_matmul_into_experts(s: BackwardSeen) -> bool:
     if not (s.is_matmul and _forked(s)):
         return False
     g_op, tokens = s.operands[0], s.layer.tokens
@@ -552,31 +552,35 @@ def _forked_matmul_into_experts(s: Seen) -> bool:
     return leaves or _combine_matmul_pair(s.node, g_op, s.layer.anchor.anc)
 
 
-def _forked_matmul(s: Seen) -> bool:
+def _forked_matmul(s: BackwardSeen) -> bool:
     return s.is_matmul and _forked(s)
 
 
-def _dispatch_matmul(s: Seen) -> bool:
+def _dispatch_matmul(s: BackwardSeen) -> bool:
     return s.is_matmul and s.use == "dispatch"
 
 
-def _dispatch_weights_matmul(s: Seen) -> bool:
+def _dispatch_weights_matmul(s: BackwardSeen) -> bool:
     return s.is_matmul and s.use == "dispatch-weights"
 
 
-def _matmul_after_unpermute(s: Seen) -> bool:
+def _matmul_after_unpermute(s: BackwardSeen) -> bool:
     return s.is_matmul and s.furthest == UNPERMUTED
 
 
-def _forked_permute(s: Seen) -> bool:
+def _matmul(s: BackwardSeen) -> bool:
+    return s.is_matmul
+
+
+def _forked_permute(s: BackwardSeen) -> bool:
     return _forked(s) and _permutes(s.node, s.index.grad)
 
 
-def _forked_combine_op(s: Seen) -> bool:
+def _forked_combine_op(s: BackwardSeen) -> bool:
     return _forked(s) and s.node.target in COMBINE_OPS
 
 
-def _expert_side_permute(s: Seen) -> bool:
+def _expert_side_permute(s: BackwardSeen) -> bool:
     return _ORDER[s.furthest] >= _ORDER[EXPERT_GRAD] and _permutes(s.node, s.index.grad)
 
 
@@ -590,7 +594,7 @@ BACKWARD_RULES: tuple[Rule, ...] = (
     Rule("gradient @ tokens^T: the gradient of soft dispatch weights", _dispatch_weights_matmul, None,
          mark=DISPATCH_WEIGHTS),
     Rule("matmul of a gradient already back in token order", _matmul_after_unpermute, None),
-    Rule("an expert's input or weight gradient", lambda s: s.is_matmul, EXPERT_GRAD, mark=EXPERT_MATMUL),
+    Rule("an expert's input or weight gradient", _matmul, EXPERT_GRAD, mark=EXPERT_MATMUL),
     Rule("token-order gradient permuted by saved indices or an all-to-all", _forked_permute, PERMUTED),
     Rule("token-order gradient through an op a combine is made of", _forked_combine_op, FORKED),
     Rule("token-order gradient into any other op", _forked, None),
@@ -618,13 +622,13 @@ def _walk_backward(index: GraphIndex, layer: Layer) -> BackwardWalk:
     """Label the gradient nodes below the fork, in graph order, by ``BACKWARD_RULES``."""
     fork, s = layer.fork, layer.anchor.node
     walk = BackwardWalk(state={fork.name: PERMUTED if _permuted_above(fork, index.grad) else FORKED})
-    for n in list(index.graph.nodes)[index.pos[fork.name] + 1:]:
+    for n in index.after(fork):
         if n.op != "call_function" or n.name not in index.grad or n.name in layer.anchor.desc or n is s:
             continue
         ins = [a for a in n.all_input_nodes if a.name in index.grad]
         if not any(a.name in walk.state for a in ins):
             continue
-        seen = Seen(node=n, index=index, layer=layer, states=[walk.state.get(a.name) for a in ins])
+        seen = BackwardSeen(node=n, index=index, layer=layer, states=[walk.state.get(a.name) for a in ins])
         rule = first_match(BACKWARD_RULES, seen)
         if rule.mark == DISPATCH_WEIGHTS:
             walk.dispatch_weight_grads.append(n)
@@ -659,29 +663,41 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
     combine = {c for c in combine | set(layer.chain) if index.by_name[c].op == "call_function"}
     router = _router_nodes(index, layer, walk, combine)
     num_experts = _soft_num_experts(index, layer, walk) if anchor.kind == "soft" else layer.num_experts
-    capacity, buffer = expert_buffer(index, walk.of(PERMUTED), num_experts, layer.hidden)
-    k = (shape(anchor.index) or (None, None))[anchor.dim] if anchor.index is not None else None
-    if layer.expert_choice:
-        capacity, buffer = k, True
+    capacity, buffer = _capacity(index, layer, walk, num_experts)
     notes = ["capacity is symbolic (dynamic shapes)"] if buffer and capacity is None else []
     kind = _router_kind(index, layer, router)
     if kind == "unknown":
         notes.append("no softmax/sigmoid backward after the topk gradient")
+    shared = _shared_backward_nodes(index, set(layer.chain), set(walk.state) | combine | router)
     nodes = {
         "router": index.in_order(router),
         "dispatch": index.in_order(walk.of(UNPERMUTED)),
         "expert": index.in_order(walk.of(EXPERT_GRAD)),
         "combine": index.in_order(combine | set(walk.of(PERMUTED))),
-        "shared_expert": index.in_order(_shared_backward_nodes(index, set(layer.chain), set(walk.state) | combine | router)),
+        "shared_expert": index.in_order(shared),
     }
     saved = _saved_root(anchor.index) if anchor.index is not None else None
     return MoERegion(
         layer=0, graph="backward", router=kind, num_experts=num_experts,
-        top_k=None if (layer.expert_choice or anchor.kind == "soft") else k, capacity=capacity, dropless=not buffer,
+        top_k=None if (layer.expert_choice or anchor.kind == "soft") else _top_k(anchor),
+        capacity=capacity, dropless=not buffer,
         tokens=layer.tokens if isinstance(layer.tokens, int) else None, hidden=layer.hidden,
         ffn_hidden=_ffn_hidden(index, walk, layer.hidden), nodes=nodes, all_to_all=a2a, a2a_bytes=a2a_bytes,
         notes=notes,
     ), (saved.name if saved is not None else None)
+
+
+def _top_k(anchor: Anchor) -> int | None:
+    """The k of a topk anchor: the saved indices' size along the dimension it scatters along."""
+    return (shape(anchor.index) or (None, None))[anchor.dim] if anchor.index is not None else None
+
+
+def _capacity(index: GraphIndex, layer: Layer, walk: BackwardWalk,
+              num_experts: int | None) -> tuple[int | None, bool]:
+    """``(capacity, buffer)``: expert choice's k, else the first ``[E, C, M]`` permuted gradient (C may be symbolic)."""
+    if layer.expert_choice:
+        return _top_k(layer.anchor), True
+    return expert_buffer(index, walk.of(PERMUTED), num_experts, layer.hidden)
 
 
 def _take_combine(index: GraphIndex, walk: BackwardWalk) -> set[str]:
@@ -728,7 +744,7 @@ def _router_nodes(index: GraphIndex, layer: Layer, walk: BackwardWalk, combine: 
 
 
 def _router_kind(index: GraphIndex, layer: Layer, router: set[str]) -> str:
-    """soft, expert-choice, softmax-topk or sigmoid-topk (by the score backward among the router's nodes), or unknown."""
+    """soft, expert-choice, softmax-topk or sigmoid-topk (by the score backward among its nodes), or unknown."""
     if layer.anchor.kind == "soft":
         return "soft"
     if layer.expert_choice:
@@ -776,7 +792,7 @@ def _saved_root(node: fx.Node) -> fx.Node | None:
 
 
 def _gate_gradient_nodes(index: GraphIndex, anchor: Anchor, fork: fx.Node) -> set[str]:
-    """The gradient of the gates from the fork to the anchor, and everything below it up to where it meets other gradients."""
+    """The gates' gradient from the fork to the anchor, and everything below it up to where other gradients join."""
     s = anchor.node
     upstream = (anchor.anc & index.grad) - index.ancestors(fork.name) - {fork.name}
     below: set[str] = set()
@@ -816,15 +832,16 @@ def _soft_dispatch_weight_backward(index: GraphIndex, s: fx.Node, dispatch_weigh
     it, and, where it meets the combine softmax's gradient, on to the gate's
     matmuls, up to where other gradients join.
     """
+    grad = index.grad
     out = set(router_bwd) | {m.name for m in dispatch_weight_grads}
     for m in dispatch_weight_grads:
         out |= _until_join(index, m, taken)
     limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
     for n in index.graph.nodes:
-        if n.name in out or n.name not in index.grad or n.op != "call_function" or index.pos[n.name] < index.pos[s.name]:
+        if n.name in out or n.name not in grad or n.op != "call_function" or index.pos[n.name] < index.pos[s.name]:
             continue
-        gins = [a for a in n.all_input_nodes if a.name in index.grad]
-        if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, index.grad) for a in gins):
+        gins = [a for a in n.all_input_nodes if a.name in grad]
+        if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, grad) for a in gins):
             out.add(n.name)
     return out
 

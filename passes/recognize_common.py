@@ -16,8 +16,17 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from fsmoe_compiler.ops import ALL_TO_ALL_OPS, COLLECTIVE_OPS, GATHER_OPS, LAYOUT_OPS, SCATTER_OPS, WAIT_OPS, is_op, overloads
-from fsmoe_compiler.passes.graph_utils import in_order, nbytes, shape_keys, to_digraph
+from fsmoe_compiler.ops import (
+    ALL_TO_ALL_OPS,
+    COLLECTIVE_OPS,
+    GATHER_OPS,
+    LAYOUT_OPS,
+    SCATTER_OPS,
+    WAIT_OPS,
+    is_op,
+    overloads,
+)
+from fsmoe_compiler.passes.graph_utils import nbytes, shape_keys, to_digraph
 
 aten = torch.ops.aten
 
@@ -41,15 +50,16 @@ COMBINE_OPS = (
 class GraphIndex:
     """One graph's lookup tables, built once and handed to every recognition step.
 
-    ``dg`` is the data-flow digraph keyed by node name, ``pos`` each node's
-    index in graph (topological) order, ``grad`` (backward graphs) the nodes
-    that carry an incoming gradient. Ancestor and descendant sets are cached,
-    as several steps ask for the same ones; they are frozen so no caller can
-    change the cache.
+    ``dg`` is the data-flow digraph keyed by node name, ``nodes`` the nodes in
+    graph (topological) order and ``pos`` each node's index there; ``grad``
+    (backward graphs) names the nodes that carry an incoming gradient.
+    Ancestor and descendant sets are cached, as several steps ask for the same
+    ones; they are frozen so no caller can change the cache.
     """
 
     gm: fx.GraphModule
     dg: nx.DiGraph
+    nodes: list[fx.Node]
     by_name: dict[str, fx.Node]
     pos: dict[str, int]
     grad: frozenset[str] = frozenset()
@@ -63,6 +73,7 @@ class GraphIndex:
         return cls(
             gm=gm,
             dg=to_digraph(gm.graph),
+            nodes=nodes,
             by_name={n.name: n for n in nodes},
             pos={n.name: i for i, n in enumerate(nodes)},
             grad=frozenset(grad),
@@ -84,9 +95,13 @@ class GraphIndex:
             self._descendants[name] = frozenset(nx.descendants(self.dg, name))
         return self._descendants[name]
 
+    def after(self, node: fx.Node) -> list[fx.Node]:
+        """The nodes after ``node`` in graph order."""
+        return self.nodes[self.pos[node.name] + 1:]
+
     def in_order(self, names: Iterable[str]) -> list[str]:
-        """``names`` in graph order."""
-        return in_order(names, self.graph)
+        """``names`` in graph order (names of no node are dropped)."""
+        return sorted({n for n in names if n in self.pos}, key=self.pos.__getitem__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +148,8 @@ def always(seen: Any) -> bool:
 # sizes both directions read the same way
 
 
-def expert_buffer(index: GraphIndex, names: Iterable[str], num_experts: object, hidden: object) -> tuple[int | None, bool]:
+def expert_buffer(index: GraphIndex, names: Iterable[str], num_experts: object,
+                  hidden: object) -> tuple[int | None, bool]:
     """The first ``[experts, capacity, hidden]`` buffer among ``names`` (graph order): ``(capacity, found)``.
 
     The capacity is None when it is symbolic (dynamic shapes).
@@ -146,7 +162,10 @@ def expert_buffer(index: GraphIndex, names: Iterable[str], num_experts: object, 
 
 
 def all_to_alls(index: GraphIndex, names: Iterable[str]) -> tuple[list[str], int | None]:
-    """The ``all_to_all_single`` nodes among ``names`` in graph order, and the bytes they send (None if any is symbolic or there are none)."""
+    """The ``all_to_all_single`` nodes among ``names`` in graph order, and the bytes they send.
+
+    The bytes are None when there are none or some size is symbolic.
+    """
     a2a = index.in_order(n for n in names if is_op(index.by_name[n], ALL_TO_ALL_OPS))
     total: int | None = 0 if a2a else None
     for name in a2a:

@@ -164,7 +164,7 @@ def _walk_router(topk: fx.Node, anc_topk: frozenset[str]) -> Router | None:
 
 
 def _soft_anchor(index: GraphIndex, n: fx.Node, before_topk: set[str]) -> Router | None:
-    """The router of a soft-routing anchor: a softmax over the token dimension of ``[tokens, experts, slots]`` scores."""
+    """The router of a soft-routing anchor: a softmax over the token dim of ``[tokens, experts, slots]`` scores."""
     if not is_op(n, SOFTMAX_OPS) or n.name in before_topk or len(shape(n) or ()) < 2:
         return None
     if (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) % len(shape(n)) != 0:
@@ -202,7 +202,7 @@ def _routers(index: GraphIndex) -> list[Router]:
 
 
 def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
-    """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were left alone."""
+    """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
     index = GraphIndex.build(gm)
     candidates = _routers(index)
     regions: list[MoERegion] = []
@@ -246,7 +246,8 @@ def _scope(index: GraphIndex, r: Router, candidates: list[Router]) -> Scope:
     blocked: set[str] = set()
     for other in candidates:
         if other is not r:
-            blocked |= (index.ancestors(other.topk.name) - index.ancestors(other.x.name)) | {other.x.name, other.topk.name}
+            blocked |= index.ancestors(other.topk.name) - index.ancestors(other.x.name)
+            blocked |= {other.x.name, other.topk.name}
     # x and the tensors it is only a view of (e.g. [B, S, M] before the reshape to [T, M]) are the tokens
     x_views = _view_chain(r.x)
     desc_x = set().union(*(index.descendants(v.name) for v in x_views)) | {v.name for v in x_views}
@@ -255,7 +256,7 @@ def _scope(index: GraphIndex, r: Router, candidates: list[Router]) -> Scope:
 
 
 @dataclass
-class Seen:
+class ForwardSeen:
     """What the forward walk sees at one node: the categories of its tensor inputs and, for rules, a bit more."""
 
     node: fx.Node
@@ -279,53 +280,54 @@ def _category(a: fx.Node, state: dict[str, str], scope: Scope) -> str:
     return CONSTANT
 
 
-def _see(n: fx.Node, state: dict[str, str], scope: Scope) -> Seen:
+def _see(n: fx.Node, state: dict[str, str], scope: Scope) -> ForwardSeen:
+    """What the rules may ask about node ``n``, given the states so far."""
     cats = {a.name: _category(a, state, scope) for a in n.all_input_nodes if is_tensor(a)}
     a, b = (matmul_operands(n) or (None, None)) if is_op(n, MATMUL_OPS) else (None, None)
     operands = (cats.get(a.name) if a else None, cats.get(b.name) if b else None)
     source = state.get(n.args[0].name) if is_getitem(n) else None
-    return Seen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source)
+    return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source)
 
 
-def _meets_outside(s: Seen) -> bool:
+def _meets_outside(s: ForwardSeen) -> bool:
     return OUTSIDE in s.kinds
 
 
-def _reads_labelled_tuple(s: Seen) -> bool:
+def _reads_labelled_tuple(s: ForwardSeen) -> bool:
     return s.source is not None
 
 
-def _combined_through_combine_op(s: Seen) -> bool:
+def _combined_through_combine_op(s: ForwardSeen) -> bool:
     return COMBINED in s.kinds and (
         s.node.target in COMBINE_OPS or (is_op(s.node, MATMUL_OPS) and ROUTING in s.kinds))
 
 
-def _combined_into_opaque(s: Seen) -> bool:
+def _combined_into_opaque(s: ForwardSeen) -> bool:
     return COMBINED in s.kinds and is_opaque(s.node)
 
 
-def _combined_elsewhere(s: Seen) -> bool:
+def _combined_elsewhere(s: ForwardSeen) -> bool:
     return COMBINED in s.kinds
 
 
-def _routed_times_weight(s: Seen) -> bool:
+def _routed_times_weight(s: ForwardSeen) -> bool:
     ca, cb = s.operands
     return (ca in (DISPATCHED, EXPERT) and cb == CONSTANT) or (cb in (DISPATCHED, EXPERT) and ca == CONSTANT)
 
 
-def _expert_meets_routing(s: Seen) -> bool:
+def _expert_meets_routing(s: ForwardSeen) -> bool:
     return EXPERT in s.kinds and (ROUTING in s.kinds or ROUTER_SIDE in s.kinds)
 
 
-def _expert_all_to_all(s: Seen) -> bool:
+def _expert_all_to_all(s: ForwardSeen) -> bool:
     return EXPERT in s.kinds and is_op(s.node, ALL_TO_ALL_OPS)
 
 
-def _expert_side(s: Seen) -> bool:
+def _expert_side(s: ForwardSeen) -> bool:
     return EXPERT in s.kinds
 
 
-def _token_data(s: Seen) -> bool:
+def _token_data(s: ForwardSeen) -> bool:
     return DISPATCHED in s.kinds or TOKEN in s.kinds
 
 
@@ -363,7 +365,7 @@ def _walk_forward(index: GraphIndex, scope: Scope) -> ForwardWalk:
     """Label every node below the anchor, in graph order, by ``FORWARD_RULES``."""
     t = scope.router.topk
     walk = ForwardWalk(state={t.name: ROUTING})
-    for n in list(index.graph.nodes)[index.pos[t.name] + 1:]:
+    for n in index.after(t):
         if n.op != "call_function" or n.name in scope.blocked or n.target in SHAPE_ONLY_OPS:
             continue
         if not any(a.name in walk.state for a in n.all_input_nodes):
