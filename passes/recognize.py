@@ -17,12 +17,14 @@ or parameter names:
   scattered back to token order.
 
 In the forward graph every node downstream of a ``topk`` is given one of four
-states, in graph (topological) order: routing metadata (R), dispatched token
-data (D), expert-side data (E, after an expert matmul) and combined data (C,
-once expert data meets routing data). Combined data only flows on through ops a
-combine is made of, and no state flows into another router or into a residual
-(a tensor computed before the router input), which bounds each region. A topk
-that yields no expert matmul, no combine or a single dense lane is not MoE.
+states, in graph (topological) order: routing metadata (``routing``),
+dispatched token data (``dispatched``), expert-side data (``expert``, after an
+expert matmul) and combined data (``combined``, once expert data meets routing
+data); they become the router, dispatch, expert and combine roles. Combined
+data only flows on through ops a combine is made of, and no state flows into
+another router or into a residual (a tensor computed before the router input),
+which bounds each region. A topk that yields no expert matmul, no combine or a
+single dense lane is not MoE.
 
 Soft routing (SoftMoE) has no topk; its anchor is a softmax over the token
 dimension of ``[tokens, experts, slots]`` scores, and the same states follow.
@@ -34,11 +36,16 @@ routing it is the combine softmax's backward, and for argmax routers (no topk
 gradient) the score softmax/sigmoid backward itself. The dominator of the anchor that
 also leads to matmuls elsewhere is the fork where the layer's output gradient
 splits into the gate gradient and the experts' gradient. Walking on from the
-fork, gradient nodes are F (forked, still in token order), P (permuted into
-expert space by saved indices, an all-to-all or the combine matmul), G (after
-an expert matmul: the transposed expert matmuls and the weight gradients) and U
-(un-permuted to token order: the dispatch's gradient). A node that meets any
-other gradient (the router's, a shared expert's, a residual) ends the walk.
+fork, gradient nodes are ``forked`` (still in token order), ``permuted`` (into
+expert space by saved indices, an all-to-all or the combine matmul), ``expert
+gradient`` (after an expert matmul: the transposed expert matmuls and the
+weight gradients) and ``un-permuted`` (back in token order: the dispatch's
+gradient). A node that meets any other gradient (the router's, a shared
+expert's, a residual) ends the walk. The forked gradient that leads to the
+experts, the output gradient's views above the fork and the permuted gradient
+form the combine role, expert gradients the expert role, the un-permuted
+gradient the dispatch role; the gate gradient from the fork to the anchor and
+below it is the router's.
 Saved-tensor names tie a backward region to its forward layer when the forward
 regions are at hand.
 
@@ -46,6 +53,19 @@ Sizes are compared as sympy expressions when they are symbolic, so graphs
 compiled with dynamic shapes are recognised too (the sizes reported are then
 None). What the recogniser does not understand (an opaque custom op, a topk
 that is not followed by expert matmuls) it leaves out of every region.
+
+Each walk is an explicit transition table of ``Rule`` rows (a name, a
+predicate over what the walk sees at a node, the state the node takes),
+evaluated in order, first match wins: ``FORWARD_RULES`` in
+``recognize_forward`` and ``BACKWARD_RULES`` in ``recognize_backward``; the
+backward anchors are a table too (``ANCHOR_FINDERS``). Walking yields states,
+expert matmuls and their depths; separate small steps then read the router
+kind, top-k, experts, capacity, sizes, all-to-alls and the shared expert off
+them. Both walks read the graph through one ``GraphIndex`` (data-flow digraph,
+positions, gradient nodes, cached ancestors and descendants) from
+``recognize_common``, which also holds the vocabulary they share
+(``COMBINE_OPS``). A new upstream style is a new row or predicate in a table,
+or a new step; op families it needs go to ``fsmoe_compiler.ops``.
 
 ``find_moe_regions`` only reads the graph; ``recognize`` is the pass that stores
 the regions on the pass context and tags region nodes with
@@ -56,13 +76,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from typing import Any
-
-import torch
 import torch.fx as fx
-
-
-aten = torch.ops.aten
 
 from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.recognize_backward import find_backward_regions

@@ -1,14 +1,19 @@
 """Recognition in the backward graph: from the topk gradient (or soft-routing anchors) to a region.
 
 A backward region starts where the gradient of the routing result appears (a
-scatter into a ``[tokens, experts]`` zero tensor at the saved topk indices, or
-the soft-routing softmax gradients) and follows the output gradient through
-its fork into the gate path and the expert path. ``recognize`` documents the
-whole scheme.
+scatter into a ``[tokens, experts]`` zero tensor at the saved topk indices, the
+soft-routing softmax gradients, or an argmax router's score gradient) and
+follows the output gradient through its fork into the gate path and the
+expert path. Walking on from the fork, each gradient node gets a state from
+``BACKWARD_RULES``: forked, permuted, expert gradient or un-permuted. Small
+steps then read the region's facts off the states. ``recognize`` documents
+the whole scheme.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 import torch
@@ -32,37 +37,68 @@ from fsmoe_compiler.ops import (
 from fsmoe_compiler.passes.graph_utils import (
     ancestors_of_set,
     dim_through_transpose,
-    in_order,
     matmul_operands,
-    nbytes,
     numel,
     prod_key,
     shape,
     shape_keys,
     tensor_inputs,
-    to_digraph,
 )
+from fsmoe_compiler.passes.recognize_common import (
+    COMBINE_OPS,
+    DISPATCH_WEIGHTS,
+    EXPERT_MATMUL,
+    SAME,
+    GraphIndex,
+    Rule,
+    all_to_alls,
+    always,
+    expert_buffer,
+    first_match,
+)
+from fsmoe_compiler.passes.region import MoERegion
 
 aten = torch.ops.aten
 
-from fsmoe_compiler.passes.recognize_forward import COMBINE_OPS, node_positions
-from fsmoe_compiler.passes.region import MoERegion
+# ----------------------------------------------------------------------------------------------
+# states of gradient nodes below a layer's combine fork, in the order a gradient passes them
+
+FORKED = "forked"  # the layer's output gradient after the fork, still in token order
+PERMUTED = "permuted"  # permuted into expert space, before any expert matmul
+EXPERT_GRAD = "expert gradient"  # after an expert matmul: the experts' input and weight gradients
+UNPERMUTED = "un-permuted"  # back in token order: the gradient of the dispatch
+STATES = (FORKED, PERMUTED, EXPERT_GRAD, UNPERMUTED)
+_ORDER = {st: i for i, st in enumerate(STATES)}
+
 
 # ----------------------------------------------------------------------------------------------
-# backward
-#
-# States of gradient nodes below a layer's combine fork: F (forked, still in token order), P (gradient
-# permuted into expert space, before any expert matmul), G (expert-side gradient, after one), U (gradient
-# un-permuted back to token order: the gradient of the dispatch).
-F, P, G, U = "F", "P", "G", "U"
-_RANK = {F: 0, P: 1, G: 2, U: 3}
+# gradients and saved routing indices
 
 
 def _is_tangent(node: fx.Node) -> bool:
     return node.op == "placeholder" and node.name.startswith("tangents")
 
 
-def _saved_index(node: fx.Node, grad: set[str]) -> bool:
+def gradient_nodes(graph: fx.Graph) -> set[str]:
+    """Nodes whose value depends on an incoming gradient (a ``tangents_*`` input of the backward graph).
+
+    Allocations that only borrow a gradient's shape (``new_zeros``) and sizes
+    read off it (``sym_size``) carry no gradient and are left out.
+    """
+    grad: set[str] = set()
+    for n in graph.nodes:
+        if _is_tangent(n):
+            grad.add(n.name)
+        elif n.op == "call_function" and n.target not in SHAPE_ONLY_OPS:
+            v = n.meta.get("val")
+            if isinstance(v, (torch.SymInt, int, float, bool)):
+                continue
+            if any(a.name in grad for a in n.all_input_nodes):
+                grad.add(n.name)
+    return grad
+
+
+def _saved_index(node: fx.Node, grad: frozenset[str]) -> bool:
     """An integer tensor that does not depend on the incoming gradient: saved (or recomputed) routing indices."""
     v = node.meta.get("val")
     return (
@@ -73,7 +109,78 @@ def _saved_index(node: fx.Node, grad: set[str]) -> bool:
     )
 
 
-def _soft_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
+def _permutes(node: fx.Node, grad: frozenset[str]) -> bool:
+    """An indexing op that moves gradient rows by saved routing indices, or an all-to-all.
+
+    Gathers (``index_select``, ``gather``, ``index``) always count; scatters
+    (``index_add``, ``index_put``, ``scatter_add``) count when given an
+    integer index that does not depend on the gradient.
+    """
+    if is_op(node, ALL_TO_ALL_OPS):
+        return True
+    if node.target not in GATHER_OPS and not is_op(node, SCATTER_OPS):
+        return False
+    return any(_saved_index(a, grad) for a in node.all_input_nodes)
+
+
+def _permuted_above(node: fx.Node, grad: frozenset[str]) -> bool:
+    """``node`` is, or is a view of, a gradient permuted by saved routing indices."""
+    cur = node
+    for _ in range(8):
+        if _permutes(cur, grad):
+            return True
+        gins = [a for a in cur.all_input_nodes if a.name in grad]
+        if cur.target not in LAYOUT_OPS or len(gins) != 1:
+            return False
+        cur = gins[0]
+    return False
+
+
+def _small_gradient(node: fx.Node, limit: int, grad: frozenset[str]) -> bool:
+    """A gradient that comes from a tensor of fewer than ``limit`` values (an auxiliary loss, a scalar)."""
+    cur = node
+    for _ in range(12):
+        n = numel(cur)
+        if n is not None and n < limit:
+            return True
+        gins = [a for a in cur.all_input_nodes if a.name in grad]
+        if len(gins) != 1:
+            return False
+        cur = gins[0]
+    return False
+
+
+def _grad_operand(m: fx.Node, grad: frozenset[str]) -> fx.Node:
+    """The gradient operand of a matmul (the first one when both are)."""
+    a, b = matmul_operands(m)
+    return a if a.name in grad else b
+
+
+# ----------------------------------------------------------------------------------------------
+# anchors: where the routing result's gradient appears
+
+
+def _topk_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.Node]:
+    """Gradients of topk: a scatter of a gradient into a zero [tokens, experts] tensor at saved integer indices."""
+    grad = index.grad
+    anchors = []
+    for n in index.graph.nodes:
+        if not is_op(n, overloads(aten.scatter, aten.scatter_add)) or n.name not in grad:
+            continue
+        base, idx = n.args[0], n.args[2]
+        if not (isinstance(base, fx.Node) and isinstance(idx, fx.Node)):
+            continue
+        if base.name in grad and not is_op(base, overloads(aten.new_zeros, aten.zeros, aten.zeros_like, aten.full)):
+            continue
+        if not _saved_index(idx, grad):
+            continue
+        if len(shape(n) or ()) != 2:
+            continue
+        anchors.append(n)
+    return anchors
+
+
+def _soft_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.Node]:
     """Backward of a softmax over the last dim whose gradient is one half of a matmul pair on one gradient.
 
     That is the gradient of soft combine weights (``out = combine @ expert_out``:
@@ -81,8 +188,9 @@ def _soft_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
     incoming gradient sends it to the experts). Attention's softmax has the same
     shape of backward; it is told apart later, as it reaches no expert matmuls.
     """
+    grad = index.grad
     anchors = []
-    for n in graph.nodes:
+    for n in index.graph.nodes:
         if not is_op(n, SOFTMAX_BACKWARD_OPS) or n.name not in grad:
             continue
         sh = shape(n)
@@ -107,27 +215,7 @@ def _soft_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
     return anchors
 
 
-def _soft_dispatch_weight_backward(graph, by_name, pos, grad, s, dispatch_weight_grads, router_bwd, taken) -> set[str]:
-    """Router work of soft routing's backward besides the combine softmax's: the dispatch weights' gradient.
-
-    That is each ``gradient @ tokens^T`` matmul, the token-softmax backward below
-    it, and, where it meets the combine softmax's gradient, on to the gate's
-    matmuls, up to where other gradients join.
-    """
-    out = set(router_bwd) | {m.name for m in dispatch_weight_grads}
-    for m in dispatch_weight_grads:
-        out |= _until_join(by_name, grad, m, taken)
-    limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
-    for n in graph.nodes:
-        if n.name in out or n.name not in grad or n.op != "call_function" or pos[n.name] < pos[s.name]:
-            continue
-        gins = [a for a in n.all_input_nodes if a.name in grad]
-        if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, grad) for a in gins):
-            out.add(n.name)
-    return out
-
-
-def _score_backward_anchors(dg: nx.DiGraph, graph: fx.Graph, grad: set[str], known: list[fx.Node]) -> list[fx.Node]:
+def _score_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.Node]:
     """Softmax/sigmoid gradients of ``[tokens, experts]`` scores unrelated to any topk gradient.
 
     A router that picks with ``argmax`` (DeepSpeed's top-1) leaves no topk
@@ -136,8 +224,8 @@ def _score_backward_anchors(dg: nx.DiGraph, graph: fx.Graph, grad: set[str], kno
     """
     known_names = {n.name for n in known}
     out = []
-    for n in graph.nodes:
-        if n.name not in grad or n.name in known_names:
+    for n in index.graph.nodes:
+        if n.name not in index.grad or n.name in known_names:
             continue
         sh = shape(n)
         if not sh or len(sh) != 2 or not sh[-1] or sh[-1] < 2:
@@ -147,188 +235,58 @@ def _score_backward_anchors(dg: nx.DiGraph, graph: fx.Graph, grad: set[str], kno
                 continue
         elif not is_op(n, SIGMOID_BACKWARD_OPS):
             continue
-        if known_names & (nx.ancestors(dg, n.name) | nx.descendants(dg, n.name)):
+        if known_names & (index.ancestors(n.name) | index.descendants(n.name)):
             continue  # part of a topk router (e.g. a softmax over the top-k logits) or of a soft one
         out.append(n)
     return out
 
 
-def _until_join(by_name, grad: set[str], start: fx.Node, stop: set[str]) -> set[str]:
-    """Gradient nodes fed only by ``start`` and each other, in graph order: a branch up to where it meets others."""
-    out = {start.name}
-    frontier = list(start.users)
-    while frontier:
-        n = frontier.pop(0)
-        if n.name in out or n.name in stop or n.name not in grad or n.op != "call_function":
-            continue
-        if any(a.name in grad and a.name not in out for a in n.all_input_nodes):
-            continue
-        out.add(n.name)
-        frontier.extend(n.users)
+#: Anchor kinds and their finders, in order; each finder gets the anchors found before it (``known``):
+#: "topk" (the topk gradient), "soft" (the soft combine softmax's gradient), "score" (the score
+#: softmax/sigmoid gradient of a router that picks with argmax).
+ANCHOR_FINDERS = (
+    ("topk", _topk_backward_anchors),
+    ("soft", _soft_backward_anchors),
+    ("score", _score_backward_anchors),
+)
+
+
+@dataclass
+class Anchor:
+    """One backward anchor: the node, its kind, the routing dimension it scatters along and the saved indices."""
+
+    node: fx.Node
+    kind: str
+    dim: int
+    index: fx.Node | None  # the saved topk indices ("topk" anchors)
+    anc: frozenset[str]
+    desc: frozenset[str]
+
+
+def _anchors(index: GraphIndex) -> list[Anchor]:
+    """Every anchor of the graph, in graph order."""
+    kinds: dict[str, str] = {}
+    known: list[fx.Node] = []
+    for kind, finder in ANCHOR_FINDERS:
+        found = finder(index, known)
+        kinds.update({n.name: kind for n in found})
+        known = known + found
+    out = []
+    for name in sorted(kinds, key=index.pos.__getitem__):
+        s = index.by_name[name]
+        dim, idx = (s.args[1] % 2, s.args[2]) if kinds[name] == "topk" else (1, None)
+        out.append(Anchor(node=s, kind=kinds[name], dim=dim, index=idx, anc=index.ancestors(name),
+                          desc=index.descendants(name)))
     return out
 
 
-def _gradient_nodes(graph: fx.Graph) -> set[str]:
-    """Nodes whose value depends on an incoming gradient (a ``tangents_*`` input of the backward graph).
-
-    Allocations that only borrow a gradient's shape (``new_zeros``) and sizes
-    read off it (``sym_size``) carry no gradient and are left out.
-    """
-    grad: set[str] = set()
-    for n in graph.nodes:
-        if _is_tangent(n):
-            grad.add(n.name)
-        elif n.op == "call_function" and n.target not in SHAPE_ONLY_OPS:
-            v = n.meta.get("val")
-            if isinstance(v, (torch.SymInt, int, float, bool)):
-                continue
-            if any(a.name in grad for a in n.all_input_nodes):
-                grad.add(n.name)
-    return grad
-
-
-def _topk_backward_anchors(graph: fx.Graph, grad: set[str]) -> list[fx.Node]:
-    """Gradients of topk: a scatter of a gradient into a zero [tokens, experts] tensor at saved integer indices."""
-    anchors = []
-    for n in graph.nodes:
-        if not is_op(n, overloads(aten.scatter, aten.scatter_add)) or n.name not in grad:
-            continue
-        base, index = n.args[0], n.args[2]
-        if not (isinstance(base, fx.Node) and isinstance(index, fx.Node)):
-            continue
-        if base.name in grad and not is_op(base, overloads(aten.new_zeros, aten.zeros, aten.zeros_like, aten.full)):
-            continue
-        if not _saved_index(index, grad):
-            continue
-        if len(shape(n) or ()) != 2:
-            continue
-        anchors.append(n)
-    return anchors
-
-
-def _permutes(node: fx.Node, grad: set[str]) -> bool:
-    """An indexing op that moves gradient rows by saved routing indices, or an all-to-all.
-
-    Gathers (``index_select``, ``gather``, ``index``) always count; scatters
-    (``index_add``, ``index_put``, ``scatter_add``) count when given an
-    integer index that does not depend on the gradient.
-    """
-    if is_op(node, ALL_TO_ALL_OPS):
-        return True
-    if node.target not in GATHER_OPS and not is_op(node, SCATTER_OPS):
-        return False
-    return any(_saved_index(a, grad) for a in node.all_input_nodes)
-
-
-def _permuted_above(node: fx.Node, grad: set[str]) -> bool:
-    """``node`` is, or is a view of, a gradient permuted by saved routing indices."""
-    cur = node
-    for _ in range(8):
-        if _permutes(cur, grad):
-            return True
-        gins = [a for a in cur.all_input_nodes if a.name in grad]
-        if cur.target not in LAYOUT_OPS or len(gins) != 1:
-            return False
-        cur = gins[0]
-    return False
-
-
-def _has_dim(node: fx.Node, size: object, anywhere: bool = False) -> bool:
-    """``size`` (an int or a symbolic size) is a leading (non-feature) dimension of ``node``: a token dimension.
-
-    With ``anywhere`` the last dimension counts too.
-    """
-    s = shape_keys(node)
-    dims = (s or ()) if anywhere else (s or ())[:-1]
-    return size is not None and any(d == size for d in dims)
-
-
-def _scatter_over_tokens(s: fx.Node, dim: int) -> bool | None:
-    """Whether the topk gradient ``s`` scatters along the token dimension (expert choice) or the expert one.
-
-    The score softmax normalises over the experts, so following the scatter's
-    dimension down through transposes and shape-keeping ops to the softmax
-    backward tells which it is, whatever the sizes (with E == T they say
-    nothing). None when no softmax backward is reached (a sigmoid router).
-    """
-    cur, d = s, dim
-    for _ in range(12):
-        users = [u for u in cur.users if u.op == "call_function" and u.args and u.args[0] is cur]
-        soft = [u for u in users if is_op(u, SOFTMAX_BACKWARD_OPS)]
-        if soft:
-            rank = len(shape(soft[0]) or ())
-            return None if rank == 0 else d % rank != soft[0].args[2] % rank
-        moved = [u for u in users if is_op(u, TRANSPOSE_OPS)]
-        same = [u for u in users if not is_op(u, TRANSPOSE_OPS) and shape(u) == shape(cur) and shape(u) is not None]
-        if len(moved) + len(same) != 1:
-            return None
-        if moved:
-            d = dim_through_transpose(moved[0], d, upward=False)
-            if d is None:
-                return None
-            cur = moved[0]
-        else:
-            cur = same[0]
-    return None
-
-
-def _expert_side_matmul_use(n: fx.Node, other: fx.Node, grad: set[str], dg: nx.DiGraph, by_name,
-                            desc_s: set[str], pos: dict[str, int]) -> str:
-    """What a matmul of an expert-side gradient with a non-gradient operand computes, from where its result goes.
-
-    Returns "expert" (an expert's input or weight gradient), "dispatch" (the
-    dispatch's gradient: a dispatch mask or weights times the gradient, back in
-    token order) or "dispatch-weights" (the gradient of soft dispatch weights,
-    which flows into the router's softmax backward).
-
-    Decided by data flow, not by sizes (a dimension equal to the token count is
-    ambiguous when hidden, E*C or E equals it):
-
-    * a result that never meets the router's gradient (the descendants of the
-      anchor) is a weight gradient: it only flows to the graph outputs;
-    * otherwise let J be the first node where it meets the router's gradient
-      (the token input's gradient, or the score gradient). A result that on its
-      way to J passes through another matmul or a permutation by saved routing
-      indices (an all-to-all included) is an expert's input gradient: the
-      dispatch's gradient still lies ahead of it;
-    * one that passes through a softmax/sigmoid backward is the gradient of
-      soft dispatch weights, on its way to the router's scores;
-    * one that reaches J through views, casts and sums only is the dispatch's
-      gradient.
-    """
-    if other.name in grad:
-        return "expert"
-    below = nx.descendants(dg, n.name)
-    meets = [d for d in below if d in desc_s and by_name[d].op == "call_function"]
-    if not meets:
-        return "expert"
-    join = min(meets, key=pos.__getitem__)
-    between = (below & nx.ancestors(dg, join)) - {n.name}
-    ops = [by_name[b] for b in between]
-    if any(is_op(b, MATMUL_OPS) or _permutes(b, grad) for b in ops):
-        return "expert"
-    if any(is_op(b, SOFTMAX_BACKWARD_OPS) or is_op(b, SIGMOID_BACKWARD_OPS) for b in ops):
-        return "dispatch-weights"
-    if is_op(by_name[join], SOFTMAX_BACKWARD_OPS) or is_op(by_name[join], SIGMOID_BACKWARD_OPS):
-        return "dispatch-weights"
-    return "dispatch"
-
-
 def find_backward_regions(gm: fx.GraphModule, forward_regions: list[MoERegion] | None = None) -> list[MoERegion]:
-    graph = gm.graph
-    dg = to_digraph(graph)
-    by_name = {n.name: n for n in graph.nodes}
-    grad = _gradient_nodes(graph)
-    pos = node_positions(graph)
+    """MoE regions of a backward graph in layer order; ``forward_regions``, if given, name each region's layer."""
+    index = GraphIndex.build(gm, gradient_nodes(gm.graph))
     found: list[tuple[MoERegion, str | None]] = []
     seen: set[tuple] = set()
-    topk_anchors = _topk_backward_anchors(graph, grad)
-    soft_anchors = _soft_backward_anchors(graph, grad)
-    kinds = {n.name: "topk" for n in topk_anchors}
-    kinds.update({n.name: "soft" for n in soft_anchors})
-    kinds.update({n.name: "score" for n in _score_backward_anchors(dg, graph, grad, topk_anchors + soft_anchors)})
-    for name in sorted(kinds, key=pos.__getitem__):
-        result = _backward_region(gm, dg, by_name, pos, grad, by_name[name], kinds[name])
+    for anchor in _anchors(index):
+        result = _backward_region(index, anchor)
         if result is None:
             continue
         key = tuple(result[0].nodes["expert"])  # anchors of one layer (group-limited routing) share experts
@@ -361,7 +319,11 @@ def _match_forward_layers(regions: list[MoERegion], saved: list[str | None],
                 break
 
 
-def _idom_chain(dg: nx.DiGraph, target: str, keep: set[str]) -> list[str]:
+# ----------------------------------------------------------------------------------------------
+# one anchor's layer: the fork, the entry and the sizes read before the walk
+
+
+def _idom_chain(dg: nx.DiGraph, target: str, keep: set[str] | frozenset[str]) -> list[str]:
     """Dominators of ``target`` (nearest first) in the subgraph ``keep`` entered from a virtual root."""
     sub = dg.subgraph(keep).copy()
     root = "__fsmoe_root__"
@@ -379,198 +341,118 @@ def _idom_chain(dg: nx.DiGraph, target: str, keep: set[str]) -> list[str]:
     return chain
 
 
-def _leads_to_matmul(dg: nx.DiGraph, start: str, by_name, avoid: set[str]) -> bool:
-    return any(is_op(by_name[d], MATMUL_OPS) for d in ({start} | nx.descendants(dg, start)) if d not in avoid)
+def _leads_to_matmul(index: GraphIndex, start: str, avoid: frozenset[str]) -> bool:
+    """A matmul at or below ``start`` outside ``avoid``."""
+    return any(is_op(index.by_name[d], MATMUL_OPS) for d in ({start} | index.descendants(start)) if d not in avoid)
 
 
-def _backward_region(gm, dg, by_name, pos, grad: set[str], s: fx.Node,
-                     kind: str) -> tuple[MoERegion, str | None] | None:
-    """The region around one anchor: ``kind`` "topk" (topk gradient), "soft" (soft combine softmax gradient)
-    or "score" (the score softmax/sigmoid gradient of a router that picks with argmax)."""
-    graph = gm.graph
-    s_shape = shape(s)
-    s_keys = shape_keys(s)
-    soft = kind == "soft"
-    if kind == "topk":
-        dim, index = s.args[1] % 2, s.args[2]
-    else:
-        dim, index = 1, None
-    anc_s = nx.ancestors(dg, s.name)
-    desc_s = nx.descendants(dg, s.name)
-    # the fork where the gradient splits into the gate-gradient path (to s) and the expert path;
-    # gradients smaller than the score matrix's short side (an auxiliary loss's) do not count
-    smallest = min((d for d in s_shape if d is not None), default=1)
-    keep = {n for n in anc_s & grad if (numel(by_name[n]) or smallest) >= smallest} | {s.name}
-    fork = None
-    for d in _idom_chain(dg, s.name, keep):
-        if _leads_to_matmul(dg, d, by_name, anc_s | desc_s):
-            fork = by_name[d]
-            break
-    if fork is None:
-        return None
-    # the entry: the gradient of the layer output, and the views/permutations between it and the fork
+def _fork(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
+    """The dominator of the anchor that also leads to matmuls elsewhere: where the gate and expert gradients split.
+
+    Gradients smaller than the score matrix's short side (an auxiliary loss's) do not count.
+    """
+    s = anchor.node
+    smallest = min((d for d in shape(s) if d is not None), default=1)
+    keep = {n for n in anchor.anc & index.grad if (numel(index.by_name[n]) or smallest) >= smallest} | {s.name}
+    for d in _idom_chain(index.dg, s.name, keep):
+        if _leads_to_matmul(index, d, anchor.anc | anchor.desc):
+            return index.by_name[d]
+    return None
+
+
+def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
+    """The fork and, above it, the gradient of the layer output and the views/permutations between the two."""
     chain = [fork.name]
-    for d in _idom_chain(dg, fork.name, grad | {fork.name}):
-        node = by_name[d]
+    for d in _idom_chain(index.dg, fork.name, index.grad | {fork.name}):
+        node = index.by_name[d]
         if not (node.target in LAYOUT_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
                 or is_op(node, WAIT_OPS) or _is_tangent(node)):
             break
         chain.append(d)
-        if len([u for u in node.users if u.name in grad]) > 1:
+        if len([u for u in node.users if u.name in index.grad]) > 1:
             break
-    entry = by_name[chain[-1]]
-    entry_keys = shape_keys(entry) or (None,)
+    return chain
+
+
+def _scatter_over_tokens(s: fx.Node, dim: int) -> bool | None:
+    """Whether the topk gradient ``s`` scatters along the token dimension (expert choice) or the expert one.
+
+    The score softmax normalises over the experts, so following the scatter's
+    dimension down through transposes and shape-keeping ops to the softmax
+    backward tells which it is, whatever the sizes (with E == T they say
+    nothing). None when no softmax backward is reached (a sigmoid router).
+    """
+    cur, d = s, dim
+    for _ in range(12):
+        users = [u for u in cur.users if u.op == "call_function" and u.args and u.args[0] is cur]
+        soft = [u for u in users if is_op(u, SOFTMAX_BACKWARD_OPS)]
+        if soft:
+            rank = len(shape(soft[0]) or ())
+            return None if rank == 0 else d % rank != soft[0].args[2] % rank
+        moved = [u for u in users if is_op(u, TRANSPOSE_OPS)]
+        same = [u for u in users if not is_op(u, TRANSPOSE_OPS) and shape(u) == shape(cur) and shape(u) is not None]
+        if len(moved) + len(same) != 1:
+            return None
+        if moved:
+            d = dim_through_transpose(moved[0], d, upward=False)
+            if d is None:
+                return None
+            cur = moved[0]
+        else:
+            cur = same[0]
+    return None
+
+
+@dataclass
+class Layer:
+    """What is known of one anchor's layer before the walk: the fork, the entry chain and the sizes."""
+
+    anchor: Anchor
+    fork: fx.Node
+    chain: list[str]
+    hidden: int | None
+    tokens: object  # an int, or a sympy expression under dynamic shapes
+    expert_choice: bool
+    num_experts: int | None
+
+
+def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
+    """The fork of the anchor's layer and the sizes read at its entry; None without a fork."""
+    fork = _fork(index, anchor)
+    if fork is None:
+        return None
+    chain = _entry_chain(index, fork)
+    entry_keys = shape_keys(index.by_name[chain[-1]]) or (None,)
     hidden = entry_keys[-1] if isinstance(entry_keys[-1], int) else None
-    tokens = prod_key(entry_keys[:-1])  # an int, or a sympy expression under dynamic shapes
+    tokens = prod_key(entry_keys[:-1])
+    s, dim, soft = anchor.node, anchor.dim, anchor.kind == "soft"
+    s_keys = shape_keys(s)
     # topk over experts scatters along the expert dimension; expert choice along the token dimension
     expert_choice = None if soft else _scatter_over_tokens(s, dim)
     if expert_choice is None:  # no softmax backward to read the expert dimension from: compare sizes
         expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
     if tokens is None:
         tokens = s_keys[1 - dim]
-    num_experts = s_shape[1 - dim] if expert_choice else s_shape[dim]
-
-    # walk the gradient forward from the fork in graph order
-    state: dict[str, str] = {fork.name: P if _permuted_above(fork, grad) else F}
-    expert_mms: list[fx.Node] = []
-    dispatch_weight_grads: list[fx.Node] = []
-    depth: dict[str, int] = {}
-    started = False
-    for n in graph.nodes:
-        if n is fork:
-            started = True
-            continue
-        if not started or n.op != "call_function" or n.name not in grad or n.name in desc_s or n is s:
-            continue
-        ins = [a for a in n.all_input_nodes if a.name in grad]
-        if not ins or not any(a.name in state for a in ins):
-            continue
-        if any(a.name not in state for a in ins):
-            continue  # meets another gradient (router, shared expert, residual): the region ends here
-        rank = max(_RANK[state[a.name]] for a in ins)
-        d_in = max((depth.get(a.name, 0) for a in ins), default=0)
-        new: str | None
-        if is_op(n, MATMUL_OPS):
-            a, b = matmul_operands(n)
-            g_op = a if a.name in grad else b
-            other = b if g_op is a else a
-            if rank == _RANK[F]:  # still in token order: a permutation into expert space if it leaves token order
-                leaves = _has_dim(g_op, tokens) and not _has_dim(n, tokens)
-                new = P if (leaves or _combine_matmul_pair(n, g_op, anc_s)) else None
-            else:
-                use = _expert_side_matmul_use(n, other, grad, dg, by_name, desc_s, pos)
-                if use == "dispatch":
-                    new = U  # dispatch mask^T @ gradient: back to token order
-                elif use == "dispatch-weights":
-                    dispatch_weight_grads.append(n)  # gradient @ tokens^T: the gradient of soft dispatch weights
-                    new = None
-                elif rank == _RANK[U]:
-                    new = None  # already back in token order
-                else:
-                    new = G
-                    expert_mms.append(n)
-                    depth[n.name] = d_in + 1
-        elif rank == _RANK[F]:
-            if _permutes(n, grad):
-                new = P
-            elif n.target in COMBINE_OPS:
-                new = F
-            else:
-                new = None
-        elif rank >= _RANK[G] and (_permutes(n, grad) or is_op(n, ALL_TO_ALL_OPS)):
-            new = U  # indexed by the saved routing (or sent back by all-to-all): the gradient of the dispatch
-        else:
-            new = [F, P, G, U][rank]
-        if new is None:
-            continue
-        state[n.name] = new
-        depth.setdefault(n.name, d_in)
-    # the forked gradient before the permutation is the combine's only where it leads to the experts
-    feeds = ancestors_of_set(dg, [name for name, st in state.items() if st != F])
-    for name in [n for n, st in state.items() if st == F and n not in feeds]:
-        del state[name]
-    combine = {n for n, st in state.items() if st == F}
-    for name in combine:
-        del state[name]
-    if not expert_mms:
-        return None
-    first = [m for m in expert_mms if depth[m.name] == 1]
-    lanes = len({_grad_operand(m, grad).name for m in first})
-    batched = [m for m in expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3]
-    a2a = [n for n in state if is_op(by_name[n], ALL_TO_ALL_OPS)]
-    if lanes < 2 and not batched and not a2a:
-        return None
-    # permuted gradient that only feeds the gate gradient belongs to the router's backward
-    feeds_experts = ancestors_of_set(dg, [m.name for m in expert_mms])
-    for name in [n for n in state if n in anc_s and n not in feeds_experts]:
-        del state[name]
-
-    of = {st: [n for n, v in state.items() if v == st] for st in (P, G, U)}
-    combine |= set(chain)
-    combine = {c for c in combine if by_name[c].op == "call_function"}
-    router_bwd = _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) - set(state) - combine
-    router_kind = "unknown"
-    if kind == "score":
-        router_bwd.add(s.name)
-    if any(is_op(by_name[n], SOFTMAX_BACKWARD_OPS) for n in router_bwd):
-        router_kind = "softmax-topk"
-    elif any(is_op(by_name[n], SIGMOID_BACKWARD_OPS) for n in router_bwd):
-        router_kind = "sigmoid-topk"
-    k = (shape(index) or (None, None))[dim] if index is not None else None
-    if expert_choice:
-        router_kind = "expert-choice"
-    if soft:
-        router_kind, num_experts = "soft", None
-        for name in in_order(of[P], graph):  # the first [E, slots, M] gradient buffer (before any all-to-all)
-            sk = shape_keys(by_name[name])
-            if sk and len(sk) == 3 and sk[2] == hidden and isinstance(sk[0], int) and sk[0] > 1:
-                num_experts = sk[0]
-                break
-        router_bwd |= _soft_dispatch_weight_backward(graph, by_name, pos, grad, s, dispatch_weight_grads,
-                                                     router_bwd, set(state) | combine)
-    capacity, buffer = None, False  # a fixed-capacity [E, C, M] gradient buffer (C may be symbolic)
-    for name in in_order(of[P], graph):
-        sk = shape_keys(by_name[name])
-        if sk and len(sk) == 3 and sk[0] == num_experts and sk[2] == hidden:
-            capacity, buffer = (sk[1] if isinstance(sk[1], int) else None), True
-            break
-    if expert_choice:
-        capacity, buffer = k, True
-    notes = []
-    if buffer and capacity is None:
-        notes.append("capacity is symbolic (dynamic shapes)")
-    ffn_hidden = None
-    for m in sorted(expert_mms, key=lambda m: pos[m.name]):
-        g_op = _grad_operand(m, grad)
-        gs, ms_ = shape(g_op), shape(m)
-        if gs and ms_ and gs[-1] == hidden and ms_[-1] not in (hidden, None) and _rows_match(gs, ms_):
-            ffn_hidden = ms_[-1]
-            break
-    shared = _shared_backward_nodes(graph, by_name, grad, set(chain), set(state) | combine | router_bwd)
-    nodes = {
-        "router": in_order(router_bwd, graph),
-        "dispatch": in_order(of[U], graph),
-        "expert": in_order(of[G], graph),
-        "combine": in_order(combine | set(of[P]), graph),
-        "shared_expert": in_order(shared, graph),
-    }
-    a2a = in_order(a2a, graph)
-    a2a_bytes: int | None = 0 if a2a else None
-    for name in a2a:
-        b = nbytes(by_name[name].args[0])
-        a2a_bytes = None if (b is None or a2a_bytes is None) else a2a_bytes + b
-    if router_kind == "unknown":
-        notes.append("no softmax/sigmoid backward after the topk gradient")
-    saved = _saved_root(index) if index is not None else None
-    return MoERegion(
-        layer=0, graph="backward", router=router_kind, num_experts=num_experts,
-        top_k=None if (expert_choice or soft) else k, capacity=capacity, dropless=not buffer,
-        tokens=tokens if isinstance(tokens, int) else None, hidden=hidden, ffn_hidden=ffn_hidden, nodes=nodes, all_to_all=a2a,
-        a2a_bytes=a2a_bytes, notes=notes,
-    ), (saved.name if saved is not None else None)
+    num_experts = shape(s)[1 - dim] if expert_choice else shape(s)[dim]
+    return Layer(anchor=anchor, fork=fork, chain=chain, hidden=hidden, tokens=tokens,
+                 expert_choice=expert_choice, num_experts=num_experts)
 
 
-def _combine_matmul_pair(n: fx.Node, g_op: fx.Node, anc_s: set[str]) -> bool:
+# ----------------------------------------------------------------------------------------------
+# the walk from the fork
+
+
+def _has_dim(node: fx.Node, size: object, anywhere: bool = False) -> bool:
+    """``size`` (an int or a symbolic size) is a leading (non-feature) dimension of ``node``: a token dimension.
+
+    With ``anywhere`` the last dimension counts too.
+    """
+    s = shape_keys(node)
+    dims = (s or ()) if anywhere else (s or ())[:-1]
+    return size is not None and any(d == size for d in dims)
+
+
+def _combine_matmul_pair(n: fx.Node, g_op: fx.Node, anc_s: frozenset[str]) -> bool:
     """``n`` is a bmm whose gradient input also feeds a bmm towards the gate gradient.
 
     The backward of ``out = combine_weights @ expert_out`` is such a pair: one
@@ -580,6 +462,316 @@ def _combine_matmul_pair(n: fx.Node, g_op: fx.Node, anc_s: set[str]) -> bool:
     if not is_op(n, overloads(aten.bmm)):
         return False
     return any(u is not n and is_op(u, overloads(aten.bmm)) and u.name in anc_s for u in g_op.users)
+
+
+def _expert_side_matmul_use(index: GraphIndex, n: fx.Node, other: fx.Node, desc_s: frozenset[str]) -> str:
+    """What a matmul of an expert-side gradient with a non-gradient operand computes, from where its result goes.
+
+    Returns "expert" (an expert's input or weight gradient), "dispatch" (the
+    dispatch's gradient: a dispatch mask or weights times the gradient, back in
+    token order) or "dispatch-weights" (the gradient of soft dispatch weights,
+    which flows into the router's softmax backward).
+
+    Decided by data flow, not by sizes (a dimension equal to the token count is
+    ambiguous when hidden, E*C or E equals it):
+
+    * a result that never meets the router's gradient (the descendants of the
+      anchor) is a weight gradient: it only flows to the graph outputs;
+    * otherwise let J be the first node where it meets the router's gradient
+      (the token input's gradient, or the score gradient). A result that on its
+      way to J passes through another matmul or a permutation by saved routing
+      indices (an all-to-all included) is an expert's input gradient: the
+      dispatch's gradient still lies ahead of it;
+    * one that passes through a softmax/sigmoid backward is the gradient of
+      soft dispatch weights, on its way to the router's scores;
+    * one that reaches J through views, casts and sums only is the dispatch's
+      gradient.
+    """
+    if other.name in index.grad:
+        return "expert"
+    below = index.descendants(n.name)
+    meets = [d for d in below if d in desc_s and index.by_name[d].op == "call_function"]
+    if not meets:
+        return "expert"
+    join = min(meets, key=index.pos.__getitem__)
+    between = (below & index.ancestors(join)) - {n.name}
+    ops = [index.by_name[b] for b in between]
+    if any(is_op(b, MATMUL_OPS) or _permutes(b, index.grad) for b in ops):
+        return "expert"
+    if any(is_op(b, SOFTMAX_BACKWARD_OPS) or is_op(b, SIGMOID_BACKWARD_OPS) for b in ops):
+        return "dispatch-weights"
+    if is_op(index.by_name[join], SOFTMAX_BACKWARD_OPS) or is_op(index.by_name[join], SIGMOID_BACKWARD_OPS):
+        return "dispatch-weights"
+    return "dispatch"
+
+
+@dataclass
+class BackwardSeen:
+    """What the backward walk sees at one gradient node: its gradient inputs' states, and its layer."""
+
+    node: fx.Node
+    index: GraphIndex
+    layer: Layer
+    states: list[str | None]  # the state of each gradient input, None where it has none (another gradient)
+
+    @cached_property
+    def furthest(self) -> str:
+        """The state furthest along of its gradient inputs."""
+        return max((st for st in self.states if st is not None), key=_ORDER.__getitem__)
+
+    @cached_property
+    def is_matmul(self) -> bool:
+        return is_op(self.node, MATMUL_OPS)
+
+    @cached_property
+    def operands(self) -> tuple[fx.Node, fx.Node]:
+        """A matmul's (gradient operand, other operand)."""
+        a, b = matmul_operands(self.node)
+        g_op = a if a.name in self.index.grad else b
+        return g_op, (b if g_op is a else a)
+
+    @cached_property
+    def use(self) -> str:
+        """What a matmul on an expert-side gradient computes (``_expert_side_matmul_use``)."""
+        return _expert_side_matmul_use(self.index, self.node, self.operands[1], self.layer.anchor.desc)
+
+
+def _meets_other_gradient(s: BackwardSeen) -> bool:
+    return None in s.states
+
+
+def _forked(s: BackwardSeen) -> bool:
+    return s.furthest == FORKED
+
+
+def _forked_matmul_into_experts(s: BackwardSeen) -> bool:
+    if not (s.is_matmul and _forked(s)):
+        return False
+    g_op, tokens = s.operands[0], s.layer.tokens
+    leaves = _has_dim(g_op, tokens) and not _has_dim(s.node, tokens)
+    return leaves or _combine_matmul_pair(s.node, g_op, s.layer.anchor.anc)
+
+
+def _forked_matmul(s: BackwardSeen) -> bool:
+    return s.is_matmul and _forked(s)
+
+
+def _dispatch_matmul(s: BackwardSeen) -> bool:
+    return s.is_matmul and s.use == "dispatch"
+
+
+def _dispatch_weights_matmul(s: BackwardSeen) -> bool:
+    return s.is_matmul and s.use == "dispatch-weights"
+
+
+def _matmul_after_unpermute(s: BackwardSeen) -> bool:
+    return s.is_matmul and s.furthest == UNPERMUTED
+
+
+def _matmul(s: BackwardSeen) -> bool:
+    return s.is_matmul
+
+
+def _forked_permute(s: BackwardSeen) -> bool:
+    return _forked(s) and _permutes(s.node, s.index.grad)
+
+
+def _forked_combine_op(s: BackwardSeen) -> bool:
+    return _forked(s) and s.node.target in COMBINE_OPS
+
+
+def _expert_side_permute(s: BackwardSeen) -> bool:
+    return _ORDER[s.furthest] >= _ORDER[EXPERT_GRAD] and _permutes(s.node, s.index.grad)
+
+
+#: The backward transition table, evaluated in order at each gradient node fed by a labelled node.
+BACKWARD_RULES: tuple[Rule, ...] = (
+    Rule("meets another gradient (router, shared expert, residual): the region ends", _meets_other_gradient, None),
+    Rule("token-order gradient through a matmul into expert space (or the combine bmm pair)",
+         _forked_matmul_into_experts, PERMUTED),
+    Rule("token-order gradient through any other matmul", _forked_matmul, None),
+    Rule("dispatch mask or weights times the expert-side gradient: back to token order", _dispatch_matmul, UNPERMUTED),
+    Rule("gradient @ tokens^T: the gradient of soft dispatch weights", _dispatch_weights_matmul, None,
+         mark=DISPATCH_WEIGHTS),
+    Rule("matmul of a gradient already back in token order", _matmul_after_unpermute, None),
+    Rule("an expert's input or weight gradient", _matmul, EXPERT_GRAD, mark=EXPERT_MATMUL),
+    Rule("token-order gradient permuted by saved indices or an all-to-all", _forked_permute, PERMUTED),
+    Rule("token-order gradient through an op a combine is made of", _forked_combine_op, FORKED),
+    Rule("token-order gradient into any other op", _forked, None),
+    Rule("expert-side gradient indexed by the saved routing or sent back: the dispatch's gradient",
+         _expert_side_permute, UNPERMUTED),
+    Rule("any other op keeps its input's state", always, SAME),
+)
+
+
+@dataclass
+class BackwardWalk:
+    """The states the walk gave, the expert matmuls (with depth) and the soft dispatch weights' gradients it met."""
+
+    state: dict[str, str]
+    expert_mms: list[fx.Node] = field(default_factory=list)
+    dispatch_weight_grads: list[fx.Node] = field(default_factory=list)
+    depth: dict[str, int] = field(default_factory=dict)
+
+    def of(self, st: str) -> list[str]:
+        """Nodes labelled ``st``, in the order they were labelled (graph order)."""
+        return [name for name, s in self.state.items() if s == st]
+
+
+def _walk_backward(index: GraphIndex, layer: Layer) -> BackwardWalk:
+    """Label the gradient nodes below the fork, in graph order, by ``BACKWARD_RULES``."""
+    fork, s = layer.fork, layer.anchor.node
+    walk = BackwardWalk(state={fork.name: PERMUTED if _permuted_above(fork, index.grad) else FORKED})
+    for n in index.after(fork):
+        if n.op != "call_function" or n.name not in index.grad or n.name in layer.anchor.desc or n is s:
+            continue
+        ins = [a for a in n.all_input_nodes if a.name in index.grad]
+        if not any(a.name in walk.state for a in ins):
+            continue
+        seen = BackwardSeen(node=n, index=index, layer=layer, states=[walk.state.get(a.name) for a in ins])
+        rule = first_match(BACKWARD_RULES, seen)
+        if rule.mark == DISPATCH_WEIGHTS:
+            walk.dispatch_weight_grads.append(n)
+        new = seen.furthest if rule.to == SAME else rule.to
+        if new is None:
+            continue
+        walk.state[n.name] = new
+        d_in = max((walk.depth.get(a.name, 0) for a in ins), default=0)
+        if rule.mark == EXPERT_MATMUL:
+            walk.expert_mms.append(n)
+            walk.depth[n.name] = d_in + 1
+        else:
+            walk.depth.setdefault(n.name, d_in)
+    return walk
+
+
+# ----------------------------------------------------------------------------------------------
+# what the states say: the region's facts, one small step each
+
+
+def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str | None] | None:
+    """The region around one anchor and the name of the saved topk indices it reads; None if it is not MoE."""
+    layer = _layer(index, anchor)
+    if layer is None:
+        return None
+    walk = _walk_backward(index, layer)
+    combine = _take_combine(index, walk)
+    a2a, a2a_bytes = all_to_alls(index, walk.state)
+    if not _is_moe(index, walk, a2a):
+        return None
+    _drop_gate_only(index, layer, walk)
+    combine = {c for c in combine | set(layer.chain) if index.by_name[c].op == "call_function"}
+    router = _router_nodes(index, layer, walk, combine)
+    num_experts = _soft_num_experts(index, layer, walk) if anchor.kind == "soft" else layer.num_experts
+    capacity, buffer = _capacity(index, layer, walk, num_experts)
+    notes = ["capacity is symbolic (dynamic shapes)"] if buffer and capacity is None else []
+    kind = _router_kind(index, layer, router)
+    if kind == "unknown":
+        notes.append("no softmax/sigmoid backward after the topk gradient")
+    shared = _shared_backward_nodes(index, set(layer.chain), set(walk.state) | combine | router)
+    nodes = {
+        "router": index.in_order(router),
+        "dispatch": index.in_order(walk.of(UNPERMUTED)),
+        "expert": index.in_order(walk.of(EXPERT_GRAD)),
+        "combine": index.in_order(combine | set(walk.of(PERMUTED))),
+        "shared_expert": index.in_order(shared),
+    }
+    saved = _saved_root(anchor.index) if anchor.index is not None else None
+    return MoERegion(
+        layer=0, graph="backward", router=kind, num_experts=num_experts,
+        top_k=None if (layer.expert_choice or anchor.kind == "soft") else _top_k(anchor),
+        capacity=capacity, dropless=not buffer,
+        tokens=layer.tokens if isinstance(layer.tokens, int) else None, hidden=layer.hidden,
+        ffn_hidden=_ffn_hidden(index, walk, layer.hidden), nodes=nodes, all_to_all=a2a, a2a_bytes=a2a_bytes,
+        notes=notes,
+    ), (saved.name if saved is not None else None)
+
+
+def _top_k(anchor: Anchor) -> int | None:
+    """The k of a topk anchor: the saved indices' size along the dimension it scatters along."""
+    return (shape(anchor.index) or (None, None))[anchor.dim] if anchor.index is not None else None
+
+
+def _capacity(index: GraphIndex, layer: Layer, walk: BackwardWalk,
+              num_experts: int | None) -> tuple[int | None, bool]:
+    """``(capacity, buffer)``: expert choice's k, else the first ``[E, C, M]`` permuted gradient (C may be symbolic)."""
+    if layer.expert_choice:
+        return _top_k(layer.anchor), True
+    return expert_buffer(index, walk.of(PERMUTED), num_experts, layer.hidden)
+
+
+def _take_combine(index: GraphIndex, walk: BackwardWalk) -> set[str]:
+    """Take the forked (token-order) gradient out of the states: the combine's, where it leads to the experts."""
+    feeds = ancestors_of_set(index.dg, [name for name, st in walk.state.items() if st != FORKED])
+    for name in [n for n, st in walk.state.items() if st == FORKED and n not in feeds]:
+        del walk.state[name]
+    combine = set(walk.of(FORKED))
+    for name in combine:
+        del walk.state[name]
+    return combine
+
+
+def _is_moe(index: GraphIndex, walk: BackwardWalk, a2a: list[str]) -> bool:
+    """Expert matmuls in two or more lanes, batched over an expert dimension, or behind an all-to-all."""
+    if not walk.expert_mms:
+        return False
+    first = [m for m in walk.expert_mms if walk.depth[m.name] == 1]
+    lanes = len({_grad_operand(m, index.grad).name for m in first})
+    batched = [m for m in walk.expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3]
+    return lanes >= 2 or bool(batched) or bool(a2a)
+
+
+def _drop_gate_only(index: GraphIndex, layer: Layer, walk: BackwardWalk) -> None:
+    """Permuted gradient that only feeds the gate gradient belongs to the router's backward: unlabel it."""
+    feeds_experts = ancestors_of_set(index.dg, [m.name for m in walk.expert_mms])
+    for name in [n for n in walk.state if n in layer.anchor.anc and n not in feeds_experts]:
+        del walk.state[name]
+
+
+def _router_nodes(index: GraphIndex, layer: Layer, walk: BackwardWalk, combine: set[str]) -> set[str]:
+    """The router's backward: the gates' gradient from the fork to the anchor and on below it, not otherwise labelled.
+
+    For soft routing also the dispatch weights' gradient.
+    """
+    anchor = layer.anchor
+    router = _gate_gradient_nodes(index, anchor, layer.fork) - set(walk.state) - combine
+    if anchor.kind == "score":
+        router.add(anchor.node.name)
+    if anchor.kind == "soft":
+        router |= _soft_dispatch_weight_backward(index, anchor.node, walk.dispatch_weight_grads, router,
+                                                 set(walk.state) | combine)
+    return router
+
+
+def _router_kind(index: GraphIndex, layer: Layer, router: set[str]) -> str:
+    """soft, expert-choice, softmax-topk or sigmoid-topk (by the score backward among its nodes), or unknown."""
+    if layer.anchor.kind == "soft":
+        return "soft"
+    if layer.expert_choice:
+        return "expert-choice"
+    if any(is_op(index.by_name[n], SOFTMAX_BACKWARD_OPS) for n in router):
+        return "softmax-topk"
+    if any(is_op(index.by_name[n], SIGMOID_BACKWARD_OPS) for n in router):
+        return "sigmoid-topk"
+    return "unknown"
+
+
+def _soft_num_experts(index: GraphIndex, layer: Layer, walk: BackwardWalk) -> int | None:
+    """Soft routing's experts: the first ``[E, slots, M]`` gradient buffer (before any all-to-all)."""
+    for name in index.in_order(walk.of(PERMUTED)):
+        sk = shape_keys(index.by_name[name])
+        if sk and len(sk) == 3 and sk[2] == layer.hidden and isinstance(sk[0], int) and sk[0] > 1:
+            return sk[0]
+    return None
+
+
+def _ffn_hidden(index: GraphIndex, walk: BackwardWalk, hidden: int | None) -> int | None:
+    """The experts' inner width: the output width of the first expert matmul that maps ``hidden`` to another width."""
+    for m in sorted(walk.expert_mms, key=lambda m: index.pos[m.name]):
+        gs, ms_ = shape(_grad_operand(m, index.grad)), shape(m)
+        if gs and ms_ and gs[-1] == hidden and ms_[-1] not in (hidden, None) and _rows_match(gs, ms_):
+            return ms_[-1]
+    return None
 
 
 def _rows_match(a: tuple, b: tuple) -> bool:
@@ -599,62 +791,81 @@ def _saved_root(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _grad_operand(m: fx.Node, grad: set[str]) -> fx.Node:
-    a, b = matmul_operands(m)
-    return a if a.name in grad else b
-
-
-def _router_backward_nodes(dg, by_name, pos, grad, s, anc_s, desc_s, fork) -> set[str]:
-    """The gradient of the gates from the fork to s, and everything below s up to where it meets other gradients."""
-    upstream = (anc_s & grad) - nx.ancestors(dg, fork.name) - {fork.name}
-    below = set()
-    for n in sorted(desc_s, key=pos.__getitem__):
-        node = by_name[n]
+def _gate_gradient_nodes(index: GraphIndex, anchor: Anchor, fork: fx.Node) -> set[str]:
+    """The gates' gradient from the fork to the anchor, and everything below it up to where other gradients join."""
+    s = anchor.node
+    upstream = (anchor.anc & index.grad) - index.ancestors(fork.name) - {fork.name}
+    below: set[str] = set()
+    limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
+    for n in sorted(anchor.desc, key=index.pos.__getitem__):
+        node = index.by_name[n]
         if node.op != "call_function":
             continue
-        gins = [a for a in node.all_input_nodes if a.name in grad]
-        limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
+        gins = [a for a in node.all_input_nodes if a.name in index.grad]
         ours = [a for a in gins if a.name in below or a.name == s.name or a.name in upstream]
-        if not ours or any(a not in ours and not _small_gradient(a, limit, grad) for a in gins):
+        if not ours or any(a not in ours and not _small_gradient(a, limit, index.grad) for a in gins):
             continue
         below.add(n)
-    return {n for n in upstream | below | {s.name} if by_name[n].op == "call_function"}
+    return {n for n in upstream | below | {s.name} if index.by_name[n].op == "call_function"}
 
 
-def _small_gradient(node: fx.Node, limit: int, grad: set[str]) -> bool:
-    """A gradient that comes from a tensor of fewer than ``limit`` values (an auxiliary loss, a scalar)."""
-    cur = node
-    for _ in range(12):
-        n = numel(cur)
-        if n is not None and n < limit:
-            return True
-        gins = [a for a in cur.all_input_nodes if a.name in grad]
-        if len(gins) != 1:
-            return False
-        cur = gins[0]
-    return False
+def _until_join(index: GraphIndex, start: fx.Node, stop: set[str]) -> set[str]:
+    """Gradient nodes fed only by ``start`` and each other, in graph order: a branch up to where it meets others."""
+    out = {start.name}
+    frontier = list(start.users)
+    while frontier:
+        n = frontier.pop(0)
+        if n.name in out or n.name in stop or n.name not in index.grad or n.op != "call_function":
+            continue
+        if any(a.name in index.grad and a.name not in out for a in n.all_input_nodes):
+            continue
+        out.add(n.name)
+        frontier.extend(n.users)
+    return out
 
 
-def _shared_backward_nodes(graph, by_name, grad, chain: set[str], taken: set[str]) -> set[str]:
+def _soft_dispatch_weight_backward(index: GraphIndex, s: fx.Node, dispatch_weight_grads: list[fx.Node],
+                                   router_bwd: set[str], taken: set[str]) -> set[str]:
+    """Router work of soft routing's backward besides the combine softmax's: the dispatch weights' gradient.
+
+    That is each ``gradient @ tokens^T`` matmul, the token-softmax backward below
+    it, and, where it meets the combine softmax's gradient, on to the gate's
+    matmuls, up to where other gradients join.
+    """
+    grad = index.grad
+    out = set(router_bwd) | {m.name for m in dispatch_weight_grads}
+    for m in dispatch_weight_grads:
+        out |= _until_join(index, m, taken)
+    limit = min((d for d in (shape(s) or ()) if d is not None), default=2)
+    for n in index.graph.nodes:
+        if n.name in out or n.name not in grad or n.op != "call_function" or index.pos[n.name] < index.pos[s.name]:
+            continue
+        gins = [a for a in n.all_input_nodes if a.name in grad]
+        if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, grad) for a in gins):
+            out.add(n.name)
+    return out
+
+
+def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str]) -> set[str]:
     """Gradient nodes of a dense expert fed only by the layer's output gradient, up to where they meet other gradients.
 
     Connected pieces without a matmul (e.g. an auxiliary loss's gradient) are dropped.
     """
     branch: set[str] = set()
-    for n in graph.nodes:
-        if n.name not in grad or n.name in taken or n.name in chain or n.op != "call_function":
+    for n in index.graph.nodes:
+        if n.name not in index.grad or n.name in taken or n.name in chain or n.op != "call_function":
             continue
-        gins = [a for a in n.all_input_nodes if a.name in grad]
+        gins = [a for a in n.all_input_nodes if a.name in index.grad]
         if gins and all(a.name in chain or a.name in branch for a in gins):
             branch.add(n.name)
     out: set[str] = set()
     sub = nx.Graph()
     sub.add_nodes_from(branch)
     for name in branch:
-        for a in by_name[name].all_input_nodes:
+        for a in index.by_name[name].all_input_nodes:
             if a.name in branch:
                 sub.add_edge(a.name, name)
     for comp in nx.connected_components(sub):
-        if any(is_op(by_name[c], MATMUL_OPS) for c in comp):
+        if any(is_op(index.by_name[c], MATMUL_OPS) for c in comp):
             out |= comp
     return out

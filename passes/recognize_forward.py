@@ -1,85 +1,83 @@
 """Recognition in the forward graph: from each ``topk`` (or soft-routing softmax) to a region.
 
-Every node downstream of a routing anchor gets a state in graph order: routing
-metadata (R), dispatched tokens (D), expert side (E) or combined (C); the
-region is the set of nodes so labelled, with the router walked upwards from
-the anchor to the gate matmul. ``recognize`` documents the whole scheme.
+Routing anchors are found first and walked up to their gate matmul and token
+input. Below each anchor every node gets a state from ``FORWARD_RULES`` in
+graph order: routing metadata, dispatched tokens, expert side or combined.
+Small steps then read the region's facts off the states (router kind, top-k,
+experts, capacity, sizes, all-to-alls, shared expert, router nodes).
+``recognize`` documents the whole scheme.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
 from fsmoe_compiler.ops import (
     ALL_TO_ALL_OPS,
     ARGMAX_OPS,
-    COLLECTIVE_OPS,
-    GATHER_OPS,
     GROUPED_MM_OPS,
     LAYOUT_OPS,
     MATMUL_OPS,
     NORM_OPS,
-    SCATTER_OPS,
     SHAPE_ONLY_OPS,
     SIGMOID_OPS,
     SOFTMAX_OPS,
     TOPK_OPS,
     TRANSPOSE_OPS,
-    WAIT_OPS,
     is_getitem,
     is_op,
     is_opaque,
-    overloads,
 )
 from fsmoe_compiler.passes.graph_utils import (
     ancestors_of_set,
-    in_order,
+    dim_through_transpose,
     is_tensor,
     matmul_operands,
-    nbytes,
     numel,
     prod_key,
     shape,
     shape_keys,
     static_int,
     tensor_inputs,
-    to_digraph,
-    dim_through_transpose,
 )
-
-aten = torch.ops.aten
-
+from fsmoe_compiler.passes.recognize_common import (
+    COMBINE_OPS,
+    EXPERT_MATMUL,
+    OPAQUE,
+    SAME,
+    GraphIndex,
+    Rule,
+    all_to_alls,
+    always,
+    expert_buffer,
+    first_match,
+)
 from fsmoe_compiler.passes.region import MoERegion
 
+# ----------------------------------------------------------------------------------------------
+# states and the categories of unlabelled inputs
 
-# Ops that combined (C) data may flow through and still be part of the combine:
-# un-permuting, weighting, summing over the k choices, reshaping, communication.
-COMBINE_OPS = (
-    LAYOUT_OPS
-    | SCATTER_OPS
-    | GATHER_OPS
-    | COLLECTIVE_OPS  # all-to-all, and the all-gather / reduce-scatter of expert sharding
-    | WAIT_OPS
-    | overloads(
-        aten.add, aten.sub, aten.mul, aten.div, aten.sum, aten.cat, aten.stack, aten.where, aten.masked_fill,
-        aten.new_zeros, aten.zeros_like, aten.index_copy, aten.copy, aten.copy_, aten.fill, aten.neg,
-        aten.masked_scatter, aten.new_empty, aten.empty_like,
-    )
-)
+ROUTING = "routing"  # routing metadata: scores, indices, gates, masks, counts
+DISPATCHED = "dispatched"  # token data permuted by the routing result, before any expert matmul
+EXPERT = "expert"  # expert-side data: after an expert matmul
+COMBINED = "combined"  # expert output that met the routing weights again
+STATES = (ROUTING, DISPATCHED, EXPERT, COMBINED)
+
+ROUTER_SIDE = "router-side"  # computed on the way to the topk (or from the gate), not labelled
+TOKEN = "token"  # the router's token input or computed from it
+OUTSIDE = "outside"  # computed before the router's input: a residual, an earlier activation
+CONSTANT = "constant"  # none of these: a weight, a constant
 
 
 # ----------------------------------------------------------------------------------------------
-# forward
-
-R, D, E, C = "R", "D", "E", "C"  # routing metadata, dispatched tokens, expert side, combined
+# routers: from each anchor up to the gate matmul and the token input
 
 
 @dataclass
-class _Router:
+class Router:
     """What the walk up from a topk found: the gate matmul, score ops, and the router's token input."""
 
     topk: fx.Node
@@ -126,7 +124,7 @@ def _selects(node: fx.Node) -> bool:
     return False
 
 
-def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
+def _walk_router(topk: fx.Node, anc_topk: frozenset[str]) -> Router | None:
     """From a topk (or a soft router's token softmax) up through the score ops to the gate matmul and on to
     the router's token input."""
     cur = topk.args[0] if _selects(topk) else topk
@@ -162,51 +160,54 @@ def _walk_router(topk: fx.Node, anc_topk: set[str]) -> _Router | None:
         if nxt is None:
             break
         cur = nxt
-    return _Router(topk=topk, gate=gate, x=cur, score_ops=ops, cosine=cosine)
+    return Router(topk=topk, gate=gate, x=cur, score_ops=ops, cosine=cosine)
 
 
-def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
-    """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were left alone."""
-    graph = gm.graph
-    dg = to_digraph(graph)
-    topks = [n for n in graph.nodes if _selects(n)]
-    routers: dict[str, _Router] = {}
-    anc: dict[str, set[str]] = {}
+def _soft_anchor(index: GraphIndex, n: fx.Node, before_topk: set[str]) -> Router | None:
+    """The router of a soft-routing anchor: a softmax over the token dim of ``[tokens, experts, slots]`` scores."""
+    if not is_op(n, SOFTMAX_OPS) or n.name in before_topk or len(shape(n) or ()) < 2:
+        return None
+    if (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) % len(shape(n)) != 0:
+        return None
+    r = _walk_router(n, index.ancestors(n.name))
+    x_keys = shape_keys(r.x) if r is not None else None
+    if x_keys and prod_key(x_keys[:-1]) == (shape_keys(n) or (None,))[0]:  # softmax over the router's tokens
+        return r
+    return None
+
+
+def _routers(index: GraphIndex) -> list[Router]:
+    """The router of each MoE layer candidate, in graph order of its anchor.
+
+    Several anchors behind one router input (e.g. group-limited routing's
+    topk over groups, then over experts): the last one routes.
+    """
+    topks = [n for n in index.graph.nodes if _selects(n)]
+    routers: dict[str, Router] = {}
     for t in topks:
-        anc[t.name] = nx.ancestors(dg, t.name)
-        r = _walk_router(t, anc[t.name])
+        r = _walk_router(t, index.ancestors(t.name))
         if r is not None:
             routers[t.name] = r
-    # soft routing (SoftMoE): a softmax over the token dimension of [tokens, experts, slots] scores
-    before_topk = set().union(*anc.values()) if anc else set()
-    for n in graph.nodes:
-        if not is_op(n, SOFTMAX_OPS) or n.name in before_topk or len(shape(n) or ()) < 2:
-            continue
-        if (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) % len(shape(n)) != 0:
-            continue
-        anc[n.name] = nx.ancestors(dg, n.name)
-        r = _walk_router(n, anc[n.name])
-        x_keys = shape_keys(r.x) if r is not None else None
-        if x_keys and prod_key(x_keys[:-1]) == (shape_keys(n) or (None,))[0]:  # softmax over the router's tokens
+    before_topk = set().union(*(index.ancestors(t.name) for t in topks))
+    for n in index.graph.nodes:
+        r = _soft_anchor(index, n, before_topk)
+        if r is not None:
             routers[n.name] = r
             topks.append(n)
-    # several topks behind one router input (e.g. group-limited routing): the last one routes
     last_for_x: dict[str, str] = {}
     for t in topks:
         if t.name in routers:
             last_for_x[routers[t.name].x.name] = t.name
-    candidates = [routers[name] for name in last_for_x.values()]
-    pos = node_positions(graph)
-    candidates.sort(key=lambda r: pos[r.topk.name])
+    return sorted((routers[name] for name in last_for_x.values()), key=lambda r: index.pos[r.topk.name])
 
+
+def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
+    """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
+    index = GraphIndex.build(gm)
+    candidates = _routers(index)
     regions: list[MoERegion] = []
     for r in candidates:
-        blocked: set[str] = set()
-        for other in candidates:
-            if other is r:
-                continue
-            blocked |= (anc[other.topk.name] - nx.ancestors(dg, other.x.name)) | {other.x.name, other.topk.name}
-        region = _forward_region(gm, dg, r, anc[r.topk.name], blocked)
+        region = _forward_region(index, _scope(index, r, candidates))
         if isinstance(region, MoERegion):
             region.layer = len(regions)
             regions.append(region)
@@ -215,237 +216,368 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     return regions
 
 
-def node_positions(graph: fx.Graph) -> dict[str, int]:
-    """Each node's index in graph (topological) order."""
-    return {n.name: i for i, n in enumerate(graph.nodes)}
+# ----------------------------------------------------------------------------------------------
+# the walk below one router
 
 
-def _classify_operand(a: fx.Node, state: dict[str, str], x: fx.Node, anc_t: set[str], desc_x: set[str],
-                      anc_x: set[str], desc_gate: set[str]) -> str:
-    """The category of one input of a node: its state, or router / token / outside / const."""
+@dataclass
+class Scope:
+    """What bounds one router's region and classifies the unlabelled inputs of a node below it."""
+
+    router: Router
+    anc_t: frozenset[str]  # everything the anchor is computed from
+    x_views: list[fx.Node]  # the token input and the tensors it is only a view of, nearest first
+    desc_x: set[str]  # the token input, its views and everything computed from them
+    anc_x: frozenset[str]  # what the token input is computed from
+    desc_gate: frozenset[str]
+    blocked: set[str]  # other routers' nodes: no state flows into them
+
+
+def _view_chain(x: fx.Node) -> list[fx.Node]:
+    """``x`` and the tensors it is a view of, nearest first (``[T, M]`` back to ``[B, S, M]``)."""
+    chain = [x]
+    while chain[-1].target in LAYOUT_OPS and len(tensor_inputs(chain[-1])) == 1:
+        chain.append(tensor_inputs(chain[-1])[0])
+    return chain
+
+
+def _scope(index: GraphIndex, r: Router, candidates: list[Router]) -> Scope:
+    """The node sets around router ``r``; the other candidates' routers are blocked."""
+    blocked: set[str] = set()
+    for other in candidates:
+        if other is not r:
+            blocked |= index.ancestors(other.topk.name) - index.ancestors(other.x.name)
+            blocked |= {other.x.name, other.topk.name}
+    # x and the tensors it is only a view of (e.g. [B, S, M] before the reshape to [T, M]) are the tokens
+    x_views = _view_chain(r.x)
+    desc_x = set().union(*(index.descendants(v.name) for v in x_views)) | {v.name for v in x_views}
+    return Scope(router=r, anc_t=index.ancestors(r.topk.name), x_views=x_views, desc_x=desc_x,
+                 anc_x=index.ancestors(x_views[-1].name), desc_gate=index.descendants(r.gate.name), blocked=blocked)
+
+
+@dataclass
+class ForwardSeen:
+    """What the forward walk sees at one node: the categories of its tensor inputs and, for rules, a bit more."""
+
+    node: fx.Node
+    kinds: frozenset[str]  # the states of its labelled tensor inputs and the categories of the others
+    operands: tuple[str | None, str | None]  # the categories of a matmul's two operands (None, None) otherwise
+    source: str | None  # the state of the tuple a getitem reads, else None
+
+
+def _category(a: fx.Node, state: dict[str, str], scope: Scope) -> str:
+    """The category of one input of a node: its state, or router-side / token / outside / constant."""
     if a.name in state:
         return state[a.name]
-    if a is x:
-        return "token"
-    if a.name in anc_x:
-        return "outside"
-    if a.name in anc_t or a.name in desc_gate:
-        return "router"
-    if a.name in desc_x:
-        return "token"
-    return "const"
+    if a is scope.router.x:
+        return TOKEN
+    if a.name in scope.anc_x:
+        return OUTSIDE
+    if a.name in scope.anc_t or a.name in scope.desc_gate:
+        return ROUTER_SIDE
+    if a.name in scope.desc_x:
+        return TOKEN
+    return CONSTANT
 
 
-def _forward_region(gm: fx.GraphModule, dg: nx.DiGraph, r: _Router, anc_t: set[str],
-                    blocked: set[str]) -> MoERegion | str:
-    """Propagate R/D/E/C states below one router's topk; a region if it has experts and a combine, else why not."""
-    graph = gm.graph
-    t, x = r.topk, r.x
-    # x and the tensors it is only a view of (e.g. [B, S, M] before the reshape to [T, M]) are the tokens
-    x_views = _view_chain(x)
-    desc_x = set().union(*(nx.descendants(dg, v.name) for v in x_views)) | {v.name for v in x_views}
-    anc_x = nx.ancestors(dg, x_views[-1].name)
-    desc_gate = nx.descendants(dg, r.gate.name)
-    state: dict[str, str] = {t.name: R}
-    opaque: list[str] = []  # ops outside ATen that the combine runs into: the region stops before them
-    expert_mms: list[fx.Node] = []
-    depth: dict[str, int] = {}  # expert matmuls on the way to an E node
-    started = False
-    for n in graph.nodes:
-        if n is t:
-            started = True
+def _see(n: fx.Node, state: dict[str, str], scope: Scope) -> ForwardSeen:
+    """What the rules may ask about node ``n``, given the states so far."""
+    cats = {a.name: _category(a, state, scope) for a in n.all_input_nodes if is_tensor(a)}
+    a, b = (matmul_operands(n) or (None, None)) if is_op(n, MATMUL_OPS) else (None, None)
+    operands = (cats.get(a.name) if a else None, cats.get(b.name) if b else None)
+    source = state.get(n.args[0].name) if is_getitem(n) else None
+    return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source)
+
+
+def _meets_outside(s: ForwardSeen) -> bool:
+    return OUTSIDE in s.kinds
+
+
+def _reads_labelled_tuple(s: ForwardSeen) -> bool:
+    return s.source is not None
+
+
+def _combined_through_combine_op(s: ForwardSeen) -> bool:
+    return COMBINED in s.kinds and (
+        s.node.target in COMBINE_OPS or (is_op(s.node, MATMUL_OPS) and ROUTING in s.kinds))
+
+
+def _combined_into_opaque(s: ForwardSeen) -> bool:
+    return COMBINED in s.kinds and is_opaque(s.node)
+
+
+def _combined_elsewhere(s: ForwardSeen) -> bool:
+    return COMBINED in s.kinds
+
+
+def _routed_times_weight(s: ForwardSeen) -> bool:
+    ca, cb = s.operands
+    return (ca in (DISPATCHED, EXPERT) and cb == CONSTANT) or (cb in (DISPATCHED, EXPERT) and ca == CONSTANT)
+
+
+def _expert_meets_routing(s: ForwardSeen) -> bool:
+    return EXPERT in s.kinds and (ROUTING in s.kinds or ROUTER_SIDE in s.kinds)
+
+
+def _expert_all_to_all(s: ForwardSeen) -> bool:
+    return EXPERT in s.kinds and is_op(s.node, ALL_TO_ALL_OPS)
+
+
+def _expert_side(s: ForwardSeen) -> bool:
+    return EXPERT in s.kinds
+
+
+def _token_data(s: ForwardSeen) -> bool:
+    return DISPATCHED in s.kinds or TOKEN in s.kinds
+
+
+#: The forward transition table, evaluated in order at each node fed by a labelled node.
+FORWARD_RULES: tuple[Rule, ...] = (
+    Rule("meets a residual or another earlier activation: the region ends", _meets_outside, None),
+    Rule("one output of a labelled multi-output op", _reads_labelled_tuple, SAME),
+    Rule("combined data through an op a combine is made of", _combined_through_combine_op, COMBINED),
+    Rule("combined data into an opaque op: the combine stops", _combined_into_opaque, None, mark=OPAQUE),
+    Rule("combined data into any other op: the combine stops", _combined_elsewhere, None),
+    Rule("routed token data times a weight: an expert matmul", _routed_times_weight, EXPERT, mark=EXPERT_MATMUL),
+    Rule("expert output meets routing weights: the combine", _expert_meets_routing, COMBINED),
+    Rule("expert output sent back to the tokens' ranks: the combine all-to-all", _expert_all_to_all, COMBINED),
+    Rule("expert-side data", _expert_side, EXPERT),
+    Rule("token data moved by routing metadata: the dispatch", _token_data, DISPATCHED),
+    Rule("routing metadata", always, ROUTING),
+)
+
+
+@dataclass
+class ForwardWalk:
+    """The states the walk gave, the expert matmuls it met (with their depth) and the opaque ops it stopped at."""
+
+    state: dict[str, str]
+    expert_mms: list[fx.Node] = field(default_factory=list)
+    depth: dict[str, int] = field(default_factory=dict)  # expert matmuls on the way to an expert-side node
+    opaque: list[str] = field(default_factory=list)
+
+    def of(self, st: str) -> list[str]:
+        """Nodes labelled ``st``, in the order they were labelled (graph order)."""
+        return [name for name, s in self.state.items() if s == st]
+
+
+def _walk_forward(index: GraphIndex, scope: Scope) -> ForwardWalk:
+    """Label every node below the anchor, in graph order, by ``FORWARD_RULES``."""
+    t = scope.router.topk
+    walk = ForwardWalk(state={t.name: ROUTING})
+    for n in index.after(t):
+        if n.op != "call_function" or n.name in scope.blocked or n.target in SHAPE_ONLY_OPS:
             continue
-        if not started or n.op != "call_function" or n.name in blocked or n.target in SHAPE_ONLY_OPS:
+        if not any(a.name in walk.state for a in n.all_input_nodes):
             continue
-        ins = n.all_input_nodes
-        if not any(a.name in state for a in ins):
-            continue
-        tins = [a for a in ins if is_tensor(a)]
-        cats = {a.name: _classify_operand(a, state, x, anc_t, desc_x, anc_x, desc_gate) for a in tins}
-        kinds = set(cats.values())
-        if "outside" in kinds:
-            continue  # a residual or another earlier activation: the region ends before this node
-        if is_getitem(n) and n.args[0].name in state:
-            src = n.args[0]
-            state[n.name] = state[src.name]
-            depth[n.name] = depth.get(src.name, 0)
-            continue
-        d_in = max((depth.get(a.name, 0) for a in ins), default=0)
-        new: str | None
-        if C in kinds:
-            if n.target in COMBINE_OPS or (is_op(n, MATMUL_OPS) and R in kinds):
-                new = C
-            else:
-                new = None
-                if is_opaque(n):
-                    opaque.append(str(n.target))
-        elif is_op(n, MATMUL_OPS):
-            a, b = matmul_operands(n) or (None, None)
-            ca, cb = cats.get(a.name) if a else None, cats.get(b.name) if b else None
-            if (ca in (D, E) and cb == "const") or (cb in (D, E) and ca == "const"):
-                new = E
-                expert_mms.append(n)
-                depth[n.name] = d_in + 1
-            elif E in kinds and (R in kinds or "router" in kinds):
-                new = C
-            elif E in kinds:
-                new = E
-            elif D in kinds or "token" in kinds:
-                new = D
-            else:
-                new = R
-        elif E in kinds and (R in kinds or "router" in kinds):
-            new = C  # expert output meets routing weights: the combine
-        elif E in kinds and is_op(n, ALL_TO_ALL_OPS):
-            new = C  # expert output sent back to the tokens' ranks: the combine all-to-all
-        elif E in kinds:
-            new = E
-        elif D in kinds or "token" in kinds:
-            new = D
-        else:
-            new = R
+        seen = _see(n, walk.state, scope)
+        rule = first_match(FORWARD_RULES, seen)
+        if rule.mark == OPAQUE:
+            walk.opaque.append(str(n.target))
+        new = seen.source if rule.to == SAME else rule.to
         if new is None:
             continue
-        state[n.name] = new
-        if new in (E, C) and n.name not in depth:
-            depth[n.name] = d_in
-    region = _summarise_forward(gm, dg, r, anc_t, desc_x, anc_x, state, expert_mms, depth)
-    if isinstance(region, MoERegion) and opaque:
-        region.notes.append(f"combine stops before opaque op(s) {sorted(set(opaque))}: left alone")
+        walk.state[n.name] = new
+        d_in = max((walk.depth.get(a.name, 0) for a in n.all_input_nodes), default=0)
+        if rule.mark == EXPERT_MATMUL:
+            walk.expert_mms.append(n)
+            walk.depth[n.name] = d_in + 1
+        elif new in (EXPERT, COMBINED) or rule.to == SAME:
+            walk.depth[n.name] = d_in
+    return walk
+
+
+def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
+    """The region below one router if it has experts and a combine, else why not."""
+    walk = _walk_forward(index, scope)
+    region = _summarise_forward(index, scope, walk)
+    if isinstance(region, MoERegion) and walk.opaque:
+        region.notes.append(f"combine stops before opaque op(s) {sorted(set(walk.opaque))}: left alone")
     return region
 
 
-def _summarise_forward(gm, dg, r: _Router, anc_t, desc_x, anc_x, state, expert_mms, depth) -> MoERegion | str:
+# ----------------------------------------------------------------------------------------------
+# what the states say: the region's facts, one small step each
+
+
+def _summarise_forward(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> MoERegion | str:
     """The region below one router, or why there is none."""
-    graph = gm.graph
-    t, x = r.topk, r.x
-    by_name = {n.name: n for n in graph.nodes}
-    of = {s: [name for name, st in state.items() if st == s] for s in (R, D, E, C)}
-    if not expert_mms:
-        return "no expert matmul (routed token data times a weight) below it"
-    if not of[D]:
-        return "no token data permuted by the routing result (no dispatch)"
-    if not of[C]:
-        return "expert outputs never meet the routing weights again (no combine)"
-    a2a = [n for n in of[D] + of[E] + of[C] + of[R] if is_op(by_name[n], ALL_TO_ALL_OPS)]
-
-    # expert lanes: distinct dispatched inputs of the first expert matmuls, or an expert dimension on batched weights
-    first = [m for m in expert_mms if depth[m.name] == 1]
-    last_depth = max(depth[m.name] for m in expert_mms)
-    last = [m for m in expert_mms if depth[m.name] == last_depth]
-    lanes = len({_token_operand(m, state).name for m in first})
-    batched = [m for m in expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(_weight_operand(m, state)) or ()) == 3]
-    if lanes < 2 and not batched and not a2a:
-        return "one dense lane on top-k-selected rows (e.g. top-k pooling), not a mixture of experts"
-
-    x_shape = shape(x)
-    hidden = x_shape[-1] if x_shape else None
-    x_keys = shape_keys(x) or ()
-    tokens_key = prod_key(x_keys[:-1]) if x_keys else None
-    tokens = static_int(tokens_key) if isinstance(tokens_key, int) else None
-    soft = not _selects(t)
-    score = t.args[0]
-    s_shape = shape(score) or ()
-    s_keys = shape_keys(score) or ()
+    reason = _not_moe(index, walk)
+    if reason is not None:
+        return reason
+    r = scope.router
+    hidden, tokens_key = _token_sizes(r.x)
+    choice = _choice(r, tokens_key)
     notes: list[str] = []
-    expert_choice = False
-    num_experts = None
-    k = None
-    if soft:  # scores [tokens, experts, slots]
-        num_experts = s_shape[1] if len(s_shape) > 1 else None
-    elif s_shape:
-        if is_op(t, TOPK_OPS):
-            dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
-            k = t.args[1] if isinstance(t.args[1], int) else None
-        else:  # argmax / max over a dimension: top-1
-            dim, k = t.args[1] if len(t.args) > 1 else t.kwargs.get("dim"), 1
-        dim = dim % len(s_shape)
-        rest = prod_key(d for i, d in enumerate(s_keys) if i != dim)
-        picks_tokens = _selects_over_tokens(score, dim, r.gate)
-        if picks_tokens is None:  # the choice's dimension could not be followed to the gate: compare sizes
-            picks_tokens = tokens_key is not None and s_keys[dim] == tokens_key and rest != tokens_key
-        if picks_tokens:
-            expert_choice = True  # topk over the token dimension: each expert picks its tokens
-            num_experts = rest if isinstance(rest, int) else None
-        else:
-            num_experts = s_shape[dim]
-    if soft:
-        router = "soft"
-    elif r.cosine:
-        router = "cosine-topk"
-    elif expert_choice:
-        router = "expert-choice"
-    elif "sigmoid" in r.score_ops:
-        router = "sigmoid-topk"
-    elif "softmax" in r.score_ops:
-        router = "softmax-topk"
-    elif _softmax_after(t):
-        router = "softmax-topk"
-        notes.append("softmax over the top-k logits")
-    else:
-        router = "topk"
-
-    capacity = None
-    buffer = False  # a fixed-capacity [E, C, M] expert buffer exists (its C may be symbolic)
-    if expert_choice:
-        capacity, buffer = k, True
-    elif soft:  # every expert has its slots per expert, always full
-        capacity = static_int(s_keys[2]) if len(s_keys) == 3 else None
-        buffer = True
-    else:
-        for name in in_order(of[D], graph):
-            sk = shape_keys(by_name[name])
-            if sk and len(sk) == 3 and sk[0] == num_experts and sk[2] == hidden:
-                capacity, buffer = static_int(sk[1]) if isinstance(sk[1], int) else None, True
-                break
-    dropless = not buffer
-    if buffer and capacity is None:
-        notes.append("capacity is symbolic (dynamic shapes)")
-    if dropless:
-        notes.append("dropless: tokens per expert are data-dependent" if _has_unbacked(of[D] + of[E], by_name)
-                     else "dropless: no fixed-capacity expert buffer")
-    ffn_hidden = None
-    lt = _token_operand(last[0], state)
-    lt_shape = shape(lt)
-    if lt_shape:
-        ffn_hidden = lt_shape[-1]
-
-    shared = _shared_expert_nodes(dg, by_name, state, of, x, anc_t, desc_x)
-    x_views = {v.name for v in _view_chain(x)}
-    router_nodes = {n for n in anc_t - anc_x - x_views if by_name[n].op == "call_function"} | set(of[R])
-    nodes = {
-        "router": in_order(router_nodes - set(shared), graph),
-        "dispatch": in_order(of[D], graph),
-        "expert": in_order(of[E], graph),
-        "combine": in_order(of[C], graph),
-        "shared_expert": in_order(shared, graph),
-    }
-    nodes["router"] = in_order(set(nodes["router"]) | {t.name}, graph)
-    a2a = in_order(a2a, graph)
-    a2a_bytes: int | None = 0
-    for name in a2a:
-        b = nbytes(by_name[name].args[0])
-        a2a_bytes = None if (b is None or a2a_bytes is None) else a2a_bytes + b
-    if not a2a:
-        a2a_bytes = None
+    router = _router_kind(r, choice, notes)
+    capacity, dropless = _capacity(index, walk, choice, hidden, notes)
+    a2a, a2a_bytes = all_to_alls(index, walk.state)
+    lanes = _lanes(walk)
     if lanes >= 2:
         notes.append(f"{lanes} expert lanes (one matmul chain per local expert)")
     return MoERegion(
         layer=0,
         graph="forward",
         router=router,
-        num_experts=num_experts,
-        top_k=None if expert_choice else k,
+        num_experts=choice.num_experts,
+        top_k=None if choice.expert_choice else choice.k,
         capacity=capacity,
         dropless=dropless,
-        tokens=tokens,
+        tokens=static_int(tokens_key) if isinstance(tokens_key, int) else None,
         hidden=hidden,
-        ffn_hidden=ffn_hidden,
-        nodes=nodes,
+        ffn_hidden=_ffn_hidden(walk),
+        nodes=_roles(index, scope, walk),
         all_to_all=a2a,
         a2a_bytes=a2a_bytes,
         notes=notes,
     )
+
+
+def _not_moe(index: GraphIndex, walk: ForwardWalk) -> str | None:
+    """Why the states below a routing-like anchor are no MoE layer, or None when they are one."""
+    if not walk.expert_mms:
+        return "no expert matmul (routed token data times a weight) below it"
+    if not walk.of(DISPATCHED):
+        return "no token data permuted by the routing result (no dispatch)"
+    if not walk.of(COMBINED):
+        return "expert outputs never meet the routing weights again (no combine)"
+    batched = [m for m in walk.expert_mms
+               if is_op(m, GROUPED_MM_OPS) or len(shape(_weight_operand(m, walk.state)) or ()) == 3]
+    if _lanes(walk) < 2 and not batched and not any(is_op(index.by_name[n], ALL_TO_ALL_OPS) for n in walk.state):
+        return "one dense lane on top-k-selected rows (e.g. top-k pooling), not a mixture of experts"
+    return None
+
+
+def _lanes(walk: ForwardWalk) -> int:
+    """Expert lanes: distinct dispatched inputs of the first expert matmuls."""
+    return len({_token_operand(m, walk.state).name for m in walk.expert_mms if walk.depth[m.name] == 1})
+
+
+def _token_sizes(x: fx.Node) -> tuple[int | None, object]:
+    """The hidden width and the token count (an int or a symbolic size key) of the router's input."""
+    x_shape = shape(x)
+    x_keys = shape_keys(x) or ()
+    return (x_shape[-1] if x_shape else None), (prod_key(x_keys[:-1]) if x_keys else None)
+
+
+@dataclass
+class Choice:
+    """How the anchor chooses: soft routing, expert choice, k choices, among how many experts."""
+
+    soft: bool
+    expert_choice: bool = False
+    k: int | None = None
+    num_experts: int | None = None
+    slots: int | None = None  # soft routing: slots per expert
+
+
+def _choice(r: Router, tokens_key: object) -> Choice:
+    """Read the choice off the anchor: its dimension of the scores, followed up to the gate, says tokens or experts."""
+    t = r.topk
+    score = t.args[0]
+    s_shape, s_keys = shape(score) or (), shape_keys(score) or ()
+    if not _selects(t):  # soft routing: scores [tokens, experts, slots]
+        return Choice(soft=True, num_experts=s_shape[1] if len(s_shape) > 1 else None,
+                      slots=static_int(s_keys[2]) if len(s_keys) == 3 else None)
+    if not s_shape:
+        return Choice(soft=False)
+    if is_op(t, TOPK_OPS):
+        dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim", -1)
+        k = t.args[1] if isinstance(t.args[1], int) else None
+    else:  # argmax / max over a dimension: top-1
+        dim, k = t.args[1] if len(t.args) > 1 else t.kwargs.get("dim"), 1
+    dim = dim % len(s_shape)
+    rest = prod_key(d for i, d in enumerate(s_keys) if i != dim)
+    picks_tokens = _selects_over_tokens(score, dim, r.gate)
+    if picks_tokens is None:  # the choice's dimension could not be followed to the gate: compare sizes
+        picks_tokens = tokens_key is not None and s_keys[dim] == tokens_key and rest != tokens_key
+    if picks_tokens:  # topk over the token dimension: each expert picks its tokens
+        return Choice(soft=False, expert_choice=True, k=k, num_experts=rest if isinstance(rest, int) else None)
+    return Choice(soft=False, k=k, num_experts=s_shape[dim])
+
+
+def _router_kind(r: Router, choice: Choice, notes: list[str]) -> str:
+    """The router's kind: soft, cosine-topk, expert-choice, sigmoid-topk, softmax-topk or plain topk."""
+    if choice.soft:
+        return "soft"
+    if r.cosine:
+        return "cosine-topk"
+    if choice.expert_choice:
+        return "expert-choice"
+    if "sigmoid" in r.score_ops:
+        return "sigmoid-topk"
+    if "softmax" in r.score_ops:
+        return "softmax-topk"
+    if _softmax_after(r.topk):
+        notes.append("softmax over the top-k logits")
+        return "softmax-topk"
+    return "topk"
+
+
+def _capacity(index: GraphIndex, walk: ForwardWalk, choice: Choice, hidden: int | None,
+              notes: list[str]) -> tuple[int | None, bool]:
+    """``(capacity, dropless)``: a fixed-capacity ``[E, C, M]`` expert buffer (C may be symbolic) or none."""
+    if choice.expert_choice:
+        capacity, buffer = choice.k, True
+    elif choice.soft:  # every expert has its slots per expert, always full
+        capacity, buffer = choice.slots, True
+    else:
+        capacity, buffer = expert_buffer(index, walk.of(DISPATCHED), choice.num_experts, hidden)
+    if buffer and capacity is None:
+        notes.append("capacity is symbolic (dynamic shapes)")
+    if not buffer:
+        notes.append("dropless: tokens per expert are data-dependent"
+                     if _has_unbacked(index, walk.of(DISPATCHED) + walk.of(EXPERT))
+                     else "dropless: no fixed-capacity expert buffer")
+    return capacity, not buffer
+
+
+def _ffn_hidden(walk: ForwardWalk) -> int | None:
+    """The experts' inner width: the last dimension of the token operand of the last expert matmuls."""
+    last_depth = max(walk.depth[m.name] for m in walk.expert_mms)
+    last = [m for m in walk.expert_mms if walk.depth[m.name] == last_depth]
+    lt_shape = shape(_token_operand(last[0], walk.state))
+    return lt_shape[-1] if lt_shape else None
+
+
+def _roles(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> dict[str, list[str]]:
+    """Node names by role, in graph order.
+
+    The router is everything the anchor is computed from after the token
+    input, plus the routing metadata below it; the shared expert is taken out.
+    """
+    shared = _shared_expert_nodes(index, scope, walk)
+    x_views = {v.name for v in scope.x_views}
+    router = {n for n in scope.anc_t - scope.anc_x - x_views if index.by_name[n].op == "call_function"}
+    router |= set(walk.of(ROUTING))
+    return {
+        "router": index.in_order((router - shared) | {scope.router.topk.name}),
+        "dispatch": index.in_order(walk.of(DISPATCHED)),
+        "expert": index.in_order(walk.of(EXPERT)),
+        "combine": index.in_order(walk.of(COMBINED)),
+        "shared_expert": index.in_order(shared),
+    }
+
+
+def _shared_expert_nodes(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> set[str]:
+    """Nodes of a dense expert on the router input whose output is added into the combine."""
+    state = walk.state
+    merged_in: list[str] = []
+    for name in walk.of(COMBINED):
+        for a in index.by_name[name].all_input_nodes:
+            if a.name not in state and a.name in scope.desc_x and a.name not in scope.anc_t and is_tensor(a):
+                merged_in.append(a.name)
+    if not merged_in:
+        return set()
+    routed_roots = ancestors_of_set(index.dg, walk.of(DISPATCHED))
+    shared: set[str] = set()
+    for out in merged_in:
+        cand = (index.ancestors(out) | {out}) & scope.desc_x
+        cand = {n for n in cand if n not in scope.anc_t and n not in routed_roots and n not in state
+                and index.by_name[n].op == "call_function"}
+        if any(is_op(index.by_name[n], MATMUL_OPS) for n in cand):
+            shared |= cand
+    return shared
 
 
 def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None:
@@ -480,25 +612,20 @@ def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None
     return None
 
 
-def _view_chain(x: fx.Node) -> list[fx.Node]:
-    """``x`` and the tensors it is a view of, nearest first (``[T, M]`` back to ``[B, S, M]``)."""
-    chain = [x]
-    while chain[-1].target in LAYOUT_OPS and len(tensor_inputs(chain[-1])) == 1:
-        chain.append(tensor_inputs(chain[-1])[0])
-    return chain
-
-
 def _token_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:
+    """The labelled (routed token) operand of an expert matmul."""
     a, b = matmul_operands(m)
     return a if a.name in state else b
 
 
 def _weight_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:
+    """The unlabelled (weight) operand of an expert matmul."""
     a, b = matmul_operands(m)
     return b if a.name in state else a
 
 
 def _softmax_after(t: fx.Node) -> bool:
+    """A softmax within three ops below the topk's values: a softmax over the top-k logits."""
     for u in t.users:
         if is_getitem(u) and u.args[1] == 0:
             frontier = list(u.users)
@@ -509,31 +636,10 @@ def _softmax_after(t: fx.Node) -> bool:
     return False
 
 
-def _has_unbacked(names, by_name) -> bool:
+def _has_unbacked(index: GraphIndex, names: list[str]) -> bool:
+    """Some node of ``names`` has a size that is not a plain int (data-dependent, or symbolic)."""
     for name in names:
-        v = by_name[name].meta.get("val")
+        v = index.by_name[name].meta.get("val")
         if isinstance(v, torch.Tensor) and any(not isinstance(s, int) for s in v.shape):
             return True
     return False
-
-
-def _shared_expert_nodes(dg, by_name, state, of, x, anc_t, desc_x) -> set[str]:
-    """Nodes of a dense expert on the router input whose output is added into the combine."""
-    merged_in: list[str] = []
-    for name in of[C]:
-        for a in by_name[name].all_input_nodes:
-            if a.name not in state and a.name in desc_x and a.name not in anc_t and is_tensor(a):
-                merged_in.append(a.name)
-    if not merged_in:
-        return set()
-    routed_roots = ancestors_of_set(dg, of[D])
-    shared: set[str] = set()
-    for out in merged_in:
-        cand = (nx.ancestors(dg, out) | {out}) & desc_x
-        cand = {n for n in cand if n not in anc_t and n not in routed_roots and n not in state
-                and by_name[n].op == "call_function"}
-        if any(is_op(by_name[n], MATMUL_OPS) for n in cand):
-            shared |= cand
-    return shared
-
-
