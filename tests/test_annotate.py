@@ -19,7 +19,7 @@ from fsmoe_compiler.passes.annotate import AnnotateError, annotate, order_nodes,
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.taskgraph import build_taskgraph, taskgraph
 from fsmoe_compiler.passes.verify import check_topological, collective_order
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 from fsmoe_compiler.runtime.streams import stream_of
 from fsmoe_compiler.scheduler import Schedule, fixed_order_schedule, heuristic_schedule
 from test_taskgraph import BWD_COSTS, FWD_COSTS, GraphBuilder, backward_ep, cost_table, forward_ep_chunked

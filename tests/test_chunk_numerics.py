@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 D_MODEL, D_FF, EXPERTS = 16, 32, 4
 RTOL, ATOL = 1e-4, 1e-5

@@ -7,7 +7,7 @@ import pytest
 import time
 
 from fsmoe_compiler.runtime.control import ExchangeTimeout, OwnClock, exchange, waited_s
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 
 def _exchanges(rank: int, world_size: int) -> dict:

@@ -8,7 +8,7 @@ import torch
 
 from fsmoe_compiler.bench.records import BenchConfig
 from fsmoe_compiler.moe.parallel import sync_gradients_in_graph
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 
 def _plain(name: str) -> str:

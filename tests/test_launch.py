@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsmoe_compiler.runtime.launch import RankError, run_ranks
+from fsmoe_compiler.launch import RankError, run_ranks
 
 
 def _allreduce(rank, world_size):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 EXAMPLES = ["examples.gpt2_moe", "examples.mixtral_moe"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 from fsmoe_compiler.runtime.topology import check_ranks_agree, world_layout
 
 

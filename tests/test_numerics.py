@@ -16,7 +16,7 @@ import torch.nn as nn
 import fsmoe_compiler
 from fsmoe_compiler.demo import example_module
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 # (router, dispatch, expert, shared_expert): every router with every dispatch it supports.
 CASES = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsmoe_compiler.runtime.launch import RankError, run_ranks
+from fsmoe_compiler.launch import RankError, run_ranks
 
 # The per-expert loop (torch.where -> index_add_) has data-dependent shapes: one graph needs these.
 ONE_GRAPH = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}

@@ -327,7 +327,7 @@ def _ep_rank(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def ep_results():
-    from fsmoe_compiler.runtime.launch import run_ranks
+    from fsmoe_compiler.launch import run_ranks
 
     return run_ranks(_ep_rank, 2, timeout_s=240)[0]
 

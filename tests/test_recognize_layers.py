@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from fsmoe_compiler.moe import MoELayer
 from fsmoe_compiler.passes.recognize import find_moe_regions
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 from graph_capture import capture_graphs
 
 D_MODEL, D_FF, EXPERTS, BATCH, SEQ = 16, 32, 4, 2, 12

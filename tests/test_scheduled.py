@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import fsmoe_compiler
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 from test_numerics import CASES, ONE_GRAPH
 

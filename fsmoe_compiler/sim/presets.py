@@ -256,10 +256,10 @@ def measure_local(
 ) -> LocalSamples:
     """Time gloo collectives on 2 local ranks and CPU GEMMs; the only torch user in ``sim``.
 
-    Ranks start through ``fsmoe_compiler.runtime.launch.run_ranks`` (one thread
+    Ranks start through ``fsmoe_compiler.launch.run_ranks`` (one thread
     each). Each point is the median of ``reps`` timed runs after a warm-up.
     """
-    from fsmoe_compiler.runtime.launch import run_ranks  # imports torch
+    from fsmoe_compiler.launch import run_ranks  # imports torch
 
     out = run_ranks(_measure_rank, 2, (tuple(coll_sizes), tuple(gemm_sizes), reps), timeout_s=timeout_s)
     r0 = out[0]
