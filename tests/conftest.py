@@ -1,5 +1,11 @@
 """Fixtures shared by the test modules.
 
+Helper modules beside this file (imported by name; the directory is on
+``sys.path`` under pytest): ``graph_capture`` (capture aot_autograd's graphs,
+the session's capture cache, the fake process group), ``graph_builder``
+(hand-built FX graphs and cost tables), ``moe_cases`` (the router × dispatch
+cases) and ``moe_styles`` (third-party-style MoE blocks).
+
 ``rank_pool`` is one pool of 2 gloo ranks for the whole session
 (``fsmoe_compiler.launch.RankPool``): started by the first test that uses it,
 each job in a fresh process group with the process state reset. Tests that
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 
+import graph_capture
 from fsmoe_compiler.launch import RankPool
 
 _POOLS: list[RankPool] = []
@@ -25,7 +32,16 @@ def rank_pool():
     pool.close()
 
 
+@pytest.fixture(scope="session")
+def captured():
+    """``graph_capture.captured``: the session-wide cache of aot_autograd graphs (shared: do not change them)."""
+    return graph_capture.captured
+
+
 def pytest_terminal_summary(terminalreporter):
-    """How many rank processes the session started, for how many jobs."""
+    """What the shared machinery saved: rank processes started and jobs run, graphs captured and reused."""
+    stats = graph_capture.STATS
+    parts = [f"graph captures {stats['captures']}, cache hits {stats['hits']}"]
     for pool in _POOLS:
-        terminalreporter.write_line(f"fsmoe tests: rank pool: {pool.started} processes started, {pool.jobs} jobs")
+        parts.append(f"rank pool: {pool.started} processes started, {pool.jobs} jobs")
+    terminalreporter.write_line("fsmoe tests: " + "; ".join(parts))

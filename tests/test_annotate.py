@@ -22,7 +22,7 @@ from fsmoe_compiler.passes.verify import check_topological, collective_order
 from fsmoe_compiler.launch import run_ranks
 from fsmoe_compiler.runtime.streams import stream_of
 from fsmoe_compiler.scheduler import Schedule, fixed_order_schedule, heuristic_schedule
-from test_taskgraph import BWD_COSTS, FWD_COSTS, GraphBuilder, backward_ep, cost_table, forward_ep_chunked
+from graph_builder import BWD_COSTS, FWD_COSTS, GraphBuilder, backward_ep, cost_table, forward_ep_chunked
 
 aten = torch.ops.aten
 

@@ -17,24 +17,8 @@ import fsmoe_compiler
 from fsmoe_compiler.demo import example_module
 from fsmoe_compiler.moe import MoELayer
 from fsmoe_compiler.launch import run_ranks
+from moe_cases import CASE_IDS, CASES, ONE_GRAPH
 
-# (router, dispatch, expert, shared_expert): every router with every dispatch it supports.
-CASES = [
-    ("gshard", "capacity", "gelu", False),
-    ("gshard", "dropless", "gelu", True),
-    ("switch", "capacity", "gelu", False),
-    ("switch", "dropless", "swiglu", False),
-    ("sigmoid", "capacity", "swiglu", False),
-    ("sigmoid", "dropless", "gelu", False),
-    ("xmoe", "capacity", "gelu", False),
-    ("xmoe", "dropless", "gelu", False),
-    ("mixtral", "capacity", "swiglu", True),
-    ("mixtral", "dropless", "swiglu", False),
-    ("deepseek", "capacity", "swiglu", True),
-    ("deepseek", "dropless", "swiglu", True),
-    ("softmoe", "capacity", "gelu", False),
-    ("expert_choice", "capacity", "gelu", False),
-]
 D, FF, E, TOKENS = 16, 32, 4, 24
 # (kind, name, overrides, MoE layers): the example models and the third-party-style blocks of tests/moe_styles.py.
 MODEL_CASES = [
@@ -46,8 +30,6 @@ MODEL_CASES = [
     ("style", "sort", {"shared": True}, 1),
     ("style", "sort-sigmoid", {}, 1),
 ]
-# Data-dependent shapes (dropless splits, a per-expert loop's torch.where) captured in one graph.
-ONE_GRAPH = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
 
 
 class Block(nn.Module):
@@ -139,7 +121,7 @@ def _check(result: dict) -> None:
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(str(c) for c in case) for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_single_process_matches_eager(case):
     torch._dynamo.reset()
     _check(_run_case(case, seed=1))

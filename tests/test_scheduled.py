@@ -18,8 +18,7 @@ import torch.nn as nn
 import fsmoe_compiler
 from fsmoe_compiler.moe import MoELayer
 from fsmoe_compiler.launch import run_ranks
-
-from test_numerics import CASES, ONE_GRAPH
+from moe_cases import CASES, ONE_GRAPH
 
 D, FF, E, TOKENS = 16, 32, 4, 24
 # warm-up + one profiling call per degree in [1, 2] + one timed + one plain scheduled call
