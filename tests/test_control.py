@@ -7,7 +7,6 @@ import pytest
 import time
 
 from fsmoe_compiler.runtime.control import ExchangeTimeout, OwnClock, exchange, waited_s
-from fsmoe_compiler.launch import run_ranks
 
 
 def _exchanges(rank: int, world_size: int) -> dict:
@@ -30,8 +29,8 @@ def _exchanges(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_exchange_returns_every_rank_value_in_rank_order_and_names_a_missing_rank():
-    res = run_ranks(_exchanges, 2, timeout_s=90)
+def test_exchange_returns_every_rank_value_in_rank_order_and_names_a_missing_rank(rank_pool):
+    res = rank_pool.run(_exchanges, timeout_s=90)
     for r in res:
         assert r["first"] == [{"rank": 0}, {"rank": 1}]
         assert r["other"] == [0, 10]

@@ -1,8 +1,8 @@
 """Profiler on 2 real gloo ranks: measured and fitted all-to-all, a profiled step, agreement, and faults.
 
-One launch runs every success scenario (spawns are the slow part); one more
-checks that a rank which never joins ``agree`` turns into an error on the
-other rank within the process-group timeout instead of a hang.
+One job of the session's rank pool runs every success scenario; fresh ranks
+(``run_ranks``) check that a rank which never joins ``agree`` turns into an
+error on the other rank within the process-group timeout instead of a hang.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.timeout(90)
-def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs():
-    r0, r1 = run_ranks(_profile_and_agree, 2, timeout_s=80, pg_timeout_s=30)
+def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
+    r0, r1 = rank_pool.run(_profile_and_agree, timeout_s=80, pg_timeout_s=30)
     for r in (r0, r1):
         assert r["sizes"] == list(SIZES)
         assert set(r["fits"]) == {"all_to_all/2"}
@@ -123,6 +123,7 @@ def _one_rank_skips_agree(rank: int, world_size: int) -> dict:
 
 @pytest.mark.timeout(60)
 def test_a_rank_that_skips_agree_becomes_an_error_on_the_other_within_the_pg_timeout():
+    # fresh ranks: rank 0's collective times out half done, which the pool's processes should not carry on from
     r0, _ = run_ranks(_one_rank_skips_agree, 2, timeout_s=45, pg_timeout_s=5)
     assert r0["error"], "agree returned although rank 1 never joined"
     assert "did not call agree()" in r0["error"]
