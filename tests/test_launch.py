@@ -42,7 +42,7 @@ def test_a_failing_rank_raises_with_its_traceback():
 
 def test_a_hanging_rank_becomes_a_timeout_error():
     with pytest.raises(RankError, match="did not finish"):
-        run_ranks(_hang_on_one, 2, timeout_s=15)
+        run_ranks(_hang_on_one, 2, timeout_s=8)
 
 
 # ---------------------------------------------------------------------------------------------------- the pool
