@@ -488,9 +488,10 @@ class RankPool:
                 self._stop(wait_s=0)
 
     def close(self) -> None:
-        """Stop the ranks (they finish nothing further); later runs raise."""
+        """Stop the ranks (they finish nothing further; any still exiting after a second is killed); later
+        runs raise."""
         self._closed = True
-        self._stop(wait_s=10.0)
+        self._stop(wait_s=1.0)
 
     def __enter__(self) -> "RankPool":
         return self
