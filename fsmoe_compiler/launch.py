@@ -219,7 +219,13 @@ def _stacks_of(procs: list, ranks: list[int], stack_files: list[str]) -> str:
         return ""
     for r in alive:
         os.kill(procs[r].pid, signal.SIGUSR1)
-    time.sleep(1.0)
+    deadline, sizes = time.monotonic() + 1.0, None
+    while time.monotonic() < deadline:  # faulthandler writes at once: wait until every dump stops growing
+        now = [os.path.getsize(stack_files[r]) if os.path.exists(stack_files[r]) else 0 for r in alive]
+        if all(now) and now == sizes:
+            break
+        sizes = now
+        time.sleep(0.05)
     parts = []
     for r in alive:
         try:
