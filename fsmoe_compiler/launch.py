@@ -78,8 +78,10 @@ def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
             "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)}
 
 
-def _join_group(rank: int, world_size: int, backend: str, pg_timeout_s: float) -> None:
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+def _join_group(rank: int, world_size: int, backend: str, pg_timeout_s: float, store: Any = None) -> None:
+    """``init_process_group`` (``env://``, rank 0 serving the store, unless a ``store`` is given) and a barrier."""
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s),
+                            store=store)
     # every rank's connections are up before any rank may return and tear its own down (else a slower
     # peer still connecting sees "connection closed by peer" in init_process_group)
     dist.barrier()
@@ -319,7 +321,10 @@ def _pool_main(rank: int, world_size: int, backend: str, jobs: Any, results: Any
         try:
             with warnings.catch_warnings():
                 fn, args = pickle.loads(payload)
-                _join_group(rank, world_size, backend, pg_timeout_s)
+                # the parent serves this job's store: already listening, so no rank waits on a connect retry
+                store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=pg_timeout_s))
+                _join_group(rank, world_size, backend, pg_timeout_s, store)
+                del store
                 value = fn(rank, world_size, *args)
             results.put((job_id, rank, "ok", _dumps(value)))
         except BaseException:  # noqa: BLE001 - report anything to the parent
@@ -327,6 +332,7 @@ def _pool_main(rank: int, world_size: int, backend: str, jobs: Any, results: Any
         finally:  # after the result went out: the caller need not wait for this
             left = _leave_group(rank, world_size)
             clean.restore(collect=True)
+            gc.freeze()  # what outlived the job (module caches): the next job's collection need not scan it
         if not left:  # the process group would not come down: let the parent replace this process
             return
 
@@ -335,7 +341,7 @@ def _leave_group(rank: int, world_size: int, timeout_s: float = 30.0) -> bool:
     """Wait (bounded) until every rank is done with the group, then destroy it; False if that failed."""
     if not dist.is_initialized():
         return True
-    try:  # rank 0 serves the store: it must not go before the others stop reading from it
+    try:  # no rank tears its end down while another may still be in a collective or reading the store
         store = dist.distributed_c10d._get_default_store()
         store.set(f"fsmoe/pool/left/{rank}", b"1")
         store.wait([f"fsmoe/pool/left/{r}" for r in range(world_size)], timedelta(seconds=timeout_s))
@@ -351,10 +357,11 @@ def _leave_group(rank: int, world_size: int, timeout_s: float = 30.0) -> bool:
 class RankPool:
     """``world_size`` local ranks started once and reused: :meth:`run` has the contract of :func:`run_ranks`.
 
-    The processes are spawned by the first :meth:`run` (and after a failure
-    that left a rank stuck or dead). Each job starts clean: a new process group
-    on a free port (initialised with ``pg_timeout_s`` and destroyed after the
-    job, once every rank is done with it), ``torch._dynamo.reset()`` and
+    The processes are spawned by :meth:`start` or the first :meth:`run` (and
+    again after a failure that left a rank stuck or dead). Each job starts clean: a new process group
+    (initialised with ``pg_timeout_s`` and destroyed after the job, once every
+    rank is done with it) whose store the caller serves on a port the OS
+    picks (``MASTER_PORT`` for the job), ``torch._dynamo.reset()`` and
     Dynamo's counters cleared, the Dynamo, functorch and Inductor configs,
     environment, ``sys.path`` (the caller's, for the job), working directory,
     default dtype, grad mode, deterministic-algorithms flag and RNG seed as
@@ -393,6 +400,8 @@ class RankPool:
         self._stacks: tempfile.TemporaryDirectory | None = None
         self._busy = False
         self._closed = False
+        self._starting = False
+        self._store: Any = None
 
     @property
     def pids(self) -> list[int]:
@@ -403,8 +412,15 @@ class RankPool:
         assert self._stacks is not None
         return [os.path.join(self._stacks.name, f"rank{r}.txt") for r in range(self.world_size)]
 
-    def _start(self) -> None:
-        """Spawn the ranks and wait until each has imported torch and is ready for jobs."""
+    def start(self) -> None:
+        """Spawn the ranks now, without waiting: they import torch while the caller goes on; the first job
+        waits until they are ready. (:meth:`run` starts them itself when they are not running.)"""
+        if self._closed:
+            raise RuntimeError("the rank pool is closed")
+        if not self._procs:
+            self._spawn()
+
+    def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._queues = [ctx.Queue() for _ in range(self.world_size)]
@@ -422,7 +438,7 @@ class RankPool:
         for p in self._procs:
             p.start()
         self.started += self.world_size
-        _collect(self._procs, self._results, 0, self.start_timeout_s, 0.0, files)  # job 0: the start itself
+        self._starting = True
 
     def _stop(self, wait_s: float) -> None:
         """Ask the ranks to leave (``wait_s`` > 0) or kill them at once; forget them either way."""
@@ -445,7 +461,8 @@ class RankPool:
                 q.cancel_join_thread()
         if self._stacks is not None:
             self._stacks.cleanup()
-        self._procs, self._queues, self._results, self._stacks = [], [], None, None
+        self._procs, self._queues, self._results, self._stacks, self._store = [], [], None, None, None
+        self._starting = False
 
     def run(
         self,
@@ -473,12 +490,18 @@ class RankPool:
         try:
             if not self._procs or not all(p.is_alive() for p in self._procs):
                 self._stop(wait_s=0)
-                self._start()
+                self._spawn()
             files = self._stack_files()
+            if self._starting:  # each rank has imported torch and is ready for jobs ("job 0")
+                _collect(self._procs, self._results, 0, self.start_timeout_s, 0.0, files)
+                self._starting = False
             for f in files:  # this job's stacks only
                 open(f, "w").close()
+            # the job's store, on a port the OS picks; kept until the next job, so ranks still leaving can use it
+            self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                        timeout=timedelta(seconds=pg_timeout_s))
             self.jobs += 1
-            job = (self.jobs, list(sys.path), free_port(), pg_timeout_s, threads, payload)
+            job = (self.jobs, list(sys.path), self._store.port, pg_timeout_s, threads, payload)
             for q in self._queues:
                 q.put(job)
             try:
