@@ -108,16 +108,21 @@ def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
 
 
 def _one_rank_skips_agree(rank: int, world_size: int) -> dict:
+    from datetime import timedelta
+
     from fsmoe_compiler.profiler import CostModel, agree
 
-    if rank == 1:
-        time.sleep(8)  # never joins the collective, but stays alive past rank 0's timeout
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:  # never joins the collective, but stays alive until rank 0 has its verdict (30 s at most)
+        store.wait(["test/rank0-done"], timedelta(seconds=30))
         return {}
     start = time.monotonic()
     try:
         agree(CostModel(node_ms={"a": 1.0}))
     except Exception as e:  # noqa: BLE001 - the point is that it raises at all
         return {"error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - start}
+    finally:
+        store.set("test/rank0-done", b"1")
     return {"error": None}
 
 
