@@ -98,7 +98,7 @@ def run_demo(
     ranks: int = 2, steps: int = 5, model: str = "mixtral", dispatch: str | None = None, timeout_s: float = 600.0
 ) -> bool:
     """Run the side-by-side training on ``ranks`` local gloo ranks and print what happened."""
-    from fsmoe_compiler.runtime.launch import run_ranks
+    from fsmoe_compiler.launch import run_ranks
 
     example_module(model)  # fail fast on an unknown name
     print(f"fsmoe demo: {model} MoE decoder, {ranks} gloo rank(s) on 127.0.0.1, {steps} steps, "

@@ -1,1 +1,1 @@
-"""Runtime helpers: process-group topology, launching local ranks, execution. Never imports passes or the scheduler."""
+"""Runtime helpers: process-group topology, control-plane exchanges, streams, execution. Never imports passes or the scheduler."""

@@ -52,6 +52,17 @@ class OwnClock:
         return time.perf_counter() - self._t0 - self.waited()
 
 
+def reset() -> None:
+    """Start the exchange numbering per tag and the waited total again from zero.
+
+    For a process that leaves its process group and joins a new one, whose
+    store starts empty: every rank must number its exchanges from 0 again (the
+    ranks of ``fsmoe_compiler.launch.RankPool`` do this between jobs).
+    """
+    _counters.clear()
+    _waited[0] = 0.0
+
+
 class ExchangeTimeout(RuntimeError):
     """Some rank did not post its value for an exchange within the timeout."""
 

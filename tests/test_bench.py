@@ -120,6 +120,7 @@ def _run_json(tmp_path, argv: list[str]) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
     # without root / iproute2 the emulated link falls back to loopback and says so; force that path here
@@ -157,6 +158,7 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
 
 
 @pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"no emulated links: {netns_unavailable_reason()}")
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_bench_runs_inside_namespaces_on_an_emulated_link(tmp_path):
     from fsmoe_compiler.bench.netns import list_namespaces
@@ -214,6 +216,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupting_the_bench_kills_its_ranks_and_removes_its_namespaces(sig):

@@ -13,11 +13,9 @@ node, and the reasons a region is left whole. Numerics are in
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
 from fsmoe_compiler.passes.chunk import ChunkError, ChunkInfo, chunk, plan_region
@@ -26,37 +24,29 @@ from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.region import ROLES
 
-from graph_capture import capture_graphs
+from graph_capture import captured, fake_world
 
 aten = torch.ops.aten
 A2A = torch.ops._c10d_functional.all_to_all_single.default
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fake_world():
+def two_ranks():
     """Two ranks seen from rank 0 through the fake process group (collectives are not run)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    yield
-    dist.destroy_process_group()
-    _captured.cache_clear()
+    with fake_world(rank=0, world_size=2):
+        yield
 
 
-@functools.lru_cache(maxsize=None)
-def _captured(cfg_items: tuple) -> tuple[fx.GraphModule, fx.GraphModule]:
-    from fsmoe_compiler.moe import MoELayer
-
-    torch.manual_seed(0)
-    layer = MoELayer(32, 64, 4, **dict(cfg_items))
-    g = capture_graphs(layer, torch.randn(2, 8, 32, requires_grad=True))
-    return g.forward[0], g.backward[0]
+def _input() -> torch.Tensor:
+    return torch.randn(2, 8, 32, requires_grad=True)
 
 
 def graphs(**cfg) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Fresh copies of the forward and backward graphs of the layer built with ``cfg``."""
-    fw, bw = _captured(tuple(sorted(cfg.items())))
-    return copy.deepcopy(fw), copy.deepcopy(bw)
+    from fsmoe_compiler.moe import MoELayer
+
+    g = captured(MoELayer, 32, 64, 4, inputs=_input, copy=True, **cfg)
+    return g.forward[0], g.backward[0]
 
 
 def run_pass(degree: int, strict: bool = False, **cfg) -> tuple[PassContext, dict]:

@@ -4,16 +4,14 @@ A tiny backend runs ``recognize`` + ``chunk`` (with the requested degree for
 every layer) on the forward and backward ATen graphs of aot_autograd and runs
 the result eagerly. Forward output, aux loss and every gradient (input and
 parameters) must equal eager PyTorch up to float reassociation, for every
-router, GELU and SwiGLU experts, with and without a shared expert. Each test
-runs all its cases in one launch of 2 ranks.
+router, GELU and SwiGLU experts, with and without a shared expert. Each case
+is one job of the session's pool of 2 ranks.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from fsmoe_compiler.runtime.launch import run_ranks
 
 D_MODEL, D_FF, EXPERTS = 16, 32, 4
 RTOL, ATOL = 1e-4, 1e-5
@@ -113,8 +111,12 @@ def _run_case(rank: int, cfg: dict, degree) -> dict:
     return {"errs": errs, "infos": infos, "nonzero": min(g.abs().max().item() for g in grads["eager"].values())}
 
 
-def _cases(rank: int, world_size: int, cases: list) -> list:
-    return [(cfg, degree, _run_case(rank, cfg, degree)) for cfg, degree in cases]
+def _one_case(rank: int, world_size: int, cfg: dict, degree) -> list:
+    return [(cfg, degree, _run_case(rank, cfg, degree))]
+
+
+def _ids(cases: list) -> list[str]:
+    return [f"{i}-{cfg.get('router')}-{cfg.get('dispatch', 'capacity')}" for i, (cfg, _) in enumerate(cases)]
 
 
 def _check(results: list, want_degree) -> None:
@@ -148,8 +150,9 @@ ROUTER_CASES = [
 
 
 @pytest.mark.timeout(180)
-def test_chunked_layers_match_eager_for_every_router():
-    _check(run_ranks(_cases, 2, (ROUTER_CASES,), timeout_s=150),
+@pytest.mark.parametrize("cfg, degree", ROUTER_CASES, ids=_ids(ROUTER_CASES))
+def test_chunked_layers_match_eager_for_every_router(rank_pool, cfg, degree):
+    _check(rank_pool.run(_one_case, (cfg, degree), timeout_s=150),
            lambda cfg, degree, layer, kind: degree_of(degree, layer, kind))
 
 
@@ -161,8 +164,9 @@ FALLBACK_CASES = [
 
 
 @pytest.mark.timeout(180)
-def test_dropless_and_too_small_capacity_run_unchunked_and_say_why():
-    results = run_ranks(_cases, 2, (FALLBACK_CASES,), timeout_s=150)
+@pytest.mark.parametrize("cfg, degree", FALLBACK_CASES, ids=_ids(FALLBACK_CASES))
+def test_dropless_and_too_small_capacity_run_unchunked_and_say_why(rank_pool, cfg, degree):
+    results = rank_pool.run(_one_case, (cfg, degree), timeout_s=150)
     _check([[(cfg, d, res) for cfg, d, res in per_rank if cfg.get("dispatch") != "dropless"] for per_rank in results],
            lambda cfg, degree, layer, kind: 1)
     for per_rank in results:

@@ -31,6 +31,7 @@ def test_explain_rejects_an_unknown_router_with_the_valid_names(capsys):
     assert "unknown router 'bogus'" in err and "gshard" in err and "expert_choice" in err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_trains_on_two_ranks_and_matches_eager():
     res = subprocess.run(

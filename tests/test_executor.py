@@ -6,6 +6,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fsmoe_compiler.runtime.executor import GraphExecutor
+from graph_capture import grads_through
 
 
 def _f(x, w1, w2):
@@ -46,29 +47,6 @@ def test_without_task_map_every_call_node_is_its_own_task():
     ex.run(args, timed=True)
     assert set(ex.last_timing) == {n.name for n in gm.graph.nodes if n.op == "call_function"}
     assert ex.last_total_ms >= max(e for _, e in ex.last_timing.values())
-
-
-def grads_through(make_compiled_fn, steps: int = 1) -> bool:
-    """Train a small MLP ``steps`` times through aot_autograd with ``make_compiled_fn(gm)`` as both compilers.
-
-    Returns whether the last step's gradients equal eager's. Shared with
-    ``test_profiler.py`` (profiling wrappers must be drop-in compiled functions too).
-    """
-    from torch._dynamo.backends.common import aot_autograd
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
-    x = torch.randn(5, 8)
-    torch._dynamo.reset()
-    compiler = lambda gm, example_inputs: make_compiled_fn(gm)  # noqa: E731
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=compiler, bw_compiler=compiler), fullgraph=True)
-    for _ in range(steps):
-        model.zero_grad()
-        compiled(x).square().sum().backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model(x).square().sum().backward()
-    return all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(got, model.parameters()))
 
 
 def test_executor_serves_as_aot_autograds_compiled_forward_and_backward():

@@ -8,7 +8,6 @@ import torch
 
 from fsmoe_compiler.bench.records import BenchConfig
 from fsmoe_compiler.moe.parallel import sync_gradients_in_graph
-from fsmoe_compiler.runtime.launch import run_ranks
 
 
 def _plain(name: str) -> str:
@@ -60,8 +59,8 @@ def _compare_on_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_in_graph_gradient_sync_matches_the_eager_reference_and_is_scheduled_on_the_link():
-    for res in run_ranks(_compare_on_rank, 2, timeout_s=240):
+def test_in_graph_gradient_sync_matches_the_eager_reference_and_is_scheduled_on_the_link(rank_pool):
+    for res in rank_pool.run(_compare_on_rank, timeout_s=240):
         assert res["fallbacks"] == []
         bad = {k: v for k, v in res["worst"].items() if v > 1e-5}
         assert not bad, f"gradients differ from sync_gradients: {bad}"

@@ -5,16 +5,18 @@ output must equal the full (local) layer's output on x_r; the gradient of a
 local expert must equal the full layer's gradient summed over every rank's
 loss (its tokens come from all ranks); router and input gradients come from
 rank r's loss alone. Checked eagerly and under torch.compile, for capacity
-and dropless dispatch. Each scenario list runs in one launch to keep the
-suite fast.
+and dropless dispatch. Each scenario is one job of the session's pool of 2
+ranks; the tracing checks of every router and dispatch share one job.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.moe import DISPATCHERS, ROUTERS
+from fsmoe_compiler.moe.layer import CAPACITY_ONLY_ROUTERS
 
 D_MODEL, D_FF, EXPERTS, TOKENS = 8, 16, 4, 12
 
@@ -114,33 +116,44 @@ DROPLESS = [
 ]
 
 
-def test_ep_capacity_matches_single_process():
-    _check(run_ranks(_scenarios, 2, (CAPACITY,), timeout_s=120))
+def _ids(scenarios: list) -> list[str]:
+    return [f"{cfg['router']}-compiled" if compiled else cfg["router"] for cfg, compiled in scenarios]
 
 
-def test_ep_dropless_matches_single_process():
-    _check(run_ranks(_scenarios, 2, (DROPLESS,), timeout_s=120))
+@pytest.mark.parametrize("cfg, compiled", CAPACITY, ids=_ids(CAPACITY))
+def test_ep_capacity_matches_single_process(rank_pool, cfg, compiled):
+    _check(rank_pool.run(_scenarios, ([(cfg, compiled)],), timeout_s=120))
+
+
+@pytest.mark.parametrize("cfg, compiled", DROPLESS, ids=_ids(DROPLESS))
+def test_ep_dropless_matches_single_process(rank_pool, cfg, compiled):
+    _check(rank_pool.run(_scenarios, ([(cfg, compiled)],), timeout_s=120))
+
+
+# every router with every dispatch it supports
+TRACED = [(r, d) for r in ROUTERS for d in DISPATCHERS if not (r in CAPACITY_ONLY_ROUTERS and d != "capacity")]
 
 
 def _trace_and_errors(rank: int, world_size: int) -> dict:
-    from fsmoe_compiler.moe import DISPATCHERS, ROUTERS, MoELayer
-    from fsmoe_compiler.moe.layer import CAPACITY_ONLY_ROUTERS
+    import traceback
+
+    from fsmoe_compiler.moe import MoELayer
 
     out: dict = {"traced": {}}
     try:
         MoELayer(D_MODEL, D_FF, 3)
     except ValueError as e:
         out["indivisible"] = str(e)
-    for router in ROUTERS:
-        for dispatch in DISPATCHERS:
-            if router in CAPACITY_ONLY_ROUTERS and dispatch != "capacity":
-                continue
+    for router, dispatch in TRACED:  # each case's outcome, or its error, for its own test
+        try:
             torch.manual_seed(0)
             layer = MoELayer(D_MODEL, D_FF, EXPERTS, router=router, dispatch=dispatch)
             torch._dynamo.reset()
             ex = torch._dynamo.explain(layer)(_inputs(rank)[0])
             a2a = sum("all_to_all_single" in str(n.target) for g in ex.graphs for n in g.graph.nodes)
             out["traced"][(router, dispatch)] = (ex.graph_break_count, ex.graph_count, a2a)
+        except Exception:  # noqa: BLE001 - reported by the case's test
+            out["traced"][(router, dispatch)] = traceback.format_exc()
     try:
         MoELayer(D_MODEL, D_FF, 4 if rank == 0 else 8)
     except ValueError as e:
@@ -157,17 +170,29 @@ def _trace_and_errors(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_ep_layers_trace_without_breaks_and_bad_configs_fail_clearly_on_every_rank():
-    results = run_ranks(_trace_and_errors, 2, timeout_s=150)
+@pytest.fixture(scope="module")
+def traced_and_errors(rank_pool):
+    return rank_pool.run(_trace_and_errors, timeout_s=150)
+
+
+def test_ep_layers_bad_configs_fail_clearly_on_every_rank(traced_and_errors):
+    results = traced_and_errors
     for res in results:
         assert "must be divisible by the expert-parallel group size 2" in res["indivisible"]
         # both ranks get the verdict, so neither is left waiting in a later collective
         assert "rank 1 has num_experts=8, rank 0 has 4" in res["mismatch"]
-        assert len(res["traced"]) == 14
+        assert len(res["traced"]) == len(TRACED) == 14
         torch.testing.assert_close(res["summed_load"], results[0]["local_load"] + results[1]["local_load"])
         torch.testing.assert_close(res["bias"], results[0]["bias"])
         assert res["bias"].abs().sum() > 0
-        for (router, dispatch), (breaks, graphs, a2a) in res["traced"].items():
-            assert (breaks, graphs) == (0, 1), (router, dispatch)
-            # capacity: dispatch + combine; dropless: counts + dispatch + combine
-            assert a2a == (2 if dispatch == "capacity" else 3), (router, dispatch, a2a)
+
+
+@pytest.mark.parametrize("router, dispatch", TRACED, ids=[f"{r}-{d}" for r, d in TRACED])
+def test_ep_layers_trace_without_breaks(traced_and_errors, router, dispatch):
+    for rank, res in enumerate(traced_and_errors):
+        traced = res["traced"][(router, dispatch)]
+        assert not isinstance(traced, str), f"rank {rank}:\n{traced}"
+        breaks, graphs, a2a = traced
+        assert (breaks, graphs) == (0, 1), (rank, breaks, graphs)
+        # capacity: dispatch + combine; dropless: counts + dispatch + combine
+        assert a2a == (2 if dispatch == "capacity" else 3), (rank, a2a)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.runtime.launch import run_ranks
 
 EXAMPLES = ["fsmoe_compiler.examples.gpt2_moe", "fsmoe_compiler.examples.mixtral_moe"]
 
@@ -104,8 +103,8 @@ def _train_mixtral_ep(rank: int, world_size: int) -> dict:
     }
 
 
-def test_mixtral_trains_on_two_expert_parallel_ranks_with_synchronised_replicas():
-    for res in run_ranks(_train_mixtral_ep, 2, timeout_s=150):
+def test_mixtral_trains_on_two_expert_parallel_ranks_with_synchronised_replicas(rank_pool):
+    for res in rank_pool.run(_train_mixtral_ep, timeout_s=150):
         assert res["local_experts"] == 2 and res["w1"] == (2, 32, 64)
         assert res["n_expert_params"] == 2 * 3  # 2 layers x (w1, w2, w3)
         assert res["replicas_equal"] and res["expert_scaled"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsmoe_compiler.runtime.launch import run_ranks
 from fsmoe_compiler.runtime.topology import check_ranks_agree, world_layout
 
 
@@ -61,8 +60,8 @@ def _groups(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_groups_have_the_right_members_and_disagreement_is_named():
-    r0, r1 = run_ranks(_groups, 2, timeout_s=90)
+def test_groups_have_the_right_members_and_disagreement_is_named(rank_pool):
+    r0, r1 = rank_pool.run(_groups, timeout_s=90)
     for rank, res in enumerate((r0, r1)):
         # ep_size=1: EP groups are singletons, DP is the world; ep_size=2: the reverse
         assert res[1][:2] == (rank + 1, 3.0)

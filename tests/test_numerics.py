@@ -16,25 +16,8 @@ import torch.nn as nn
 import fsmoe_compiler
 from fsmoe_compiler.demo import example_module
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.runtime.launch import run_ranks
+from moe_cases import CASE_IDS, CASES, ONE_GRAPH
 
-# (router, dispatch, expert, shared_expert): every router with every dispatch it supports.
-CASES = [
-    ("gshard", "capacity", "gelu", False),
-    ("gshard", "dropless", "gelu", True),
-    ("switch", "capacity", "gelu", False),
-    ("switch", "dropless", "swiglu", False),
-    ("sigmoid", "capacity", "swiglu", False),
-    ("sigmoid", "dropless", "gelu", False),
-    ("xmoe", "capacity", "gelu", False),
-    ("xmoe", "dropless", "gelu", False),
-    ("mixtral", "capacity", "swiglu", True),
-    ("mixtral", "dropless", "swiglu", False),
-    ("deepseek", "capacity", "swiglu", True),
-    ("deepseek", "dropless", "swiglu", True),
-    ("softmoe", "capacity", "gelu", False),
-    ("expert_choice", "capacity", "gelu", False),
-]
 D, FF, E, TOKENS = 16, 32, 4, 24
 # (kind, name, overrides, MoE layers): the example models and the third-party-style blocks of tests/moe_styles.py.
 MODEL_CASES = [
@@ -46,8 +29,6 @@ MODEL_CASES = [
     ("style", "sort", {"shared": True}, 1),
     ("style", "sort-sigmoid", {}, 1),
 ]
-# Data-dependent shapes (dropless splits, a per-expert loop's torch.where) captured in one graph.
-ONE_GRAPH = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
 
 
 class Block(nn.Module):
@@ -139,7 +120,7 @@ def _check(result: dict) -> None:
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(str(c) for c in case) for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_single_process_matches_eager(case):
     torch._dynamo.reset()
     _check(_run_case(case, seed=1))
@@ -151,20 +132,17 @@ def test_example_models_and_third_party_blocks_match_eager(case):
     _check(_run_model_case(case, seed=1))
 
 
-def _all_cases_on_rank(rank: int, world_size: int) -> list[dict]:
-    out = []
-    for case in CASES:
-        torch._dynamo.reset()
-        out.append(_run_case(case, seed=100 + rank))
-    for case in MODEL_CASES:
-        torch._dynamo.reset()
-        out.append(_run_model_case(case, seed=100 + rank))
-    return out
+def _case_on_rank(rank: int, world_size: int, kind: str, case: tuple) -> dict:
+    """One case on this rank: a reference layer (``kind`` "layer") or an example model / third-party block."""
+    run = _run_case if kind == "layer" else _run_model_case
+    return run(case, seed=100 + rank)
 
 
-@pytest.mark.timeout(600)
-def test_two_ranks_with_expert_parallelism_match_eager():
-    results = run_ranks(_all_cases_on_rank, 2, timeout_s=540)
-    for per_rank in results:
-        for result in per_rank:
-            _check(result)
+TWO_RANK_CASES = [("layer", c) for c in CASES] + [("model", c) for c in MODEL_CASES]
+TWO_RANK_IDS = [f"layer-{i}" for i in CASE_IDS] + [f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(MODEL_CASES)]
+
+
+@pytest.mark.parametrize("kind, case", TWO_RANK_CASES, ids=TWO_RANK_IDS)
+def test_two_ranks_with_expert_parallelism_match_eager(rank_pool, kind, case):
+    for result in rank_pool.run(_case_on_rank, (kind, case), timeout_s=240):
+        _check(result)

@@ -8,7 +8,6 @@ aot_autograd, plus small hand-built graphs with a functional all-to-all node
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -32,19 +31,17 @@ from fsmoe_compiler.profiler.cache import key_payload
 from fsmoe_compiler.ops import is_collective, is_wait
 from fsmoe_compiler.runtime.topology import world_layout
 from fsmoe_compiler.scheduler.costs import LinearCost
-from graph_capture import capture_graphs
-from test_executor import grads_through
+from graph_capture import captured, grads_through
 
 D_MODEL, D_FF, EXPERTS = 16, 32, 4
 
 
-@functools.lru_cache(maxsize=None)
 def _moe_forward(batch: int = 2, seed: int = 0) -> fx.GraphModule:
+    """The forward graph of a local MoELayer (shared through the session's capture cache: do not change it)."""
     from fsmoe_compiler.moe import MoELayer
 
-    torch.manual_seed(seed)
-    layer = MoELayer(D_MODEL, D_FF, EXPERTS, ep_group="local")
-    return capture_graphs(layer, torch.randn(batch, 6, D_MODEL), backward=False).forward[0]
+    return captured(MoELayer, D_MODEL, D_FF, EXPERTS, ep_group="local", inputs=((batch, 6, D_MODEL),), seed=seed,
+                    backward=False).forward[0]
 
 
 def inputs_from_meta(gm: fx.GraphModule, seed: int = 0) -> list[torch.Tensor]:
@@ -221,10 +218,8 @@ def test_agree_without_distributed_is_the_identity():
 
 
 def test_profile_key_is_stable_across_captures_and_changes_with_shapes():
-    _moe_forward.cache_clear()
     first = profile_key(_moe_forward(), 2)
-    _moe_forward.cache_clear()
-    second = profile_key(_moe_forward(seed=1), 2)  # new capture, other weights: same shapes
+    second = profile_key(_moe_forward(seed=1), 2)  # another capture, other weights: same shapes
     assert first == second
     assert profile_key(_moe_forward(batch=3), 2) != first
     assert profile_key(_moe_forward(), 4) != first

@@ -1,8 +1,8 @@
 """Profiler on 2 real gloo ranks: measured and fitted all-to-all, a profiled step, agreement, and faults.
 
-One launch runs every success scenario (spawns are the slow part); one more
-checks that a rank which never joins ``agree`` turns into an error on the
-other rank within the process-group timeout instead of a hang.
+One job of the session's rank pool runs every success scenario; fresh ranks
+(``run_ranks``) check that a rank which never joins ``agree`` turns into an
+error on the other rank within the process-group timeout instead of a hang.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fsmoe_compiler.runtime.launch import run_ranks
+from fsmoe_compiler.launch import run_ranks
 
 SIZES = (1 << 16, 1 << 20, 1 << 23)  # bytes sent per rank: 64 KiB .. 8 MiB, far apart so load noise cannot hide beta
 
@@ -85,8 +85,8 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.timeout(90)
-def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs():
-    r0, r1 = run_ranks(_profile_and_agree, 2, timeout_s=80, pg_timeout_s=30)
+def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
+    r0, r1 = rank_pool.run(_profile_and_agree, timeout_s=80, pg_timeout_s=30)
     for r in (r0, r1):
         assert r["sizes"] == list(SIZES)
         assert set(r["fits"]) == {"all_to_all/2"}
@@ -108,21 +108,27 @@ def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs():
 
 
 def _one_rank_skips_agree(rank: int, world_size: int) -> dict:
+    from datetime import timedelta
+
     from fsmoe_compiler.profiler import CostModel, agree
 
-    if rank == 1:
-        time.sleep(8)  # never joins the collective, but stays alive past rank 0's timeout
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:  # never joins the collective, but stays alive until rank 0 has its verdict (30 s at most)
+        store.wait(["test/rank0-done"], timedelta(seconds=30))
         return {}
     start = time.monotonic()
     try:
         agree(CostModel(node_ms={"a": 1.0}))
     except Exception as e:  # noqa: BLE001 - the point is that it raises at all
         return {"error": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - start}
+    finally:
+        store.set("test/rank0-done", b"1")
     return {"error": None}
 
 
 @pytest.mark.timeout(60)
 def test_a_rank_that_skips_agree_becomes_an_error_on_the_other_within_the_pg_timeout():
+    # fresh ranks: rank 0's collective times out half done, which the pool's processes should not carry on from
     r0, _ = run_ranks(_one_rank_skips_agree, 2, timeout_s=45, pg_timeout_s=5)
     assert r0["error"], "agree returned although rank 1 never joined"
     assert "did not call agree()" in r0["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsmoe_compiler.runtime.launch import RankError, run_ranks
+from fsmoe_compiler.launch import RankError
 
 # The per-expert loop (torch.where -> index_add_) has data-dependent shapes: one graph needs these.
 ONE_GRAPH = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
@@ -34,11 +34,11 @@ def _same_model(rank: int, world_size: int) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_ranks_that_found_different_regions_raise_naming_both():
+def test_ranks_that_found_different_regions_raise_naming_both(rank_pool):
     with pytest.raises(RankError, match=r"rank \d found MoE regions .* but rank \d found .*all ranks must run the same model"):
-        run_ranks(_different_expert_counts, 2, timeout_s=180, pg_timeout_s=60)
+        rank_pool.run(_different_expert_counts, timeout_s=180, pg_timeout_s=60)
 
 
 @pytest.mark.timeout(240)
-def test_ranks_that_agree_compile_normally():
-    assert run_ranks(_same_model, 2, timeout_s=180) == [1, 1]
+def test_ranks_that_agree_compile_normally(rank_pool):
+    assert rank_pool.run(_same_model, timeout_s=180) == [1, 1]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.recognize import ROLES, find_moe_regions, recognize
-from graph_capture import capture_graphs
+from graph_capture import captured
 import moe_styles as ms
 
 STYLE_NAMES = ["loop", "capacity", "sort", "sort-grouped", "sort-sigmoid"]
@@ -23,19 +21,30 @@ def _input() -> torch.Tensor:
     return torch.randn(BATCH, SEQ, HIDDEN)
 
 
-@functools.lru_cache(maxsize=None)
-def _one_layer(style: str, shared: bool):
-    torch.manual_seed(0)
-    moe = ms.STYLES[style](shared=shared)
-    graphs = capture_graphs(ms.Block(moe), _input())
-    return moe.expected, graphs.forward[0], graphs.backward[0]
+def _input_with_grad() -> torch.Tensor:
+    return _input().requires_grad_()
 
 
-@functools.lru_cache(maxsize=None)
-def _two_layers(style: str):
-    torch.manual_seed(0)
-    model = ms.Stack(ms.Block(ms.STYLES[style]()), ms.Block(ms.STYLES[style](shared=True)))
-    graphs = capture_graphs(model, _input())
+def _block(make, **kw) -> ms.Block:
+    return ms.Block(make(**kw))
+
+
+def _two_blocks(style: str) -> ms.Stack:
+    return ms.Stack(ms.Block(ms.STYLES[style]()), ms.Block(ms.STYLES[style](shared=True)))
+
+
+def _moe_then_topk() -> ms.Stack:
+    return ms.Stack(ms.Block(ms.CapacityMoE()), ms.TopKNotRouting())
+
+
+def _one_layer(style: str, shared: bool, copy: bool = False):
+    """(expected sizes, forward graph, backward graph); the graphs are the session's unless ``copy``."""
+    graphs = captured(_block, ms.STYLES[style], shared=shared, inputs=_input, copy=copy)
+    return graphs.model.mlp.expected, graphs.forward[0], graphs.backward[0]
+
+
+def _two_layers(style: str, copy: bool = False):
+    graphs = captured(_two_blocks, style, inputs=_input, copy=copy)
     return graphs.forward[0], graphs.backward[0]
 
 
@@ -115,15 +124,13 @@ def test_two_layer_model_has_two_regions(style):
     ids=["dense-block", "attention", "topk-not-routing", "dense-and-topk"],
 )
 def test_look_alikes_are_not_moe(make):
-    torch.manual_seed(0)
-    graphs = capture_graphs(make(), _input().requires_grad_())
+    graphs = captured(make, inputs=_input_with_grad)
     assert find_moe_regions(graphs.forward[0], "forward") == []
     assert find_moe_regions(graphs.backward[0], "backward") == []
 
 
 def test_routing_like_anchors_left_alone_are_named_with_the_reason():
-    torch.manual_seed(0)
-    graphs = capture_graphs(ms.TopKNotRouting(), _input().requires_grad_())
+    graphs = captured(ms.TopKNotRouting, inputs=_input_with_grad)
     notes: list[str] = []
     assert find_moe_regions(graphs.forward[0], "forward", notes=notes) == []
     assert notes, "the top-k pooling and sampling head look like routing; the report must say why they were left alone"
@@ -133,7 +140,7 @@ def test_routing_like_anchors_left_alone_are_named_with_the_reason():
 
 @pytest.mark.parametrize("style", ["loop", "capacity"])
 def test_find_does_not_mutate_and_recognize_only_tags(style):
-    _, fw, bw = _one_layer(style, True)
+    _, fw, bw = _one_layer(style, True, copy=True)
     for gm, kind in ((fw, "forward"), (bw, "backward")):
         before = gm.code
         metas = {n.name: dict(n.meta) for n in gm.graph.nodes}
@@ -150,8 +157,6 @@ def test_find_does_not_mutate_and_recognize_only_tags(style):
     for role in ROLES:
         for name in region.nodes[role]:
             assert tagged[name] == {"role": role, "layer": 0}
-    for n in fw.graph.nodes:  # leave the shared graph as we found it for other tests
-        n.meta.pop("fsmoe", None)
 
 
 BACKWARD_EXPERT_MATMULS = {  # act-grad and weight-grad matmul per forward expert matmul
@@ -201,7 +206,7 @@ def test_backward_finds_one_region_with_transposed_expert_matmuls(style, shared)
 
 @pytest.mark.parametrize("style", TWO_LAYER_STYLES)
 def test_backward_two_layers_map_to_forward_layers(style):
-    fw, bw = _two_layers(style)
+    fw, bw = _two_layers(style, copy=True)  # recognize tags the nodes
     regions = find_moe_regions(bw, "backward")
     assert [r.layer for r in regions] == [0, 1]
     assert [bool(r.nodes["shared_expert"]) for r in regions] == [False, True]
@@ -215,15 +220,11 @@ def test_backward_two_layers_map_to_forward_layers(style):
     assert [(r.layer, r.nodes) for r in ctx.regions["backward"]] == [(r.layer, r.nodes) for r in regions]
     layer_of = {n.name: n.meta["fsmoe"]["layer"] for n in bw.graph.nodes if "fsmoe" in n.meta}
     assert set(layer_of.values()) == {0, 1}
-    for gm in (fw, bw):
-        for n in gm.graph.nodes:
-            n.meta.pop("fsmoe", None)
 
 
 @pytest.mark.parametrize("style", ["capacity"])
 def test_dynamic_shapes_still_find_the_region_in_both_graphs(style):
-    torch.manual_seed(0)
-    graphs = capture_graphs(ms.Block(ms.STYLES[style]()), _input(), dynamic=True)
+    graphs = captured(_block, ms.STYLES[style], inputs=_input, dynamic=True)
     fw = find_moe_regions(graphs.forward[0], "forward")
     bw = find_moe_regions(graphs.backward[0], "backward")
     assert len(fw) == len(bw) == 1
@@ -237,8 +238,7 @@ def test_dynamic_shapes_still_find_the_region_in_both_graphs(style):
 
 def test_shared_expert_on_the_unflattened_input_is_found():
     """DeepSeek adds its shared experts on the [B, S, M] input, not on the flattened tokens the router sees."""
-    torch.manual_seed(0)
-    graphs = capture_graphs(ms.Block(ms.SortMoE(shared=True, shared_on_input=True)), _input())
+    graphs = captured(_block, ms.SortMoE, shared=True, shared_on_input=True, inputs=_input)
     for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
         (r,) = find_moe_regions(gm, kind)
         per_mm = 1 if kind == "forward" else 2  # backward: input and weight gradient
@@ -248,8 +248,7 @@ def test_shared_expert_on_the_unflattened_input_is_found():
 
 def test_opaque_custom_op_is_left_alone():
     """A library's own scatter-add kernel ends the combine; the region is still found, the op is in no role."""
-    torch.manual_seed(0)
-    graphs = capture_graphs(ms.Block(ms.OpaqueCombineMoE()), _input())
+    graphs = captured(_block, ms.OpaqueCombineMoE, inputs=_input)
     for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
         (r,) = find_moe_regions(gm, kind)
         assert (r.num_experts, r.top_k, r.ffn_hidden) == (4, 2, 32)
@@ -262,9 +261,7 @@ def test_opaque_custom_op_is_left_alone():
 
 def test_moe_next_to_unrelated_topk_is_found_once():
     """A top-k pooling over the sequence and a top-k sampling head after an MoE block do not add regions."""
-    torch.manual_seed(0)
-    model = ms.Stack(ms.Block(ms.CapacityMoE()), ms.TopKNotRouting())
-    graphs = capture_graphs(model, _input())
+    graphs = captured(_moe_then_topk, inputs=_input)
     for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
         (r,) = find_moe_regions(gm, kind)
         assert (r.num_experts, r.top_k, r.capacity) == (4, 2, 12)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from fsmoe_compiler.moe import MoELayer
 from fsmoe_compiler.ops import GATHER_OPS, LAYOUT_OPS, MATMUL_OPS, SCATTER_OPS, TOPK_OPS
 from fsmoe_compiler.passes.recognize import find_moe_regions
-from graph_capture import capture_graphs
+from graph_capture import captured, fake_world
 import moe_styles as ms
 
 M, FFN, BATCH = 16, 32, 2
@@ -118,13 +118,15 @@ def _builder(case: str, which: int):
     return build
 
 
+def _model(case: str, which: int) -> nn.Module:
+    return _builder(case, which)(BATCH * CASES[case][1 + which][0])
+
+
 @functools.lru_cache(maxsize=None)
 def _graphs(case: str, which: int):
     """(forward, backward, forward regions, backward regions) of the reference (0) or coincident (1) model."""
     seq = CASES[case][1 + which][0]
-    torch.manual_seed(0)
-    model = _builder(case, which)(BATCH * seq)
-    graphs = capture_graphs(model, torch.randn(BATCH, seq, M))
+    graphs = captured(_model, case, which, inputs=((BATCH, seq, M),))
     fw, bw = graphs.forward[0], graphs.backward[0]
     return fw, bw, find_moe_regions(fw, "forward"), find_moe_regions(bw, "backward")
 
@@ -289,7 +291,7 @@ def test_coincident_sizes_key_node_roles(case):
             assert not wrong, f"{label} {kind}: (expected, found) role of key nodes {dict(sorted(wrong.items()))}"
 
 
-# ---------------------------------------------------------------- expert parallelism on 2 gloo ranks
+# ---------------------------------------------------------------- expert parallelism, 2 ranks (fake process group)
 
 # name -> (MoELayer keywords, (reference seq, capacity factor), (coincident seq, capacity factor)); tokens are per rank
 EP_CASES = {
@@ -299,19 +301,12 @@ EP_CASES = {
 }
 
 
-def _ep_rank(rank: int, world_size: int) -> dict:
+def _ep_rank() -> dict:
     """Recognise each EP case at both sizes on this rank; return facts, all-to-all roles and all node roles."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from graph_capture import capture_graphs as capture
-
     out = {}
     for name, (kw, *sizes) in EP_CASES.items():
         for which, (seq, cf) in enumerate(sizes):
-            torch.manual_seed(0)
-            graphs = capture(LayerBlock(capacity_factor=cf, **kw), torch.randn(BATCH, seq, M))
+            graphs = captured(LayerBlock, capacity_factor=cf, **kw, inputs=((BATCH, seq, M),))
             fw, bw = graphs.forward[0], graphs.backward[0]
             f = find_moe_regions(fw, "forward")
             for kind, gm, regions in (("forward", fw, f), ("backward", bw, find_moe_regions(bw, "backward", f))):
@@ -327,9 +322,10 @@ def _ep_rank(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def ep_results():
-    from fsmoe_compiler.runtime.launch import run_ranks
-
-    return run_ranks(_ep_rank, 2, timeout_s=240)[0]
+    """Rank 0 of 2 over PyTorch's fake process group: the real EP graphs (shapes, all-to-alls), nothing is run
+    that these tests read (they check roles and graph structure, not numbers)."""
+    with fake_world(rank=0, world_size=2):
+        return _ep_rank()
 
 
 @pytest.mark.parametrize("case", list(EP_CASES))

@@ -1,8 +1,11 @@
-"""MoE recognition on our reference ``MoELayer``: every router, both dispatches, and expert parallelism on 2 ranks."""
+"""MoE recognition on our reference ``MoELayer``: every router, both dispatches, and expert parallelism on 2 ranks.
+
+The expert-parallel graphs are each rank's, traced in this process over PyTorch's fake process group (the
+real shapes and all-to-alls; no numbers are checked here). Numerics on real gloo ranks: test_numerics.py.
+"""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -11,8 +14,7 @@ import torch.nn as nn
 
 from fsmoe_compiler.moe import MoELayer
 from fsmoe_compiler.passes.recognize import find_moe_regions
-from fsmoe_compiler.runtime.launch import run_ranks
-from graph_capture import capture_graphs
+from graph_capture import captured, fake_world
 
 D_MODEL, D_FF, EXPERTS, BATCH, SEQ = 16, 32, 4, 2, 12
 TOKENS = BATCH * SEQ
@@ -51,13 +53,11 @@ CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
 def _graphs(router: str, dispatch: str, shared: bool, expert: str):
-    torch.manual_seed(0)
     kw = dict(router=router, dispatch=dispatch, shared_expert=shared, expert=expert)
     if router == "deepseek":  # group-limited: a topk over groups before the topk over experts
         kw["router_kwargs"] = dict(num_groups=2, topk_groups=1)
-    graphs = capture_graphs(Block(**kw), torch.randn(BATCH, SEQ, D_MODEL))
+    graphs = captured(Block, **kw, inputs=((BATCH, SEQ, D_MODEL),))
     return graphs.forward[0], graphs.backward[0]
 
 
@@ -82,50 +82,50 @@ def test_reference_layer_single_process(case):
     assert bool(b.nodes["shared_expert"]) is shared
 
 
-# ---------------------------------------------------------------- expert parallelism on 2 gloo ranks
+# ---------------------------------------------------------------- expert parallelism, 2 ranks (fake process group)
 
 
 EP_CASES = [("gshard", "capacity"), ("gshard", "dropless"), ("expert_choice", "capacity"), ("softmoe", "capacity")]
 
 
+def _ep_model(router: str, dispatch: str) -> nn.Module:
+    model = Block(router=router, dispatch=dispatch)
+    if (router, dispatch) == ("gshard", "capacity"):  # two layers, the second with a shared expert
+        model = nn.Sequential(model, Block(router=router, dispatch=dispatch, shared_expert=True))
+    return model
+
+
 def _ep_rank(rank: int, world_size: int) -> dict:
-    """Compile a capacity and a dropless EP layer on this rank and summarise what recognition found."""
-    import sys
-    import os
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from graph_capture import capture_graphs as capture
-
+    """Compile a capacity and a dropless EP layer as ``rank`` and summarise what recognition found."""
     out = {}
-    for router, dispatch in EP_CASES:
-        torch.manual_seed(0)
-        model = Block(router=router, dispatch=dispatch)
-        if (router, dispatch) == ("gshard", "capacity"):  # two layers, the second with a shared expert
-            model = nn.Sequential(model, Block(router=router, dispatch=dispatch, shared_expert=True))
-        graphs = capture(model, torch.randn(BATCH, SEQ, D_MODEL))
-        for kind in ("forward", "backward"):
-            gm = getattr(graphs, kind)[0]
-            a2a_nodes = {n.name: n for n in gm.graph.nodes if "all_to_all_single" in str(n.target)}
-            out[(router if router != "gshard" else dispatch, kind)] = dict(
-                regions=[
-                    dict(
-                        layer=r.layer, router=r.router, num_experts=r.num_experts, top_k=r.top_k,
-                        capacity=r.capacity, tokens=r.tokens, all_to_all=r.all_to_all, a2a_bytes=r.a2a_bytes,
-                        a2a_roles=[r.role_of(a) for a in r.all_to_all],
-                        a2a_inputs=[(tuple(a2a_nodes[a].args[0].meta["val"].shape), a2a_nodes[a].args[0].meta["val"].dtype)
-                                    for a in r.all_to_all if all(isinstance(s, int) for s in a2a_nodes[a].args[0].meta["val"].shape)],
-                        expert_nodes=len(r.nodes["expert"]),
-                    )
-                    for r in find_moe_regions(gm, kind)
-                ],
-                a2a_in_graph=sorted(a2a_nodes),
-            )
+    with fake_world(rank, world_size):
+        for router, dispatch in EP_CASES:
+            graphs = captured(_ep_model, router, dispatch, inputs=((BATCH, SEQ, D_MODEL),))
+            for kind in ("forward", "backward"):
+                gm = getattr(graphs, kind)[0]
+                a2a_nodes = {n.name: n for n in gm.graph.nodes if "all_to_all_single" in str(n.target)}
+                out[(router if router != "gshard" else dispatch, kind)] = dict(
+                    regions=[
+                        dict(
+                            layer=r.layer, router=r.router, num_experts=r.num_experts, top_k=r.top_k,
+                            capacity=r.capacity, tokens=r.tokens, all_to_all=r.all_to_all, a2a_bytes=r.a2a_bytes,
+                            a2a_roles=[r.role_of(a) for a in r.all_to_all],
+                            a2a_inputs=[(tuple(a2a_nodes[a].args[0].meta["val"].shape),
+                                         a2a_nodes[a].args[0].meta["val"].dtype)
+                                        for a in r.all_to_all
+                                        if all(isinstance(s, int) for s in a2a_nodes[a].args[0].meta["val"].shape)],
+                            expert_nodes=len(r.nodes["expert"]),
+                        )
+                        for r in find_moe_regions(gm, kind)
+                    ],
+                    a2a_in_graph=sorted(a2a_nodes),
+                )
     return out
 
 
 @pytest.fixture(scope="module")
 def ep_results():
-    return run_ranks(_ep_rank, 2, timeout_s=240)
+    return [_ep_rank(rank, 2) for rank in range(2)]
 
 
 def test_ep_ranks_agree(ep_results):

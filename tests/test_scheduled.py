@@ -17,9 +17,7 @@ import torch.nn as nn
 
 import fsmoe_compiler
 from fsmoe_compiler.moe import MoELayer
-from fsmoe_compiler.runtime.launch import run_ranks
-
-from test_numerics import CASES, ONE_GRAPH
+from moe_cases import CASE_IDS, CASES, ONE_GRAPH
 
 D, FF, E, TOKENS = 16, 32, 4, 24
 # warm-up + one profiling call per degree in [1, 2] + one timed + one plain scheduled call
@@ -85,33 +83,29 @@ def _steps_match(case: tuple, rank: int, options: dict, steps: int = STEPS) -> d
     }
 
 
-def _all_cases(rank: int, world_size: int, options: dict) -> list[dict]:
-    out = []
-    for case in CASES:
-        torch._dynamo.reset()
-        out.append(_steps_match(case, rank, options))
-    return out
+def _one_case(rank: int, world_size: int, case: tuple, options: dict) -> dict:
+    return _steps_match(case, rank, options)
 
 
-@pytest.mark.timeout(900)
-def test_every_router_and_dispatch_matches_eager_at_every_step_with_chunking_on_two_ranks():
-    results = run_ranks(_all_cases, 2, (OPTIONS,), timeout_s=840)
-    for per_rank in results:
-        for res in per_rank:
-            case = res["case"]
-            for step, bad in enumerate(res["bad"]):
-                assert not bad, f"{case} step {step}: fsmoe differs from eager: {bad}"
-            assert res["fallbacks"] == [], f"{case}: {res['fallbacks']}"
-            for kind in ("forward", "backward"):
-                degrees = res["degrees"][kind]
-                assert degrees is not None, f"{case}: no schedule for the {kind} graph"
-                assert res["predicted"][kind] > 0 and res["measured"][kind] > 0
-                assert res["timed_tasks"][kind] == res["tasks"][kind] > 0, f"{case} {kind}: tasks not all timed"
-                if case[1] == "dropless":  # splits change every step: never chunked, and the report says why
-                    assert set(degrees.values()) == {1}, f"{case} {kind}: {degrees}"
-                    assert any("dropless" in n for n in res["chunk_notes"][kind]), res["chunk_notes"][kind]
-    chunked = [r for per_rank in results for r in per_rank if r["case"][1] == "capacity"]
-    assert chunked and all(set(r["degrees"]["forward"].values()) <= {1, 2} for r in chunked)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_router_and_dispatch_matches_eager_at_every_step_with_chunking_on_two_ranks(rank_pool, case):
+    results = rank_pool.run(_one_case, (case, OPTIONS), timeout_s=240)
+    for res in results:
+        assert res["case"] == case
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{case} step {step}: fsmoe differs from eager: {bad}"
+        assert res["fallbacks"] == [], f"{case}: {res['fallbacks']}"
+        for kind in ("forward", "backward"):
+            degrees = res["degrees"][kind]
+            assert degrees is not None, f"{case}: no schedule for the {kind} graph"
+            assert res["predicted"][kind] > 0 and res["measured"][kind] > 0
+            assert res["timed_tasks"][kind] == res["tasks"][kind] > 0, f"{case} {kind}: tasks not all timed"
+            if case[1] == "dropless":  # splits change every step: never chunked, and the report says why
+                assert set(degrees.values()) == {1}, f"{case} {kind}: {degrees}"
+                assert any("dropless" in n for n in res["chunk_notes"][kind]), res["chunk_notes"][kind]
+        if case[1] == "capacity":
+            assert set(res["degrees"]["forward"].values()) <= {1, 2}
 
 
 def _fixed_degree_and_trace(rank: int, world_size: int, trace_path: str) -> dict:
@@ -133,9 +127,9 @@ def _fixed_degree_and_trace(rank: int, world_size: int, trace_path: str) -> dict
 
 
 @pytest.mark.timeout(300)
-def test_fixed_degree_is_applied_reported_and_traced(tmp_path):
+def test_fixed_degree_is_applied_reported_and_traced(rank_pool, tmp_path):
     path = str(tmp_path / "trace.json")
-    results = run_ranks(_fixed_degree_and_trace, 2, (path,), timeout_s=240)
+    results = rank_pool.run(_fixed_degree_and_trace, (path,), timeout_s=240)
     for res in results:
         assert all(not bad for bad in res["bad"]), res["bad"]
         assert res["degrees"]["forward"] == {0: 2} and res["degrees"]["backward"] == {0: 2}
@@ -181,14 +175,14 @@ def _cache_run(rank: int, world_size: int, cache_dir: str, corrupt: bool) -> dic
 
 
 @pytest.mark.timeout(300)
-def test_profile_cache_skips_profiling_and_a_corrupt_cache_is_ignored_with_a_warning(tmp_path):
+def test_profile_cache_skips_profiling_and_a_corrupt_cache_is_ignored_with_a_warning(rank_pool, tmp_path):
     cache = str(tmp_path / "cache")
-    cold = run_ranks(_cache_run, 2, (cache, False), timeout_s=120)
+    cold = rank_pool.run(_cache_run, (cache, False), timeout_s=120)
     assert cold[0]["hit"] == [False, False] and os.listdir(cache)
-    warm = run_ranks(_cache_run, 2, (cache, False), timeout_s=120)
+    warm = rank_pool.run(_cache_run, (cache, False), timeout_s=120)
     for res in warm:
         assert res["hit"] == [True, True], res
         assert res["calls"] == [0, 0]  # scheduled at the first call: no warm-up, no profiling
-    broken = run_ranks(_cache_run, 2, (cache, True), timeout_s=120)
+    broken = rank_pool.run(_cache_run, (cache, True), timeout_s=120)
     assert broken[0]["hit"] == [False, False]
     assert any("cache" in w.lower() for w in broken[0]["warnings"]), broken[0]["warnings"]

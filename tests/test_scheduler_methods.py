@@ -161,7 +161,13 @@ def test_schedule_step_rejects_bad_arguments():
         schedule_step([SPECS[0]], TESTBED, max_degree=0)
     st = schedule_step([SPECS[0]], TESTBED, "cpsat", cache=SolveCache())
     assert st.method == "fsmoe"
-    assert CACHE is not None
+
+
+def test_without_a_cache_argument_solves_share_the_module_cache():
+    hits = CACHE.hits
+    for _ in range(2):  # the second call (at the latest) finds the first one's solves
+        schedule_step([SPECS[0]], TESTBED, "cpsat")
+    assert CACHE.hits > hits
 
 
 def test_weight_gradient_split_is_valid_never_worse_and_above_its_bound():

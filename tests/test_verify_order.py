@@ -9,7 +9,7 @@ import torch.fx as fx
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.verify import (VerificationError, check_topological, collective_order, compare_collectives,
                                           graph_signature, verify)
-from test_taskgraph import GraphBuilder
+from graph_builder import GraphBuilder
 
 aten = torch.ops.aten
 

@@ -81,7 +81,7 @@ def measure_local(
     Each point is the median of ``reps`` timed runs after a warm-up (rank 0's
     timings; every rank takes part in each collective).
     """
-    from fsmoe_compiler.runtime.launch import run_ranks  # imports torch
+    from fsmoe_compiler.launch import run_ranks  # imports torch
 
     out = run_ranks(_measure_rank, 2, (tuple(coll_sizes), tuple(gemm_sizes), reps), timeout_s=timeout_s)
     r0 = out[0]

@@ -29,7 +29,7 @@ class BenchError(RuntimeError):
 
 
 def _free_port() -> int:
-    from fsmoe_compiler.runtime.launch import free_port
+    from fsmoe_compiler.launch import free_port
 
     return free_port()
 

@@ -1,0 +1,27 @@
+"""The router × dispatch cases of the reference ``MoELayer`` that the numerics tests check against eager.
+
+(router, dispatch, expert, shared_expert): every router with every dispatch it supports.
+"""
+
+from __future__ import annotations
+
+CASES = [
+    ("gshard", "capacity", "gelu", False),
+    ("gshard", "dropless", "gelu", True),
+    ("switch", "capacity", "gelu", False),
+    ("switch", "dropless", "swiglu", False),
+    ("sigmoid", "capacity", "swiglu", False),
+    ("sigmoid", "dropless", "gelu", False),
+    ("xmoe", "capacity", "gelu", False),
+    ("xmoe", "dropless", "gelu", False),
+    ("mixtral", "capacity", "swiglu", True),
+    ("mixtral", "dropless", "swiglu", False),
+    ("deepseek", "capacity", "swiglu", True),
+    ("deepseek", "dropless", "swiglu", True),
+    ("softmoe", "capacity", "gelu", False),
+    ("expert_choice", "capacity", "gelu", False),
+]
+CASE_IDS = ["-".join(str(c) for c in case) for case in CASES]
+
+# Data-dependent shapes (dropless splits, a per-expert loop's torch.where) captured in one graph.
+ONE_GRAPH = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
