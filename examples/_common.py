@@ -34,6 +34,12 @@ def arithmetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int =
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
+def config_batch(cfg: Any, batch_size: int, seq_len: int | None, vocab_size: int | None,
+                 seed: int) -> tuple[Tensor, Tensor]:
+    """``arithmetic_batch`` with the sequence length and vocabulary of example config ``cfg`` unless given."""
+    return arithmetic_batch(batch_size, seq_len or cfg.seq_len, vocab_size or cfg.vocab_size, seed)
+
+
 def lm_loss(logits: Tensor, targets: Tensor, aux_total: Tensor, aux_weight: float) -> Tensor:
     """Next-token cross-entropy over every position plus the weighted auxiliary load-balancing loss."""
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

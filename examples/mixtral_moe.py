@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fsmoe_compiler.moe import MoELayer
 
-from ._common import apply_overrides, arithmetic_batch, lm_loss
+from ._common import apply_overrides, config_batch, lm_loss
 
 
 @dataclass
@@ -170,5 +170,4 @@ def make_batch(
     batch_size: int = 4, seq_len: int | None = None, vocab_size: int | None = None, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """A learnable synthetic batch ``(idx, targets)`` of int64 ``[batch_size, seq_len]`` (defaults from the config)."""
-    cfg = MixtralMoEConfig()
-    return arithmetic_batch(batch_size, seq_len or cfg.seq_len, vocab_size or cfg.vocab_size, seed)
+    return config_batch(MixtralMoEConfig(), batch_size, seq_len, vocab_size, seed)

@@ -70,19 +70,25 @@ def _to_schedule(graph: TaskGraph, arr: GraphArrays, start: list[float], method:
                     solve_time_s=time.perf_counter() - t0, meta=dict(meta or {}))
 
 
+def _priority_keys(arr: GraphArrays, priority: Callable[[int, GraphArrays, list[float]], tuple] | None
+                   ) -> list[tuple]:
+    """Per task index, its list-scheduling priority (smaller first): longest tail to the end by default, ties
+    broken by topological rank."""
+    tail = tails(arr)
+    rank = [0] * len(arr.ids)
+    for k, i in enumerate(arr.topo):
+        rank[i] = k
+    if priority is None:
+        return [(-tail[i], rank[i]) for i in range(len(arr.ids))]
+    return [priority(i, arr, tail) + (rank[i],) for i in range(len(arr.ids))]
+
+
 def list_starts(graph: TaskGraph, priority: Callable[[int, GraphArrays, list[float]], tuple] | None = None
                 ) -> tuple[list[float], float]:
     """Core of :func:`list_schedule`: start times by task index and the makespan (no Schedule built)."""
     arr = graph.arrays()
     n = len(arr.ids)
-    tail = tails(arr)
-    rank = [0] * n
-    for k, i in enumerate(arr.topo):
-        rank[i] = k
-    if priority is None:
-        keys = [(-tail[i], rank[i]) for i in range(n)]
-    else:
-        keys = [priority(i, arr, tail) + (rank[i],) for i in range(n)]
+    keys = _priority_keys(arr, priority)
     dur, res, preds, succs = arr.dur, arr.res, arr.preds, arr.succs
     indeg = [len(p) for p in preds]
     est = [0.0] * n
@@ -133,14 +139,7 @@ def parallel_starts(graph: TaskGraph, priority: Callable[[int, GraphArrays, list
     """
     arr = graph.arrays()
     n = len(arr.ids)
-    tail = tails(arr)
-    rank = [0] * n
-    for k, i in enumerate(arr.topo):
-        rank[i] = k
-    if priority is None:
-        keys = [(-tail[i], rank[i]) for i in range(n)]
-    else:
-        keys = [priority(i, arr, tail) + (rank[i],) for i in range(n)]
+    keys = _priority_keys(arr, priority)
     dur, res, preds, succs = arr.dur, arr.res, arr.preds, arr.succs
     nres = len(RESOURCES)
     indeg = [len(p) for p in preds]
@@ -161,7 +160,7 @@ def parallel_starts(graph: TaskGraph, priority: Callable[[int, GraphArrays, list
                 start[i] = t
                 e = t + dur[i]
                 busy_until[r] = e
-                heapq.heappush(running, (e, rank[i], i))
+                heapq.heappush(running, (e, keys[i][-1], i))  # ties by topological rank
         if not running:  # pragma: no cover - a valid DAG always has something running or ready
             raise ValueError("parallel_starts: no task can run (dependency cycle?)")
         t = running[0][0]
