@@ -1,8 +1,12 @@
 """What the backend remembers about each compile, for ``report`` and ``explain``.
 
-Dynamo hands the backend a model's parameters as graph inputs, so a record
-keeps weak references to them; ``records_for(model)`` finds the records whose
-parameters belong to ``model`` without reaching into Dynamo's internals.
+A record belongs to a model when one of its graph inputs is a parameter of
+the model (Dynamo hands them to the backend), or when the model, its
+compiled wrapper or one of its modules was being called when Dynamo
+compiled the graph (the backend notes the modules on the call stack): so a
+graph that takes no parameter (a graph break's resume function, a graph of
+collectives and indexing only) is the model's too. Records hold weak
+references only.
 """
 
 from __future__ import annotations
@@ -94,6 +98,19 @@ class GraphReport:
 
 
 @dataclass
+class Origin:
+    """Where Dynamo traced a graph: the program point (``site``: the frame's function, file and first line; a
+    graph break's resume function is a site of its own), Dynamo's compile id, the graph break that ended the
+    graph (Dynamo's reason and the user code line), and the modules being called (weak references)."""
+
+    site: str = "unknown"
+    compile_id: str = "?"
+    graph_break: str | None = None
+    break_at: str | None = None
+    owners: list[weakref.ref] = field(default_factory=list, repr=False)
+
+
+@dataclass
 class CompileRecord:
     """One Dynamo graph compiled by the fsmoe backend and its aot graphs."""
 
@@ -101,10 +118,33 @@ class CompileRecord:
     config: Any
     param_refs: list[weakref.ref] = field(default_factory=list, repr=False)
     graphs: list[GraphReport] = field(default_factory=list)
+    origin: Origin = field(default_factory=Origin)
+
+    @property
+    def site(self) -> str:
+        return self.origin.site
+
+    @property
+    def compile_id(self) -> str:
+        return self.origin.compile_id
+
+    @property
+    def graph_break(self) -> str | None:
+        return self.origin.graph_break
 
     def owns_any(self, params: Iterable[torch.Tensor]) -> bool:
         mine = {id(p) for p in (r() for r in self.param_refs) if p is not None}
         return any(id(p) in mine for p in params)
+
+    def called_from(self, modules: Iterable[torch.nn.Module]) -> bool:
+        """One of ``modules`` was being called when Dynamo compiled this graph."""
+        owners = {id(m) for m in (r() for r in self.origin.owners) if m is not None}
+        return any(id(m) in owners for m in modules)
+
+    def alive(self) -> bool:
+        """Some parameter or calling module of this record still exists (or it never had any)."""
+        refs = self.param_refs + self.origin.owners
+        return not refs or any(r() is not None for r in refs)
 
     def latest(self, kind: str) -> GraphReport | None:
         """The most recently compiled graph of ``kind`` (recompiles replace earlier ones)."""
@@ -133,16 +173,18 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
 _RECORDS: list[CompileRecord] = []
 
 
-def new_record(config: Any, example_inputs: Iterable[Any]) -> CompileRecord:
-    """Register a compile and remember which parameters it was given."""
+def new_record(config: Any, example_inputs: Iterable[Any], origin: Origin | None = None) -> CompileRecord:
+    """Register a compile and remember which parameters it was given and where it came from."""
     params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
-    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params])
+    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params], origin=origin or Origin())
     _RECORDS.append(record)
     return record
 
 
 def records_for(model: torch.nn.Module) -> list[CompileRecord]:
-    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first."""
+    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first: those given a
+    parameter of it and those compiled while it (or one of its modules) was being called."""
     params = list(model.parameters())
-    _RECORDS[:] = [r for r in _RECORDS if not r.param_refs or any(ref() is not None for ref in r.param_refs)]
-    return [r for r in _RECORDS if r.owns_any(params)]
+    modules = list(model.modules())
+    _RECORDS[:] = [r for r in _RECORDS if r.alive()]
+    return [r for r in _RECORDS if r.owns_any(params) or r.called_from(modules)]
