@@ -55,6 +55,7 @@ from fsmoe_compiler.passes.recognize_common import (
     always,
     expert_buffer,
     first_match,
+    opaque_gemm_backward_operands,
 )
 from fsmoe_compiler.passes.region import MoERegion
 
@@ -151,9 +152,37 @@ def _small_gradient(node: fx.Node, limit: int, grad: frozenset[str]) -> bool:
 
 
 def _grad_operand(m: fx.Node, grad: frozenset[str]) -> fx.Node:
-    """The gradient operand of a matmul (the first one when both are)."""
+    """The gradient operand of a matmul (the first one when both are), or of an opaque GEMM's backward."""
+    gemm = opaque_gemm_backward_operands(m, grad)
+    if gemm is not None:
+        return gemm[0]
     a, b = matmul_operands(m)
     return a if a.name in grad else b
+
+
+def _is_gemm(node: fx.Node, grad: frozenset[str]) -> bool:
+    """An ATen matmul, or an opaque op whose signature is a GEMM's backward (a library's grouped GEMM)."""
+    return is_op(node, MATMUL_OPS) or opaque_gemm_backward_operands(node, grad) is not None
+
+
+def _ungathered_to_experts(node: fx.Node, num_experts: int | None, grad: frozenset[str]) -> bool:
+    """``node``'s result (through views) is scattered by saved routing indices into an ``[experts, ...]`` buffer.
+
+    That is the backward of expert weights gathered per token (``weight[indices]``):
+    each token's weight gradient goes back to its expert's weight.
+    """
+    frontier = [node]
+    for _ in range(4):
+        nxt = []
+        for cur in frontier:
+            for u in cur.users:
+                if (is_op(u, SCATTER_OPS) and any(_saved_index(a, grad) for a in u.all_input_nodes)
+                        and (shape(u) or (None,))[0] == num_experts and u.args[0] is not cur):
+                    return True
+                if u.target in LAYOUT_OPS:
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,8 +371,8 @@ def _idom_chain(dg: nx.DiGraph, target: str, keep: set[str] | frozenset[str]) ->
 
 
 def _leads_to_matmul(index: GraphIndex, start: str, avoid: frozenset[str]) -> bool:
-    """A matmul at or below ``start`` outside ``avoid``."""
-    return any(is_op(index.by_name[d], MATMUL_OPS) for d in ({start} | index.descendants(start)) if d not in avoid)
+    """A matmul (or an opaque GEMM's backward) at or below ``start`` outside ``avoid``."""
+    return any(_is_gemm(index.by_name[d], index.grad) for d in ({start} | index.descendants(start)) if d not in avoid)
 
 
 def _fork(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
@@ -552,6 +581,23 @@ def _forked_matmul_into_experts(s: BackwardSeen) -> bool:
     return leaves or _combine_matmul_pair(s.node, g_op, s.layer.anchor.anc)
 
 
+def _per_token_weight_pair(s: BackwardSeen) -> bool:
+    """A bmm of a gradient with expert weights gathered per token, or that weight's gradient.
+
+    Told by data flow: of the bmms on the same gradient operand, one's result goes
+    back to the experts' weights (``_ungathered_to_experts``).
+    """
+    if not (s.is_matmul and is_op(s.node, overloads(aten.bmm))):
+        return False
+    g_op = s.operands[0]
+    return any(is_op(u, overloads(aten.bmm)) and _ungathered_to_experts(u, s.layer.num_experts, s.index.grad)
+               for u in g_op.users)
+
+
+def _into_opaque_gemm(s: BackwardSeen) -> bool:
+    return s.furthest != UNPERMUTED and opaque_gemm_backward_operands(s.node, s.index.grad) is not None
+
+
 def _forked_matmul(s: BackwardSeen) -> bool:
     return s.is_matmul and _forked(s)
 
@@ -587,6 +633,10 @@ def _expert_side_permute(s: BackwardSeen) -> bool:
 #: The backward transition table, evaluated in order at each gradient node fed by a labelled node.
 BACKWARD_RULES: tuple[Rule, ...] = (
     Rule("meets another gradient (router, shared expert, residual): the region ends", _meets_other_gradient, None),
+    Rule("gradient times expert weights gathered per token, or their gradient: an expert matmul",
+         _per_token_weight_pair, EXPERT_GRAD, mark=EXPERT_MATMUL),
+    Rule("gradient into an opaque GEMM's backward (a library's grouped GEMM): an expert matmul",
+         _into_opaque_gemm, EXPERT_GRAD, mark=EXPERT_MATMUL),
     Rule("token-order gradient through a matmul into expert space (or the combine bmm pair)",
          _forked_matmul_into_experts, PERMUTED),
     Rule("token-order gradient through any other matmul", _forked_matmul, None),
@@ -717,7 +767,8 @@ def _is_moe(index: GraphIndex, walk: BackwardWalk, a2a: list[str]) -> bool:
         return False
     first = [m for m in walk.expert_mms if walk.depth[m.name] == 1]
     lanes = len({_grad_operand(m, index.grad).name for m in first})
-    batched = [m for m in walk.expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3]
+    batched = [m for m in walk.expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3
+               or len(shape((opaque_gemm_backward_operands(m, index.grad) or (None, None))[1]) or ()) == 3]
     return lanes >= 2 or bool(batched) or bool(a2a)
 
 
@@ -768,7 +819,16 @@ def _soft_num_experts(index: GraphIndex, layer: Layer, walk: BackwardWalk) -> in
 def _ffn_hidden(index: GraphIndex, walk: BackwardWalk, hidden: int | None) -> int | None:
     """The experts' inner width: the output width of the first expert matmul that maps ``hidden`` to another width."""
     for m in sorted(walk.expert_mms, key=lambda m: index.pos[m.name]):
-        gs, ms_ = shape(_grad_operand(m, index.grad)), shape(m)
+        gemm = opaque_gemm_backward_operands(m, index.grad)
+        if gemm is not None:  # gradient [..., N] with a weight [E, K, N]: K is the other width
+            pair, width = shape(gemm[1])[-2:], (shape(gemm[0]) or (None,))[-1]
+            if width == hidden and width in pair and pair[0] != pair[1]:
+                return pair[0] if pair[1] == width else pair[1]
+            continue
+        g = _grad_operand(m, index.grad)
+        gs, ms_ = shape(g), shape(m)
+        if gs and ms_ and len(gs) >= 2 and matmul_operands(m)[1] is g and matmul_operands(m)[0] is not g:
+            gs, ms_ = gs[:-2] + gs[-1:] + gs[-2:-1], ms_[:-2] + ms_[-1:] + ms_[-2:-1]  # weights @ column: width is -2
         if gs and ms_ and gs[-1] == hidden and ms_[-1] not in (hidden, None) and _rows_match(gs, ms_):
             return ms_[-1]
     return None

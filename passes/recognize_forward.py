@@ -18,6 +18,7 @@ import torch.fx as fx
 from fsmoe_compiler.ops import (
     ALL_TO_ALL_OPS,
     ARGMAX_OPS,
+    GATHER_OPS,
     GROUPED_MM_OPS,
     LAYOUT_OPS,
     MATMUL_OPS,
@@ -54,6 +55,7 @@ from fsmoe_compiler.passes.recognize_common import (
     always,
     expert_buffer,
     first_match,
+    opaque_gemm_operands,
 )
 from fsmoe_compiler.passes.region import MoERegion
 
@@ -64,7 +66,8 @@ ROUTING = "routing"  # routing metadata: scores, indices, gates, masks, counts
 DISPATCHED = "dispatched"  # token data permuted by the routing result, before any expert matmul
 EXPERT = "expert"  # expert-side data: after an expert matmul
 COMBINED = "combined"  # expert output that met the routing weights again
-STATES = (ROUTING, DISPATCHED, EXPERT, COMBINED)
+WEIGHTS = "routed weights"  # expert weights gathered per token by the routing result (weights go to the tokens)
+STATES = (ROUTING, DISPATCHED, EXPERT, COMBINED, WEIGHTS)
 
 ROUTER_SIDE = "router-side"  # computed on the way to the topk (or from the gate), not labelled
 TOKEN = "token"  # the router's token input or computed from it
@@ -263,6 +266,8 @@ class ForwardSeen:
     kinds: frozenset[str]  # the states of its labelled tensor inputs and the categories of the others
     operands: tuple[str | None, str | None]  # the categories of a matmul's two operands (None, None) otherwise
     source: str | None  # the state of the tuple a getitem reads, else None
+    inputs: dict[str, str] = field(default_factory=dict)  # the state or category of each tensor input, by name
+    gemm: tuple[str | None, str | None] | None = None  # an opaque GEMM's (rows, weight) categories, else None
 
 
 def _category(a: fx.Node, state: dict[str, str], scope: Scope) -> str:
@@ -286,7 +291,10 @@ def _see(n: fx.Node, state: dict[str, str], scope: Scope) -> ForwardSeen:
     a, b = (matmul_operands(n) or (None, None)) if is_op(n, MATMUL_OPS) else (None, None)
     operands = (cats.get(a.name) if a else None, cats.get(b.name) if b else None)
     source = state.get(n.args[0].name) if is_getitem(n) else None
-    return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source)
+    gemm = opaque_gemm_operands(n)
+    gemm_cats = (cats.get(gemm[0].name), cats.get(gemm[1].name)) if gemm else None
+    return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source, inputs=cats,
+                       gemm=gemm_cats)
 
 
 def _meets_outside(s: ForwardSeen) -> bool:
@@ -315,6 +323,28 @@ def _routed_times_weight(s: ForwardSeen) -> bool:
     return (ca in (DISPATCHED, EXPERT) and cb == CONSTANT) or (cb in (DISPATCHED, EXPERT) and ca == CONSTANT)
 
 
+def _routed_times_weight_in_opaque_op(s: ForwardSeen) -> bool:
+    return s.gemm is not None and s.gemm[0] in (DISPATCHED, EXPERT) and s.gemm[1] == CONSTANT
+
+
+def _tokens_times_routed_weights(s: ForwardSeen) -> bool:
+    ca, cb = s.operands
+    return (ca == WEIGHTS and cb in (TOKEN, DISPATCHED, EXPERT)) or (cb == WEIGHTS and ca in (TOKEN, DISPATCHED, EXPERT))
+
+
+def _weights_gathered_by_routing(s: ForwardSeen) -> bool:
+    """A stack of per-expert parameters (rank >= 2, no token or router data) indexed by routing metadata."""
+    n = s.node
+    if n.target not in GATHER_OPS or ROUTING not in s.kinds or not isinstance(n.args[0], fx.Node):
+        return False
+    src = n.args[0]
+    return s.inputs.get(src.name) == CONSTANT and len(shape(src) or ()) >= 2
+
+
+def _view_of_routed_weights(s: ForwardSeen) -> bool:
+    return s.kinds == frozenset({WEIGHTS}) and s.node.target in LAYOUT_OPS
+
+
 def _expert_meets_routing(s: ForwardSeen) -> bool:
     return EXPERT in s.kinds and (ROUTING in s.kinds or ROUTER_SIDE in s.kinds)
 
@@ -339,10 +369,17 @@ FORWARD_RULES: tuple[Rule, ...] = (
     Rule("combined data into an opaque op: the combine stops", _combined_into_opaque, None, mark=OPAQUE),
     Rule("combined data into any other op: the combine stops", _combined_elsewhere, None),
     Rule("routed token data times a weight: an expert matmul", _routed_times_weight, EXPERT, mark=EXPERT_MATMUL),
+    Rule("routed token data times a weight in an opaque op (a library's grouped GEMM): an expert matmul",
+         _routed_times_weight_in_opaque_op, EXPERT, mark=EXPERT_MATMUL),
+    Rule("token data times expert weights gathered per token: an expert matmul", _tokens_times_routed_weights, EXPERT,
+         mark=EXPERT_MATMUL),
     Rule("expert output meets routing weights: the combine", _expert_meets_routing, COMBINED),
     Rule("expert output sent back to the tokens' ranks: the combine all-to-all", _expert_all_to_all, COMBINED),
     Rule("expert-side data", _expert_side, EXPERT),
     Rule("token data moved by routing metadata: the dispatch", _token_data, DISPATCHED),
+    Rule("expert weights gathered per token by routing metadata: the dispatch of weights to tokens",
+         _weights_gathered_by_routing, WEIGHTS),
+    Rule("a view of expert weights gathered per token", _view_of_routed_weights, WEIGHTS),
     Rule("routing metadata", always, ROUTING),
 )
 
@@ -436,13 +473,13 @@ def _summarise_forward(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> Mo
 def _not_moe(index: GraphIndex, walk: ForwardWalk) -> str | None:
     """Why the states below a routing-like anchor are no MoE layer, or None when they are one."""
     if not walk.expert_mms:
-        return "no expert matmul (routed token data times a weight) below it"
-    if not walk.of(DISPATCHED):
+        return "no expert matmul (routed token data times a weight) below it" + _leaves_graph(index, walk)
+    if not walk.of(DISPATCHED) and not walk.of(WEIGHTS):
         return "no token data permuted by the routing result (no dispatch)"
     if not walk.of(COMBINED):
         return "expert outputs never meet the routing weights again (no combine)"
     batched = [m for m in walk.expert_mms
-               if is_op(m, GROUPED_MM_OPS) or len(shape(_weight_operand(m, walk.state)) or ()) == 3]
+               if is_op(m, GROUPED_MM_OPS) or len(shape(_expert_operands(m, walk.state)[1]) or ()) == 3]
     if _lanes(walk) < 2 and not batched and not any(is_op(index.by_name[n], ALL_TO_ALL_OPS) for n in walk.state):
         return "one dense lane on top-k-selected rows (e.g. top-k pooling), not a mixture of experts"
     return None
@@ -450,7 +487,7 @@ def _not_moe(index: GraphIndex, walk: ForwardWalk) -> str | None:
 
 def _lanes(walk: ForwardWalk) -> int:
     """Expert lanes: distinct dispatched inputs of the first expert matmuls."""
-    return len({_token_operand(m, walk.state).name for m in walk.expert_mms if walk.depth[m.name] == 1})
+    return len({_expert_operands(m, walk.state)[0].name for m in walk.expert_mms if walk.depth[m.name] == 1})
 
 
 def _token_sizes(x: fx.Node) -> tuple[int | None, object]:
@@ -536,8 +573,13 @@ def _ffn_hidden(walk: ForwardWalk) -> int | None:
     """The experts' inner width: the last dimension of the token operand of the last expert matmuls."""
     last_depth = max(walk.depth[m.name] for m in walk.expert_mms)
     last = [m for m in walk.expert_mms if walk.depth[m.name] == last_depth]
-    lt_shape = shape(_token_operand(last[0], walk.state))
-    return lt_shape[-1] if lt_shape else None
+    token = _expert_operands(last[0], walk.state)[0]
+    lt_shape = shape(token)
+    if not lt_shape:
+        return None
+    # the contracted width: the last dim of a left operand, the one before it of a right one (weights @ column)
+    right = is_op(last[0], MATMUL_OPS) and matmul_operands(last[0])[1] is token and len(lt_shape) >= 2
+    return lt_shape[-2] if right else lt_shape[-1]
 
 
 def _roles(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> dict[str, list[str]]:
@@ -552,7 +594,7 @@ def _roles(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> dict[str, list
     router |= set(walk.of(ROUTING))
     return {
         "router": index.in_order((router - shared) | {scope.router.topk.name}),
-        "dispatch": index.in_order(walk.of(DISPATCHED)),
+        "dispatch": index.in_order(walk.of(DISPATCHED) + walk.of(WEIGHTS)),
         "expert": index.in_order(walk.of(EXPERT)),
         "combine": index.in_order(walk.of(COMBINED)),
         "shared_expert": index.in_order(shared),
@@ -612,16 +654,32 @@ def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None
     return None
 
 
-def _token_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:
-    """The labelled (routed token) operand of an expert matmul."""
+def _expert_operands(m: fx.Node, state: dict[str, str]) -> tuple[fx.Node, fx.Node]:
+    """``(token data, weight)`` of an expert matmul: an ATen matmul, an opaque GEMM or one with gathered weights.
+
+    The weight is the unlabelled operand, or the one holding expert weights
+    gathered per token (the token data then may be unlabelled: tokens repeated k times).
+    """
+    gemm = opaque_gemm_operands(m)
+    if gemm is not None:
+        return gemm
     a, b = matmul_operands(m)
-    return a if a.name in state else b
+    if state.get(a.name) == WEIGHTS:
+        return b, a
+    if state.get(b.name) == WEIGHTS:
+        return a, b
+    return (a, b) if a.name in state else (b, a)
 
 
-def _weight_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:
-    """The unlabelled (weight) operand of an expert matmul."""
-    a, b = matmul_operands(m)
-    return b if a.name in state else a
+def _leaves_graph(index: GraphIndex, walk: ForwardWalk) -> str:
+    """A note when routing metadata below the anchor is an output of the graph: the layer may go on in another graph."""
+    out = index.graph.output_node()
+    if not any(a.name in walk.state for a in out.all_input_nodes):
+        return ""
+    return ("; the routing result is an output of this graph: if the experts run in a later graph, a Dynamo graph "
+            "break splits the layer (e.g. a Python loop over nonzero() of expert hits; "
+            "fsmoe_compiler.ecosystem.compile_friendly(model) switches known libraries to a compile-friendly "
+            "expert implementation)")
 
 
 def _softmax_after(t: fx.Node) -> bool:
