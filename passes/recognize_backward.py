@@ -403,6 +403,21 @@ def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
     return chain
 
 
+def _entry_gradient(index: GraphIndex, chain: list[str]) -> set[str]:
+    """The gradient the entry chain hangs from when it is computed in this graph (not a tangent), else nothing.
+
+    Inside a model the layer output's gradient is a sum (the residual's and the
+    next layer's): the chain of views stops below it, but a shared expert's
+    gradient branches off it too. It is no part of the region (the residual
+    reads it); only the shared expert's search starts from it.
+    """
+    top = index.by_name[chain[-1]]
+    if _is_tangent(top):
+        return set()
+    above = _idom_chain(index.dg, top.name, index.grad | {top.name})
+    return {above[0]} if above else set()
+
+
 def _scatter_over_tokens(s: fx.Node, dim: int) -> bool | None:
     """Whether the topk gradient ``s`` scatters along the token dimension (expert choice) or the expert one.
 
@@ -718,7 +733,8 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
     kind = _router_kind(index, layer, router)
     if kind == "unknown":
         notes.append("no softmax/sigmoid backward after the topk gradient")
-    shared = _shared_backward_nodes(index, set(layer.chain), set(walk.state) | combine | router)
+    shared = _shared_backward_nodes(index, set(layer.chain) | _entry_gradient(index, layer.chain),
+                                    set(walk.state) | combine | router)
     nodes = {
         "router": index.in_order(router),
         "dispatch": index.in_order(walk.of(UNPERMUTED)),

@@ -179,11 +179,13 @@ def _soft_anchor(index: GraphIndex, n: fx.Node, before_topk: set[str]) -> Router
     return None
 
 
-def _routers(index: GraphIndex) -> list[Router]:
-    """The router of each MoE layer candidate, in graph order of its anchor.
+def _routers(index: GraphIndex) -> list[list[Router]]:
+    """The routers of each MoE layer candidate, in graph order of its anchor: the likeliest first, then the others.
 
-    Several anchors behind one router input (e.g. group-limited routing's
-    topk over groups, then over experts): the last one routes.
+    Several anchors behind one router input (group-limited routing's topk
+    over groups, then over experts; an auxiliary loss's second softmax and
+    topk on the same logits): the last one routes, unless it forms no region;
+    ``find_forward_regions`` then tries the earlier ones, latest first.
     """
     topks = [n for n in index.graph.nodes if _selects(n)]
     routers: dict[str, Router] = {}
@@ -197,25 +199,37 @@ def _routers(index: GraphIndex) -> list[Router]:
         if r is not None:
             routers[n.name] = r
             topks.append(n)
-    last_for_x: dict[str, str] = {}
-    for t in topks:
+    by_x: dict[str, list[Router]] = {}
+    for t in sorted(topks, key=lambda t: index.pos[t.name]):
         if t.name in routers:
-            last_for_x[routers[t.name].x.name] = t.name
-    return sorted((routers[name] for name in last_for_x.values()), key=lambda r: index.pos[r.topk.name])
+            by_x.setdefault(routers[t.name].x.name, []).insert(0, routers[t.name])
+    return sorted(by_x.values(), key=lambda rs: index.pos[rs[0].topk.name])
 
 
 def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
     """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
     index = GraphIndex.build(gm)
-    candidates = _routers(index)
-    regions: list[MoERegion] = []
-    for r in candidates:
-        region = _forward_region(index, _scope(index, r, candidates))
-        if isinstance(region, MoERegion):
-            region.layer = len(regions)
-            regions.append(region)
-        elif notes is not None:
-            notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {region}")
+    groups = _routers(index)
+    candidates = [rs[0] for rs in groups]
+    found: list[tuple[int, MoERegion]] = []  # (the anchor's position, the region)
+    for i, group in enumerate(groups):
+        tried: list[tuple[Router, str]] = []
+        for r in group:  # the latest anchor first; an earlier one on the same router input if it forms no region
+            region = _forward_region(index, _scope(index, r, candidates[:i] + [r] + candidates[i + 1:]))
+            if isinstance(region, MoERegion):
+                if tried:
+                    region.notes.append("routing-like anchor(s) on the same router input left alone: " + "; ".join(
+                        f"{t.topk.name}: {why}" for t, why in tried))
+                found.append((index.pos[r.topk.name], region))
+                break
+            tried.append((r, region))
+        else:
+            if notes is not None:
+                r, why = tried[0]
+                notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {why}")
+    regions = [region for _, region in sorted(found, key=lambda pr: pr[0])]
+    for layer, region in enumerate(regions):
+        region.layer = layer
     return regions
 
 
@@ -389,6 +403,7 @@ class ForwardWalk:
     """The states the walk gave, the expert matmuls it met (with their depth) and the opaque ops it stopped at."""
 
     state: dict[str, str]
+    anchor: fx.Node
     expert_mms: list[fx.Node] = field(default_factory=list)
     depth: dict[str, int] = field(default_factory=dict)  # expert matmuls on the way to an expert-side node
     opaque: list[str] = field(default_factory=list)
@@ -401,7 +416,7 @@ class ForwardWalk:
 def _walk_forward(index: GraphIndex, scope: Scope) -> ForwardWalk:
     """Label every node below the anchor, in graph order, by ``FORWARD_RULES``."""
     t = scope.router.topk
-    walk = ForwardWalk(state={t.name: ROUTING})
+    walk = ForwardWalk(state={t.name: ROUTING}, anchor=t)
     for n in index.after(t):
         if n.op != "call_function" or n.name in scope.blocked or n.target in SHAPE_ONLY_OPS:
             continue
@@ -673,8 +688,12 @@ def _expert_operands(m: fx.Node, state: dict[str, str]) -> tuple[fx.Node, fx.Nod
 
 def _leaves_graph(index: GraphIndex, walk: ForwardWalk) -> str:
     """A note when routing metadata below the anchor is an output of the graph: the layer may go on in another graph."""
-    out = index.graph.output_node()
-    if not any(a.name in walk.state for a in out.all_input_nodes):
+    results, frontier = set(), [walk.anchor]
+    while frontier:  # the anchor's outputs and their views
+        cur = frontier.pop()
+        results.add(cur.name)
+        frontier.extend(u for u in cur.users if is_getitem(u) or u.target in LAYOUT_OPS)
+    if not any(a.name in results for a in index.graph.output_node().all_input_nodes):
         return ""
     return ("; the routing result is an output of this graph: if the experts run in a later graph, a Dynamo graph "
             "break splits the layer (e.g. a Python loop over nonzero() of expert hits; "
