@@ -32,6 +32,7 @@ from fsmoe_compiler.ops import (
     TRANSPOSE_OPS,
     WAIT_OPS,
     is_op,
+    is_opaque,
     overloads,
 )
 from fsmoe_compiler.passes.graph_utils import (
@@ -733,6 +734,10 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
     kind = _router_kind(index, layer, router)
     if kind == "unknown":
         notes.append("no softmax/sigmoid backward after the topk gradient")
+    opaque_gemms = sorted({str(m.target) for m in walk.expert_mms if is_opaque(m)})
+    if opaque_gemms:
+        notes.append(f"expert GEMM gradients in opaque op(s) {opaque_gemms}, told by signature (a gradient times a "
+                     "saved weight)")
     shared = _shared_backward_nodes(index, set(layer.chain) | _entry_gradient(index, layer.chain),
                                     set(walk.state) | combine | router)
     nodes = {

@@ -445,6 +445,10 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
     region = _summarise_forward(index, scope, walk)
     if isinstance(region, MoERegion) and walk.opaque:
         region.notes.append(f"combine stops before opaque op(s) {sorted(set(walk.opaque))}: left alone")
+    opaque_gemms = sorted({str(m.target) for m in walk.expert_mms if is_opaque(m)})
+    if isinstance(region, MoERegion) and opaque_gemms:
+        region.notes.append(f"expert GEMMs in opaque op(s) {opaque_gemms}, told by signature (routed rows times a "
+                            "constant weight)")
     return region
 
 
