@@ -269,6 +269,41 @@ class OpaqueCombineMoE(SortMoE):
         return scatter_rows(weighted, token_of, b * s).reshape(b, s, m)
 
 
+@torch.library.custom_op("moe_styles::rows_rescaled", mutates_args=())
+def rows_rescaled(x: torch.Tensor) -> torch.Tensor:
+    """A library's own kernel that reads token-order rows and takes no routing index (opaque, not a scatter)."""
+    return x * 0.5
+
+
+@rows_rescaled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+rows_rescaled.register_autograd(lambda ctx, grad: grad * 0.5)
+
+
+class OpaqueEpilogueMoE(SortMoE):
+    """Sort-based MoE whose combined output goes through an opaque kernel without a routing index."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        tokens = x.reshape(-1, m)
+        probs, idx = torch.topk(torch.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        token_of = order // self.top_k
+        permuted = tokens.index_select(0, token_of)
+        counts = F.one_hot(idx.reshape(-1), self.num_experts).sum(dim=0)
+        sizes = counts.tolist()
+        for n in sizes:
+            torch._check(n >= 0)
+        torch._check(sum(sizes) == permuted.shape[0])
+        outs = [F.silu(c @ self.fc1[e]) @ self.fc2[e] for e, c in enumerate(torch.split(permuted, sizes))]
+        weighted = torch.cat(outs, dim=0) * probs.reshape(-1)[order].unsqueeze(-1)
+        combined = torch.zeros_like(tokens).index_add(0, token_of, weighted)
+        return rows_rescaled(combined).reshape(b, s, m)
+
+
 class Attention(nn.Module):
     """Plain multi-head self-attention (negative control)."""
 

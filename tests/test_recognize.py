@@ -246,8 +246,9 @@ def test_shared_expert_on_the_unflattened_input_is_found():
         assert len(_matmuls(gm, r.nodes["expert"])) == 8 * per_mm
 
 
-def test_opaque_custom_op_is_left_alone():
-    """A library's own scatter-add kernel ends the combine; the region is still found, the op is in no role."""
+def test_opaque_scatter_back_is_taken_into_the_combine():
+    """A library's own scatter-add kernel (combined rows and a routing index in, token rows out) is part of the
+    combine, told by its signature; the region does not stop before it, and a note names it."""
     graphs = captured(_block, ms.OpaqueCombineMoE, inputs=_input)
     for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
         (r,) = find_moe_regions(gm, kind)
@@ -255,8 +256,20 @@ def test_opaque_custom_op_is_left_alone():
         if kind == "forward":  # (its backward is traced Python: an index_select)
             opaque = [n.name for n in gm.graph.nodes if "moe_styles" in str(n.target)]
             assert len(opaque) == 1
-            assert not set(opaque) & set().union(*r.nodes.values())
-            assert any("moe_styles.scatter_rows" in note for note in r.notes)
+            assert set(opaque) <= set(r.nodes["combine"])
+            assert any("moe_styles.scatter_rows" in note and "in the combine" in note for note in r.notes)
+
+
+def test_opaque_custom_op_without_a_routing_index_is_left_alone():
+    """An opaque kernel on the combined output that is no scatter ends the combine; the op is in no role."""
+    graphs = captured(_block, ms.OpaqueEpilogueMoE, inputs=_input)
+    fw = graphs.forward[0]
+    (r,) = find_moe_regions(fw, "forward")
+    assert (r.num_experts, r.top_k, r.ffn_hidden) == (4, 2, 32)
+    opaque = [n.name for n in fw.graph.nodes if "moe_styles" in str(n.target)]
+    assert len(opaque) == 1
+    assert not set(opaque) & set().union(*r.nodes.values())
+    assert any("moe_styles.rows_rescaled" in note and "left alone" in note for note in r.notes)
 
 
 def test_moe_next_to_unrelated_topk_is_found_once():
