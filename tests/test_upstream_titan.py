@@ -118,6 +118,8 @@ def _ep_job(rank: int, world_size: int, name: str, options: dict, steps: int) ->
             "regions": _regions(rep),
             "a2a": {kind: [len(r.all_to_all) for r in rep.regions(kind)] for kind in ("forward", "backward")},
             "schedules": {kind: len(s) for kind, s in scheds.items()},
+            "after_swap": {kind: [(sum(t.measured_end_ms is not None for t in s.tasks), len(s.measured_calls_ms))
+                                  for s in ss] for kind, ss in scheds.items()},
             "degrees": {kind: [s.degrees for s in ss] for kind, ss in scheds.items()},
             "notes": {kind: [n for s in ss for n in s.notes] for kind, ss in scheds.items()},
         }
@@ -137,5 +139,7 @@ def test_titan_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equals_
         for kind in ("forward", "backward"):
             assert res["regions"][kind] == [want], f"{where} {kind}: {res['regions'][kind]}"
             assert res["schedules"][kind] == 1, f"{where}: no schedule swapped in for the {kind} graph"
+            ((timed, plain),) = res["after_swap"][kind]  # steps 3 and 4 ran the swapped-in graph (timed, plain)
+            assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
         # forward: the count exchange, dispatch and combine; backward: the data all-to-alls' gradients
         assert res["a2a"] == {"forward": [3], "backward": [2]}, f"{where}: {res['a2a']}"
