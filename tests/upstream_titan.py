@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-D, F, E, K = 64, 32, 8, 2  # model dim, expert hidden dim, experts, top-k
+D, F, E = 64, 32, 8  # model dim, expert hidden dim, experts
 BATCH, SEQ = 2, 8  # tokens per rank: 16
 
 
@@ -58,19 +58,23 @@ class TitanCase:
     num_expert_groups: int | None = None  # group-limited routing (DeepSeek-V3): topk over groups, then experts
     num_limited_groups: int | None = None
     route_scale: float = 1.0
+    top_k: int = 2
 
     @property
     def router_kind(self) -> str:
         return f"{self.score_func}-topk"
 
 
+# DeepSeek-V3 style routes top-3 (as torchtitan's DeepSeek-V3 debug model): its router calls topk three times,
+# with k = 2 (best two experts in each group), 2 (groups kept) and 3 (experts), so the k reported shows which
+# topk was taken as the routing anchor.
 CASES = (
     TitanCase("qwen3-softmax", "softmax", shared=False),
     TitanCase("qwen3-softmax-shared", "softmax", shared=True),
     TitanCase("dsv3-sigmoid-grouped", "sigmoid", shared=False, num_expert_groups=4, num_limited_groups=2,
-              route_scale=2.5),
+              route_scale=2.5, top_k=3),
     TitanCase("dsv3-sigmoid-grouped-shared", "sigmoid", shared=True, num_expert_groups=4, num_limited_groups=2,
-              route_scale=2.5),
+              route_scale=2.5, top_k=3),
 )
 CASE_IDS = [c.name for c in CASES]
 BY_NAME = {c.name: c for c in CASES}
@@ -78,7 +82,7 @@ BY_NAME = {c.name: c for c in CASES}
 
 def expected(case: TitanCase) -> dict:
     """The facts every region of ``case`` must carry, forward and backward."""
-    return {"router": case.router_kind, "top_k": K, "num_experts": E, "dropless": True, "capacity": None,
+    return {"router": case.router_kind, "top_k": case.top_k, "num_experts": E, "dropless": True, "capacity": None,
             "hidden": D, "shared_expert": case.shared}
 
 
@@ -105,11 +109,12 @@ def moe_config(case: TitanCase, comm_backend: str = "standard"):
     return cu.make_moe_config(
         num_experts=E,
         router=cu.make_router_config(
-            dim=D, num_experts=E, gate_param_init=linear, top_k=K, score_func=case.score_func, route_norm=True,
+            dim=D, num_experts=E, gate_param_init=linear, top_k=case.top_k, score_func=case.score_func,
+            route_norm=True,
             route_scale=case.route_scale, num_expert_groups=case.num_expert_groups,
             num_limited_groups=case.num_limited_groups),
         routed_experts=cu.make_routed_experts_config(
-            dim=D, hidden_dim=F, num_experts=E, top_k=K, param_init=experts, comm_backend=comm_backend),
+            dim=D, hidden_dim=F, num_experts=E, top_k=case.top_k, param_init=experts, comm_backend=comm_backend),
         shared_experts=(cu.make_ffn_config(dim=D, hidden_dim=F, w1_param_init=linear, w2w3_param_init=linear)
                         if case.shared else None),
     )
