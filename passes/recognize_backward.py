@@ -204,10 +204,17 @@ def _topk_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.N
             continue
         if not _saved_index(idx, grad):
             continue
-        if len(shape(n) or ()) != 2:
+        if not _score_shaped(n):
             continue
         anchors.append(n)
     return anchors
+
+
+def _score_shaped(scatter: fx.Node) -> bool:
+    """A topk gradient of routing scores: ``[tokens, experts]``, or ``[batch, seq, experts]`` scattered along
+    its last dimension (torchtitan's router keeps the batch and sequence dimensions)."""
+    rank = len(shape(scatter) or ())
+    return rank == 2 or (rank == 3 and isinstance(scatter.args[1], int) and scatter.args[1] % 3 == 2)
 
 
 def _soft_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.Node]:
@@ -304,7 +311,7 @@ def _anchors(index: GraphIndex) -> list[Anchor]:
     out = []
     for name in sorted(kinds, key=index.pos.__getitem__):
         s = index.by_name[name]
-        dim, idx = (s.args[1] % 2, s.args[2]) if kinds[name] == "topk" else (1, None)
+        dim, idx = (s.args[1] % len(shape(s)), s.args[2]) if kinds[name] == "topk" else (1, None)
         out.append(Anchor(node=s, kind=kinds[name], dim=dim, index=idx, anc=index.ancestors(name),
                           desc=index.descendants(name)))
     return out
@@ -472,13 +479,14 @@ def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
     tokens = prod_key(entry_keys[:-1])
     s, dim, soft = anchor.node, anchor.dim, anchor.kind == "soft"
     s_keys = shape_keys(s)
+    others = prod_key(k for i, k in enumerate(s_keys) if i != dim)  # the other side: [B, S] of 3-D scores
     # topk over experts scatters along the expert dimension; expert choice along the token dimension
     expert_choice = None if soft else _scatter_over_tokens(s, dim)
     if expert_choice is None:  # no softmax backward to read the expert dimension from: compare sizes
-        expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
+        expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and others != tokens
     if tokens is None:
-        tokens = s_keys[1 - dim]
-    num_experts = shape(s)[1 - dim] if expert_choice else shape(s)[dim]
+        tokens = others
+    num_experts = (others if isinstance(others, int) else None) if expert_choice else shape(s)[dim]
     return Layer(anchor=anchor, fork=fork, chain=chain, hidden=hidden, tokens=tokens,
                  expert_choice=expert_choice, num_experts=num_experts)
 
@@ -738,8 +746,8 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
     if opaque_gemms:
         notes.append(f"expert GEMM gradients in opaque op(s) {opaque_gemms}, told by signature (a gradient times a "
                      "saved weight)")
-    shared = _shared_backward_nodes(index, set(layer.chain) | _entry_gradient(index, layer.chain),
-                                    set(walk.state) | combine | router)
+    heads = set(layer.chain) | _entry_gradient(index, layer.chain) | _output_gradient_views(index, layer.chain)
+    shared = _shared_backward_nodes(index, heads, set(walk.state) | combine | router)
     nodes = {
         "router": index.in_order(router),
         "dispatch": index.in_order(walk.of(UNPERMUTED)),
@@ -925,6 +933,23 @@ def _soft_dispatch_weight_backward(index: GraphIndex, s: fx.Node, dispatch_weigh
         if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, grad) for a in gins):
             out.add(n.name)
     return out
+
+
+def _output_gradient_views(index: GraphIndex, chain: list[str]) -> set[str]:
+    """Views of the layer's output gradient beside the entry chain, when that gradient is computed (not a tangent).
+
+    In a model the layer's output gradient comes from later layers (a
+    residual's gradient); the routed and the shared expert each take their
+    own view of it (torchtitan adds the shared expert on ``[B, S, D]``). The
+    gradient itself is the residual's, so it stays out of the layer.
+    """
+    top = index.by_name[chain[-1]]
+    gins = [a for a in top.all_input_nodes if a.name in index.grad]
+    if top.target not in LAYOUT_OPS or len(gins) != 1:
+        return set()
+    out = gins[0]
+    return {u.name for u in out.users if u.target in LAYOUT_OPS and u.name not in chain
+            and [a for a in u.all_input_nodes if a.name in index.grad] == [out]}
 
 
 def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str]) -> set[str]:

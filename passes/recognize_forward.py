@@ -43,6 +43,7 @@ from fsmoe_compiler.passes.graph_utils import (
     shape_keys,
     static_int,
     tensor_inputs,
+    val,
 )
 from fsmoe_compiler.passes.recognize_common import (
     COMBINE_OPS,
@@ -58,6 +59,9 @@ from fsmoe_compiler.passes.recognize_common import (
     opaque_gemm_operands,
 )
 from fsmoe_compiler.passes.region import MoERegion
+
+#: ``Rule.mark`` of an opaque op the combine takes in by its signature: named in the region's notes.
+OPAQUE_COMBINE = "opaque combine"
 
 # ----------------------------------------------------------------------------------------------
 # states and the categories of unlabelled inputs
@@ -282,6 +286,7 @@ class ForwardSeen:
     source: str | None  # the state of the tuple a getitem reads, else None
     inputs: dict[str, str] = field(default_factory=dict)  # the state or category of each tensor input, by name
     gemm: tuple[str | None, str | None] | None = None  # an opaque GEMM's (rows, weight) categories, else None
+    scope: Scope | None = None  # the router's scope (rules that compare with the token input read it)
 
 
 def _category(a: fx.Node, state: dict[str, str], scope: Scope) -> str:
@@ -308,7 +313,7 @@ def _see(n: fx.Node, state: dict[str, str], scope: Scope) -> ForwardSeen:
     gemm = opaque_gemm_operands(n)
     gemm_cats = (cats.get(gemm[0].name), cats.get(gemm[1].name)) if gemm else None
     return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source, inputs=cats,
-                       gemm=gemm_cats)
+                       gemm=gemm_cats, scope=scope)
 
 
 def _meets_outside(s: ForwardSeen) -> bool:
@@ -322,6 +327,34 @@ def _reads_labelled_tuple(s: ForwardSeen) -> bool:
 def _combined_through_combine_op(s: ForwardSeen) -> bool:
     return COMBINED in s.kinds and (
         s.node.target in COMBINE_OPS or (is_op(s.node, MATMUL_OPS) and ROUTING in s.kinds))
+
+
+def _opaque_scatter_back(s: ForwardSeen) -> bool:
+    """Combined data put back in token order by an op outside ATen (torchtitan's ``deterministic_scatter_add``).
+
+    Told by signature and data flow, not by name: one tensor result with the
+    rows and width of the router's token input, computed from combined
+    data and an integer index that is routing metadata.
+    """
+    if COMBINED not in s.kinds or not is_opaque(s.node) or s.scope is None:
+        return False
+    out = val(s.node)
+    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+        return False
+    if _token_rows(s.node) not in {_token_rows(v) for v in s.scope.x_views}:
+        return False
+    return any(_integer(a) and s.inputs.get(a.name) == ROUTING for a in s.node.all_input_nodes)
+
+
+def _token_rows(node: fx.Node) -> tuple | None:
+    """``(rows, width)`` of a tensor: ``[B, S, M]`` and ``[B*S, M]`` read the same."""
+    keys = shape_keys(node)
+    return (prod_key(keys[:-1]), keys[-1]) if keys else None
+
+
+def _integer(node: fx.Node) -> bool:
+    v = val(node)
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype is not torch.bool
 
 
 def _combined_into_opaque(s: ForwardSeen) -> bool:
@@ -380,6 +413,8 @@ FORWARD_RULES: tuple[Rule, ...] = (
     Rule("meets a residual or another earlier activation: the region ends", _meets_outside, None),
     Rule("one output of a labelled multi-output op", _reads_labelled_tuple, SAME),
     Rule("combined data through an op a combine is made of", _combined_through_combine_op, COMBINED),
+    Rule("combined data scattered back to token order by an opaque op", _opaque_scatter_back, COMBINED,
+         mark=OPAQUE_COMBINE),
     Rule("combined data into an opaque op: the combine stops", _combined_into_opaque, None, mark=OPAQUE),
     Rule("combined data into any other op: the combine stops", _combined_elsewhere, None),
     Rule("routed token data times a weight: an expert matmul", _routed_times_weight, EXPERT, mark=EXPERT_MATMUL),
@@ -407,6 +442,7 @@ class ForwardWalk:
     expert_mms: list[fx.Node] = field(default_factory=list)
     depth: dict[str, int] = field(default_factory=dict)  # expert matmuls on the way to an expert-side node
     opaque: list[str] = field(default_factory=list)
+    opaque_combine: list[str] = field(default_factory=list)  # opaque ops taken into the combine by signature
 
     def of(self, st: str) -> list[str]:
         """Nodes labelled ``st``, in the order they were labelled (graph order)."""
@@ -426,6 +462,8 @@ def _walk_forward(index: GraphIndex, scope: Scope) -> ForwardWalk:
         rule = first_match(FORWARD_RULES, seen)
         if rule.mark == OPAQUE:
             walk.opaque.append(str(n.target))
+        elif rule.mark == OPAQUE_COMBINE:
+            walk.opaque_combine.append(str(n.target))
         new = seen.source if rule.to == SAME else rule.to
         if new is None:
             continue
@@ -449,6 +487,9 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
     if isinstance(region, MoERegion) and opaque_gemms:
         region.notes.append(f"expert GEMMs in opaque op(s) {opaque_gemms}, told by signature (routed rows times a "
                             "constant weight)")
+    if isinstance(region, MoERegion) and walk.opaque_combine:
+        region.notes.append(f"opaque op(s) {sorted(set(walk.opaque_combine))} in the combine: "
+                            "a scatter back to token order by signature (routing index in, token rows out)")
     return region
 
 
