@@ -30,6 +30,7 @@ from fsmoe_compiler.ops import (
     is_getitem,
     is_op,
     is_opaque,
+    is_pointwise,
 )
 from fsmoe_compiler.passes.graph_utils import (
     ancestors_of_set,
@@ -204,16 +205,64 @@ def _routers(index: GraphIndex) -> list[Router]:
 def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
     """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
     index = GraphIndex.build(gm)
-    candidates = _routers(index)
+    candidates = [_limited_router(index, r) or r for r in _routers(index)]
     regions: list[MoERegion] = []
     for r in candidates:
         region = _forward_region(index, _scope(index, r, candidates))
+        if not isinstance(region, MoERegion):
+            region = _sibling_region(index, r, candidates, region, notes)
         if isinstance(region, MoERegion):
             region.layer = len(regions)
             regions.append(region)
         elif notes is not None:
             notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {region}")
     return regions
+
+
+def _limited_router(index: GraphIndex, r: Router) -> Router | None:
+    """The router whose choice the anchor of ``r`` only limits to a capacity, else None.
+
+    Token dropping by capacity (Megatron's ``apply_router_token_dropping``) is a topk over the token dimension
+    of scores computed from the routing topk's result, on the same router input: each expert keeps its
+    ``capacity`` best tokens of those routed to it. It is not an expert-choice router of its own.
+    """
+    tokens_key = _token_sizes(r.x)[1]
+    if not _selects(r.topk) or not _choice(r, tokens_key).expert_choice:
+        return None
+    below = index.ancestors(r.topk.name)
+    for a in reversed(index.nodes[:index.pos[r.topk.name]]):
+        if a.name in below and _selects(a):
+            routing = _walk_router(a, index.ancestors(a.name))
+            if routing is not None and routing.x is r.x and not _choice(routing, tokens_key).expert_choice:
+                return routing
+    return None
+
+
+def _sibling_region(index: GraphIndex, r: Router, candidates: list[Router], why: str,
+                    notes: list[str] | None) -> MoERegion | str:
+    """The region of another anchor on the same router input when the last one (``r``) formed none.
+
+    A second ``topk``/``argmax`` on the same logits that feeds an auxiliary loss, a z-loss or logging (Megatron
+    recomputes the top-k of the softmax scores for its load-balancing loss, after the routing topk) is the last
+    anchor of its router input but routes nothing. The anchors before it that it is not computed from (unlike
+    group-limited routing's topk over groups) are tried, last first; the first that forms a region routes.
+    """
+    before = index.ancestors(r.topk.name)
+    for t in reversed(index.nodes[:index.pos[r.topk.name]]):
+        if t.name in before or not _selects(t):
+            continue
+        sibling = _walk_router(t, index.ancestors(t.name))
+        if sibling is None or sibling.x is not r.x or _limited_router(index, sibling) is not None:
+            continue
+        others = [c for c in candidates if c is not r] + [sibling]
+        region = _forward_region(index, _scope(index, sibling, others))
+        if isinstance(region, MoERegion):
+            if notes is not None:
+                notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) on the same "
+                             f"router input as {t.name} left alone (an auxiliary loss, z-loss or logging): {why}")
+            region.notes.append(f"a second top-k on the same router input ({r.topk.name}) is not the routing")
+            return region
+    return why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +364,39 @@ def _routed_times_weight(s: ForwardSeen) -> bool:
     return (ca in (DISPATCHED, EXPERT) and cb == CONSTANT) or (cb in (DISPATCHED, EXPERT) and ca == CONSTANT)
 
 
+def _weighted_before_next_expert_matmul(s: ForwardSeen) -> bool:
+    """Expert-side data scaled by routing weights on its way to another expert matmul (Megatron's experts apply
+    the routing probabilities to the activation between their two linears): still inside the expert."""
+    return _expert_meets_routing(s) and is_pointwise(s.node.target) and _feeds_weight_matmul(s.node)
+
+
+def _feeds_weight_matmul(node: fx.Node, depth: int = 4) -> bool:
+    """A matmul with a weight (a graph input seen through views) within ``depth`` pointwise or view ops below."""
+    frontier = list(node.users)
+    for _ in range(depth):
+        nxt = []
+        for u in frontier:
+            if is_op(u, MATMUL_OPS):
+                if any(_is_weight(a) for a in (matmul_operands(u) or ())):
+                    return True
+            elif u.op == "call_function" and (u.target in LAYOUT_OPS or is_pointwise(u.target)):
+                nxt.extend(u.users)
+        frontier = nxt
+    return False
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A graph input (a parameter) seen through views and casts."""
+    cur = node
+    for _ in range(6):
+        if cur.op == "placeholder":
+            return True
+        if cur.op != "call_function" or cur.target not in LAYOUT_OPS or len(tensor_inputs(cur)) != 1:
+            return False
+        cur = tensor_inputs(cur)[0]
+    return False
+
+
 def _expert_meets_routing(s: ForwardSeen) -> bool:
     return EXPERT in s.kinds and (ROUTING in s.kinds or ROUTER_SIDE in s.kinds)
 
@@ -339,6 +421,8 @@ FORWARD_RULES: tuple[Rule, ...] = (
     Rule("combined data into an opaque op: the combine stops", _combined_into_opaque, None, mark=OPAQUE),
     Rule("combined data into any other op: the combine stops", _combined_elsewhere, None),
     Rule("routed token data times a weight: an expert matmul", _routed_times_weight, EXPERT, mark=EXPERT_MATMUL),
+    Rule("expert activation scaled by its routing weight before the expert's next matmul",
+         _weighted_before_next_expert_matmul, EXPERT),
     Rule("expert output meets routing weights: the combine", _expert_meets_routing, COMBINED),
     Rule("expert output sent back to the tokens' ranks: the combine all-to-all", _expert_all_to_all, COMBINED),
     Rule("expert-side data", _expert_side, EXPERT),
