@@ -135,10 +135,19 @@ def _permuted_above(node: fx.Node, grad: frozenset[str]) -> bool:
             cur = source
             continue
         gins = [a for a in cur.all_input_nodes if a.name in grad]
-        if cur.target not in LAYOUT_OPS or len(gins) != 1:
+        if not _moves_unchanged(cur) or len(gins) != 1:
             return False
         cur = gins[0]
     return False
+
+
+def _moves_unchanged(node: fx.Node) -> bool:
+    """A view or copy, a ``wait_tensor``, or the copy into the output buffer that ends an in-place collective
+    (``dist.all_to_all_single(out, inp)`` traces to the functional op, a wait and ``aten.copy(out, waited)``)."""
+    if node.target in LAYOUT_OPS or is_op(node, WAIT_OPS):
+        return True
+    return is_op(node, overloads(aten.copy, aten.copy_)) and len(node.args) > 1 and isinstance(node.args[1], fx.Node) \
+        and is_op(node.args[1], WAIT_OPS)
 
 
 def _chunk_reorder_source(node: fx.Node, grad: frozenset[str]) -> fx.Node | None:
@@ -412,8 +421,8 @@ def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
     chain = [fork.name]
     for d in _idom_chain(index.dg, fork.name, index.grad | {fork.name}):
         node = index.by_name[d]
-        if not (node.target in LAYOUT_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
-                or is_op(node, WAIT_OPS) or _is_tangent(node)):
+        if not (_moves_unchanged(node) or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
+                or _is_tangent(node)):
             break
         chain.append(d)
         users = [u for u in node.users if u.name in index.grad]
@@ -718,7 +727,7 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
         return None
     walk = _walk_backward(index, layer)
     combine = _take_combine(index, walk)
-    a2a, a2a_bytes = all_to_alls(index, walk.state)
+    a2a, a2a_bytes = all_to_alls(index, set(walk.state) | set(layer.chain))  # the chain: a fork past the all-to-all
     if not _is_moe(index, walk, a2a):
         return None
     _drop_gate_only(index, layer, walk)

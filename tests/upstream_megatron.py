@@ -96,11 +96,11 @@ def cpu_patches() -> Iterator[None]:
     # The alltoall dispatcher makes one ``torch.cuda.Stream`` for device-to-host copies at construction;
     # a non-None placeholder makes it skip that (it only creates the stream when the class attribute is None).
     patch(token_dispatcher.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", "no CUDA stream on CPU")
-    # ... and at fixed points copies split sizes to the host on that stream and synchronises with it. On CPU
-    # the tensors already are on the host (``maybe_move_tensor_to_cpu`` leaves CPU tensors alone), so the
-    # only work left is the stream calls: the CPU version returns its argument, as the original does there.
-    patch(token_dispatcher.MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize",
-          lambda self, point, tokens_per_expert=None: tokens_per_expert)
+    # ... and, at its device-to-host point, copies the all-to-all split sizes to the host as numpy arrays on that
+    # stream (``maybe_move_tensor_to_cpu(..., as_numpy=True)``) and synchronises with it. On CPU that function
+    # leaves CPU tensors alone, so the split sizes would reach ``all_to_all_single`` as tensors, which it
+    # rejects. The CPU version makes the same host copies (Python ints) without the stream calls.
+    patch(token_dispatcher.MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", _host_split_sizes)
     # Without Transformer Engine, ``RouterGatingLinearFunction`` reads the module global ``te_general_gemm``
     # that only the Transformer Engine import defines (a NameError); None is what it means there: plain mm.
     patch(moe_utils, "te_general_gemm", None)
@@ -117,6 +117,17 @@ def cpu_patches() -> Iterator[None]:
                 delattr(obj, name)
             else:
                 setattr(obj, name, value)
+
+
+def _host_split_sizes(self: Any, point: str, tokens_per_expert: torch.Tensor | None = None) -> Any:
+    """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on CPU: at the device-to-host point, the split
+    sizes as host ints (the original makes numpy arrays of them); nothing to synchronise."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.tolist())
+    return tokens_per_expert
 
 
 def _aux_loss_scaler_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
