@@ -31,6 +31,7 @@ from fsmoe_compiler.ops import (
     SOFTMAX_BACKWARD_OPS,
     TRANSPOSE_OPS,
     WAIT_OPS,
+    is_getitem,
     is_op,
     is_opaque,
     overloads,
@@ -126,16 +127,48 @@ def _permutes(node: fx.Node, grad: frozenset[str]) -> bool:
 
 
 def _permuted_above(node: fx.Node, grad: frozenset[str]) -> bool:
-    """``node`` is, or is a view of, a gradient permuted by saved routing indices."""
+    """``node`` is, or is a view or a chunk reorder of, a gradient permuted by saved routing indices."""
     cur = node
     for _ in range(8):
         if _permutes(cur, grad):
             return True
+        source = _chunk_reorder_source(cur, grad)
+        if source is not None:
+            cur = source
+            continue
         gins = [a for a in cur.all_input_nodes if a.name in grad]
-        if cur.target not in LAYOUT_OPS or len(gins) != 1:
+        if not _moves_unchanged(cur) or len(gins) != 1:
             return False
         cur = gins[0]
     return False
+
+
+def _moves_unchanged(node: fx.Node) -> bool:
+    """A view or copy, a ``wait_tensor``, or the copy into the output buffer that ends an in-place collective
+    (``dist.all_to_all_single(out, inp)`` traces to the functional op, a wait and ``aten.copy(out, waited)``)."""
+    if node.target in LAYOUT_OPS or is_op(node, WAIT_OPS):
+        return True
+    return is_op(node, overloads(aten.copy, aten.copy_)) and len(node.args) > 1 and isinstance(node.args[1], fx.Node) \
+        and is_op(node.args[1], WAIT_OPS)
+
+
+def _chunk_reorder_source(node: fx.Node, grad: frozenset[str]) -> fx.Node | None:
+    """The one gradient a ``cat`` of its slices reorders (Megatron's ``sort_chunks_by_idxs``: split by counts,
+    concatenate in another order: a permutation of row blocks), else None."""
+    if not is_op(node, overloads(aten.cat)) or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return None
+    sources = set()
+    for piece in node.args[0]:
+        if not isinstance(piece, fx.Node) or piece.target not in LAYOUT_OPS:
+            return None
+        gins = [a for a in piece.all_input_nodes if a.name in grad]
+        if len(gins) != 1:
+            return None
+        src = gins[0]
+        if is_getitem(src):  # a piece of split_with_sizes
+            src = src.args[0]
+        sources.add(src)
+    return sources.pop() if len(sources) == 1 else None
 
 
 def _small_gradient(node: fx.Node, limit: int, grad: frozenset[str]) -> bool:
@@ -386,15 +419,38 @@ def _leads_to_matmul(index: GraphIndex, start: str, avoid: frozenset[str]) -> bo
 def _fork(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
     """The dominator of the anchor that also leads to matmuls elsewhere: where the gate and expert gradients split.
 
-    Gradients smaller than the score matrix's short side (an auxiliary loss's) do not count.
+    Gradients smaller than the score matrix's short side (an auxiliary loss's) do not count, nor do the
+    gradients of routing tensors that left the forward graph as outputs (``_side_tangents``).
     """
     s = anchor.node
     smallest = min((d for d in shape(s) if d is not None), default=1)
-    keep = {n for n in anchor.anc & index.grad if (numel(index.by_name[n]) or smallest) >= smallest} | {s.name}
+    side = _side_tangents(index, anchor)
+    keep = {n for n in anchor.anc & index.grad if (numel(index.by_name[n]) or smallest) >= smallest
+            and n not in side} | {s.name}
     for d in _idom_chain(index.dg, s.name, keep):
         if _leads_to_matmul(index, d, anchor.anc | anchor.desc):
             return index.by_name[d]
     return None
+
+
+def _side_tangents(index: GraphIndex, anchor: Anchor) -> set[str]:
+    """Incoming gradients of routing tensors that left the forward graph as outputs, and what only they feed.
+
+    A layer that keeps its routing probabilities on the module (Megatron's dispatcher stores them on ``self``)
+    makes them an output of the forward graph, so the backward graph has a gradient input for them that joins
+    the gate's gradient. Such a tangent reaches the anchor but no matmul other than the router's own (below
+    the anchor); it is not the layer's output gradient and must not hide the fork.
+    """
+    side = {t for t in anchor.anc if _is_tangent(index.by_name[t])
+            and not _leads_to_matmul(index, t, anchor.desc | {anchor.node.name})}
+    if not side:
+        return side
+    out = set(side)
+    for n in index.in_order(set().union(*(index.descendants(t) for t in side)) & anchor.anc):
+        gins = [a.name for a in index.by_name[n].all_input_nodes if a.name in index.grad]
+        if gins and all(g in out for g in gins):
+            out.add(n)
+    return out
 
 
 def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
@@ -402,11 +458,12 @@ def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
     chain = [fork.name]
     for d in _idom_chain(index.dg, fork.name, index.grad | {fork.name}):
         node = index.by_name[d]
-        if not (node.target in LAYOUT_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
-                or is_op(node, WAIT_OPS) or _is_tangent(node)):
+        if not (_moves_unchanged(node) or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
+                or _is_tangent(node)):
             break
         chain.append(d)
-        if len([u for u in node.users if u.name in index.grad]) > 1:
+        users = [u for u in node.users if u.name in index.grad]
+        if len(users) > 1 and not _pieces_of(index, users, fork):
             break
     return chain
 
@@ -424,6 +481,19 @@ def _entry_gradient(index: GraphIndex, chain: list[str]) -> set[str]:
         return set()
     above = _idom_chain(index.dg, top.name, index.grad | {top.name})
     return {above[0]} if above else set()
+
+
+def _pieces_of(index: GraphIndex, users: list[fx.Node], fork: fx.Node) -> bool:
+    """Every one of ``users`` is a slice (or a split) on the way to ``fork``: a chunk reorder, not a branch."""
+    return all(u.target in LAYOUT_OPS and (u is fork or fork.name in index.descendants(u.name)) for u in users)
+
+
+def _between(index: GraphIndex, chain: list[str]) -> list[str]:
+    """Nodes between consecutive nodes of the entry chain that are not in it (the pieces of a chunk reorder)."""
+    out: set[str] = set()
+    for below, above in zip(chain, chain[1:]):
+        out |= (index.descendants(above) & index.ancestors(below)) - set(chain)
+    return index.in_order(out)
 
 
 def _scatter_over_tokens(s: fx.Node, dim: int) -> bool | None:
@@ -466,6 +536,7 @@ class Layer:
     tokens: object  # an int, or a sympy expression under dynamic shapes
     expert_choice: bool
     num_experts: int | None
+    between: list[str] = field(default_factory=list)  # entry-chain nodes between dominators (chunk pieces)
 
 
 def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
@@ -488,7 +559,7 @@ def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
         tokens = others
     num_experts = (others if isinstance(others, int) else None) if expert_choice else shape(s)[dim]
     return Layer(anchor=anchor, fork=fork, chain=chain, hidden=hidden, tokens=tokens,
-                 expert_choice=expert_choice, num_experts=num_experts)
+                 expert_choice=expert_choice, num_experts=num_experts, between=_between(index, chain))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,11 +801,11 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
         return None
     walk = _walk_backward(index, layer)
     combine = _take_combine(index, walk)
-    a2a, a2a_bytes = all_to_alls(index, walk.state)
+    a2a, a2a_bytes = all_to_alls(index, set(walk.state) | set(layer.chain))  # the chain: a fork past the all-to-all
     if not _is_moe(index, walk, a2a):
         return None
     _drop_gate_only(index, layer, walk)
-    combine = {c for c in combine | set(layer.chain) if index.by_name[c].op == "call_function"}
+    combine = {c for c in combine | set(layer.chain) | set(layer.between) if index.by_name[c].op == "call_function"}
     router = _router_nodes(index, layer, walk, combine)
     num_experts = _soft_num_experts(index, layer, walk) if anchor.kind == "soft" else layer.num_experts
     capacity, buffer = _capacity(index, layer, walk, num_experts)
@@ -776,7 +847,9 @@ def _capacity(index: GraphIndex, layer: Layer, walk: BackwardWalk,
     """``(capacity, buffer)``: expert choice's k, else the first ``[E, C, M]`` permuted gradient (C may be symbolic)."""
     if layer.expert_choice:
         return _top_k(layer.anchor), True
-    return expert_buffer(index, walk.of(PERMUTED), num_experts, layer.hidden)
+    # the gradient may be in expert order above the fork already (the gate weights applied inside the experts)
+    above = [n for n in reversed(layer.chain[1:] + layer.between) if _permuted_above(index.by_name[n], index.grad)]
+    return expert_buffer(index, above + walk.of(PERMUTED), num_experts, layer.hidden)
 
 
 def _take_combine(index: GraphIndex, walk: BackwardWalk) -> set[str]:

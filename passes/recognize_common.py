@@ -27,7 +27,7 @@ from fsmoe_compiler.ops import (
     is_opaque,
     overloads,
 )
-from fsmoe_compiler.passes.graph_utils import nbytes, shape_keys, size_key, to_digraph
+from fsmoe_compiler.passes.graph_utils import nbytes, prod_key, shape_keys, size_key, to_digraph
 
 aten = torch.ops.aten
 
@@ -153,12 +153,13 @@ def expert_buffer(index: GraphIndex, names: Iterable[str], num_experts: object,
                   hidden: object) -> tuple[int | None, bool]:
     """The first ``[experts, capacity, hidden]`` buffer among ``names`` (graph order): ``(capacity, found)``.
 
+    The experts may be spread over leading dimensions (Megatron's ``[ranks, local experts, capacity, hidden]``).
     The capacity is None when it is symbolic (dynamic shapes).
     """
     for name in index.in_order(names):
         sk = shape_keys(index.by_name[name])
-        if sk and len(sk) == 3 and sk[0] == num_experts and sk[2] == hidden:
-            return (sk[1] if isinstance(sk[1], int) else None), True
+        if sk and len(sk) >= 3 and prod_key(sk[:-2]) == num_experts and sk[-1] == hidden:
+            return (sk[-2] if isinstance(sk[-2], int) else None), True
     return None, False
 
 

@@ -31,6 +31,7 @@ from fsmoe_compiler.ops import (
     is_getitem,
     is_op,
     is_opaque,
+    is_pointwise,
 )
 from fsmoe_compiler.passes.graph_utils import (
     ancestors_of_set,
@@ -214,11 +215,12 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
     index = GraphIndex.build(gm)
     groups = _routers(index)
-    candidates = [rs[0] for rs in groups]
+    candidates = [_limited_router(index, rs[0]) or rs[0] for rs in groups]
     found: list[tuple[int, MoERegion]] = []  # (the anchor's position, the region)
     for i, group in enumerate(groups):
         tried: list[tuple[Router, str]] = []
         for r in group:  # the latest anchor first; an earlier one on the same router input if it forms no region
+            r = _limited_router(index, r) or r  # a capacity topk over tokens limits the routing topk, not routes
             region = _forward_region(index, _scope(index, r, candidates[:i] + [r] + candidates[i + 1:]))
             if isinstance(region, MoERegion):
                 if tried:
@@ -235,6 +237,25 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     for layer, region in enumerate(regions):
         region.layer = layer
     return regions
+
+
+def _limited_router(index: GraphIndex, r: Router) -> Router | None:
+    """The router whose choice the anchor of ``r`` only limits to a capacity, else None.
+
+    Token dropping by capacity (Megatron's ``apply_router_token_dropping``) is a topk over the token dimension
+    of scores computed from the routing topk's result, on the same router input: each expert keeps its
+    ``capacity`` best tokens of those routed to it. It is not an expert-choice router of its own.
+    """
+    tokens_key = _token_sizes(r.x)[1]
+    if not _selects(r.topk) or not _choice(r, tokens_key).expert_choice:
+        return None
+    below = index.ancestors(r.topk.name)
+    for a in reversed(index.nodes[:index.pos[r.topk.name]]):
+        if a.name in below and _selects(a):
+            routing = _walk_router(a, index.ancestors(a.name))
+            if routing is not None and routing.x is r.x and not _choice(routing, tokens_key).expert_choice:
+                return routing
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +411,37 @@ def _weights_gathered_by_routing(s: ForwardSeen) -> bool:
 
 def _view_of_routed_weights(s: ForwardSeen) -> bool:
     return s.kinds == frozenset({WEIGHTS}) and s.node.target in LAYOUT_OPS
+def _weighted_before_next_expert_matmul(s: ForwardSeen) -> bool:
+    """Expert-side data scaled by routing weights on its way to another expert matmul (Megatron's experts apply
+    the routing probabilities to the activation between their two linears): still inside the expert."""
+    return _expert_meets_routing(s) and is_pointwise(s.node.target) and _feeds_weight_matmul(s.node)
+
+
+def _feeds_weight_matmul(node: fx.Node, depth: int = 4) -> bool:
+    """A matmul with a weight (a graph input seen through views) within ``depth`` pointwise or view ops below."""
+    frontier = list(node.users)
+    for _ in range(depth):
+        nxt = []
+        for u in frontier:
+            if is_op(u, MATMUL_OPS):
+                if any(_is_weight(a) for a in (matmul_operands(u) or ())):
+                    return True
+            elif u.op == "call_function" and (u.target in LAYOUT_OPS or is_pointwise(u.target)):
+                nxt.extend(u.users)
+        frontier = nxt
+    return False
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A graph input (a parameter) seen through views and casts."""
+    cur = node
+    for _ in range(6):
+        if cur.op == "placeholder":
+            return True
+        if cur.op != "call_function" or cur.target not in LAYOUT_OPS or len(tensor_inputs(cur)) != 1:
+            return False
+        cur = tensor_inputs(cur)[0]
+    return False
 
 
 def _expert_meets_routing(s: ForwardSeen) -> bool:
@@ -422,6 +474,8 @@ FORWARD_RULES: tuple[Rule, ...] = (
          _routed_times_weight_in_opaque_op, EXPERT, mark=EXPERT_MATMUL),
     Rule("token data times expert weights gathered per token: an expert matmul", _tokens_times_routed_weights, EXPERT,
          mark=EXPERT_MATMUL),
+    Rule("expert activation scaled by its routing weight before the expert's next matmul",
+         _weighted_before_next_expert_matmul, EXPERT),
     Rule("expert output meets routing weights: the combine", _expert_meets_routing, COMBINED),
     Rule("expert output sent back to the tokens' ranks: the combine all-to-all", _expert_all_to_all, COMBINED),
     Rule("expert-side data", _expert_side, EXPERT),
