@@ -570,3 +570,24 @@ def test_dropless_chunked_graphs_pass_verify():
         chunk(gm, ctx)
         assert ctx.chunking[0].degree == 4, ctx.chunking[0]
         verify(gm, ctx)
+
+
+def test_a_dropless_all_to_all_is_priced_from_the_bytes_it_sent_when_profiled():
+    from fsmoe_compiler.profiler import CostModel
+    from fsmoe_compiler.scheduler.costs import LinearCost
+
+    _, out = run_pass(2, dispatch="dropless")
+    fw = out["forward"][0]
+    data = [n for n in fw.graph.nodes if n.target is A2A and not _int_a2a(n)]
+    combine = next(n for n in data if n.meta["fsmoe"]["origin"] == "all_to_all_single_2")
+    sample = {"node": combine.name, "kind": "all_to_all", "group": "0", "group_size": 2, "ms": 1.0}
+    model = CostModel(comm={"all_to_all/2": LinearCost(0.5, 0.001)},
+                      samples=[{**sample, "bytes": 4000, "degree": 2}, {**sample, "bytes": 6000, "degree": 2},
+                               {**sample, "bytes": 8000, "degree": 2}, {**sample, "bytes": 64000, "degree": 4}])
+    assert model.node_cost(combine) == pytest.approx(0.5 + 0.001 * 6000)  # the median of its own degree's calls
+    # a chunk copy never profiled: its origin's bytes at degree 1, divided by the degree
+    origin = CostModel(comm=model.comm, samples=[{**sample, "node": "all_to_all_single_2", "bytes": 9000,
+                                                  "degree": 1}])
+    assert origin.node_cost(combine) == pytest.approx(0.5 + 0.001 * 4500)
+    static = next(n for n in data if n.meta["fsmoe"]["origin"] == "all_to_all_single_1")  # [32, 16] float32
+    assert model.node_cost(static) == pytest.approx(0.5 + 0.001 * 32 * 16 * 4)
