@@ -1,20 +1,34 @@
-"""Split each expert-parallel MoE region into r chunks along the capacity dimension.
+"""Split each expert-parallel MoE region into r chunks, along the capacity or the hidden dimension.
 
 For a region with all-to-alls and a requested degree ``r = ctx.degrees[layer] > 1``
 the pass takes the part of the region between its all-to-alls and its experts
 (dispatch all-to-all -> expert compute -> combine all-to-all; in the backward
 graph the reverse, weight gradients included), finds how each tensor of it is
-split along the capacity dimension by propagating layouts through per-op rules
-(``passes.chunk_rules``), and rewrites it as r copies working on 1/r of the
-capacity each: entries are sliced, shape arguments rescaled, all-to-alls send
-1/r of every expert's buffer, and the exits are put back together (``cat`` of
-split outputs, ``add`` of partial sums such as expert weight gradients). The
+split by propagating layouts through per-op rules (``passes.chunk_rules``),
+and rewrites it as r copies working on 1/r of the split each: entries are
+sliced, shape arguments rescaled, and the exits are put back together (``cat``
+of split outputs, ``add`` of partial sums such as expert weight gradients). The
 scheduler can then overlap chunk i's compute with chunk i±1's communication.
 
-A region that cannot be split (dropless dispatch, an op without a rule, a
-degree larger than the capacity) is left as it is with the reason in
-``ctx.chunking`` and ``ctx.notes``; ``ctx.strict`` raises ``ChunkError``
-instead. Graph inputs and outputs are never changed: aot_autograd links the
+Capacity dispatch (a static ``[E, C, M]`` buffer) is split along the capacity
+``C``: all-to-alls send 1/r of every expert's buffer, and every chunk runs the
+whole expert FFN on its share.
+
+Dropless dispatch exchanges token counts first and its data all-to-alls have
+data-dependent (unbacked) split sizes. It is split along the hidden dimension
+``M`` of the dispatched rows instead, so every chunk keeps the layer's own
+split sizes and no count is exchanged again: each data all-to-all sends 1/r of
+every row's features; the first expert GEMM contracts over ``M``, so each chunk
+computes a partial product and the activation reads their sum (a ``PARTIAL``
+layout read whole); the last GEMM computes its output in column chunks, each
+sent back by its own combine all-to-all. The backward graph mirrors it (the
+gradient all-to-alls in column chunks, the expert weight gradients in column
+chunks). The integer count all-to-all is left whole.
+
+A region that cannot be split (an op without a rule, a degree larger than the
+capacity or not dividing it or the hidden size) is left as it is with the
+reason in ``ctx.chunking`` and ``ctx.notes``; ``ctx.strict`` raises
+``ChunkError`` instead. Graph inputs and outputs are never changed: aot_autograd links the
 forward and backward graph by them, so the forward's saved tensors keep their
 full shapes and values.
 """
@@ -29,11 +43,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch._prims_common import is_contiguous_or_false
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fsmoe_compiler.ops import ALL_TO_ALL_OPS, TRANSPOSE_OPS, WAIT_OPS, is_op
+from fsmoe_compiler.ops import ALL_TO_ALL_OPS, SIZE_QUERY_OPS, TRANSPOSE_OPS, WAIT_OPS, is_op, overloads
 from fsmoe_compiler.passes.context import PassContext, graph_pass
-from fsmoe_compiler.passes.chunk_rules import PARTIAL, UNSPLIT, Layout, Split, Unchunkable, rule_for, static_shape
+from fsmoe_compiler.passes.chunk_rules import (PARTIAL, SHAPE_ONLY_RULE_OPS, UNSPLIT, Layout, Split, Unchunkable,
+                                               apply_rule, loose_shape, reads_whole, rule_for, static_shape)
 from fsmoe_compiler.passes.graph_utils import ancestors_of_set, to_digraph
 from fsmoe_compiler.passes.region import ROLES, MoERegion
 
@@ -41,7 +57,8 @@ aten = torch.ops.aten
 
 __all__ = ["ChunkError", "ChunkInfo", "ChunkPlan", "chunk", "plan_region", "region_subgraph"]
 
-DROPLESS_REASON = "dropless layer: splits change every step"
+#: the two ways a region is split
+ALONG_CAPACITY, ALONG_HIDDEN = "capacity", "hidden"
 
 
 class ChunkError(ValueError):
@@ -55,7 +72,8 @@ class ChunkInfo:
     ``degree`` is the applied degree (1 when left alone, with ``reason``);
     ``nodes`` counts the nodes the pass created; ``split`` describes the anchor
     split, e.g. ``"dim 1 of view_3 [4, 10, 32]"``; ``entries``/``exits`` name the
-    values that cross the chunked subgraph's boundary.
+    values that cross the chunked subgraph's boundary; ``along`` is
+    ``"capacity"`` or ``"hidden"`` (dropless dispatch).
     """
 
     layer: int
@@ -67,6 +85,7 @@ class ChunkInfo:
     graph: str = "forward"
     entries: list[str] = field(default_factory=list)
     exits: list[str] = field(default_factory=list)
+    along: str = ALONG_CAPACITY
 
 
 @dataclass
@@ -87,6 +106,7 @@ class ChunkPlan:
     sub: Subgraph
     layouts: dict[fx.Node, Layout]
     anchor: str
+    along: str = ALONG_CAPACITY
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,10 +118,20 @@ def _descendants_of_set(dg: nx.DiGraph, names: set[str]) -> set[str]:
     return ancestors_of_set(dg.reverse(copy=False), names)
 
 
+def _carries_data(node: fx.Node) -> bool:
+    """``node``'s value is a floating-point tensor (or a list of them): token data, not counts or sizes."""
+    v = node.meta.get("val")
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    return bool(vals) and all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in vals)
+
+
 def _a2a_and_waits(gm: fx.GraphModule, region: MoERegion) -> list[fx.Node]:
-    """The region's all_to_all_single nodes and the wait_tensor nodes that complete them."""
+    """The region's all_to_all_single nodes that move token data and the wait_tensor nodes that complete them.
+
+    The integer all-to-all of dropless dispatch's token counts is not among them: it stays whole.
+    """
     by_name = {n.name: n for n in gm.graph.nodes}
-    out = [by_name[a] for a in region.all_to_all if a in by_name]
+    out = [by_name[a] for a in region.all_to_all if a in by_name and _carries_data(by_name[a])]
     return out + [u for a in list(out) for u in a.users if is_op(u, WAIT_OPS)]
 
 
@@ -120,15 +150,21 @@ def _window_digraph(gm: fx.GraphModule, names: set[str]) -> nx.DiGraph:
 def region_subgraph(gm: fx.GraphModule, region: MoERegion) -> Subgraph:
     """The region's nodes on paths between its all-to-alls and its expert nodes (plus those nodes).
 
-    Any node on a path between two of them joins too, so no value computed from
+    Only nodes holding token data (floating-point tensors) count: sizes, counts
+    and the count all-to-all are entries every chunk reads as they are. Any
+    node on a path between two of them joins too, so no value computed from
     the subgraph flows back into it from outside. Transposes whose users all lie
     in the subgraph join it (the backward graph transposes saved activations and
     weights right before the expert matmuls), so a saved activation itself is the
     entry.
     """
     comm = {n.name for n in _a2a_and_waits(gm, region)}
-    members = {n for names in region.nodes.values() for n in names} | comm
-    dg = _window_digraph(gm, members)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    # token data only: sizes and counts (SymInts, the count all-to-all) are read as they are by every chunk
+    members = {n for names in region.nodes.values() for n in names if n in by_name and _carries_data(by_name[n])}
+    members |= comm
+    window = _window_digraph(gm, members)
+    dg = window.subgraph([n for n in window if _carries_data(by_name[n])])
     experts = set(region.nodes.get("expert", [])) & set(dg.nodes)
     down_comm, up_comm = _descendants_of_set(dg, comm) | comm, ancestors_of_set(dg, comm) | comm
     down_exp, up_exp = _descendants_of_set(dg, experts) | experts, ancestors_of_set(dg, experts) | experts
@@ -153,36 +189,59 @@ def region_subgraph(gm: fx.GraphModule, region: MoERegion) -> Subgraph:
 # layout inference
 
 
-def infer_layouts(sub: Subgraph, seeds: dict[fx.Node, Layout]) -> dict[fx.Node, Layout]:
+def infer_layouts(sub: Subgraph, seeds: dict[fx.Node, Layout], read_whole: bool = False) -> dict[fx.Node, Layout]:
     """Layouts of every value of ``sub`` implied by ``seeds``: a worklist over the op rules, both directions.
 
-    Values nothing constrains are unsplit. A final pass re-applies every rule to
-    the complete assignment, so each op sees consistent layouts. Raises
+    Values nothing constrains are unsplit. With ``read_whole`` an op may read a
+    partial sum whole (``chunk_rules.apply_rule``). Splits spread first and partial sums only
+    after them, so a value that some all-to-all needs split is never made a
+    partial sum on the way (a partial sum can always be read whole, a split
+    value cannot). A final pass re-applies every rule to the
+    complete assignment, so each op sees consistent layouts. Raises
     ``Unchunkable`` on a contradiction.
     """
     members = set(sub.nodes)
     known: dict[fx.Node, Layout] = dict(seeds)
     queue, queued = deque(sub.nodes), set(sub.nodes)
-    while queue:
+    deferred: deque[tuple[fx.Node, fx.Node]] = deque()  # (value, the node whose rule made it a partial sum)
+
+    def enqueue(*nodes: fx.Node) -> None:
+        for n in nodes:
+            if n in members and n not in queued:
+                queue.append(n)
+                queued.add(n)
+
+    while queue or deferred:
+        if not queue:  # splits have spread as far as they go: now the partial sums
+            value, origin = deferred.popleft()
+            # a value its users need whole may still be made a partial sum by its own op: they read it summed
+            if value not in known or (read_whole and known[value] is UNSPLIT and origin is value):
+                known[value] = PARTIAL
+                enqueue(value, *value.users)
+            enqueue(origin)
+            continue
         node = queue.popleft()
         queued.discard(node)
-        for value, layout in rule_for(node)(node, known.get).items():
+        for value, layout in apply_rule(rule_for(node), node, known.get, read_whole).items():
             if layout is None or known.get(value) == layout:
+                continue
+            if layout is PARTIAL and (value not in known or (read_whole and known[value] is UNSPLIT and value is node)):
+                deferred.append((value, node))
                 continue
             if value in known:
                 raise Unchunkable(f"{value.name} would be both {known[value]} and {layout} (at {node.name})")
             known[value] = layout
-            for n in [value, *value.users]:
-                if n in members and n not in queued:
-                    queue.append(n)
-                    queued.add(n)
+            enqueue(value, *value.users)
     for value in [*sub.entries, *sub.nodes]:
-        if isinstance(value.meta.get("val"), torch.Tensor):
+        if isinstance(value.meta.get("val"), torch.Tensor) or value in members:
             known.setdefault(value, UNSPLIT)
     for node in sub.nodes:
-        for value, layout in rule_for(node)(node, known.get).items():
+        for value, layout in apply_rule(rule_for(node), node, known.get, read_whole).items():
             if layout is not None and known.get(value) != layout:
                 raise Unchunkable(f"{value.name} is {known.get(value)} but {node.name} needs {layout}")
+    partial = [e.name for e in sub.entries if known.get(e) is PARTIAL]
+    if partial:
+        raise Unchunkable(f"{', '.join(partial)} would come into the chunks as a partial sum")
     return known
 
 
@@ -205,23 +264,37 @@ def _symbolic(node: fx.Node) -> bool:
     return any(isinstance(s, (torch.SymInt, fx.Node)) for s in sizes)
 
 
+def _dropless(region: MoERegion) -> bool:
+    return region.dropless or region.capacity is None
+
+
+def _checked_subgraph(gm: fx.GraphModule, region: MoERegion) -> Subgraph:
+    """The region's subgraph, or ``Unchunkable`` naming the first op without a rule."""
+    sub = region_subgraph(gm, region)
+    for node in sub.nodes:
+        if rule_for(node) is None:
+            raise Unchunkable(f"no chunking rule for {node.target} (node {node.name})")
+    return sub
+
+
+def _dims(node: fx.Node) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in loose_shape(node)) + "]"
+
+
 def plan_region(gm: fx.GraphModule, region: MoERegion, degree: int) -> ChunkPlan:
     """How to chunk ``region`` of ``gm`` into ``degree`` chunks; raises ``Unchunkable`` with the reason."""
-    if region.dropless or region.capacity is None:
-        raise Unchunkable(DROPLESS_REASON)
     if not region.all_to_all:
         raise Unchunkable("no all-to-all: the layer is not expert parallel")
+    if _dropless(region):
+        return _plan_hidden(gm, region, degree)
     cap = region.capacity
     if degree > cap:
         raise Unchunkable(f"degree {degree} is larger than the capacity {cap}")
     if cap % degree:
         raise Unchunkable(f"degree {degree} does not divide the capacity {cap}")
-    sub = region_subgraph(gm, region)
-    for node in sub.nodes:
-        if _symbolic(node):
-            raise Unchunkable(DROPLESS_REASON)
-        if rule_for(node) is None:
-            raise Unchunkable(f"no chunking rule for {node.target} (node {node.name})")
+    sub = _checked_subgraph(gm, region)
+    if any(_symbolic(n) for n in sub.nodes):  # a capacity layer with data-dependent sizes: split the hidden dim
+        return _plan_hidden(gm, region, degree, sub)
     a2a = next((n for n in sub.nodes if is_op(n, ALL_TO_ALL_OPS)), None)
     if a2a is None:
         raise Unchunkable("no all-to-all on a path to the experts")
@@ -240,6 +313,39 @@ def plan_region(gm: fx.GraphModule, region: MoERegion, degree: int) -> ChunkPlan
         return ChunkPlan(region, sub, layouts, f"{cand.describe()} of {src.name} {list(static_shape(src))}")
     why = failures[0] if failures else f"no dim of {src.name} {list(static_shape(src))} holds the capacity {cap}"
     raise Unchunkable(f"cannot split along the capacity: {why}")
+
+
+def _plan_hidden(gm: fx.GraphModule, region: MoERegion, degree: int, sub: Subgraph | None = None) -> ChunkPlan:
+    """Split every token-data all-to-all of the region along its last (hidden) dim: dropless dispatch.
+
+    The split sizes of the all-to-alls stay as they are (they are data-dependent),
+    so no count is exchanged again; the layouts of the rest follow from the rules.
+    """
+    sub = sub or _checked_subgraph(gm, region)
+    a2as = [n for n in sub.nodes if is_op(n, ALL_TO_ALL_OPS)]
+    if not a2as:
+        raise Unchunkable("no all-to-all of token data on a path to the experts")
+    seeds: dict[fx.Node, Layout] = {}
+    for a2a in a2as:
+        src = a2a.args[0]
+        dims = loose_shape(src)
+        hidden = dims[-1] if dims else None
+        if len(dims) < 2 or hidden is None:
+            raise Unchunkable(f"the all-to-all {a2a.name} sends {src.name} {_dims(src)}: no static hidden dim")
+        if degree > hidden:
+            raise Unchunkable(f"degree {degree} is larger than the hidden size {hidden}")
+        if hidden % degree:
+            raise Unchunkable(f"degree {degree} does not divide the hidden size {hidden}")
+        seeds[src] = Split(len(dims) - 1, 1, hidden, 1)
+    try:
+        layouts = infer_layouts(sub, seeds, read_whole=True)
+    except Unchunkable as exc:
+        raise Unchunkable(f"cannot split along the hidden dim: {exc}") from None
+    unsplit = [n.name for n in a2as if not isinstance(layouts[n], Split)]
+    if unsplit:
+        raise Unchunkable(f"cannot split along the hidden dim: all-to-all {', '.join(unsplit)} would not be split")
+    anchor = "the hidden dim of " + ", ".join(f"{a.args[0].name} {_dims(a.args[0])}" for a in a2as)
+    return ChunkPlan(region, sub, layouts, anchor, ALONG_HIDDEN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +428,7 @@ class _Emitter:
 
     def contiguous(self, node: fx.Node, origin: fx.Node, k: Optional[int]) -> fx.Node:
         """``node`` itself when contiguous, else a contiguous clone of it."""
-        if node.meta["val"].is_contiguous():
+        if is_contiguous_or_false(node.meta["val"]):  # symbolic sizes: unknown counts as not contiguous
             return node
         return self.emit(aten.clone.default, (node,), {"memory_format": torch.contiguous_format}, origin, k)
 
@@ -356,11 +462,43 @@ def _slice_entry(em: _Emitter, entry: fx.Node, lay: Split) -> list[fx.Node]:
     return out
 
 
+#: ops whose output shape is an argument (its position), rescaled in each chunk
+_SHAPE_ARG = {
+    **dict.fromkeys(overloads(aten.view, aten._unsafe_view, aten.reshape, aten.expand), 1),
+    **dict.fromkeys(overloads(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided), 1),
+    **dict.fromkeys(overloads(aten.select_backward, aten.slice_backward), 1),
+}
+
+
+def _rescaled(sizes: Any, lay: Layout, degree: int) -> Any:
+    """A shape argument with the split dim divided by ``degree`` (``-1`` and symbolic sizes stay)."""
+    if not isinstance(lay, Split) or not isinstance(sizes, (list, tuple)) or lay.dim >= len(sizes):
+        return sizes
+    out = list(sizes)
+    if isinstance(out[lay.dim], int) and out[lay.dim] != -1:
+        out[lay.dim] //= degree
+    return out
+
+
+def _dense_strides(sizes: list, strides: list) -> list:
+    """Contiguous strides for ``sizes`` in the dim order of ``strides`` (outermost = largest stride)."""
+    order = sorted(range(len(sizes)), key=lambda d: -strides[d])
+    out, acc = [0] * len(sizes), 1
+    for d in reversed(order):
+        out[d] = acc
+        acc *= sizes[d]
+    return out
+
+
 def _copy_args(node: fx.Node, args: tuple, layouts: dict, degree: int) -> tuple:
     """``node``'s arguments for one chunk: shape arguments rescaled to the chunk."""
     lay = layouts[node]
-    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default):
-        return (args[0], _chunk_shape(node, lay, degree), *args[2:])
+    pos = _SHAPE_ARG.get(node.target)
+    if pos is not None and len(args) > pos:
+        args = (*args[:pos], _rescaled(args[pos], lay, degree), *args[pos + 1:])
+        if node.target in overloads(aten.new_empty_strided) and isinstance(lay, Split):
+            args = (*args[:2], _dense_strides(args[1], list(node.args[2])), *args[3:])
+        return args
     if is_op(node, ALL_TO_ALL_OPS) and isinstance(lay, Split) and lay.dim == 0:
         return (args[0], [s // degree for s in args[1]], [s // degree for s in args[2]], *args[3:])
     return args
@@ -369,14 +507,21 @@ def _copy_args(node: fx.Node, args: tuple, layouts: dict, degree: int) -> tuple:
 VIEW_TARGETS = (aten.view.default, aten._unsafe_view.default)
 
 
-def _copy_node(em: _Emitter, node: fx.Node, copies: dict, k: int) -> fx.Node:
+def _copy_node(em: _Emitter, node: fx.Node, copies: dict, k: int, whole) -> fx.Node:
     """Chunk ``k`` of ``node``: its inputs' chunk-``k`` copies (unsplit inputs as they are), shapes rescaled.
 
-    All-to-all inputs are made contiguous, and so is a view's input when its
-    chunk (a slice) cannot be viewed without a copy.
+    A partial sum the node reads whole is the sum of its chunks (``whole``). All-to-all
+    inputs are made contiguous, and so is a view's input when its chunk (a slice)
+    cannot be viewed without a copy.
     """
-    pick = lambda a: copies[a][k] if a in copies else a  # noqa: E731
-    args = _copy_args(node, fx.node.map_arg(node.args, pick), em.plan.layouts, em.degree)
+    layouts = em.plan.layouts
+
+    def pick(a: fx.Node) -> fx.Node:
+        if a not in copies:
+            return a
+        return whole(a) if reads_whole(node, a, layouts) else copies[a][k]
+
+    args = _copy_args(node, fx.node.map_arg(node.args, pick), layouts, em.degree)
     kwargs = fx.node.map_arg(node.kwargs, pick)
     if is_op(node, ALL_TO_ALL_OPS) or (node.target in VIEW_TARGETS and not em.viewable(args[0], args[1])):
         args = (em.contiguous(args[0], node, k), *args[1:])
@@ -403,18 +548,36 @@ def _reassemble(em: _Emitter, node: fx.Node, parts: list[fx.Node]) -> fx.Node:
     return em.emit(aten.view.default, (joined, list(static_shape(node))), None, node, None)
 
 
+def _reads_shape_only(user: fx.Node, value: fx.Node, lay: Layout) -> bool:
+    """``user`` reads only a size of ``value`` that every chunk has too, or only its dtype and device."""
+    if user.target in overloads(aten.sym_size) and len(user.args) > 1:
+        return not isinstance(lay, Split) or user.args[1] % max(len(loose_shape(value)), 1) != lay.dim
+    return user.target in SHAPE_ONLY_RULE_OPS and user.args[0] is value and value not in user.args[1:]
+
+
 def rewrite(gm: fx.GraphModule, plan: ChunkPlan, degree: int, memo: dict | None = None) -> int:
     """Replace ``plan``'s subgraph by ``degree`` chunk copies; returns the number of nodes created.
 
     Copies of a node go where the node was, entry slices before the entry's first
-    user in the subgraph and the reassembled exits where the exit was, so the
-    graph stays in topological order. Unsplit nodes of the subgraph stay as they
-    are and are shared by every chunk.
+    user in the subgraph and the reassembled value of a chunked node (for users
+    outside the subgraph, unsplit users inside it, and ops that read a partial
+    sum whole) where the node was, so the graph stays in topological order.
+    Unsplit nodes of the subgraph stay as they are and are shared by every chunk;
+    a size query or an allocation that only takes dtype and device from a
+    chunked value reads its first chunk.
     """
     em = _Emitter(gm, plan, degree, memo)
     graph, layouts, sub = gm.graph, plan.layouts, plan.sub
     members = set(sub.nodes)
     copies: dict[fx.Node, list[fx.Node]] = {}
+    wholes: dict[fx.Node, fx.Node] = {}
+
+    def whole(node: fx.Node) -> fx.Node:
+        if node not in wholes:
+            with graph.inserting_before(node):
+                wholes[node] = _reassemble(em, node, copies[node])
+        return wholes[node]
+
     for entry in sub.entries:
         if isinstance(layouts.get(entry), Split):
             with graph.inserting_before(next(u for u in sub.nodes if entry in u.all_input_nodes)):
@@ -422,11 +585,15 @@ def rewrite(gm: fx.GraphModule, plan: ChunkPlan, degree: int, memo: dict | None 
     chunked = [n for n in sub.nodes if layouts[n] is not UNSPLIT]
     for node in chunked:
         with graph.inserting_before(node):
-            copies[node] = [_copy_node(em, node, copies, k) for k in range(degree)]
+            copies[node] = [_copy_node(em, node, copies, k, whole) for k in range(degree)]
     for node in chunked:
-        if any(u not in members for u in node.users):
-            with graph.inserting_before(node):
-                node.replace_all_uses_with(_reassemble(em, node, copies[node]))
+        for user in list(node.users):
+            if user in members and layouts.get(user) is not UNSPLIT:
+                continue  # a chunked user: its copies read the chunks (or the whole value) already
+            if _reads_shape_only(user, node, layouts[node]):
+                user.replace_input_with(node, copies[node][0])
+            else:
+                user.replace_input_with(node, whole(node))
     for node in reversed(chunked):
         graph.erase_node(node)
     return em.created
@@ -499,7 +666,7 @@ def chunk(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             else:
                 created = rewrite(gm, plan, requested, memo)
                 info = ChunkInfo(region.layer, requested, requested, None, created, plan.anchor, kind,
-                                 [n.name for n in plan.sub.entries], [n.name for n in plan.sub.exits])
+                                 [n.name for n in plan.sub.entries], [n.name for n in plan.sub.exits], plan.along)
                 ctx.notes.append(f"{kind}: MoE layer {region.layer}: {requested} chunks along {plan.anchor}")
         _tag_region(gm, region, info.degree)
         ctx.chunking[region.layer] = info

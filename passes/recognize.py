@@ -21,7 +21,9 @@ states, in graph (topological) order: routing metadata (``routing``),
 dispatched token data (``dispatched``), expert-side data (``expert``, after an
 expert matmul) and combined data (``combined``, once expert data meets routing
 data); they become the router, dispatch, expert and combine roles. Combined
-data only flows on through ops a combine is made of, and no state flows into
+data only flows on through ops a combine is made of (an opaque op too when
+its signature is a scatter back to token order: routing index in, token rows
+out), and no state flows into
 another router or into a residual (a tensor computed before the router input),
 which bounds each region. A topk that yields no expert matmul, no combine or a
 single dense lane is not MoE.
@@ -30,7 +32,7 @@ Soft routing (SoftMoE) has no topk; its anchor is a softmax over the token
 dimension of ``[tokens, experts, slots]`` scores, and the same states follow.
 
 In the backward graph the anchor is the gradient of ``topk`` (a ``scatter`` into
-a ``[tokens, experts]`` zero tensor at the saved topk indices, which are inputs
+a ``[tokens, experts]`` or ``[batch, seq, experts]`` zero tensor at the saved topk indices, which are inputs
 of the backward graph), followed by the softmax/sigmoid backward; for soft
 routing it is the combine softmax's backward, and for argmax routers (no topk
 gradient) the score softmax/sigmoid backward itself. The dominator of the anchor that

@@ -31,7 +31,9 @@ from fsmoe_compiler.ops import (
     SOFTMAX_BACKWARD_OPS,
     TRANSPOSE_OPS,
     WAIT_OPS,
+    is_getitem,
     is_op,
+    is_opaque,
     overloads,
 )
 from fsmoe_compiler.passes.graph_utils import (
@@ -55,6 +57,7 @@ from fsmoe_compiler.passes.recognize_common import (
     always,
     expert_buffer,
     first_match,
+    opaque_gemm_backward_operands,
 )
 from fsmoe_compiler.passes.region import MoERegion
 
@@ -124,16 +127,48 @@ def _permutes(node: fx.Node, grad: frozenset[str]) -> bool:
 
 
 def _permuted_above(node: fx.Node, grad: frozenset[str]) -> bool:
-    """``node`` is, or is a view of, a gradient permuted by saved routing indices."""
+    """``node`` is, or is a view or a chunk reorder of, a gradient permuted by saved routing indices."""
     cur = node
     for _ in range(8):
         if _permutes(cur, grad):
             return True
+        source = _chunk_reorder_source(cur, grad)
+        if source is not None:
+            cur = source
+            continue
         gins = [a for a in cur.all_input_nodes if a.name in grad]
-        if cur.target not in LAYOUT_OPS or len(gins) != 1:
+        if not _moves_unchanged(cur) or len(gins) != 1:
             return False
         cur = gins[0]
     return False
+
+
+def _moves_unchanged(node: fx.Node) -> bool:
+    """A view or copy, a ``wait_tensor``, or the copy into the output buffer that ends an in-place collective
+    (``dist.all_to_all_single(out, inp)`` traces to the functional op, a wait and ``aten.copy(out, waited)``)."""
+    if node.target in LAYOUT_OPS or is_op(node, WAIT_OPS):
+        return True
+    return is_op(node, overloads(aten.copy, aten.copy_)) and len(node.args) > 1 and isinstance(node.args[1], fx.Node) \
+        and is_op(node.args[1], WAIT_OPS)
+
+
+def _chunk_reorder_source(node: fx.Node, grad: frozenset[str]) -> fx.Node | None:
+    """The one gradient a ``cat`` of its slices reorders (Megatron's ``sort_chunks_by_idxs``: split by counts,
+    concatenate in another order: a permutation of row blocks), else None."""
+    if not is_op(node, overloads(aten.cat)) or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return None
+    sources = set()
+    for piece in node.args[0]:
+        if not isinstance(piece, fx.Node) or piece.target not in LAYOUT_OPS:
+            return None
+        gins = [a for a in piece.all_input_nodes if a.name in grad]
+        if len(gins) != 1:
+            return None
+        src = gins[0]
+        if is_getitem(src):  # a piece of split_with_sizes
+            src = src.args[0]
+        sources.add(src)
+    return sources.pop() if len(sources) == 1 else None
 
 
 def _small_gradient(node: fx.Node, limit: int, grad: frozenset[str]) -> bool:
@@ -151,9 +186,37 @@ def _small_gradient(node: fx.Node, limit: int, grad: frozenset[str]) -> bool:
 
 
 def _grad_operand(m: fx.Node, grad: frozenset[str]) -> fx.Node:
-    """The gradient operand of a matmul (the first one when both are)."""
+    """The gradient operand of a matmul (the first one when both are), or of an opaque GEMM's backward."""
+    gemm = opaque_gemm_backward_operands(m, grad)
+    if gemm is not None:
+        return gemm[0]
     a, b = matmul_operands(m)
     return a if a.name in grad else b
+
+
+def _is_gemm(node: fx.Node, grad: frozenset[str]) -> bool:
+    """An ATen matmul, or an opaque op whose signature is a GEMM's backward (a library's grouped GEMM)."""
+    return is_op(node, MATMUL_OPS) or opaque_gemm_backward_operands(node, grad) is not None
+
+
+def _ungathered_to_experts(node: fx.Node, num_experts: int | None, grad: frozenset[str]) -> bool:
+    """``node``'s result (through views) is scattered by saved routing indices into an ``[experts, ...]`` buffer.
+
+    That is the backward of expert weights gathered per token (``weight[indices]``):
+    each token's weight gradient goes back to its expert's weight.
+    """
+    frontier = [node]
+    for _ in range(4):
+        nxt = []
+        for cur in frontier:
+            for u in cur.users:
+                if (is_op(u, SCATTER_OPS) and any(_saved_index(a, grad) for a in u.all_input_nodes)
+                        and (shape(u) or (None,))[0] == num_experts and u.args[0] is not cur):
+                    return True
+                if u.target in LAYOUT_OPS:
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,10 +237,17 @@ def _topk_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.N
             continue
         if not _saved_index(idx, grad):
             continue
-        if len(shape(n) or ()) != 2:
+        if not _score_shaped(n):
             continue
         anchors.append(n)
     return anchors
+
+
+def _score_shaped(scatter: fx.Node) -> bool:
+    """A topk gradient of routing scores: ``[tokens, experts]``, or ``[batch, seq, experts]`` scattered along
+    its last dimension (torchtitan's router keeps the batch and sequence dimensions)."""
+    rank = len(shape(scatter) or ())
+    return rank == 2 or (rank == 3 and isinstance(scatter.args[1], int) and scatter.args[1] % 3 == 2)
 
 
 def _soft_backward_anchors(index: GraphIndex, known: list[fx.Node]) -> list[fx.Node]:
@@ -274,7 +344,7 @@ def _anchors(index: GraphIndex) -> list[Anchor]:
     out = []
     for name in sorted(kinds, key=index.pos.__getitem__):
         s = index.by_name[name]
-        dim, idx = (s.args[1] % 2, s.args[2]) if kinds[name] == "topk" else (1, None)
+        dim, idx = (s.args[1] % len(shape(s)), s.args[2]) if kinds[name] == "topk" else (1, None)
         out.append(Anchor(node=s, kind=kinds[name], dim=dim, index=idx, anc=index.ancestors(name),
                           desc=index.descendants(name)))
     return out
@@ -342,22 +412,45 @@ def _idom_chain(dg: nx.DiGraph, target: str, keep: set[str] | frozenset[str]) ->
 
 
 def _leads_to_matmul(index: GraphIndex, start: str, avoid: frozenset[str]) -> bool:
-    """A matmul at or below ``start`` outside ``avoid``."""
-    return any(is_op(index.by_name[d], MATMUL_OPS) for d in ({start} | index.descendants(start)) if d not in avoid)
+    """A matmul (or an opaque GEMM's backward) at or below ``start`` outside ``avoid``."""
+    return any(_is_gemm(index.by_name[d], index.grad) for d in ({start} | index.descendants(start)) if d not in avoid)
 
 
 def _fork(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
     """The dominator of the anchor that also leads to matmuls elsewhere: where the gate and expert gradients split.
 
-    Gradients smaller than the score matrix's short side (an auxiliary loss's) do not count.
+    Gradients smaller than the score matrix's short side (an auxiliary loss's) do not count, nor do the
+    gradients of routing tensors that left the forward graph as outputs (``_side_tangents``).
     """
     s = anchor.node
     smallest = min((d for d in shape(s) if d is not None), default=1)
-    keep = {n for n in anchor.anc & index.grad if (numel(index.by_name[n]) or smallest) >= smallest} | {s.name}
+    side = _side_tangents(index, anchor)
+    keep = {n for n in anchor.anc & index.grad if (numel(index.by_name[n]) or smallest) >= smallest
+            and n not in side} | {s.name}
     for d in _idom_chain(index.dg, s.name, keep):
         if _leads_to_matmul(index, d, anchor.anc | anchor.desc):
             return index.by_name[d]
     return None
+
+
+def _side_tangents(index: GraphIndex, anchor: Anchor) -> set[str]:
+    """Incoming gradients of routing tensors that left the forward graph as outputs, and what only they feed.
+
+    A layer that keeps its routing probabilities on the module (Megatron's dispatcher stores them on ``self``)
+    makes them an output of the forward graph, so the backward graph has a gradient input for them that joins
+    the gate's gradient. Such a tangent reaches the anchor but no matmul other than the router's own (below
+    the anchor); it is not the layer's output gradient and must not hide the fork.
+    """
+    side = {t for t in anchor.anc if _is_tangent(index.by_name[t])
+            and not _leads_to_matmul(index, t, anchor.desc | {anchor.node.name})}
+    if not side:
+        return side
+    out = set(side)
+    for n in index.in_order(set().union(*(index.descendants(t) for t in side)) & anchor.anc):
+        gins = [a.name for a in index.by_name[n].all_input_nodes if a.name in index.grad]
+        if gins and all(g in out for g in gins):
+            out.add(n)
+    return out
 
 
 def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
@@ -365,13 +458,42 @@ def _entry_chain(index: GraphIndex, fork: fx.Node) -> list[str]:
     chain = [fork.name]
     for d in _idom_chain(index.dg, fork.name, index.grad | {fork.name}):
         node = index.by_name[d]
-        if not (node.target in LAYOUT_OPS or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
-                or is_op(node, WAIT_OPS) or _is_tangent(node)):
+        if not (_moves_unchanged(node) or node.target in GATHER_OPS or is_op(node, ALL_TO_ALL_OPS)
+                or _is_tangent(node)):
             break
         chain.append(d)
-        if len([u for u in node.users if u.name in index.grad]) > 1:
+        users = [u for u in node.users if u.name in index.grad]
+        if len(users) > 1 and not _pieces_of(index, users, fork):
             break
     return chain
+
+
+def _entry_gradient(index: GraphIndex, chain: list[str]) -> set[str]:
+    """The gradient the entry chain hangs from when it is computed in this graph (not a tangent), else nothing.
+
+    Inside a model the layer output's gradient is a sum (the residual's and the
+    next layer's): the chain of views stops below it, but a shared expert's
+    gradient branches off it too. It is no part of the region (the residual
+    reads it); only the shared expert's search starts from it.
+    """
+    top = index.by_name[chain[-1]]
+    if _is_tangent(top):
+        return set()
+    above = _idom_chain(index.dg, top.name, index.grad | {top.name})
+    return {above[0]} if above else set()
+
+
+def _pieces_of(index: GraphIndex, users: list[fx.Node], fork: fx.Node) -> bool:
+    """Every one of ``users`` is a slice (or a split) on the way to ``fork``: a chunk reorder, not a branch."""
+    return all(u.target in LAYOUT_OPS and (u is fork or fork.name in index.descendants(u.name)) for u in users)
+
+
+def _between(index: GraphIndex, chain: list[str]) -> list[str]:
+    """Nodes between consecutive nodes of the entry chain that are not in it (the pieces of a chunk reorder)."""
+    out: set[str] = set()
+    for below, above in zip(chain, chain[1:]):
+        out |= (index.descendants(above) & index.ancestors(below)) - set(chain)
+    return index.in_order(out)
 
 
 def _scatter_over_tokens(s: fx.Node, dim: int) -> bool | None:
@@ -414,6 +536,7 @@ class Layer:
     tokens: object  # an int, or a sympy expression under dynamic shapes
     expert_choice: bool
     num_experts: int | None
+    between: list[str] = field(default_factory=list)  # entry-chain nodes between dominators (chunk pieces)
 
 
 def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
@@ -427,15 +550,16 @@ def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
     tokens = prod_key(entry_keys[:-1])
     s, dim, soft = anchor.node, anchor.dim, anchor.kind == "soft"
     s_keys = shape_keys(s)
+    others = prod_key(k for i, k in enumerate(s_keys) if i != dim)  # the other side: [B, S] of 3-D scores
     # topk over experts scatters along the expert dimension; expert choice along the token dimension
     expert_choice = None if soft else _scatter_over_tokens(s, dim)
     if expert_choice is None:  # no softmax backward to read the expert dimension from: compare sizes
-        expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and s_keys[1 - dim] != tokens
+        expert_choice = not soft and tokens is not None and s_keys[dim] == tokens and others != tokens
     if tokens is None:
-        tokens = s_keys[1 - dim]
-    num_experts = shape(s)[1 - dim] if expert_choice else shape(s)[dim]
+        tokens = others
+    num_experts = (others if isinstance(others, int) else None) if expert_choice else shape(s)[dim]
     return Layer(anchor=anchor, fork=fork, chain=chain, hidden=hidden, tokens=tokens,
-                 expert_choice=expert_choice, num_experts=num_experts)
+                 expert_choice=expert_choice, num_experts=num_experts, between=_between(index, chain))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,6 +676,23 @@ def _forked_matmul_into_experts(s: BackwardSeen) -> bool:
     return leaves or _combine_matmul_pair(s.node, g_op, s.layer.anchor.anc)
 
 
+def _per_token_weight_pair(s: BackwardSeen) -> bool:
+    """A bmm of a gradient with expert weights gathered per token, or that weight's gradient.
+
+    Told by data flow: of the bmms on the same gradient operand, one's result goes
+    back to the experts' weights (``_ungathered_to_experts``).
+    """
+    if not (s.is_matmul and is_op(s.node, overloads(aten.bmm))):
+        return False
+    g_op = s.operands[0]
+    return any(is_op(u, overloads(aten.bmm)) and _ungathered_to_experts(u, s.layer.num_experts, s.index.grad)
+               for u in g_op.users)
+
+
+def _into_opaque_gemm(s: BackwardSeen) -> bool:
+    return s.furthest != UNPERMUTED and opaque_gemm_backward_operands(s.node, s.index.grad) is not None
+
+
 def _forked_matmul(s: BackwardSeen) -> bool:
     return s.is_matmul and _forked(s)
 
@@ -587,6 +728,10 @@ def _expert_side_permute(s: BackwardSeen) -> bool:
 #: The backward transition table, evaluated in order at each gradient node fed by a labelled node.
 BACKWARD_RULES: tuple[Rule, ...] = (
     Rule("meets another gradient (router, shared expert, residual): the region ends", _meets_other_gradient, None),
+    Rule("gradient times expert weights gathered per token, or their gradient: an expert matmul",
+         _per_token_weight_pair, EXPERT_GRAD, mark=EXPERT_MATMUL),
+    Rule("gradient into an opaque GEMM's backward (a library's grouped GEMM): an expert matmul",
+         _into_opaque_gemm, EXPERT_GRAD, mark=EXPERT_MATMUL),
     Rule("token-order gradient through a matmul into expert space (or the combine bmm pair)",
          _forked_matmul_into_experts, PERMUTED),
     Rule("token-order gradient through any other matmul", _forked_matmul, None),
@@ -656,11 +801,11 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
         return None
     walk = _walk_backward(index, layer)
     combine = _take_combine(index, walk)
-    a2a, a2a_bytes = all_to_alls(index, walk.state)
+    a2a, a2a_bytes = all_to_alls(index, set(walk.state) | set(layer.chain))  # the chain: a fork past the all-to-all
     if not _is_moe(index, walk, a2a):
         return None
     _drop_gate_only(index, layer, walk)
-    combine = {c for c in combine | set(layer.chain) if index.by_name[c].op == "call_function"}
+    combine = {c for c in combine | set(layer.chain) | set(layer.between) if index.by_name[c].op == "call_function"}
     router = _router_nodes(index, layer, walk, combine)
     num_experts = _soft_num_experts(index, layer, walk) if anchor.kind == "soft" else layer.num_experts
     capacity, buffer = _capacity(index, layer, walk, num_experts)
@@ -668,7 +813,12 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
     kind = _router_kind(index, layer, router)
     if kind == "unknown":
         notes.append("no softmax/sigmoid backward after the topk gradient")
-    shared = _shared_backward_nodes(index, set(layer.chain), set(walk.state) | combine | router)
+    opaque_gemms = sorted({str(m.target) for m in walk.expert_mms if is_opaque(m)})
+    if opaque_gemms:
+        notes.append(f"expert GEMM gradients in opaque op(s) {opaque_gemms}, told by signature (a gradient times a "
+                     "saved weight)")
+    heads = set(layer.chain) | _entry_gradient(index, layer.chain) | _output_gradient_views(index, layer.chain)
+    shared = _shared_backward_nodes(index, heads, set(walk.state) | combine | router)
     nodes = {
         "router": index.in_order(router),
         "dispatch": index.in_order(walk.of(UNPERMUTED)),
@@ -697,7 +847,9 @@ def _capacity(index: GraphIndex, layer: Layer, walk: BackwardWalk,
     """``(capacity, buffer)``: expert choice's k, else the first ``[E, C, M]`` permuted gradient (C may be symbolic)."""
     if layer.expert_choice:
         return _top_k(layer.anchor), True
-    return expert_buffer(index, walk.of(PERMUTED), num_experts, layer.hidden)
+    # the gradient may be in expert order above the fork already (the gate weights applied inside the experts)
+    above = [n for n in reversed(layer.chain[1:] + layer.between) if _permuted_above(index.by_name[n], index.grad)]
+    return expert_buffer(index, above + walk.of(PERMUTED), num_experts, layer.hidden)
 
 
 def _take_combine(index: GraphIndex, walk: BackwardWalk) -> set[str]:
@@ -717,7 +869,8 @@ def _is_moe(index: GraphIndex, walk: BackwardWalk, a2a: list[str]) -> bool:
         return False
     first = [m for m in walk.expert_mms if walk.depth[m.name] == 1]
     lanes = len({_grad_operand(m, index.grad).name for m in first})
-    batched = [m for m in walk.expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3]
+    batched = [m for m in walk.expert_mms if is_op(m, GROUPED_MM_OPS) or len(shape(m) or ()) == 3
+               or len(shape((opaque_gemm_backward_operands(m, index.grad) or (None, None))[1]) or ()) == 3]
     return lanes >= 2 or bool(batched) or bool(a2a)
 
 
@@ -768,7 +921,16 @@ def _soft_num_experts(index: GraphIndex, layer: Layer, walk: BackwardWalk) -> in
 def _ffn_hidden(index: GraphIndex, walk: BackwardWalk, hidden: int | None) -> int | None:
     """The experts' inner width: the output width of the first expert matmul that maps ``hidden`` to another width."""
     for m in sorted(walk.expert_mms, key=lambda m: index.pos[m.name]):
-        gs, ms_ = shape(_grad_operand(m, index.grad)), shape(m)
+        gemm = opaque_gemm_backward_operands(m, index.grad)
+        if gemm is not None:  # gradient [..., N] with a weight [E, K, N]: K is the other width
+            pair, width = shape(gemm[1])[-2:], (shape(gemm[0]) or (None,))[-1]
+            if width == hidden and width in pair and pair[0] != pair[1]:
+                return pair[0] if pair[1] == width else pair[1]
+            continue
+        g = _grad_operand(m, index.grad)
+        gs, ms_ = shape(g), shape(m)
+        if gs and ms_ and len(gs) >= 2 and matmul_operands(m)[1] is g and matmul_operands(m)[0] is not g:
+            gs, ms_ = gs[:-2] + gs[-1:] + gs[-2:-1], ms_[:-2] + ms_[-1:] + ms_[-2:-1]  # weights @ column: width is -2
         if gs and ms_ and gs[-1] == hidden and ms_[-1] not in (hidden, None) and _rows_match(gs, ms_):
             return ms_[-1]
     return None
@@ -844,6 +1006,23 @@ def _soft_dispatch_weight_backward(index: GraphIndex, s: fx.Node, dispatch_weigh
         if any(a.name in out for a in gins) and all(a.name in out or _small_gradient(a, limit, grad) for a in gins):
             out.add(n.name)
     return out
+
+
+def _output_gradient_views(index: GraphIndex, chain: list[str]) -> set[str]:
+    """Views of the layer's output gradient beside the entry chain, when that gradient is computed (not a tangent).
+
+    In a model the layer's output gradient comes from later layers (a
+    residual's gradient); the routed and the shared expert each take their
+    own view of it (torchtitan adds the shared expert on ``[B, S, D]``). The
+    gradient itself is the residual's, so it stays out of the layer.
+    """
+    top = index.by_name[chain[-1]]
+    gins = [a for a in top.all_input_nodes if a.name in index.grad]
+    if top.target not in LAYOUT_OPS or len(gins) != 1:
+        return set()
+    out = gins[0]
+    return {u.name for u in out.users if u.target in LAYOUT_OPS and u.name not in chain
+            and [a for a in u.all_input_nodes if a.name in index.grad] == [out]}
 
 
 def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str]) -> set[str]:

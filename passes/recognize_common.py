@@ -24,9 +24,10 @@ from fsmoe_compiler.ops import (
     SCATTER_OPS,
     WAIT_OPS,
     is_op,
+    is_opaque,
     overloads,
 )
-from fsmoe_compiler.passes.graph_utils import nbytes, shape_keys, to_digraph
+from fsmoe_compiler.passes.graph_utils import nbytes, prod_key, shape_keys, size_key, to_digraph
 
 aten = torch.ops.aten
 
@@ -152,12 +153,13 @@ def expert_buffer(index: GraphIndex, names: Iterable[str], num_experts: object,
                   hidden: object) -> tuple[int | None, bool]:
     """The first ``[experts, capacity, hidden]`` buffer among ``names`` (graph order): ``(capacity, found)``.
 
+    The experts may be spread over leading dimensions (Megatron's ``[ranks, local experts, capacity, hidden]``).
     The capacity is None when it is symbolic (dynamic shapes).
     """
     for name in index.in_order(names):
         sk = shape_keys(index.by_name[name])
-        if sk and len(sk) == 3 and sk[0] == num_experts and sk[2] == hidden:
-            return (sk[1] if isinstance(sk[1], int) else None), True
+        if sk and len(sk) >= 3 and prod_key(sk[:-2]) == num_experts and sk[-1] == hidden:
+            return (sk[-2] if isinstance(sk[-2], int) else None), True
     return None, False
 
 
@@ -172,3 +174,70 @@ def all_to_alls(index: GraphIndex, names: Iterable[str]) -> tuple[list[str], int
         b = nbytes(index.by_name[name].args[0])
         total = None if (b is None or total is None) else total + b
     return a2a, total
+
+
+# ----------------------------------------------------------------------------------------------
+# expert GEMMs done by an opaque custom op (a library's fallback for ``_grouped_mm``), told by signature
+
+
+def _trailing_pair(node: fx.Node) -> tuple | None:
+    """The last two sizes of a floating-point tensor of rank 2 or 3 (a weight, or a stack of per-expert weights)."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point or v.dim() not in (2, 3):
+        return None
+    return tuple(shape_keys(node)[-2:])
+
+
+def opaque_gemm_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(rows, weight)`` of an opaque op whose signature is a GEMM of rows by a weight, else None.
+
+    The op is outside ATen (``is_opaque``) and returns one tensor ``[..., N]``;
+    among its tensor inputs are rows ``[..., K]`` with the output's leading
+    sizes and a floating-point weight ``[K, N]`` or ``[E, K, N]`` (either
+    order of K and N: a transposed view). Integer inputs (group offsets) may
+    come along. Whether the rows are routed tokens and the weight a constant
+    is for the caller to ask (data flow), not this signature.
+    """
+    if not is_opaque(node):
+        return None
+    out = shape_keys(node)
+    if not out or len(out) < 2:
+        return None
+    ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    for rows in ins:
+        rk = shape_keys(rows)
+        if not rk or len(rk) != len(out) or rk[:-1] != out[:-1]:
+            continue
+        for weight in ins:
+            pair = _trailing_pair(weight) if weight is not rows else None
+            if pair is not None and sorted(map(str, pair)) == sorted(map(str, (rk[-1], out[-1]))):
+                return rows, weight
+    return None
+
+
+def opaque_gemm_backward_operands(node: fx.Node, grad: frozenset[str]) -> tuple[fx.Node, fx.Node] | None:
+    """``(gradient, weight)`` of an opaque op whose signature is the backward of a GEMM of rows by a weight.
+
+    The op is outside ATen, takes a gradient ``[..., N]`` (a node of ``grad``)
+    and a weight ``[K, N]`` or ``[E, K, N]`` that is no gradient, and returns
+    (among its outputs) the weight's gradient (the weight's shape) or the rows'
+    gradient ``[..., K]`` with the gradient's leading sizes.
+    """
+    if not is_opaque(node):
+        return None
+    v = node.meta.get("val")
+    outs = [o for o in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(o, torch.Tensor)]
+    out_keys = {tuple(size_key(d) for d in o.shape) for o in outs}
+    ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    for g in (a for a in ins if a.name in grad):
+        gk = shape_keys(g)
+        if not gk or len(gk) < 2:
+            continue
+        for weight in ins:
+            pair = _trailing_pair(weight) if weight.name not in grad else None
+            if pair is None or gk[-1] not in pair:
+                continue
+            k = pair[0] if pair[1] == gk[-1] else pair[1]
+            if shape_keys(weight) in out_keys or gk[:-1] + (k,) in out_keys:
+                return g, weight
+    return None

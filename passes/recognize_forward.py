@@ -18,6 +18,7 @@ import torch.fx as fx
 from fsmoe_compiler.ops import (
     ALL_TO_ALL_OPS,
     ARGMAX_OPS,
+    GATHER_OPS,
     GROUPED_MM_OPS,
     LAYOUT_OPS,
     MATMUL_OPS,
@@ -30,6 +31,7 @@ from fsmoe_compiler.ops import (
     is_getitem,
     is_op,
     is_opaque,
+    is_pointwise,
 )
 from fsmoe_compiler.passes.graph_utils import (
     ancestors_of_set,
@@ -42,6 +44,7 @@ from fsmoe_compiler.passes.graph_utils import (
     shape_keys,
     static_int,
     tensor_inputs,
+    val,
 )
 from fsmoe_compiler.passes.recognize_common import (
     COMBINE_OPS,
@@ -54,8 +57,12 @@ from fsmoe_compiler.passes.recognize_common import (
     always,
     expert_buffer,
     first_match,
+    opaque_gemm_operands,
 )
 from fsmoe_compiler.passes.region import MoERegion
+
+#: ``Rule.mark`` of an opaque op the combine takes in by its signature: named in the region's notes.
+OPAQUE_COMBINE = "opaque combine"
 
 # ----------------------------------------------------------------------------------------------
 # states and the categories of unlabelled inputs
@@ -64,7 +71,8 @@ ROUTING = "routing"  # routing metadata: scores, indices, gates, masks, counts
 DISPATCHED = "dispatched"  # token data permuted by the routing result, before any expert matmul
 EXPERT = "expert"  # expert-side data: after an expert matmul
 COMBINED = "combined"  # expert output that met the routing weights again
-STATES = (ROUTING, DISPATCHED, EXPERT, COMBINED)
+WEIGHTS = "routed weights"  # expert weights gathered per token by the routing result (weights go to the tokens)
+STATES = (ROUTING, DISPATCHED, EXPERT, COMBINED, WEIGHTS)
 
 ROUTER_SIDE = "router-side"  # computed on the way to the topk (or from the gate), not labelled
 TOKEN = "token"  # the router's token input or computed from it
@@ -176,11 +184,13 @@ def _soft_anchor(index: GraphIndex, n: fx.Node, before_topk: set[str]) -> Router
     return None
 
 
-def _routers(index: GraphIndex) -> list[Router]:
-    """The router of each MoE layer candidate, in graph order of its anchor.
+def _routers(index: GraphIndex) -> list[list[Router]]:
+    """The routers of each MoE layer candidate, in graph order of its anchor: the likeliest first, then the others.
 
-    Several anchors behind one router input (e.g. group-limited routing's
-    topk over groups, then over experts): the last one routes.
+    Several anchors behind one router input (group-limited routing's topk
+    over groups, then over experts; an auxiliary loss's second softmax and
+    topk on the same logits): the last one routes, unless it forms no region;
+    ``find_forward_regions`` then tries the earlier ones, latest first.
     """
     topks = [n for n in index.graph.nodes if _selects(n)]
     routers: dict[str, Router] = {}
@@ -194,26 +204,58 @@ def _routers(index: GraphIndex) -> list[Router]:
         if r is not None:
             routers[n.name] = r
             topks.append(n)
-    last_for_x: dict[str, str] = {}
-    for t in topks:
+    by_x: dict[str, list[Router]] = {}
+    for t in sorted(topks, key=lambda t: index.pos[t.name]):
         if t.name in routers:
-            last_for_x[routers[t.name].x.name] = t.name
-    return sorted((routers[name] for name in last_for_x.values()), key=lambda r: index.pos[r.topk.name])
+            by_x.setdefault(routers[t.name].x.name, []).insert(0, routers[t.name])
+    return sorted(by_x.values(), key=lambda rs: index.pos[rs[0].topk.name])
 
 
 def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> list[MoERegion]:
     """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
     index = GraphIndex.build(gm)
-    candidates = _routers(index)
-    regions: list[MoERegion] = []
-    for r in candidates:
-        region = _forward_region(index, _scope(index, r, candidates))
-        if isinstance(region, MoERegion):
-            region.layer = len(regions)
-            regions.append(region)
-        elif notes is not None:
-            notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {region}")
+    groups = _routers(index)
+    candidates = [_limited_router(index, rs[0]) or rs[0] for rs in groups]
+    found: list[tuple[int, MoERegion]] = []  # (the anchor's position, the region)
+    for i, group in enumerate(groups):
+        tried: list[tuple[Router, str]] = []
+        for r in group:  # the latest anchor first; an earlier one on the same router input if it forms no region
+            r = _limited_router(index, r) or r  # a capacity topk over tokens limits the routing topk, not routes
+            region = _forward_region(index, _scope(index, r, candidates[:i] + [r] + candidates[i + 1:]))
+            if isinstance(region, MoERegion):
+                if tried:
+                    region.notes.append("routing-like anchor(s) on the same router input left alone: " + "; ".join(
+                        f"{t.topk.name}: {why}" for t, why in tried))
+                found.append((index.pos[r.topk.name], region))
+                break
+            tried.append((r, region))
+        else:
+            if notes is not None:
+                r, why = tried[0]
+                notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {why}")
+    regions = [region for _, region in sorted(found, key=lambda pr: pr[0])]
+    for layer, region in enumerate(regions):
+        region.layer = layer
     return regions
+
+
+def _limited_router(index: GraphIndex, r: Router) -> Router | None:
+    """The router whose choice the anchor of ``r`` only limits to a capacity, else None.
+
+    Token dropping by capacity (Megatron's ``apply_router_token_dropping``) is a topk over the token dimension
+    of scores computed from the routing topk's result, on the same router input: each expert keeps its
+    ``capacity`` best tokens of those routed to it. It is not an expert-choice router of its own.
+    """
+    tokens_key = _token_sizes(r.x)[1]
+    if not _selects(r.topk) or not _choice(r, tokens_key).expert_choice:
+        return None
+    below = index.ancestors(r.topk.name)
+    for a in reversed(index.nodes[:index.pos[r.topk.name]]):
+        if a.name in below and _selects(a):
+            routing = _walk_router(a, index.ancestors(a.name))
+            if routing is not None and routing.x is r.x and not _choice(routing, tokens_key).expert_choice:
+                return routing
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +305,9 @@ class ForwardSeen:
     kinds: frozenset[str]  # the states of its labelled tensor inputs and the categories of the others
     operands: tuple[str | None, str | None]  # the categories of a matmul's two operands (None, None) otherwise
     source: str | None  # the state of the tuple a getitem reads, else None
+    inputs: dict[str, str] = field(default_factory=dict)  # the state or category of each tensor input, by name
+    gemm: tuple[str | None, str | None] | None = None  # an opaque GEMM's (rows, weight) categories, else None
+    scope: Scope | None = None  # the router's scope (rules that compare with the token input read it)
 
 
 def _category(a: fx.Node, state: dict[str, str], scope: Scope) -> str:
@@ -286,7 +331,10 @@ def _see(n: fx.Node, state: dict[str, str], scope: Scope) -> ForwardSeen:
     a, b = (matmul_operands(n) or (None, None)) if is_op(n, MATMUL_OPS) else (None, None)
     operands = (cats.get(a.name) if a else None, cats.get(b.name) if b else None)
     source = state.get(n.args[0].name) if is_getitem(n) else None
-    return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source)
+    gemm = opaque_gemm_operands(n)
+    gemm_cats = (cats.get(gemm[0].name), cats.get(gemm[1].name)) if gemm else None
+    return ForwardSeen(node=n, kinds=frozenset(cats.values()), operands=operands, source=source, inputs=cats,
+                       gemm=gemm_cats, scope=scope)
 
 
 def _meets_outside(s: ForwardSeen) -> bool:
@@ -302,6 +350,34 @@ def _combined_through_combine_op(s: ForwardSeen) -> bool:
         s.node.target in COMBINE_OPS or (is_op(s.node, MATMUL_OPS) and ROUTING in s.kinds))
 
 
+def _opaque_scatter_back(s: ForwardSeen) -> bool:
+    """Combined data put back in token order by an op outside ATen (torchtitan's ``deterministic_scatter_add``).
+
+    Told by signature and data flow, not by name: one tensor result with the
+    rows and width of the router's token input, computed from combined
+    data and an integer index that is routing metadata.
+    """
+    if COMBINED not in s.kinds or not is_opaque(s.node) or s.scope is None:
+        return False
+    out = val(s.node)
+    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+        return False
+    if _token_rows(s.node) not in {_token_rows(v) for v in s.scope.x_views}:
+        return False
+    return any(_integer(a) and s.inputs.get(a.name) == ROUTING for a in s.node.all_input_nodes)
+
+
+def _token_rows(node: fx.Node) -> tuple | None:
+    """``(rows, width)`` of a tensor: ``[B, S, M]`` and ``[B*S, M]`` read the same."""
+    keys = shape_keys(node)
+    return (prod_key(keys[:-1]), keys[-1]) if keys else None
+
+
+def _integer(node: fx.Node) -> bool:
+    v = val(node)
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype is not torch.bool
+
+
 def _combined_into_opaque(s: ForwardSeen) -> bool:
     return COMBINED in s.kinds and is_opaque(s.node)
 
@@ -313,6 +389,59 @@ def _combined_elsewhere(s: ForwardSeen) -> bool:
 def _routed_times_weight(s: ForwardSeen) -> bool:
     ca, cb = s.operands
     return (ca in (DISPATCHED, EXPERT) and cb == CONSTANT) or (cb in (DISPATCHED, EXPERT) and ca == CONSTANT)
+
+
+def _routed_times_weight_in_opaque_op(s: ForwardSeen) -> bool:
+    return s.gemm is not None and s.gemm[0] in (DISPATCHED, EXPERT) and s.gemm[1] == CONSTANT
+
+
+def _tokens_times_routed_weights(s: ForwardSeen) -> bool:
+    ca, cb = s.operands
+    return (ca == WEIGHTS and cb in (TOKEN, DISPATCHED, EXPERT)) or (cb == WEIGHTS and ca in (TOKEN, DISPATCHED, EXPERT))
+
+
+def _weights_gathered_by_routing(s: ForwardSeen) -> bool:
+    """A stack of per-expert parameters (rank >= 2, no token or router data) indexed by routing metadata."""
+    n = s.node
+    if n.target not in GATHER_OPS or ROUTING not in s.kinds or not isinstance(n.args[0], fx.Node):
+        return False
+    src = n.args[0]
+    return s.inputs.get(src.name) == CONSTANT and len(shape(src) or ()) >= 2
+
+
+def _view_of_routed_weights(s: ForwardSeen) -> bool:
+    return s.kinds == frozenset({WEIGHTS}) and s.node.target in LAYOUT_OPS
+def _weighted_before_next_expert_matmul(s: ForwardSeen) -> bool:
+    """Expert-side data scaled by routing weights on its way to another expert matmul (Megatron's experts apply
+    the routing probabilities to the activation between their two linears): still inside the expert."""
+    return _expert_meets_routing(s) and is_pointwise(s.node.target) and _feeds_weight_matmul(s.node)
+
+
+def _feeds_weight_matmul(node: fx.Node, depth: int = 4) -> bool:
+    """A matmul with a weight (a graph input seen through views) within ``depth`` pointwise or view ops below."""
+    frontier = list(node.users)
+    for _ in range(depth):
+        nxt = []
+        for u in frontier:
+            if is_op(u, MATMUL_OPS):
+                if any(_is_weight(a) for a in (matmul_operands(u) or ())):
+                    return True
+            elif u.op == "call_function" and (u.target in LAYOUT_OPS or is_pointwise(u.target)):
+                nxt.extend(u.users)
+        frontier = nxt
+    return False
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A graph input (a parameter) seen through views and casts."""
+    cur = node
+    for _ in range(6):
+        if cur.op == "placeholder":
+            return True
+        if cur.op != "call_function" or cur.target not in LAYOUT_OPS or len(tensor_inputs(cur)) != 1:
+            return False
+        cur = tensor_inputs(cur)[0]
+    return False
 
 
 def _expert_meets_routing(s: ForwardSeen) -> bool:
@@ -336,13 +465,24 @@ FORWARD_RULES: tuple[Rule, ...] = (
     Rule("meets a residual or another earlier activation: the region ends", _meets_outside, None),
     Rule("one output of a labelled multi-output op", _reads_labelled_tuple, SAME),
     Rule("combined data through an op a combine is made of", _combined_through_combine_op, COMBINED),
+    Rule("combined data scattered back to token order by an opaque op", _opaque_scatter_back, COMBINED,
+         mark=OPAQUE_COMBINE),
     Rule("combined data into an opaque op: the combine stops", _combined_into_opaque, None, mark=OPAQUE),
     Rule("combined data into any other op: the combine stops", _combined_elsewhere, None),
     Rule("routed token data times a weight: an expert matmul", _routed_times_weight, EXPERT, mark=EXPERT_MATMUL),
+    Rule("routed token data times a weight in an opaque op (a library's grouped GEMM): an expert matmul",
+         _routed_times_weight_in_opaque_op, EXPERT, mark=EXPERT_MATMUL),
+    Rule("token data times expert weights gathered per token: an expert matmul", _tokens_times_routed_weights, EXPERT,
+         mark=EXPERT_MATMUL),
+    Rule("expert activation scaled by its routing weight before the expert's next matmul",
+         _weighted_before_next_expert_matmul, EXPERT),
     Rule("expert output meets routing weights: the combine", _expert_meets_routing, COMBINED),
     Rule("expert output sent back to the tokens' ranks: the combine all-to-all", _expert_all_to_all, COMBINED),
     Rule("expert-side data", _expert_side, EXPERT),
     Rule("token data moved by routing metadata: the dispatch", _token_data, DISPATCHED),
+    Rule("expert weights gathered per token by routing metadata: the dispatch of weights to tokens",
+         _weights_gathered_by_routing, WEIGHTS),
+    Rule("a view of expert weights gathered per token", _view_of_routed_weights, WEIGHTS),
     Rule("routing metadata", always, ROUTING),
 )
 
@@ -352,9 +492,11 @@ class ForwardWalk:
     """The states the walk gave, the expert matmuls it met (with their depth) and the opaque ops it stopped at."""
 
     state: dict[str, str]
+    anchor: fx.Node
     expert_mms: list[fx.Node] = field(default_factory=list)
     depth: dict[str, int] = field(default_factory=dict)  # expert matmuls on the way to an expert-side node
     opaque: list[str] = field(default_factory=list)
+    opaque_combine: list[str] = field(default_factory=list)  # opaque ops taken into the combine by signature
 
     def of(self, st: str) -> list[str]:
         """Nodes labelled ``st``, in the order they were labelled (graph order)."""
@@ -364,7 +506,7 @@ class ForwardWalk:
 def _walk_forward(index: GraphIndex, scope: Scope) -> ForwardWalk:
     """Label every node below the anchor, in graph order, by ``FORWARD_RULES``."""
     t = scope.router.topk
-    walk = ForwardWalk(state={t.name: ROUTING})
+    walk = ForwardWalk(state={t.name: ROUTING}, anchor=t)
     for n in index.after(t):
         if n.op != "call_function" or n.name in scope.blocked or n.target in SHAPE_ONLY_OPS:
             continue
@@ -374,6 +516,8 @@ def _walk_forward(index: GraphIndex, scope: Scope) -> ForwardWalk:
         rule = first_match(FORWARD_RULES, seen)
         if rule.mark == OPAQUE:
             walk.opaque.append(str(n.target))
+        elif rule.mark == OPAQUE_COMBINE:
+            walk.opaque_combine.append(str(n.target))
         new = seen.source if rule.to == SAME else rule.to
         if new is None:
             continue
@@ -393,6 +537,13 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
     region = _summarise_forward(index, scope, walk)
     if isinstance(region, MoERegion) and walk.opaque:
         region.notes.append(f"combine stops before opaque op(s) {sorted(set(walk.opaque))}: left alone")
+    opaque_gemms = sorted({str(m.target) for m in walk.expert_mms if is_opaque(m)})
+    if isinstance(region, MoERegion) and opaque_gemms:
+        region.notes.append(f"expert GEMMs in opaque op(s) {opaque_gemms}, told by signature (routed rows times a "
+                            "constant weight)")
+    if isinstance(region, MoERegion) and walk.opaque_combine:
+        region.notes.append(f"opaque op(s) {sorted(set(walk.opaque_combine))} in the combine: "
+                            "a scatter back to token order by signature (routing index in, token rows out)")
     return region
 
 
@@ -436,13 +587,13 @@ def _summarise_forward(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> Mo
 def _not_moe(index: GraphIndex, walk: ForwardWalk) -> str | None:
     """Why the states below a routing-like anchor are no MoE layer, or None when they are one."""
     if not walk.expert_mms:
-        return "no expert matmul (routed token data times a weight) below it"
-    if not walk.of(DISPATCHED):
+        return "no expert matmul (routed token data times a weight) below it" + _leaves_graph(index, walk)
+    if not walk.of(DISPATCHED) and not walk.of(WEIGHTS):
         return "no token data permuted by the routing result (no dispatch)"
     if not walk.of(COMBINED):
         return "expert outputs never meet the routing weights again (no combine)"
     batched = [m for m in walk.expert_mms
-               if is_op(m, GROUPED_MM_OPS) or len(shape(_weight_operand(m, walk.state)) or ()) == 3]
+               if is_op(m, GROUPED_MM_OPS) or len(shape(_expert_operands(m, walk.state)[1]) or ()) == 3]
     if _lanes(walk) < 2 and not batched and not any(is_op(index.by_name[n], ALL_TO_ALL_OPS) for n in walk.state):
         return "one dense lane on top-k-selected rows (e.g. top-k pooling), not a mixture of experts"
     return None
@@ -450,7 +601,7 @@ def _not_moe(index: GraphIndex, walk: ForwardWalk) -> str | None:
 
 def _lanes(walk: ForwardWalk) -> int:
     """Expert lanes: distinct dispatched inputs of the first expert matmuls."""
-    return len({_token_operand(m, walk.state).name for m in walk.expert_mms if walk.depth[m.name] == 1})
+    return len({_expert_operands(m, walk.state)[0].name for m in walk.expert_mms if walk.depth[m.name] == 1})
 
 
 def _token_sizes(x: fx.Node) -> tuple[int | None, object]:
@@ -536,8 +687,13 @@ def _ffn_hidden(walk: ForwardWalk) -> int | None:
     """The experts' inner width: the last dimension of the token operand of the last expert matmuls."""
     last_depth = max(walk.depth[m.name] for m in walk.expert_mms)
     last = [m for m in walk.expert_mms if walk.depth[m.name] == last_depth]
-    lt_shape = shape(_token_operand(last[0], walk.state))
-    return lt_shape[-1] if lt_shape else None
+    token = _expert_operands(last[0], walk.state)[0]
+    lt_shape = shape(token)
+    if not lt_shape:
+        return None
+    # the contracted width: the last dim of a left operand, the one before it of a right one (weights @ column)
+    right = is_op(last[0], MATMUL_OPS) and matmul_operands(last[0])[1] is token and len(lt_shape) >= 2
+    return lt_shape[-2] if right else lt_shape[-1]
 
 
 def _roles(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> dict[str, list[str]]:
@@ -552,7 +708,7 @@ def _roles(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> dict[str, list
     router |= set(walk.of(ROUTING))
     return {
         "router": index.in_order((router - shared) | {scope.router.topk.name}),
-        "dispatch": index.in_order(walk.of(DISPATCHED)),
+        "dispatch": index.in_order(walk.of(DISPATCHED) + walk.of(WEIGHTS)),
         "expert": index.in_order(walk.of(EXPERT)),
         "combine": index.in_order(walk.of(COMBINED)),
         "shared_expert": index.in_order(shared),
@@ -612,16 +768,36 @@ def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None
     return None
 
 
-def _token_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:
-    """The labelled (routed token) operand of an expert matmul."""
+def _expert_operands(m: fx.Node, state: dict[str, str]) -> tuple[fx.Node, fx.Node]:
+    """``(token data, weight)`` of an expert matmul: an ATen matmul, an opaque GEMM or one with gathered weights.
+
+    The weight is the unlabelled operand, or the one holding expert weights
+    gathered per token (the token data then may be unlabelled: tokens repeated k times).
+    """
+    gemm = opaque_gemm_operands(m)
+    if gemm is not None:
+        return gemm
     a, b = matmul_operands(m)
-    return a if a.name in state else b
+    if state.get(a.name) == WEIGHTS:
+        return b, a
+    if state.get(b.name) == WEIGHTS:
+        return a, b
+    return (a, b) if a.name in state else (b, a)
 
 
-def _weight_operand(m: fx.Node, state: dict[str, str]) -> fx.Node:
-    """The unlabelled (weight) operand of an expert matmul."""
-    a, b = matmul_operands(m)
-    return b if a.name in state else a
+def _leaves_graph(index: GraphIndex, walk: ForwardWalk) -> str:
+    """A note when routing metadata below the anchor is an output of the graph: the layer may go on in another graph."""
+    results, frontier = set(), [walk.anchor]
+    while frontier:  # the anchor's outputs and their views
+        cur = frontier.pop()
+        results.add(cur.name)
+        frontier.extend(u for u in cur.users if is_getitem(u) or u.target in LAYOUT_OPS)
+    if not any(a.name in results for a in index.graph.output_node().all_input_nodes):
+        return ""
+    return ("; the routing result is an output of this graph: if the experts run in a later graph, a Dynamo graph "
+            "break splits the layer (e.g. a Python loop over nonzero() of expert hits; "
+            "fsmoe_compiler.ecosystem.compile_friendly(model) switches known libraries to a compile-friendly "
+            "expert implementation)")
 
 
 def _softmax_after(t: fx.Node) -> bool:

@@ -269,6 +269,98 @@ class OpaqueCombineMoE(SortMoE):
         return scatter_rows(weighted, token_of, b * s).reshape(b, s, m)
 
 
+@torch.library.custom_op("moe_styles::rows_rescaled", mutates_args=())
+def rows_rescaled(x: torch.Tensor) -> torch.Tensor:
+    """A library's own kernel that reads token-order rows and takes no routing index (opaque, not a scatter)."""
+    return x * 0.5
+
+
+@rows_rescaled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+rows_rescaled.register_autograd(lambda ctx, grad: grad * 0.5)
+
+
+class OpaqueEpilogueMoE(SortMoE):
+    """Sort-based MoE whose combined output goes through an opaque kernel without a routing index."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        tokens = x.reshape(-1, m)
+        probs, idx = torch.topk(torch.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        token_of = order // self.top_k
+        permuted = tokens.index_select(0, token_of)
+        counts = F.one_hot(idx.reshape(-1), self.num_experts).sum(dim=0)
+        sizes = counts.tolist()
+        for n in sizes:
+            torch._check(n >= 0)
+        torch._check(sum(sizes) == permuted.shape[0])
+        outs = [F.silu(c @ self.fc1[e]) @ self.fc2[e] for e, c in enumerate(torch.split(permuted, sizes))]
+        weighted = torch.cat(outs, dim=0) * probs.reshape(-1)[order].unsqueeze(-1)
+        combined = torch.zeros_like(tokens).index_add(0, token_of, weighted)
+        return rows_rescaled(combined).reshape(b, s, m)
+
+
+class _InplaceAllToAll(torch.autograd.Function):
+    """Variable-size all-to-all written with the in-place c10d call (``dist.all_to_all_single(out, inp)``),
+    its backward the reverse exchange, as Megatron-style code writes it. Dynamo traces each call as the
+    functional all-to-all, a ``wait_tensor`` and an ``aten.copy`` into the preallocated output."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits):
+        ctx.splits = (out_splits, in_splits)
+        out = x.new_empty(sum(out_splits), x.shape[1])
+        torch.distributed.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty(sum(in_splits), grad.shape[1])
+        torch.distributed.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits)
+        return grad_in, None, None
+
+
+class InplaceA2AMoE(nn.Module):
+    """Dropless expert parallelism over the default process group with in-place all-to-alls: ``histc`` counts,
+    an integer count exchange, ``.tolist()`` split sizes, the data exchange, a per-expert loop over the received
+    segments (rank-major), the exchange back and an ``index_add`` un-permute."""
+
+    def __init__(self, hidden=16, ffn=32, num_experts=4, top_k=2) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.ep = torch.distributed.get_world_size()
+        local = num_experts // self.ep
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.fc1 = nn.Parameter(torch.randn(local, hidden, ffn) / math.sqrt(hidden))
+        self.fc2 = nn.Parameter(torch.randn(local, ffn, hidden) / math.sqrt(ffn))
+        self.expected = dict(num_experts=num_experts, top_k=top_k, capacity=None, dropless=True,
+                             hidden=hidden, ffn_hidden=ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        tokens = x.reshape(-1, m)
+        probs, idx = torch.topk(torch.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        token_of = order // self.top_k
+        permuted = tokens.index_select(0, token_of)
+        counts = torch.histc(idx.reshape(-1).float(), bins=self.num_experts, min=0, max=self.num_experts - 1).long()
+        received = torch.empty_like(counts)
+        torch.distributed.all_to_all_single(received, counts)
+        in_splits = counts.view(self.ep, -1).sum(1).tolist()
+        out_splits = received.view(self.ep, -1).sum(1).tolist()
+        recv = _InplaceAllToAll.apply(permuted, out_splits, in_splits)
+        segments = torch.split(recv, received.tolist())
+        local = self.fc1.shape[0]
+        outs = [F.silu(seg @ self.fc1[i % local]) @ self.fc2[i % local] for i, seg in enumerate(segments)]
+        back = _InplaceAllToAll.apply(torch.cat(outs), in_splits, out_splits)
+        weighted = back * probs.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(tokens).index_add(0, token_of, weighted).reshape(b, s, m)
+
+
 class Attention(nn.Module):
     """Plain multi-head self-attention (negative control)."""
 

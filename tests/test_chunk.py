@@ -295,7 +295,8 @@ def _refusal(degree: int, **cfg) -> tuple[PassContext, ChunkInfo, fx.GraphModule
     [
         (11, {}, "degree 11 is larger than the capacity 10"),
         (3, {}, "degree 3 does not divide the capacity 10"),
-        (2, {"dispatch": "dropless"}, "dropless layer: splits change every step"),
+        (3, {"dispatch": "dropless"}, "degree 3 does not divide the hidden size 32"),
+        (64, {"dispatch": "dropless"}, "degree 64 is larger than the hidden size 32"),
     ],
 )
 def test_a_degree_that_does_not_fit_falls_back_to_one_and_says_why(degree, cfg, reason):
@@ -476,3 +477,117 @@ def test_matmul_rows_carry_the_split_and_a_shared_contraction_is_a_partial_sum()
 def test_rules_refuse_what_would_change_the_result(fn, why):
     with pytest.raises(Unchunkable, match=why):
         _layouts(fn, [(10, 8)], 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropless dispatch: split along the hidden dim, the layer's own (data-dependent) split sizes kept
+
+
+def _int_a2a(node: fx.Node) -> bool:
+    return node.target is A2A and not node.meta["val"].is_floating_point()
+
+
+def _sym_signature(gm: fx.GraphModule) -> tuple:
+    """``signature`` for graphs whose outputs include sizes: each value's shape, or the size itself."""
+    def of(n):
+        v = n.meta.get("val") if isinstance(n, fx.Node) else n
+        return tuple(str(d) for d in v.shape) if isinstance(v, torch.Tensor) else str(v)
+
+    outs = gm.graph.output_node().args[0]
+    return tuple(of(n) for n in gm.graph.nodes if n.op == "placeholder"), tuple(of(o) for o in outs)
+
+
+@pytest.mark.parametrize("degree", [2, 4])
+def test_dropless_all_to_alls_send_column_chunks_with_the_layers_own_split_sizes(degree):
+    before = {kind: _sym_signature(gm) for kind, gm in zip(("forward", "backward"), graphs(dispatch="dropless"))}
+    fw0, bw0 = graphs(dispatch="dropless")
+    names = lambda args: [[str(s) for s in sizes] for sizes in args]  # noqa: E731
+    sizes = {kind: [names(n.args[1:3]) for n in gm.graph.nodes if n.target is A2A and not _int_a2a(n)]
+             for kind, gm in (("forward", fw0), ("backward", bw0))}
+    ctx, out = run_pass(degree, dispatch="dropless")
+    for kind, (gm, _, info) in out.items():
+        gm.graph.lint()
+        assert _sym_signature(gm) == before[kind], kind  # saved tensors keep their (symbolic) shapes
+        assert info.degree == degree and info.along == "hidden" and info.reason is None, info
+        assert info.split.startswith("the hidden dim of "), info.split
+        counts = [n for n in gm.graph.nodes if n.target is A2A and _int_a2a(n)]
+        data = [n for n in gm.graph.nodes if n.target is A2A and not _int_a2a(n)]
+        assert len(counts) == (1 if kind == "forward" else 0)  # the token counts are exchanged once, whole
+        assert len(data) == 2 * degree
+        for node in data:
+            assert node.meta["val"].shape[-1] == 32 // degree
+            assert node.args[0].meta["val"].shape[-1] == 32 // degree
+            assert node.meta["fsmoe"]["chunk"] in range(degree)
+            # every chunk sends its columns of every row: the split sizes are the layer's own (unbacked) ones
+            assert names(node.args[1:3]) in sizes[kind], (node.name, node.args[1:3])
+        assert len(ctx.regions[kind][0].all_to_all) == 2 * degree + len(counts)
+
+
+def test_dropless_first_gemm_is_a_partial_sum_read_whole_by_the_activation():
+    fw, _ = graphs(dispatch="dropless")
+    ctx = PassContext(graph_kind="forward")
+    recognize(fw, ctx)
+    plan = plan_region(fw, ctx.regions["forward"][0], 2)
+    lay = {n.name: l for n, l in plan.layouts.items()}
+    assert plan.along == "hidden"
+    assert lay["index_select"] == lay["all_to_all_single_1"] == lay["cat"] == Split(1, 1, 32, 1)
+    assert lay["split_with_sizes"] == lay["getitem_4"] == Split(1, 1, 32, 1)  # pieces of the received rows
+    assert lay["select_9"] == Split(0, 1, 32, 1)  # expert 0's first weight: its rows (the contraction)
+    assert lay["mm_1"] is PARTIAL and lay["gelu"] is UNSPLIT  # the activation reads the sum of the chunks
+    assert lay["select_10"] == Split(1, 1, 32, 1) and lay["mm_2"] == Split(1, 1, 32, 1)  # output columns
+    assert lay["cat_2"] == lay["all_to_all_single_2"] == Split(1, 1, 32, 1)
+    assert "all_to_all_single" not in lay  # the integer count exchange is not part of the chunks
+    chunk(fw, replace_ctx := PassContext(graph_kind="forward", regions=ctx.regions, degrees={0: 2}))
+    gelu = next(n for n in fw.graph.nodes if n.name == "gelu")
+    (summed,) = gelu.all_input_nodes
+    assert summed.target is aten.add.Tensor and summed.meta["fsmoe"] == {**summed.meta["fsmoe"], "glue": "mm_1"}
+    assert [p.meta["fsmoe"]["origin"] for p in summed.args] == ["mm_1", "mm_1"]
+    assert replace_ctx.chunking[0].degree == 2
+
+
+def test_dropless_backward_splits_weight_gradients_by_columns_and_reads_the_activation_gradient_whole():
+    ctx, out = run_pass(2, dispatch="dropless")
+    bw = out["backward"][0]
+    outs = [o for o in bw.graph.output_node().args[0] if isinstance(o, fx.Node)]
+    w2_grad = next(o for o in outs if tuple(o.meta["val"].shape) == (2, 64, 32))
+    assert w2_grad.target is aten.cat.default and w2_grad.args[1] == 2  # [E, H, M] put back along M
+    w1_grad = next(o for o in outs if tuple(o.meta["val"].shape) == (2, 32, 64))
+    assert "chunk" not in (w1_grad.meta.get("fsmoe") or {})  # x^T @ dpre: one GEMM, not chunked
+    gelu_bw = [n for n in bw.graph.nodes if n.target is aten.gelu_backward.default]
+    assert len(gelu_bw) == 2 and all(n.args[0].target is aten.add.Tensor for n in gelu_bw)
+
+
+def test_dropless_chunked_graphs_pass_verify():
+    from fsmoe_compiler.passes.verify import graph_signature, verify
+
+    fw, bw = graphs(dispatch="dropless", router="mixtral", expert="swiglu", shared_expert=True)
+    ctx = PassContext()
+    for kind, gm in (("forward", fw), ("backward", bw)):
+        ctx.graph_kind, ctx.original = kind, graph_signature(gm)
+        recognize(gm, ctx)
+        ctx.degrees = {0: 4}
+        ctx.chunking = {}
+        chunk(gm, ctx)
+        assert ctx.chunking[0].degree == 4, ctx.chunking[0]
+        verify(gm, ctx)
+
+
+def test_a_dropless_all_to_all_is_priced_from_the_bytes_it_sent_when_profiled():
+    from fsmoe_compiler.profiler import CostModel
+    from fsmoe_compiler.scheduler.costs import LinearCost
+
+    _, out = run_pass(2, dispatch="dropless")
+    fw = out["forward"][0]
+    data = [n for n in fw.graph.nodes if n.target is A2A and not _int_a2a(n)]
+    combine = next(n for n in data if n.meta["fsmoe"]["origin"] == "all_to_all_single_2")
+    sample = {"node": combine.name, "kind": "all_to_all", "group": "0", "group_size": 2, "ms": 1.0}
+    model = CostModel(comm={"all_to_all/2": LinearCost(0.5, 0.001)},
+                      samples=[{**sample, "bytes": 4000, "degree": 2}, {**sample, "bytes": 6000, "degree": 2},
+                               {**sample, "bytes": 8000, "degree": 2}, {**sample, "bytes": 64000, "degree": 4}])
+    assert model.node_cost(combine) == pytest.approx(0.5 + 0.001 * 6000)  # the median of its own degree's calls
+    # a chunk copy never profiled: its origin's bytes at degree 1, divided by the degree
+    origin = CostModel(comm=model.comm, samples=[{**sample, "node": "all_to_all_single_2", "bytes": 9000,
+                                                  "degree": 1}])
+    assert origin.node_cost(combine) == pytest.approx(0.5 + 0.001 * 4500)
+    static = next(n for n in data if n.meta["fsmoe"]["origin"] == "all_to_all_single_1")  # [32, 16] float32
+    assert model.node_cost(static) == pytest.approx(0.5 + 0.001 * 32 * 16 * 4)

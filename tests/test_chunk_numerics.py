@@ -131,7 +131,8 @@ def _check(results: list, want_degree) -> None:
                 assert len(chunking) == cfg.get("layers", 1), (cfg, kind, chunking)
                 for layer, info in chunking.items():
                     assert info.degree == want_degree(cfg, degree, layer, kind), (cfg, kind, info)
-                assert a2a == sum(2 * info.degree for info in chunking.values()), (cfg, kind, a2a)
+                counts = cfg.get("dispatch") == "dropless" and kind == "forward"  # the token counts' all-to-all
+                assert a2a == sum(2 * info.degree + counts for info in chunking.values()), (cfg, kind, a2a)
 
 
 ROUTER_CASES = [
@@ -156,27 +157,48 @@ def test_chunked_layers_match_eager_for_every_router(rank_pool, cfg, degree):
            lambda cfg, degree, layer, kind: degree_of(degree, layer, kind))
 
 
-FALLBACK_CASES = [
+DROPLESS_CASES = [
     (dict(router="gshard", dispatch="dropless"), 2),
     (dict(router="mixtral", dispatch="dropless", expert="swiglu"), 4),
-    (dict(router="softmoe", router_kwargs=dict(slots_per_expert=1)), 2),  # capacity 1 < r
+    (dict(router="deepseek", dispatch="dropless", shared_expert=True,
+          router_kwargs=dict(num_groups=2, topk_groups=1)), 2),
+    (dict(router="sigmoid", dispatch="dropless", expert="swiglu", shared_expert=True), 8),
+    (dict(layers=2, router="gshard", dispatch="dropless", expert="swiglu"), {0: 2, 1: 4}),
+    (dict(router="switch", dispatch="dropless"), {"forward": 4, "backward": 2}),
 ]
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("cfg, degree", FALLBACK_CASES, ids=_ids(FALLBACK_CASES))
-def test_dropless_and_too_small_capacity_run_unchunked_and_say_why(rank_pool, cfg, degree):
+@pytest.mark.parametrize("cfg, degree", DROPLESS_CASES, ids=_ids(DROPLESS_CASES))
+def test_dropless_layers_are_chunked_along_the_hidden_dim_and_match_eager(rank_pool, cfg, degree):
     results = rank_pool.run(_one_case, (cfg, degree), timeout_s=150)
-    _check([[(cfg, d, res) for cfg, d, res in per_rank if cfg.get("dispatch") != "dropless"] for per_rank in results],
-           lambda cfg, degree, layer, kind: 1)
+    _check(results, lambda cfg, degree, layer, kind: degree_of(degree, layer, kind))
     for per_rank in results:
         for cfg, degree, res in per_rank:
-            assert not {k: v for k, v in res["errs"].items() if v > 0}, cfg
+            for kind, chunking, notes, a2a in res["infos"]:
+                for info in chunking.values():
+                    if info.degree > 1:
+                        assert info.along == "hidden" and info.split.startswith("the hidden dim of "), info
+
+
+FALLBACK_CASES = [
+    (dict(router="softmoe", router_kwargs=dict(slots_per_expert=1)), 2),  # capacity 1 < r
+    (dict(router="gshard", dispatch="dropless"), 32),  # hidden size 16 < r
+    (dict(router="mixtral", dispatch="dropless"), 3),  # 3 does not divide the hidden size 16
+]
+REASONS = ["degree 2 is larger than the capacity 1", "degree 32 is larger than the hidden size 16",
+           "degree 3 does not divide the hidden size 16"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cfg, degree, reason", [(*c, r) for c, r in zip(FALLBACK_CASES, REASONS)],
+                         ids=_ids(FALLBACK_CASES))
+def test_a_degree_that_does_not_fit_runs_unchunked_and_says_why(rank_pool, cfg, degree, reason):
+    results = rank_pool.run(_one_case, (cfg, degree), timeout_s=150)
+    _check(results, lambda cfg, degree, layer, kind: 1)
+    for per_rank in results:
+        for cfg, degree, res in per_rank:
             for kind, chunking, notes, a2a in res["infos"]:
                 (info,) = chunking.values()
-                assert info.degree == 1 and info.requested == degree, info
-                if cfg.get("dispatch") == "dropless":
-                    assert info.reason == "dropless layer: splits change every step", info
-                else:
-                    assert info.reason == f"degree {degree} is larger than the capacity 1", info
+                assert info.degree == 1 and info.requested == degree and info.reason == reason, info
                 assert any(info.reason in n for n in notes), notes

@@ -17,6 +17,7 @@ RULES: dict[str, tuple[frozenset[str], bool]] = {
     "fsmoe_compiler.names": (frozenset(), False),
     "fsmoe_compiler.config": (frozenset({"fsmoe_compiler.names"}), False),
     "fsmoe_compiler.gc_pause": (frozenset(), False),
+    "fsmoe_compiler.ecosystem": (frozenset(), False),
     "fsmoe_compiler.examples": (frozenset({"fsmoe_compiler.moe", "fsmoe_compiler.examples"}), True),
     "fsmoe_compiler.ops": (frozenset({"fsmoe_compiler.names"}), True),
     "fsmoe_compiler.scheduler": (frozenset({"fsmoe_compiler.names", "fsmoe_compiler.scheduler"}), False),

@@ -7,7 +7,7 @@ import torch
 
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.recognize import ROLES, find_moe_regions, recognize
-from graph_capture import captured
+from graph_capture import captured, fake_world
 import moe_styles as ms
 
 STYLE_NAMES = ["loop", "capacity", "sort", "sort-grouped", "sort-sigmoid"]
@@ -246,8 +246,9 @@ def test_shared_expert_on_the_unflattened_input_is_found():
         assert len(_matmuls(gm, r.nodes["expert"])) == 8 * per_mm
 
 
-def test_opaque_custom_op_is_left_alone():
-    """A library's own scatter-add kernel ends the combine; the region is still found, the op is in no role."""
+def test_opaque_scatter_back_is_taken_into_the_combine():
+    """A library's own scatter-add kernel (combined rows and a routing index in, token rows out) is part of the
+    combine, told by its signature; the region does not stop before it, and a note names it."""
     graphs = captured(_block, ms.OpaqueCombineMoE, inputs=_input)
     for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
         (r,) = find_moe_regions(gm, kind)
@@ -255,8 +256,20 @@ def test_opaque_custom_op_is_left_alone():
         if kind == "forward":  # (its backward is traced Python: an index_select)
             opaque = [n.name for n in gm.graph.nodes if "moe_styles" in str(n.target)]
             assert len(opaque) == 1
-            assert not set(opaque) & set().union(*r.nodes.values())
-            assert any("moe_styles.scatter_rows" in note for note in r.notes)
+            assert set(opaque) <= set(r.nodes["combine"])
+            assert any("moe_styles.scatter_rows" in note and "in the combine" in note for note in r.notes)
+
+
+def test_opaque_custom_op_without_a_routing_index_is_left_alone():
+    """An opaque kernel on the combined output that is no scatter ends the combine; the op is in no role."""
+    graphs = captured(_block, ms.OpaqueEpilogueMoE, inputs=_input)
+    fw = graphs.forward[0]
+    (r,) = find_moe_regions(fw, "forward")
+    assert (r.num_experts, r.top_k, r.ffn_hidden) == (4, 2, 32)
+    opaque = [n.name for n in fw.graph.nodes if "moe_styles" in str(n.target)]
+    assert len(opaque) == 1
+    assert not set(opaque) & set().union(*r.nodes.values())
+    assert any("moe_styles.rows_rescaled" in note and "left alone" in note for note in r.notes)
 
 
 def test_moe_next_to_unrelated_topk_is_found_once():
@@ -297,3 +310,22 @@ def test_softmax_over_topk_logits():
         assert (r.router, r.num_experts, r.top_k, r.tokens, r.ffn_hidden) == ("softmax-topk", 4, 2, TOKENS, 32)
     assert "softmax over the top-k logits" in f.notes
     assert _matmul_kinds(bw, b.nodes["expert"]) == {"mm": 24}
+
+
+def test_inplace_all_to_all_expert_parallel_block_is_found_in_both_graphs():
+    """In-place all-to-alls (functional op + wait + ``aten.copy``), histc counts exchanged first, unbacked split
+    sizes, a per-expert loop over the received rows and an ``index_add`` un-permute (rank 0 of 2, fake group)."""
+    with fake_world(rank=0, world_size=2):
+        graphs = captured(_block, ms.InplaceA2AMoE, inputs=_input_with_grad)
+        for gm, kind in ((graphs.forward[0], "forward"), (graphs.backward[0], "backward")):
+            (r,) = find_moe_regions(gm, kind)
+            assert (r.router, r.num_experts, r.top_k, r.dropless, r.hidden) == ("softmax-topk", 4, 2, True, HIDDEN)
+            a2a = [n.name for n in gm.graph.nodes if "all_to_all_single" in str(n.target)]
+            assert r.all_to_all == a2a
+            roles = [r.role_of(a) for a in a2a]
+            # forward: the counts go first, as routing metadata; backward: the data exchanges' gradients
+            assert roles == (["router", "dispatch", "combine"] if kind == "forward" else ["combine", "dispatch"])
+            copies = [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy.default]
+            assert len(copies) == len(a2a)  # each in-place exchange copies into its preallocated output
+            for c in copies:  # ... and that copy has the role of its all-to-all
+                assert r.role_of(c.name) == r.role_of(c.args[1].args[0].name), c.name

@@ -7,7 +7,10 @@ raw collective samples it was fitted from. ``node_cost(node)`` prices any
 node of the profiled graph *or of a rewritten copy of it*: a chunk copy made
 by ``passes/chunk.py`` that was never run costs its origin's time divided by
 the chunk degree (``meta["fsmoe"]["origin"]``/``["degree"]``), a collective is
-priced from the bytes in its input's ``meta["val"]``.
+priced from the bytes in its input's ``meta["val"]``, or, where those are
+data-dependent (dropless dispatch), from the median bytes it sent in the
+profiled calls of its degree (a chunk copy never run: its origin's, divided by
+the degree).
 
 ``agree`` makes every rank hold identical numbers (all-reduce MAX), so a
 deterministic solve gives every rank the same schedule: ranks that order
@@ -106,7 +109,8 @@ class CostModel:
         if is_wait(node):
             return 0.0
         if is_collective(node):
-            return self.collective_ms(collective_kind(node), collective_group_size(node), collective_bytes(node))
+            nbytes = collective_bytes(node) or self.observed_bytes(node)
+            return self.collective_ms(collective_kind(node), collective_group_size(node), nbytes)
         if node.name in self.node_ms:
             return self.node_ms[node.name]
         info = node.meta.get("fsmoe") or {}
@@ -114,6 +118,26 @@ class CostModel:
         if origin is not None and origin in self.node_ms:
             return self.node_ms[origin] / max(int(info.get("degree") or 1), 1)
         return 0.0
+
+    def observed_bytes(self, node: fx.Node) -> int:
+        """The median bytes ``node`` sent in the profiled calls of its chunk degree (every rank's, after
+        ``agree``); a chunk copy never profiled: its origin's divided by the degree; 0 when never seen."""
+        info = node.meta.get("fsmoe") or {}
+        degree = info.get("degree")
+
+        def median(name: str, deg: Any) -> int | None:
+            seen = sorted(int(s["bytes"]) for s in self.samples
+                          if s.get("node") == name and s.get("degree", deg) == deg and s.get("bytes"))
+            return seen[len(seen) // 2] if seen else None
+
+        own = median(node.name, degree)
+        if own is not None:
+            return own
+        origin = info.get("origin")
+        whole = median(origin, 1) if origin is not None else None
+        if whole is None and origin is not None:
+            whole = median(origin, None)
+        return whole // max(int(degree or 1), 1) if whole is not None else 0
 
     # -- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

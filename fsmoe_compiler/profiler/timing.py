@@ -33,7 +33,8 @@ from fsmoe_compiler.runtime.executor import any_cuda
 
 @dataclass
 class CollectiveSample:
-    """One observed collective: which node, its kind and group, bytes this rank sent, wall ms."""
+    """One observed collective: which node, its kind and group, bytes this rank sent, wall ms, and the chunk
+    degree of the graph it ran in (``meta["fsmoe"]["degree"]``; node names repeat across degrees)."""
 
     node: str | None
     kind: str
@@ -41,6 +42,7 @@ class CollectiveSample:
     group_size: int | None
     bytes: int
     ms: float
+    degree: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +109,8 @@ class TimingInterpreter(fx.Interpreter):
             return super().run_node(n)
         if is_collective(n):
             sent = value_bytes(map_arg(n.args[0], lambda a: self.env[a])) if n.args else 0
-            sample = CollectiveSample(n.name, collective_kind(n), collective_group(n), collective_group_size(n), sent, 0.0)
+            sample = CollectiveSample(n.name, collective_kind(n), collective_group(n), collective_group_size(n), sent, 0.0,
+                                      (n.meta.get("fsmoe") or {}).get("degree"))
             start = self._now()
             result = super().run_node(n)
             if self.sync_collectives:
