@@ -225,7 +225,11 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
     """One agreed cost model per degree from its profiling calls; a degree never profiled costs degree 1's times.
 
     Link models are shared by every degree: fitted from microbenchmarks at the
-    sizes every degree sent (``link_samples``).
+    sizes every degree sent (``link_samples``). Where the ranks profiled graphs
+    that differ in a few nodes (one rank recompiled the graph with dynamic
+    shapes: size asserts, other names), the nodes every rank has are agreed and
+    the others keep this rank's own times; the plans' collective orders are
+    compared before any rank runs one (:func:`make_plan`).
     """
     samples = [s for d in degrees if d in profiles for s in profiles[d].samples]
     comm = fit_collectives(link_samples(samples, tag))
@@ -236,7 +240,13 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
             node_ms = profile.node_ms()
         else:  # node_cost divides a chunk copy's origin by the degree
             node_ms = dict(out[1].node_ms) if 1 in out else {}
-        out[degree] = agree(CostModel(node_ms=node_ms, comm=comm, samples=list(samples)))
+        everyone = meet(f"{tag}/nodes{degree}", sorted(node_ms), what="the profiled nodes")
+        common = set(everyone[0]).intersection(*everyone[1:])
+        own = {k: v for k, v in node_ms.items() if k not in common}
+        agreed = agree(CostModel(node_ms={k: v for k, v in node_ms.items() if k in common}, comm=comm,
+                                 samples=list(samples)))
+        agreed.node_ms.update(own)
+        out[degree] = agreed
     return out
 
 
@@ -301,9 +311,10 @@ def _choose(variants: Variants, costs: dict[int, CostModel], pipelines: Pipeline
 
 
 def same_order(a: dict[str, list[str]] | None, b: dict[str, list[str]] | None) -> bool:
-    """Two ranks' collective issue orders (``verify.collective_order``) match: per group the same ops in
-    the same order, and the same shapes where both know them (a graph recompiled with dynamic shapes on
-    one rank has ``?`` where the other has a number; the sizes are then checked by the collective itself)."""
+    """Two ranks' collective issue orders (``verify.collective_order``) match: per group the same ops in the
+    same order. Input sizes are compared only for collectives whose sizes must be equal on every rank (not
+    all-to-alls: with dropless dispatch each rank sends what its tokens need) and only where both ranks
+    know them (a graph recompiled with dynamic shapes on one rank has ``?`` where the other has a number)."""
     if a is None or b is None or a.keys() != b.keys():
         return a == b
     for group in a:
@@ -314,8 +325,10 @@ def same_order(a: dict[str, list[str]] | None, b: dict[str, list[str]] | None) -
             op_y, _, dims_y = y.partition("[")
             if op_x != op_y:
                 return False
+            if op_x.startswith("all_to_all"):
+                continue
             dx, dy = dims_x.rstrip("]").split(", "), dims_y.rstrip("]").split(", ")
-            if "?" in (dims_x, dims_y) or "?]" in (dims_x, dims_y):
+            if "?" in (dims_x.rstrip("]"), dims_y.rstrip("]")):
                 continue
             if len(dx) != len(dy) or any(p != q and "?" not in (p, q) for p, q in zip(dx, dy)):
                 return False

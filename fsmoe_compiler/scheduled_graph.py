@@ -16,25 +16,25 @@ as traced and says why in the report (``strict=True`` raises).
 
 **Ranks.** A graph with collectives runs anything but its traced self (a
 chunked variant, the planned graph) only on calls where every rank said it
-will do the same. The state that decides what a call runs lives in a
-:class:`Slot`, one per program point (the Dynamo frame the graph came from,
-its kind) and agreement key (a digest of that program point, the graph's
-collectives and its MoE regions; see ``backend.agreement_key``), shared by
-every graph Dynamo compiles there with that key. Each call of a program
-point is numbered on each rank (its n-th call pairs with the other ranks'
-n-th call: they run the same program) and starts with a vote
-(``runtime.control.vote``) on (key, planning epoch, step, mode):
+will do the same. Calls are paired by agreement key (a digest of the graph's
+kind, collectives and MoE regions; ``backend.agreement_key``): the n-th call
+of a graph with key K on one rank is the n-th on the others, which holds
+wherever Dynamo cut the program, since the collectives pair up that way
+themselves. Each call starts with a vote (``runtime.control.vote``, instance
+n of the key's series) on (key, planning epoch, step, mode). What a call runs
+lives in a :class:`Slot`, one per program point (the Dynamo frame the graph
+came from) and key, shared by every graph Dynamo compiles there with that
+key:
 
 * all ballots equal: every rank runs that mode and the slot steps on;
-* keys differ (Dynamo compiled a graph with other collectives or regions here
-  on some rank: a graph break, a recompile): every rank runs as traced;
 * some rank's slot now holds another graph of the same key (a recompile on
-  that rank): every rank runs as traced and the slot starts a new epoch,
-  profiling again from the graphs each rank has now (at most ``MAX_EPOCHS``);
+  that rank): every rank runs as traced and planning starts again from the
+  graphs each rank has now (at most ``MAX_EPOCHS`` times);
 * some rank stopped planning this slot (its planning failed): all do;
-* the vote was abandoned (some rank is not coming: it runs something else):
-  this call runs as traced; after ``ABANDON_LIMIT`` such calls in a row, this
-  rank stops asking and runs the graph as traced from then on.
+* the vote was abandoned (some rank is not coming: it runs a graph with
+  another key here, eager code, or nothing) or the ranks are at different
+  steps: this call runs as traced; after ``ABANDON_LIMIT`` such calls in a
+  row, this rank stops asking and runs the graph as traced from then on.
 
 Running as traced is always safe: it issues the collectives in program order,
 as every other rank's traced graph or eager code does. Alone (one rank, or
@@ -74,23 +74,25 @@ ABANDON_LIMIT = 3
 class Slot:
     """The agreed state of one program point and agreement key on this rank (see the module docstring).
 
-    ``step`` counts the agreed calls of this ``epoch`` (0: warm-up next, then
+    ``start`` is the call (of the key's series) at which the current planning
+    epoch began, agreed by every rank: it names the epoch's planning
+    agreements. ``step`` counts the agreed calls since (0: warm-up next, then
     the profiling steps, then planned calls); ``current`` is the graph whose
-    planning state the slot's steps belong to; ``demoted`` is why every rank
-    runs this slot as traced from now on; ``alone`` why this rank stopped
-    asking the others (it runs as traced without a vote).
+    planning state the steps belong to; ``demoted`` is why every rank runs this
+    slot as traced from now on; ``alone`` why this rank stopped asking the
+    others (it runs as traced without a vote).
     """
 
     site: str
-    kind: str
     key: str
-    epoch: int = 0
+    start: int | None = None
     step: int = 0
+    epochs: int = 0
     current: "ScheduledGraph | None" = None
     demoted: str | None = None
     alone: str | None = None
     streak: int = 0
-    notes: list[str] = field(default_factory=list)
+    missed: int = 0
 
     def intended(self, graph: "ScheduledGraph") -> tuple:
         """What this rank proposes to run at the next call of ``graph``."""
@@ -108,56 +110,61 @@ class Slot:
             return ("warmup",)
         return ("profile", self.step)
 
-    def settle(self, graph: "ScheduledGraph", verdict: control.Verdict, ballot: tuple) -> tuple:
-        """The mode this call runs, from the verdict; steps the slot on as every rank does."""
+    def ballot(self, graph: "ScheduledGraph") -> tuple:
+        return (self.key, self.start, self.step, self.intended(graph))
+
+    def settle(self, graph: "ScheduledGraph", verdict: control.Verdict, ballot: tuple, n: int) -> tuple:
+        """The mode call ``n`` runs, from the verdict; steps the slot on as every rank that voted does."""
         if not verdict.agreed:
-            self.streak += 1
-            graph.note(f"a call ran as traced: {verdict.reason}")
-            if self.streak >= ABANDON_LIMIT:
-                self.alone = (f"{self.streak} calls in a row without every rank ({verdict.reason}); "
-                              "this rank runs the graph as traced from now on")
-                graph.note(self.alone)
-            return ("alone",)
-        self.streak = 0
+            return self._missed(graph, verdict.reason)
         ballots = verdict.ballots or [ballot]
-        other = [r for r, b in enumerate(ballots) if b[0] != self.key]
-        if other:
-            graph.note(f"rank(s) {other} compiled a different graph here (other collectives or MoE regions: "
-                       "a graph break or a recompile): those calls run as traced on every rank")
-            return ("traced",)
         modes = [b[3] for b in ballots]
         demoted = [m[1] for m in modes if m[0] == "demoted"]
         if demoted:
+            self.streak = 0
             if self.demoted is None:
                 self.demoted = demoted[0]
-                graph.note(f"runs as traced on every rank: {demoted[0]}")
+                graph.note("demoted", f"runs as traced on every rank: {demoted[0]}")
             return ("traced",)
         restarted = [r for r, m in enumerate(modes) if m[0] == "restart"]
         if restarted:
-            self.epoch += 1
-            self.step = 1  # this call, as traced, is the new epoch's warm-up
-            self.current = graph
-            graph.restart(self.epoch)
-            graph.note(f"rank(s) {restarted} compiled this graph again (a recompile): planning restarts "
-                       f"(epoch {self.epoch}) from the graphs every rank has now")
-            if self.epoch >= MAX_EPOCHS:
-                self.demoted = f"recompiled {self.epoch} times on some rank; planning given up"
-                graph.note(f"runs as traced on every rank: {self.demoted}")
+            self.streak = 0
+            self.epochs += 1
+            self.start, self.step, self.current = n, 1, graph  # this call, as traced, is the new epoch's warm-up
+            graph.restart(f"plan/{self.key}/{n}")
+            graph.note(f"restart{self.epochs}", f"rank(s) {restarted} compiled this graph again (a recompile): "
+                       f"planning restarted at call {n} from the graphs every rank has now")
+            if self.epochs >= MAX_EPOCHS:
+                self.demoted = f"recompiled {self.epochs} times on some rank; planning given up"
+                graph.note("demoted", f"runs as traced on every rank: {self.demoted}")
             return ("traced",)
         if any(b != ballot for b in ballots):
-            self.demoted = f"the ranks' planning states differ ({ballots})"
-            graph.note(f"runs as traced on every rank: {self.demoted}")
-            return ("traced",)
+            return self._missed(graph, f"the ranks are at different steps of this graph's planning ({ballots})")
+        self.streak = 0
+        if self.step == 0:  # the warm-up every rank agreed to: the epoch starts here
+            self.start = n
+            graph.restart(f"plan/{self.key}/{n}")
         self.step += 1
         return ballot[3]
 
+    def _missed(self, graph: "ScheduledGraph", why: str) -> tuple:
+        """A call not every rank agreed to run alike: as traced; after ``ABANDON_LIMIT`` in a row, alone."""
+        self.streak += 1
+        self.missed += 1
+        graph.note("missed", f"{self.missed} call(s) ran as traced without every rank (last: {why})")
+        if self.streak >= ABANDON_LIMIT:
+            self.alone = (f"{self.streak} calls in a row without every rank; this rank runs the graph as traced "
+                          f"from now on (last: {why})")
+            graph.note("alone", self.alone)
+        return ("alone",)
 
-def _slots() -> dict[tuple[str, str, str], Slot]:
+
+def _slots() -> dict[tuple[str, str], Slot]:
     return control.local("fsmoe.slots", dict)
 
 
-def _calls() -> dict[tuple[str, str], int]:
-    return control.local("fsmoe.site_calls", dict)
+def _calls() -> dict[str, int]:
+    return control.local("fsmoe.series_calls", dict)
 
 
 class ScheduledGraph:
@@ -170,25 +177,26 @@ class ScheduledGraph:
                  site: str = "", key: str | None = None, traced_only: str | None = None) -> None:
         self.base, self.ctx, self.config, self.report, self.pipelines = base, ctx, config, report, pipelines
         self.dump = dump  # writes the scheduled graph where ``dump_dir`` asks
+        self._notes: dict[str, str] = {}
         self.kind = ctx.graph_kind
         self.site = site or "graph"
         self.key = key or hashlib.sha1(f"{self.site}/{self.kind}".encode()).hexdigest()[:16]
-        self.series = f"call/{hashlib.sha1(self.site.encode()).hexdigest()[:12]}/{self.kind}"
+        self.series = f"call/{self.key}"  # the calls of every graph with this key, numbered on each rank
         self.what = f"the {self.kind} graph at {self.site}"
         self.voting = distributed() and config.check_ranks
         self.cache = ProfileCache(config.cache_dir) if config.cache_dir else None
         self.static: GraphExecutor | None = None
         self.traced_only = traced_only  # why this graph never runs anything but its traced self
-        self.restart(0)
+        self.restart(None)
         reason = self._nothing_to_schedule()
         if reason is not None:
             self.report.notes.append(f"not scheduled: {reason}")
             self.static = GraphExecutor(base)
 
-    def restart(self, epoch: int) -> None:
-        """Planning from scratch (epoch ``epoch``): no variants, profiles or plan yet."""
-        self.epoch = epoch
-        self.tag = f"plan/{self.key}/e{epoch}"  # names this graph's planning agreements with the other ranks
+    def restart(self, tag: str | None) -> None:
+        """Planning from scratch: no variants, profiles or plan yet; ``tag`` names the planning agreements
+        with the other ranks (the key and the call the epoch started at, so equal on every rank)."""
+        self.tag = tag or f"plan/{self.key}/local"
         self.variants = Variants(self.base, self.ctx, self.config, self.pipelines.chunk, self.tag,
                                  notes=self.report.notes)
         self.profiles: dict[int, StepProfiler] = {}
@@ -196,17 +204,22 @@ class ScheduledGraph:
         self.timed_left = self.config.measure_steps
         self.cache_checked = False
 
-    def note(self, text: str) -> None:
-        """Add ``text`` to the report once."""
-        if text not in self.report.notes:
-            self.report.notes.append(text)
+    def note(self, topic: str, text: str) -> None:
+        """Put ``text`` in the report, replacing this graph's earlier note on ``topic``."""
+        notes = self.report.notes
+        old = self._notes.get(topic)
+        if old is not None and old in notes:
+            notes[notes.index(old)] = text
+        elif text not in notes:
+            notes.append(text)
+        self._notes[topic] = text
 
     @property
     def slot(self) -> Slot:
         slots = _slots()
-        ident = (self.site, self.kind, self.key)
+        ident = (self.site, self.key)
         if ident not in slots:
-            slots[ident] = Slot(self.site, self.kind, self.key)
+            slots[ident] = Slot(self.site, self.key)
         return slots[ident]
 
     # -- the call ---------------------------------------------------------
@@ -215,17 +228,17 @@ class ScheduledGraph:
             return self.static(list(args))
         slot = self.slot
         calls = _calls()
-        n = calls.get((self.site, self.kind), 0)
-        calls[(self.site, self.kind)] = n + 1
+        n = calls.get(self.series, 0)
+        calls[self.series] = n + 1
         if slot.alone is not None:
             with control.doing("call-alone", "", self.what):
                 return self.base(*args)
-        ballot = (self.key, slot.epoch, slot.step, slot.intended(self))
+        ballot = slot.ballot(self)
         if self.voting:
             verdict = control.vote(self.series, n, ballot, what=f"call {n} of {self.what}")
         else:
             verdict = control.Verdict(True, [ballot])
-        mode = slot.settle(self, verdict, ballot)
+        mode = slot.settle(self, verdict, ballot, n)
         if mode[0] == "alone":
             with control.doing("call-alone", "", self.what):
                 return self.base(*args)

@@ -331,7 +331,8 @@ def _my_key_at(plane: _Plane, state: str, at: str, store: Any) -> bool:
 
 
 def _describe(r: int, state: str, at: str, what: str) -> str:
-    text = {"compiling": "compiling", "call": "running", "vote": "waiting to agree on", "meet": "waiting at",
+    text = {"compiling": "compiling", "call": "running", "call-alone": "running, without the other ranks,",
+            "vote": "waiting to agree on", "meet": "waiting at",
             "outside": "outside fsmoe (eager code, data loading, or Dynamo tracing)", "failed": "failed",
             "exited": "exited", "unknown": "not yet seen by fsmoe (no state announced)"}.get(state, state)
     detail = what or at
