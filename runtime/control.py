@@ -28,7 +28,8 @@ other ranks are seen doing:
   ranks agreed to run). A peer that is seen waiting somewhere it needs this
   rank, running a call this rank is not in, or away longer than
   ``ABSENT_S`` is a real disagreement: :class:`ExchangeTimeout` at once, naming
-  it and what it is doing instead.
+  it and what it is doing instead, announced as ``failed`` so that rank, waiting
+  for this one elsewhere, stops at once too.
 * :func:`vote`: every rank posts a ballot for one instance of a decision it
   can also decline (run a transformed graph for this call, or play safe). A
   rank that is not coming (same tests as above) is *abandoned*: its ballot key
@@ -465,7 +466,7 @@ def meet(key: str, value: Any, *, timeout_s: float | None = None, what: str = ""
     got = plane.store.compare_set(keys[plane.rank], "", mine)
     if got != mine:
         _, verdict, by, desc = pickle.loads(got)
-        raise ExchangeTimeout(f"{label}: rank {by} stopped waiting for this rank ({desc})")
+        _give_up(plane, key, ExchangeTimeout(f"{label}: rank {by} stopped waiting for this rank ({desc})"), strict)
 
     def decide(r: int) -> tuple | None:
         verdict, desc = _judge(plane, r, ABSENT_S, _watcher(plane).store)
@@ -473,15 +474,27 @@ def meet(key: str, value: Any, *, timeout_s: float | None = None, what: str = ""
             return None
         return ("missing", verdict, plane.rank, desc)
 
-    with doing("meet", key, what, fail=False):
-        values = _gather(plane, keys, label, decide, timeout_s)
+    try:
+        with doing("meet", key, what, fail=False):
+            values = _gather(plane, keys, label, decide, timeout_s)
+    except ExchangeTimeout as exc:
+        _give_up(plane, key, exc, strict)
     for r, v in enumerate(values):
         if v[0] == "missing":
             _, verdict, _, desc = v
             cls = RankGone if verdict in ("dead", "failed") else ExchangeTimeout
             hint = "" if cls is RankGone else "; the ranks disagree about what they compiled or run"
-            raise cls(f"{label}: rank(s) [{r}] did not arrive: {desc}{hint}")
+            _give_up(plane, key, cls(f"{label}: rank(s) [{r}] did not arrive: {desc}{hint}"), strict)
     return [v[1] for v in values]
+
+
+def _give_up(plane: _Plane, key: str, exc: ExchangeTimeout, announce: bool) -> None:
+    """Raise ``exc`` from a meet; a strict one (every rank needed it) is announced as ``failed`` first, so a rank
+    waiting for this one there (or anywhere) stops at once with this rank's reason instead of waiting
+    ``ABSENT_S`` for it. A non-strict one's caller (:func:`exchange` with a timeout) may go on."""
+    if announce:
+        plane.announce("failed", key, f"{type(exc).__name__}: {exc}"[:2000])
+    raise exc
 
 
 def vote(series: str, n: int, ballot: Any, *, what: str = "", absent_s: float | None = None) -> Verdict:
