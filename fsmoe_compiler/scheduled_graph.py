@@ -34,7 +34,9 @@ key:
 * the vote was abandoned (some rank is not coming: it runs a graph with
   another key here, eager code, or nothing) or the ranks are at different
   steps: this call runs as traced; after ``ABANDON_LIMIT`` such calls in a
-  row, this rank stops asking and runs the graph as traced from then on.
+  row, this rank stops asking and runs every graph of that key as traced from
+  then on, and says so (``runtime.control.leave``), so the others stop
+  waiting for it there at once.
 
 Running as traced is always safe: it issues the collectives in program order,
 as every other rank's traced graph or eager code does. Alone (one rank, or
@@ -116,7 +118,7 @@ class Slot:
     def settle(self, graph: "ScheduledGraph", verdict: control.Verdict, ballot: tuple, n: int) -> tuple:
         """The mode call ``n`` runs, from the verdict; steps the slot on as every rank that voted does."""
         if not verdict.agreed:
-            return self._missed(graph, verdict.reason)
+            return self._missed(graph, verdict.reason, n)
         ballots = verdict.ballots or [ballot]
         modes = [b[3] for b in ballots]
         demoted = [m[1] for m in modes if m[0] == "demoted"]
@@ -139,7 +141,7 @@ class Slot:
                 graph.note("demoted", f"runs as traced on every rank: {self.demoted}")
             return ("traced",)
         if any(b != ballot for b in ballots):
-            return self._missed(graph, f"the ranks are at different steps of this graph's planning ({ballots})")
+            return self._missed(graph, f"the ranks are at different steps of this graph's planning ({ballots})", n)
         self.streak = 0
         if self.step == 0:  # the warm-up every rank agreed to: the epoch starts here
             self.start = n
@@ -147,8 +149,10 @@ class Slot:
         self.step += 1
         return ballot[3]
 
-    def _missed(self, graph: "ScheduledGraph", why: str) -> tuple:
-        """A call not every rank agreed to run alike: as traced; after ``ABANDON_LIMIT`` in a row, alone."""
+    def _missed(self, graph: "ScheduledGraph", why: str, n: int) -> tuple:
+        """A call not every rank agreed to run alike: as traced; after ``ABANDON_LIMIT`` in a row, alone on
+        the key's series from the next call on (every slot of this key on this rank, since calls pair by key),
+        and the other ranks are told so."""
         self.streak += 1
         self.missed += 1
         graph.note("missed", f"{self.missed} call(s) ran as traced without every rank (last: {why})")
@@ -156,6 +160,8 @@ class Slot:
             self.alone = (f"{self.streak} calls in a row without every rank; this rank runs the graph as traced "
                           f"from now on (last: {why})")
             graph.note("alone", self.alone)
+            _left()[graph.series] = self.alone
+            control.leave(graph.series, n + 1, self.alone)
         return ("alone",)
 
 
@@ -165,6 +171,11 @@ def _slots() -> dict[tuple[str, str], Slot]:
 
 def _calls() -> dict[str, int]:
     return control.local("fsmoe.series_calls", dict)
+
+
+def _left() -> dict[str, str]:
+    """The series this rank no longer votes on (it runs their calls as traced), and why."""
+    return control.local("fsmoe.left_series", dict)
 
 
 class ScheduledGraph:
@@ -230,7 +241,7 @@ class ScheduledGraph:
         calls = _calls()
         n = calls.get(self.series, 0)
         calls[self.series] = n + 1
-        if slot.alone is not None:
+        if slot.alone is not None or self.series in _left():
             with control.doing("call-alone", "", self.what):
                 return self.base(*args)
         ballot = slot.ballot(self)

@@ -37,7 +37,8 @@ other ranks are seen doing:
   outcome, and every rank reaches the same verdict from the same final keys.
   Abandoning costs nothing but the optimisation: the caller then runs the
   graph as traced, which issues the collectives in program order like every
-  other rank's traced or eager code.
+  other rank's traced or eager code. A rank that stops voting on a series
+  says so (:func:`leave`): the others abandon its later instances at once.
 
 :func:`exchange` (numbered per tag) remains for callers that know every rank
 makes the same calls; the backend does not use it.
@@ -521,7 +522,14 @@ def vote(series: str, n: int, ballot: Any, *, what: str = "", absent_s: float | 
         return Verdict(False, None, reason=f"rank {by} went on without this rank ({why})", absent=[plane.rank])
 
     def decide(r: int) -> tuple | None:
-        verdict, desc = _judge(plane, r, absent_s, _watcher(plane).store)
+        store = _watcher(plane).store
+        left = f"{_PREFIX}/left/{series}/{r}"
+        if store.check([left]):  # it runs this series without the other ranks from some call on
+            since, why = pickle.loads(store.get(left))
+            if since <= n:
+                return ("missing", "left", plane.rank, f"rank {r} runs these calls without the other ranks "
+                        f"since call {since} ({why})")
+        verdict, desc = _judge(plane, r, absent_s, store)
         return None if verdict == "busy" else ("missing", verdict, plane.rank, desc)
 
     with doing("vote", inst, what, fail=False):
@@ -535,6 +543,14 @@ def vote(series: str, n: int, ballot: Any, *, what: str = "", absent_s: float | 
         return Verdict(False, None, reason=f"rank(s) {absent} not here: {reasons}", absent=absent)
     _forget(plane, series, n, keys[plane.rank])
     return Verdict(True, [v[1] for v in values])
+
+
+def leave(series: str, n: int, why: str) -> None:
+    """This rank will not vote on ``series`` from instance ``n`` on (it runs those calls as traced, alone):
+    a rank voting on such an instance abandons it at once instead of waiting to see this one away."""
+    plane = _current()
+    if plane is not None:
+        plane.store.set(f"{_PREFIX}/left/{series}/{plane.rank}", pickle.dumps((n, why[:500])))
 
 
 def _forget(plane: _Plane, series: str, n: int, key: str) -> None:

@@ -79,6 +79,19 @@ def _keyed(rank: int, world_size: int) -> dict:
     verdict = control.vote("test/away", 0, rank, absent_s=0.5)
     out["away"] = (verdict.agreed, verdict.absent, verdict.reason, time.monotonic() - t0)
     dist.barrier()
+    # rank 1 says it will not vote on a series any more, then stays away: rank 0 abandons at once, not after
+    # the 10 s a rank may be seen away
+    if rank == 1:
+        control.leave("test/left", 0, "it gave up on these calls")
+        control.announce("outside")
+        dist.barrier()
+        time.sleep(3.0)
+    else:
+        dist.barrier()
+        t0 = time.monotonic()
+        verdict = control.vote("test/left", 0, rank)
+        out["left"] = (verdict.agreed, verdict.reason, time.monotonic() - t0)
+    dist.barrier()
     # each rank waits at a different agreement, where it needs the other: a real disagreement, an error at once
     t0 = time.monotonic()
     try:
@@ -121,6 +134,9 @@ def test_keyed_votes_abandon_an_absent_rank_and_meets_fail_at_once_on_disagreeme
         kind, text, seconds = r["elsewhere"]
         assert kind in ("ExchangeTimeout", "RankGone") and seconds < 15, r["elsewhere"]
         assert "waiting at rank" in text and "the ranks disagree about what they compiled or run" in text, text
+    agreed, reason, seconds = res[0]["left"]
+    assert not agreed and "rank 1 runs these calls without the other ranks since call 0" in reason, reason
+    assert seconds < 3, res[0]["left"]
     kind, text, seconds = res[0]["failed"]
     assert kind == "RankGone" and seconds < 15, res[0]["failed"]
     assert "rank 1 failed the forward graph of test graph 7: ValueError: boom while compiling" in text, text
