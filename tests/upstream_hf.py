@@ -15,6 +15,17 @@ loss, seeded, at tiny sizes (hidden 64, 4-8 experts, top-2).
 Every other experts implementation transformers 5.25 registers is in
 ``LEFT_OUT`` with the reason no case runs it (a test pins the registry, so a
 new one in a later version fails until it is a case or has a reason).
+
+transformers' own expert parallelism (``from_pretrained(...,
+distributed_config=DistributedConfig(tp_size=2, tp_plan={}, ep_size=2,
+ep_implementation="all_to_all"))``) is not a case: it loads through
+``from_pretrained`` only and needs ``accelerate``, which the ``ecosystem``
+extra does not install. Tried by hand (with ``accelerate``, 2 gloo ranks): it
+compiles, but each rank first takes its own TP slice of the batch (a local
+``Replicate -> Shard(0)`` redistribute: rank r keeps output r of one split),
+so the two graphs differ only in which ``getitem`` nodes remain, and the
+profiler's cost agreement, keyed by node name, stops with "ranks profiled
+different graphs" (``check_ranks=False`` too).
 """
 
 from __future__ import annotations
