@@ -105,6 +105,28 @@ def test_two_deepspeed_layers_are_two_regions_in_each_graph_in_layer_order():
         assert found[kind] == [want, want], found[kind]
 
 
+@pytest.mark.parametrize("name", ["top1", "top2"])
+def test_gate_noise_samplers_made_inside_the_graph_stop_dynamo_until_primed(monkeypatch, name):
+    """Why every model gets one eager forward first: DeepSpeed's gate makes its noise sampler on its first call
+    and stores it in a module-level dict, which Dynamo cannot replay (``prime_gate_noise``)."""
+    from deepspeed.moe import sharded_moe
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(sharded_moe, "exp_selection_uniform_map", {})  # as in a fresh process
+    monkeypatch.setattr(sharded_moe, "gumbel_map", {})
+    model = ud.build(name)
+    with torch._dynamo.config.patch(**ONE_GRAPH):
+        compiled = torch.compile(model, backend="fsmoe", fullgraph=True)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="Reconstruction failure"):
+            compiled(ud.inputs())
+        ud.prime_gate_noise(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="fsmoe", fullgraph=True)
+        compiled(ud.inputs()).backward()
+    rep = fsmoe_compiler.report(compiled)
+    assert [len(rep.regions(kind)) for kind in ("forward", "backward")] == [1, 1]
+
+
 # ------------------------------------------------------------------------------------------------ 2 ranks, EP
 
 
