@@ -251,7 +251,7 @@ def _argmax_top_k(index: GraphIndex, r: Router, region: MoERegion) -> None:
     below = index.ancestors(t.name)
     earlier = []
     for a in index.nodes[:index.pos[t.name]]:
-        if a.name in below and is_op(a, ARGMAX_OPS) and _selects(a):
+        if a.name in below and is_op(a, ARGMAX_OPS) and _selects(a) and _float_scores(a):
             other = _walk_router(a, index.ancestors(a.name))
             if other is not None and other.x is r.x and shape(a.args[0]) == shape(t.args[0]):
                 earlier.append(other)
@@ -263,6 +263,12 @@ def _argmax_top_k(index: GraphIndex, r: Router, region: MoERegion) -> None:
         region.router = "sigmoid-topk" if "sigmoid" in ops else "softmax-topk"
     region.notes.append(f"top-{region.top_k} as {region.top_k} argmax, each after masking the earlier choices "
                         f"({', '.join(o.topk.name for o in earlier)}, then {t.name})")
+
+
+def _float_scores(choice: fx.Node) -> bool:
+    """A choice over floating-point scores (not over a one-hot mask, which only reads a choice back)."""
+    v = val(choice.args[0]) if isinstance(choice.args[0], fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
 
 
 def _limited_router(index: GraphIndex, r: Router) -> Router | None:
