@@ -105,6 +105,30 @@ def test_two_deepspeed_layers_are_two_regions_in_each_graph_in_layer_order():
         assert found[kind] == [want, want], found[kind]
 
 
+def test_deepspeed_moe_with_its_expert_group_on_one_rank_is_one_region_in_each_graph():
+    """As ``deepspeed.initialize`` wires a 1-GPU job: ``deepspeed.comm`` over a 1-rank gloo group and the
+    ``ep_size_1`` expert group set on the layer. Without token dropping the gate asks that group's size (to
+    all-reduce the capacity only when it spans ranks) inside the traced code: still one graph."""
+    import torch.distributed as dist
+
+    torch._dynamo.reset()
+    name = "top1-nodrop"
+    model = ud.build(name)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with ud.deepspeed_ep(model), torch._dynamo.config.patch(**ONE_GRAPH):
+            assert model.moes[0].deepspeed_moe.ep_group is not None
+            ud.prime_gate_noise(model)
+            compiled = torch.compile(model, backend="fsmoe", fullgraph=True)
+            bad = _train(model, compiled, 1)
+    finally:
+        dist.destroy_process_group()
+    assert not bad[0], bad
+    found = _regions(fsmoe_compiler.report(compiled))
+    want = dict(ud.expected(ud.BY_NAME[name]), layer=0)
+    assert found == {"forward": [want], "backward": [want]}, found
+
+
 @pytest.mark.parametrize("name", ["top1", "top2"])
 def test_gate_noise_samplers_made_inside_the_graph_stop_dynamo_until_primed(monkeypatch, name):
     """Why every model gets one eager forward first: DeepSpeed's gate makes its noise sampler on its first call
