@@ -226,18 +226,18 @@ class Block(nn.Module):
         return x + out
 
 
-def build(case: MegatronCase, rank: int = 0, seed: int = 0) -> Block:
-    """The layer of ``case`` under the current parallel state, inside :func:`cpu_patches`.
+def build(case: MegatronCase, rank: int = 0, seed: int = 0, layers: int = 1) -> nn.Module:
+    """The layer of ``case`` under the current parallel state, inside :func:`cpu_patches` (a :class:`Block`;
+    ``layers`` > 1: that many blocks in a row, seeded ``seed``, ``seed + 1``, ...).
 
     Weights are seeded: the router and the shared expert the same on every rank, each rank's local experts
     from a seed of their own (so experts on different ranks differ and a misrouted token shows).
     """
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs = dict(
-        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=4,
+        num_layers=layers, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=4,
         num_moe_experts=case.experts, moe_router_topk=case.topk, moe_token_dispatcher_type=case.dispatcher,
         moe_router_score_function=case.score, moe_aux_loss_coeff=case.aux_loss, moe_z_loss_coeff=case.z_loss,
         moe_expert_capacity_factor=case.capacity_factor,
@@ -250,8 +250,18 @@ def build(case: MegatronCase, rank: int = 0, seed: int = 0) -> Block:
         warnings.simplefilter("ignore")
         config = TransformerConfig(**kwargs)
         spec = get_moe_module_spec(use_te=False, num_experts=case.experts, moe_grouped_gemm=False)
+    if layers > 1:
+        return nn.Sequential(*(_block(case, config, spec, rank, seed + i, i + 1) for i in range(layers)))
+    return _block(case, config, spec, rank, seed, 1)
+
+
+def _block(case: MegatronCase, config: Any, spec: Any, rank: int, seed: int, number: int) -> Block:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        layer = MoELayer(config, spec.submodules)
+        layer = MoELayer(config, spec.submodules, layer_number=number)
     _traceable_chunk_orders(layer)
     gen = torch.Generator().manual_seed(seed)
     expert_gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
