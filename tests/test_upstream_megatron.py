@@ -112,6 +112,14 @@ def test_megatron_moe_layer_equals_eager_and_is_one_region_in_each_graph(name):
     (fw,) = rep.regions("forward")
     # Megatron's aux loss: a second softmax + topk on the same logits, left alone (it routes nothing)
     assert any("on the same router input left alone" in n for n in fw.notes), fw.notes
+    # token dropping (a topk over tokens after the routing topk) is said, with the capacity it keeps
+    dropping = [n for n in fw.notes if n.startswith("token dropping")]
+    if case.capacity_factor is None:
+        assert dropping == [], fw.notes
+    else:
+        (note,) = dropping
+        assert f"best {case.capacity()} routed tokens" in note, note
+        assert ("dispatched as dropless" in note) is expected(case)["dropless"], note
     assert [r.layer for r in rep.regions("backward")] == [fw.layer]
 
 
