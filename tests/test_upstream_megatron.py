@@ -10,8 +10,10 @@ the router logits). At 1 process: the loss and every gradient equal eager's
 at every step, and exactly one region is found in the forward and in the
 backward graph with the right router kind, top-k, experts, capacity or
 dropless and shared expert. At 2 gloo ranks with Megatron's expert
-parallelism (alltoall dispatcher, EP=2): the same, and the scheduled graph is
-swapped in and stays equal to eager after the swap.
+parallelism (EP=2; the alltoall dispatcher dropless, with a shared expert and
+padded to capacity, and the default allgather dispatcher): the same, with
+rank agreement on, and the scheduled graph is swapped in and stays equal to
+eager after the swap; both ranks apply the same chunk degree.
 
 The CPU patches Megatron needs (``torch.cuda`` calls, a name only the
 Transformer Engine import defines) are in ``upstream_megatron.cpu_patches``,
@@ -39,7 +41,8 @@ STEPS_ONE = 2
 # rank agreement left on (the default): the layer compiles the same graphs on both ranks (see upstream_megatron.DYNAMO)
 OPTIONS_EP = {"pipeline_degree": "auto", "max_degree": 2, "profile_steps": 2, "time_limit_s": 0.05}
 STEPS_EP = 5
-EP_CASES = ["dropless-top2", "dropless-top2-shared-zloss", "capacity-top2"]
+# Megatron's default (allgather) dispatcher too: tokens all-gathered over the EP group, outputs reduce-scattered
+EP_CASES = ["dropless-top2", "dropless-top2-shared-zloss", "capacity-top2", "default-allgather-top2"]
 
 
 def _step(model: torch.nn.Module, fn, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -186,4 +189,8 @@ def test_megatron_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equa
             assert res["schedules"][kind] == 1, f"{where}: no schedule swapped in for the {kind} graph"
             ((timed, plain),) = res["after_swap"][kind]  # steps 3 and 4 ran the swapped-in graph (timed, plain)
             assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
+        # alltoall: tokens and routing probabilities sent, outputs back (forward), their gradients (backward)
+        a2a = 0 if um.CASES[name].dispatcher == "allgather" else 3
+        assert res["a2a"] == {"forward": [a2a], "backward": [a2a]}, f"{where}: {res['a2a']}"
+    assert results[0]["degrees"] == results[1]["degrees"], [res["degrees"] for res in results]
     print({res["rank"]: (res["a2a"], res["degrees"], res["notes"]) for res in results})
