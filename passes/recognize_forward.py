@@ -220,10 +220,13 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     for i, group in enumerate(groups):
         tried: list[tuple[Router, str]] = []
         for r in group:  # the latest anchor first; an earlier one on the same router input if it forms no region
-            r = _limited_router(index, r) or r  # a capacity topk over tokens limits the routing topk, not routes
+            limited = _limited_router(index, r)  # a capacity topk over tokens limits the routing topk, not routes
+            dropping, r = (r.topk, limited) if limited is not None else (None, r)
             region = _forward_region(index, _scope(index, r, candidates[:i] + [r] + candidates[i + 1:]))
             if isinstance(region, MoERegion):
                 _argmax_top_k(index, r, region)
+                if dropping is not None:
+                    region.notes.append(_token_dropping_note(dropping, region))
                 if tried:
                     region.notes.append("routing-like anchor(s) on the same router input left alone: " + "; ".join(
                         f"{t.topk.name}: {why}" for t, why in tried))
@@ -288,6 +291,16 @@ def _limited_router(index: GraphIndex, r: Router) -> Router | None:
             if routing is not None and routing.x is r.x and not _choice(routing, tokens_key).expert_choice:
                 return routing
     return None
+
+
+def _token_dropping_note(topk: fx.Node, region: MoERegion) -> str:
+    """What a capacity topk over tokens does to the region: each expert keeps its best ``k`` routed tokens."""
+    k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    k = k if isinstance(k, int) else "a symbolic number of"
+    note = f"token dropping: {topk.name} keeps each expert's best {k} routed tokens (a topk over tokens)"
+    if region.dropless:
+        note += ("; the expert buffers stay data-dependent (not padded to the capacity): dispatched as dropless")
+    return note
 
 
 # ----------------------------------------------------------------------------------------------
