@@ -44,20 +44,20 @@ def _grads(model: torch.nn.Module, fn, x: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def _differences(ref: dict, got: dict) -> dict[str, float]:
+def _differences(ref: dict, got: dict, rtol: float = 1e-4, atol: float = 1e-5) -> dict[str, float]:
     assert ref.keys() == got.keys(), f"gradients of different parameters: {sorted(ref.keys() ^ got.keys())}"
     return {k: float((got[k] - ref[k]).abs().max()) for k in ref
-            if not torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5)}
+            if not torch.allclose(got[k], ref[k], rtol=rtol, atol=atol)}
 
 
-def _train(model: torch.nn.Module, compiled, steps: int, rank: int = 0) -> list[dict]:
+def _train(model: torch.nn.Module, compiled, steps: int, rank: int = 0, **tol: float) -> list[dict]:
     """Eager and compiled steps on the same weights, the expert bias updated between steps; worst differences."""
     bad = []
     for step in range(steps):
         x = ut.inputs(step, rank)
         ref = _grads(model, model, x)
         got = _grads(model, compiled, x)
-        bad.append(_differences(ref, got))
+        bad.append(_differences(ref, got, **tol))
         ut.update_expert_bias(model)
     return bad
 
@@ -102,12 +102,12 @@ def test_two_titan_layers_are_two_regions_in_each_graph_in_layer_order():
 # ------------------------------------------------------------------------------------------------ 2 ranks, EP
 
 
-def _ep_job(rank: int, world_size: int, name: str, options: dict, steps: int) -> dict:
+def _ep_job(rank: int, world_size: int, name: str, options: dict, steps: int, **tol: float) -> dict:
     with ut.titan_ep(world_size) as dims, torch._dynamo.config.patch(**ONE_GRAPH):
         model = ut.make_block(name, ep=dims)
         sharded = {n: type(p).__name__ for n, p in model.named_parameters() if "inner_experts" in n}
         compiled = torch.compile(model, backend="fsmoe", options=options, fullgraph=True)
-        bad = _train(model, compiled, steps, rank)
+        bad = _train(model, compiled, steps, rank, **tol)
         rep = fsmoe_compiler.report(compiled)
         scheds = {kind: rep.schedules(kind) for kind in ("forward", "backward")}
         return {
@@ -143,3 +143,27 @@ def test_titan_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equals_
             assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
         # forward: the count exchange, dispatch and combine; backward: the data all-to-alls' gradients
         assert res["a2a"] == {"forward": [3], "backward": [2]}, f"{where}: {res['a2a']}"
+
+
+def _ep_job_bf16(rank: int, world_size: int, name: str, options: dict, steps: int) -> dict:
+    return _ep_job(rank, world_size, name, options, steps, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["qwen3-softmax-shared", "dsv3-sigmoid-grouped"])
+def test_titan_moe_with_expert_parallelism_chunked_to_two_equals_eager(rank_pool, name):
+    """Degree 2 asked for: both graphs are chunked along the hidden dim (the un-permute ``index_put`` and the
+    weight-gradient grouped GEMMs have rules), and every step equals eager up to bf16 rounding: torchtitan runs
+    the expert GEMMs in bf16, and the first GEMM's two partial products are each rounded to bf16 before they
+    are added (eager rounds the one full product), so gradients differ by ~1e-4."""
+    results = rank_pool.run(_ep_job_bf16, (name, {**OPTIONS_EP, "pipeline_degree": 2, "strict": True}, STEPS_EP),
+                            timeout_s=240)
+    for res in results:
+        where = f"{name} rank {res['rank']}"
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
+        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert res["degrees"] == {"forward": [{0: 2}], "backward": [{0: 2}]}, f"{where}: {res['degrees']}"
+        for kind in ("forward", "backward"):
+            ((timed, plain),) = res["after_swap"][kind]
+            assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
