@@ -42,6 +42,12 @@ line under the table shows one eager step's measured split). With
 --shared-expert --grad-sync graph the scheduler also has a shared expert and
 the gradient all-reduces to place around the all-to-alls.
 
+--dispatch dropless sends every token to its experts (sort-based
+permutation, token counts exchanged first, all-to-alls of data-dependent
+sizes); fsmoe then chunks along the hidden dim. --model torchtitan runs
+torchtitan's own MoE layer (dropless, SwiGLU experts in bf16 grouped GEMMs),
+its experts sharded over the ranks by torchtitan's expert parallelism.
+
 Every rank's glibc malloc keeps freed memory for reuse (as a caching
 allocator does on CUDA; --system-malloc turns this off), so no method pays
 page faults for re-allocating its activations every step."""
