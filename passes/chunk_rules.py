@@ -331,9 +331,24 @@ def _matmul(node: fx.Node, a: fx.Node, b: fx.Node, roles: tuple[str, str, str], 
     return {}
 
 
+#: Result dtypes whose GEMMs are never split along the contraction dim: each partial product would be rounded to
+#: the low precision before the sum, where the unsplit GEMM rounds its float32 accumulator once (CPU grouped GEMMs
+#: take no float32 result dtype for bf16 operands), so the chunked layer would not compute eager's result.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _exact_partials(node: fx.Node, implied: dict) -> dict:
+    """``implied``, or Unchunkable when it makes a low-precision GEMM's result a partial sum."""
+    val = node.meta.get("val")
+    if implied.get(node) is PARTIAL and isinstance(val, torch.Tensor) and val.dtype in LOW_PRECISION:
+        raise Unchunkable(f"{node.name}: a {str(val.dtype).removeprefix('torch.')} GEMM split along its contraction "
+                          "dim would add rounded partial products (not eager's result)")
+    return implied
+
+
 def matmul_rule(node: fx.Node, lay: Lookup) -> dict:
     """mm / bmm (and matmul of 2-D or 3-D operands)."""
-    return _matmul(node, node.args[0], node.args[1], _matmul_roles(node), lay)
+    return _exact_partials(node, _matmul(node, node.args[0], node.args[1], _matmul_roles(node), lay))
 
 
 def addmm_rule(node: fx.Node, lay: Lookup) -> dict:
@@ -366,7 +381,7 @@ def grouped_mm_rule(node: fx.Node, lay: Lookup) -> dict:
     for x, l in ((a, lay(a)), (b, lay(b)), (node, lay(node))):
         if isinstance(l, Split) and l.dim == 0:
             raise Unchunkable(f"{node.name}: the grouped rows (or the groups) cannot be split")
-    implied = _matmul(node, a, b, ("nk", "gkm", "nm"), lay)
+    implied = _exact_partials(node, _matmul(node, a, b, ("nk", "gkm", "nm"), lay))
     implied.update({x: UNSPLIT for x in others})
     return implied
 
