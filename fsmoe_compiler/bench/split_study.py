@@ -34,16 +34,23 @@ expert outputs, so ``tests/test_split_study.py`` checks that every variant
 computes the unchunked layer.
 
 What it showed (defaults: the bench's headline layer, 1024 tokens per rank,
-d_model 256, d_ff 1536, 4 experts top-2, 300 Mbit/s emulated, 2 shared cores,
-noisy): at r = 2 the hidden-dim split gains most in the backward (the weight
-gradients run under the combine chunks), token ranges and token groups most in
-the forward (each chunk runs the whole FFN, so chunk k's combine overlaps
-chunk k+1's experts, while the hidden split's activation waits for every
-dispatch chunk); r = 4 rarely pays on this link (the per-call latency of
-4x the all-to-alls). The compiler splits dropless layers along the hidden dim
-because every chunk keeps the layer's own split sizes (the graph's unbacked
-SymInts, exchanged once): no new count exchange, host sync or per-chunk
-index arithmetic, and the chunked graph is the same for every step.
+d_model 256, d_ff 1536, 4 experts top-2, 300 Mbit/s emulated, 2 shared cores;
+one run at load ~4, ms per layer forward + backward): r = 1 369; r = 2 hidden
+313, token ranges 312, token groups 310 (all ~1.18x); r = 4 hidden 326
+(1.13x), token ranges 284 (1.30x), groups 287 (1.29x). At r = 2 the three are
+equal; at r = 4 the hidden split falls behind, because its activation waits
+for every dispatch chunk (the first GEMM is a sum of partial products), so
+no combine chunk can start before all dispatch chunks arrived, while a token
+chunk runs the whole FFN, so chunk k's combine overlaps chunk k+1's experts. Runs at
+load ~20 scatter by +-20 % and rank the variants differently. The compiler
+splits dropless layers along the hidden dim because every chunk keeps the
+layer's own split sizes (the graph's unbacked SymInts, exchanged once): no
+new count exchange, host sync or per-chunk index arithmetic, and at r = 2,
+which the planner picked in most bench runs on this link, it loses nothing
+to the token splits. Token
+ranges are the next step: they would win at r = 4 and, as no GEMM is split
+along its contraction, stay exact for bf16 GEMMs (which the hidden split
+refuses).
 """
 
 from __future__ import annotations
