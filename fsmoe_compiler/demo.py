@@ -21,6 +21,7 @@ from tabulate import tabulate
 EXAMPLES = {
     "mixtral": "fsmoe_compiler.examples.mixtral_moe",
     "gpt2": "fsmoe_compiler.examples.gpt2_moe",
+    "torchtitan": "fsmoe_compiler.examples.titan_moe",  # torchtitan's MoE layer (the ecosystem extra)
 }
 
 

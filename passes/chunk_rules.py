@@ -331,9 +331,24 @@ def _matmul(node: fx.Node, a: fx.Node, b: fx.Node, roles: tuple[str, str, str], 
     return {}
 
 
+#: Result dtypes whose GEMMs are never split along the contraction dim: each partial product would be rounded to
+#: the low precision before the sum, where the unsplit GEMM rounds its float32 accumulator once (CPU grouped GEMMs
+#: take no float32 result dtype for bf16 operands), so the chunked layer would not compute eager's result.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _exact_partials(node: fx.Node, implied: dict) -> dict:
+    """``implied``, or Unchunkable when it makes a low-precision GEMM's result a partial sum."""
+    val = node.meta.get("val")
+    if implied.get(node) is PARTIAL and isinstance(val, torch.Tensor) and val.dtype in LOW_PRECISION:
+        raise Unchunkable(f"{node.name}: a {str(val.dtype).removeprefix('torch.')} GEMM split along its contraction "
+                          "dim would add rounded partial products (not eager's result)")
+    return implied
+
+
 def matmul_rule(node: fx.Node, lay: Lookup) -> dict:
     """mm / bmm (and matmul of 2-D or 3-D operands)."""
-    return _matmul(node, node.args[0], node.args[1], _matmul_roles(node), lay)
+    return _exact_partials(node, _matmul(node, node.args[0], node.args[1], _matmul_roles(node), lay))
 
 
 def addmm_rule(node: fx.Node, lay: Lookup) -> dict:
@@ -358,14 +373,31 @@ def grouped_mm_rule(node: fx.Node, lay: Lookup) -> dict:
     """_grouped_mm(a [N, K], b [G, K, H], offs): rows N are grouped by ``offs`` (whole); a split of K in
     both operands makes a partial sum, a split of H carries to the output's columns."""
     a, b = node.args[0], node.args[1]
+    if rank(a) == 2 and rank(b) == 2 and rank(node) == 3:
+        return _grouped_mm_2d_rule(node, a, b, lay)
     if rank(a) != 2 or rank(b) != 3 or rank(node) != 2:
         raise Unchunkable(f"{node.name}: grouped GEMM of ranks {rank(a)} x {rank(b)} has no rule")
     others = [x for x in tensor_args(node) if x is not a and x is not b]
     for x, l in ((a, lay(a)), (b, lay(b)), (node, lay(node))):
         if isinstance(l, Split) and l.dim == 0:
             raise Unchunkable(f"{node.name}: the grouped rows (or the groups) cannot be split")
-    implied = _matmul(node, a, b, ("nk", "gkm", "nm"), lay)
+    implied = _exact_partials(node, _matmul(node, a, b, ("nk", "gkm", "nm"), lay))
     implied.update({x: UNSPLIT for x in others})
+    return implied
+
+
+def _grouped_mm_2d_rule(node: fx.Node, a: fx.Node, b: fx.Node, lay: Lookup) -> dict:
+    """_grouped_mm(a [M, K], b [K, H], offs) -> [G, M, H] (a weight gradient: the contraction K grouped by
+    ``offs``): a split of M or H carries to the output's dim 1 or 2; K stays whole."""
+    for x, l in ((a, lay(a)), (b, lay(b))):
+        if l is PARTIAL:
+            raise Unchunkable(f"{node.name}: a partial sum in a grouped contraction")
+    if isinstance(lay(a), Split) and lay(a).dim == 1 or isinstance(lay(b), Split) and lay(b).dim == 0:
+        raise Unchunkable(f"{node.name}: the grouped contraction dim cannot be split")
+    if isinstance(lay(node), Split) and lay(node).dim == 0:
+        raise Unchunkable(f"{node.name}: the groups cannot be split")
+    implied = _matmul(node, a, b, ("mk", "kh", "gmh"), lay)
+    implied.update({x: UNSPLIT for x in tensor_args(node) if x is not a and x is not b})
     return implied
 
 
@@ -567,6 +599,20 @@ def index_rule(node: fx.Node, lay: Lookup) -> dict:
     return {src: known, node: known, indices[0]: UNSPLIT} if known is not None else {}
 
 
+def index_put_rule(node: fx.Node, lay: Lookup) -> dict:
+    """index_put(x, [rows], values) (``out[perm] = y``, an un-permute into a fresh buffer): one 1-D index
+    tensor on dim 0; x, values and the result share a split of another dim. A partial sum is read whole."""
+    src, indices, values = node.args[0], node.args[1], node.args[2]
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node) or rank(indices[0]) != 1:
+        raise Unchunkable(f"{node.name}: advanced indexing other than x[rows] = y has no rule")
+    if not isinstance(values, fx.Node) or rank(values) != rank(src):
+        raise Unchunkable(f"{node.name}: the values are not whole rows of the target")
+    known = _not_on(_same(lay(src), lay(node), lay(values)), 0, node, "scatters")
+    if known is PARTIAL:
+        raise Unchunkable(f"{node.name} would write a partial sum")
+    return {src: known, node: known, values: known, indices[0]: UNSPLIT} if known is not None else {}
+
+
 def like_rule(node: fx.Node, lay: Lookup) -> dict:
     """empty_like / zeros_like / ...: shaped like the input, so split like it; a partial sum of zeros is zero."""
     src = node.args[0]
@@ -671,6 +717,7 @@ _TABLE: dict = {
     **dict.fromkeys(overloads(aten.stack), stack_rule),
     **dict.fromkeys(overloads(aten.index_select), index_select_rule),
     **dict.fromkeys(overloads(aten.index), index_rule),
+    **dict.fromkeys(overloads(aten.index_put), index_put_rule),
     **dict.fromkeys(overloads(aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like), like_rule),
     **dict.fromkeys(overloads(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided),
                     new_alloc_rule),

@@ -361,6 +361,48 @@ class InplaceA2AMoE(nn.Module):
         return torch.zeros_like(tokens).index_add(0, token_of, weighted).reshape(b, s, m)
 
 
+class InplaceCapacityA2AMoE(CapacityMoE):
+    """Expert parallelism written by hand around GShard-style capacity dispatch (einsum into ``[E, C, M]``), as
+    users write their own EP experts: one in-place all-to-all into a preallocated buffer, per-expert indexing of
+    the received buffer (``recv[e]``, an ``aten.select``) in a loop over the local experts, and the in-place
+    exchange back before the einsum combine. Every rank holds ``E / world`` experts."""
+
+    def __init__(self, hidden=16, ffn=32, num_experts=4, top_k=2, capacity_factor=1.0, tokens=24,
+                 shared: bool = False) -> None:
+        super().__init__(hidden, ffn, num_experts, top_k, capacity_factor, tokens, shared)
+        self.ep = torch.distributed.get_world_size()
+        local = num_experts // self.ep
+        self.w_in = nn.Parameter(torch.randn(local, hidden, ffn) / math.sqrt(hidden))
+        self.w_out = nn.Parameter(torch.randn(local, ffn, hidden) / math.sqrt(ffn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        reshaped = x.reshape(-1, m)
+        gates = F.softmax(self.wg(reshaped), dim=1)
+        topk_vals, topk_idx = torch.topk(gates, self.top_k, dim=1)
+        masks = F.one_hot(topk_idx, self.num_experts)
+        flat = masks.transpose(0, 1).reshape(-1, self.num_experts)
+        locations = (torch.cumsum(flat, dim=0) - 1).reshape(self.top_k, -1, self.num_experts).transpose(0, 1)
+        keep = (locations < self.capacity) & (masks > 0)
+        loc_s = (locations * keep).sum(dim=-1)
+        gate_s = topk_vals * keep.any(dim=-1)
+        gate_s = gate_s / gate_s.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(gate_s.dtype).eps)
+        loc_sc = F.one_hot(loc_s, self.capacity)
+        combine = torch.einsum("ske,skc->sec", (masks * keep).to(x.dtype) * gate_s[..., None], loc_sc.to(x.dtype))
+        dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), reshaped)  # [E, C, M]
+        local, c = self.w_in.shape[0], self.capacity
+        splits = [local * c] * self.ep
+        recv = _InplaceAllToAll.apply(dispatched.reshape(-1, m), splits, splits)  # rank-major [ep*local*C, M]
+        recv = recv.view(self.ep, local, c, m).transpose(0, 1)  # [local, ep, C, M]
+        outs = [F.gelu(recv[e] @ self.w_in[e]) @ self.w_out[e] for e in range(local)]  # recv[e]: [ep, C, M]
+        y = torch.stack(outs).transpose(0, 1).reshape(-1, m)
+        back = _InplaceAllToAll.apply(y, splits, splits).view(self.num_experts, c, m)
+        out = torch.einsum("sec,ecm->sm", combine, back)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(reshaped)
+        return out.reshape(b, s, m)
+
+
 class Attention(nn.Module):
     """Plain multi-head self-attention (negative control)."""
 

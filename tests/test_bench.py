@@ -39,6 +39,7 @@ def test_parse_methods_keeps_order_and_names_the_valid_ones():
         (["--top-k", "9"], "--top-k (9) must be <= --experts (4)"),
         (["--tokens", "8", "--seq", "16"], "--tokens (8) must be >= --seq (16)"),
         (["--fsmoe-option", "max_degree"], "--fsmoe-option wants KEY=VALUE, got 'max_degree'"),
+        (["--model", "torchtitan", "--dispatch", "capacity"], "--model torchtitan is dropless only"),
     ],
 )
 def test_bad_input_is_an_error_naming_the_fix(argv, message, capsys):
@@ -54,6 +55,25 @@ def test_tokens_sets_the_batch():
                                                        "max_degree=8", "--fsmoe-option", "cache_dir=/tmp/c"]))
     assert cfg.batch == 16 and cfg.seq == 32
     assert cfg.fsmoe_options == {"max_degree": 8, "cache_dir": "/tmp/c"}
+
+
+@pytest.mark.parametrize("argv, dispatch", [([], "capacity"), (["--dispatch", "dropless"], "dropless"),
+                                            (["--model", "torchtitan"], "dropless")])
+def test_dispatch_reaches_the_example_model(argv, dispatch):
+    """--dispatch is handed to the example's build_model (torchtitan's layer is always dropless: its default);
+    the tiny model built from the bench's overrides in one process gives a finite loss."""
+    from fsmoe_compiler.bench.cli import build_parser, config_from_args
+    from fsmoe_compiler.demo import example_module
+
+    if "torchtitan" in argv:
+        pytest.importorskip("torchtitan")
+    cfg = config_from_args(build_parser().parse_args(argv + ["--layers", "1", "--d-model", "32", "--d-ff", "64",
+                                                             "--seq", "8", "--shared-expert"]))
+    assert cfg.dispatch == dispatch and cfg.model_overrides()["dispatch"] == dispatch
+    mod = example_module(cfg.model)
+    torch.manual_seed(0)
+    model = mod.build_model(**cfg.model_overrides())
+    assert torch.isfinite(model(*mod.make_batch(2, cfg.seq, model.config.vocab_size)))
 
 
 def test_ranks_keep_freed_memory_unless_system_malloc_is_asked_for():
@@ -155,6 +175,23 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
             assert len(m["info"]["wait_s_by_rank"]) == 2 and min(m["info"]["wait_s_by_rank"]) >= 0
     if any(by_name[n]["ok"] for n in ("fsmoe_sequential", "fsmoe_tutel", "fsmoe")):
         assert "backend compile overhead (the slowest rank's passes" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_bench_runs_torchtitans_moe_layer_expert_parallel_and_dropless(tmp_path, capsys):
+    """--model torchtitan: torchtitan's own layer, its experts sharded over the 2 ranks; fsmoe compiles it,
+    finds its region in both graphs and gives eager's first loss."""
+    pytest.importorskip("torchtitan")
+    data = _run_json(tmp_path, TINY + ["--model", "torchtitan", "--methods", "eager,fsmoe", "--shared-expert",
+                                       "--grad-sync", "graph"])
+    out = capsys.readouterr().out
+    assert data["config"]["dispatch"] == "dropless" and "top-2 (dropless) + shared expert" in out
+    eager, fs = data["methods"]
+    assert eager["ok"] and fs["ok"], (eager["error"], fs["error"])
+    assert fs["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
+    for kind in ("forward", "backward"):
+        assert fs["info"]["fsmoe"][kind]["degrees"], fs["info"]["fsmoe"][kind]  # one MoE layer found, scheduled
 
 
 @pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"no emulated links: {netns_unavailable_reason()}")

@@ -143,3 +143,26 @@ def test_titan_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equals_
             assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
         # forward: the count exchange, dispatch and combine; backward: the data all-to-alls' gradients
         assert res["a2a"] == {"forward": [3], "backward": [2]}, f"{where}: {res['a2a']}"
+
+
+def test_titan_ep_layer_is_not_split_along_a_bf16_contraction():
+    """torchtitan's expert GEMMs run in bf16 (upstream casts), so the hidden-dim split, whose first GEMM sums
+    partial products, would round each partial to bf16 before the sum: degree 2 is refused in both graphs with
+    that reason (rank 0 of 2 over the fake process group; the un-permute ``index_put`` and the weight-gradient
+    grouped GEMMs have rules, so the refusal names the contraction)."""
+    from fsmoe_compiler.passes.chunk import chunk
+    from fsmoe_compiler.passes.context import PassContext
+    from fsmoe_compiler.passes.recognize import recognize
+    from fsmoe_compiler.passes.verify import graph_signature
+    from graph_capture import captured, fake_world
+
+    with fake_world(rank=0, world_size=2), ut.titan_ep(2) as dims, torch._dynamo.config.patch(**ONE_GRAPH):
+        g = captured(lambda: ut.make_block("qwen3-softmax", ep=dims), inputs=lambda: ut.inputs(0, 0), copy=True)
+        ctx = PassContext()
+        for kind, gm in (("forward", g.forward[0]), ("backward", g.backward[0])):
+            ctx.graph_kind, ctx.original, ctx.chunking = kind, graph_signature(gm), {}
+            recognize(gm, ctx)
+            ctx.degrees = {r.layer: 2 for r in ctx.regions[kind]}
+            chunk(gm, ctx)
+            (info,) = ctx.chunking.values()
+            assert info.degree == 1 and "bfloat16 GEMM split along its contraction dim" in info.reason, info

@@ -16,7 +16,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .records import DEFAULT_MODEL, DEFAULT_SIZES, GRAD_SYNC, BenchConfig, BenchResult
+from .records import DEFAULT_MODEL, DEFAULT_SIZES, DISPATCH, DROPLESS_ONLY, GRAD_SYNC, BenchConfig, BenchResult
 
 #: What ``fsmoe bench --help`` says above the options.
 DESCRIPTION = """\
@@ -42,6 +42,12 @@ line under the table shows one eager step's measured split). With
 --shared-expert --grad-sync graph the scheduler also has a shared expert and
 the gradient all-reduces to place around the all-to-alls.
 
+--dispatch dropless sends every token to its experts (sort-based
+permutation, token counts exchanged first, all-to-alls of data-dependent
+sizes); fsmoe then chunks along the hidden dim. --model torchtitan runs
+torchtitan's own MoE layer (dropless, SwiGLU experts in bf16 grouped GEMMs),
+its experts sharded over the ranks by torchtitan's expert parallelism.
+
 Every rank's glibc malloc keeps freed memory for reuse (as a caching
 allocator does on CUDA; --system-malloc turns this off), so no method pays
 page faults for re-allocating its activations every step."""
@@ -51,7 +57,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     from .methods import BENCH_METHODS
 
     p.add_argument("--ranks", type=int, default=2, help="local gloo ranks (default 2)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"example model: mixtral or gpt2 (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="example model: gpt2, mixtral or torchtitan (torchtitan's own MoE layer, dropless, its "
+                   f"experts sharded over the ranks by torchtitan's expert parallelism; needs the ecosystem extra) "
+                   f"(default {DEFAULT_MODEL})")
     p.add_argument("--layers", type=int, default=DEFAULT_SIZES["layers"], help="decoder layers (default %(default)s)")
     p.add_argument("--d-model", type=int, default=DEFAULT_SIZES["d_model"], help="hidden size (default %(default)s)")
     p.add_argument("--d-ff", type=int, default=DEFAULT_SIZES["d_ff"], help="expert FFN size (default %(default)s)")
@@ -63,6 +72,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-expert", action="store_true",
                    help="add a dense shared expert (width --d-ff) beside each MoE layer's routed experts, "
                    "as DeepSeek-MoE and Qwen-MoE do")
+    p.add_argument("--dispatch", choices=DISPATCH, default=None,
+                   help="'capacity' (default; every expert gets capacity-factor x its fair share of tokens, "
+                   "fixed-size all-to-alls) or 'dropless' (every token goes to its experts: sort-based permutation, "
+                   "token counts exchanged first, all-to-alls of data-dependent sizes; the only one of torchtitan)")
     p.add_argument("--batch", type=int, default=DEFAULT_SIZES["batch"], help="sequences per rank (default %(default)s)")
     p.add_argument("--seq", type=int, default=DEFAULT_SIZES["seq"], help="sequence length (default %(default)s)")
     p.add_argument("--tokens", type=int, default=None,
@@ -145,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         methods=methods, ranks=args.ranks, model=args.model, layers=args.layers, d_model=args.d_model,
         d_ff=args.d_ff, experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
         shared_expert=args.shared_expert, batch=batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+        dispatch=args.dispatch or ("dropless" if args.model in DROPLESS_ONLY else "capacity"),
         threads=args.threads,
         emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
         fsmoe_options=fsmoe_options, grad_sync=args.grad_sync,
@@ -164,7 +178,8 @@ def render(result: BenchResult) -> str:
     link = result.link
     lines = [
         f"fsmoe bench: {c['model']} MoE, {c['layers']} layers, d_model {c['d_model']}, d_ff {c['d_ff']}, "
-        f"{c['experts']} experts top-{c['top_k']} (capacity factor {c['capacity_factor']})"
+        f"{c['experts']} experts top-{c['top_k']} "
+        + ("(dropless)" if c.get("dispatch") == "dropless" else f"(capacity factor {c['capacity_factor']})")
         + (" + shared expert" if c.get("shared_expert") else "") + ", "
         f"{c['batch']}x{c['seq']} tokens per rank; {c['ranks']} gloo ranks x {c['threads']} thread(s); "
         f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin; gradient sync "

@@ -20,6 +20,10 @@ from typing import Any
 DEFAULT_MODEL = "gpt2"
 #: How the bench averages gradients over ranks (``--grad-sync``).
 GRAD_SYNC = ("bucket", "graph")
+#: How the example models send tokens to experts (``--dispatch``): the ``MoELayer`` dispatchers.
+DISPATCH = ("capacity", "dropless")
+#: Example models whose MoE layer is always dropless (their default ``--dispatch``).
+DROPLESS_ONLY = ("torchtitan",)
 DEFAULT_SIZES: dict[str, Any] = {
     "layers": 2,
     "d_model": 256,
@@ -46,6 +50,7 @@ class BenchConfig:
     top_k: int = DEFAULT_SIZES["top_k"]
     capacity_factor: float = DEFAULT_SIZES["capacity_factor"]
     shared_expert: bool = False
+    dispatch: str = "capacity"  # "capacity" (fixed-size all-to-alls) or "dropless" (every token, data-dependent sizes)
     batch: int = DEFAULT_SIZES["batch"]
     seq: int = DEFAULT_SIZES["seq"]
     steps: int = 10
@@ -75,6 +80,11 @@ class BenchConfig:
             raise ValueError(f"--top-k ({self.top_k}) must be <= --experts ({self.experts})")
         if self.capacity_factor <= 0:
             raise ValueError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"--dispatch must be one of {', '.join(DISPATCH)}, got {self.dispatch!r}")
+        if self.model in DROPLESS_ONLY and self.dispatch != "dropless":
+            raise ValueError(f"--model {self.model} is dropless only (its MoE layer has no capacity); "
+                             "use --dispatch dropless")
         if self.grad_sync not in GRAD_SYNC:
             raise ValueError(f"--grad-sync must be one of {', '.join(GRAD_SYNC)}, got {self.grad_sync!r}")
         if self.timeout_s <= 0:
@@ -90,6 +100,7 @@ class BenchConfig:
             "top_k": self.top_k,
             "capacity_factor": self.capacity_factor,
             "shared_expert": self.shared_expert,
+            "dispatch": self.dispatch,
             "seq_len": self.seq,
         }
 

@@ -104,10 +104,10 @@ def eager_breakdown(fwd_bwd: Callable[[], Any], sync: Callable[[], None]) -> dic
         model_ms = (time.perf_counter() - t) * 1e3
     a2a_us, ar_us, bmm_us, shapes = 0.0, 0.0, 0.0, []
     for ev in prof.events():
-        if ev.name == "aten::bmm":  # the stacked experts' GEMMs (attention's bmm sits under an attention op)
+        if ev.name in ("aten::bmm", "aten::_grouped_mm"):  # the experts' GEMMs (attention's bmm sits under an attention op)
             parent, inside = ev.cpu_parent, False
             while parent is not None:
-                if parent.name == "aten::bmm" or "attention" in parent.name:
+                if parent.name in ("aten::bmm", "aten::_grouped_mm") or "attention" in parent.name:
                     inside = True
                     break
                 parent = parent.cpu_parent

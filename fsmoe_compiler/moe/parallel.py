@@ -29,6 +29,11 @@ from torch.nn.utils import parametrize
 from .layer import MoELayer
 
 
+#: A parameter with this attribute set to True is an expert sharded over every rank (expert parallelism over the
+#: world, as ``examples/titan_moe.py`` marks torchtitan's experts): its gradient is only averaged, never all-reduced.
+EXPERT_PARALLEL = "fsmoe_expert_parallel"
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(dense, expert_parallel)``: parameters replicated on every rank vs. experts sharded over an EP group."""
     sharded: dict[int, nn.Parameter] = {}
@@ -36,6 +41,9 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
         if isinstance(module, MoELayer) and module.is_expert_parallel:
             for p in module.experts.parameters():
                 sharded[id(p)] = p
+    for p in model.parameters():  # another library's experts, sharded over the world (EXPERT_PARALLEL)
+        if getattr(p, EXPERT_PARALLEL, False):
+            sharded[id(p)] = p
     dense = [p for p in model.parameters() if id(p) not in sharded]
     return dense, list(sharded.values())
 
