@@ -320,17 +320,23 @@ def _plan_hidden(gm: fx.GraphModule, region: MoERegion, degree: int, sub: Subgra
 
     The split sizes of the all-to-alls stay as they are (they are data-dependent),
     so no count is exchanged again; the layouts of the rest follow from the rules.
+    An all-to-all of one value per row (Megatron sends the permuted routing
+    probabilities beside the tokens, with the same splits) has no hidden dim:
+    it stays whole, sent once, and its readers take it whole.
     """
     sub = sub or _checked_subgraph(gm, region)
     a2as = [n for n in sub.nodes if is_op(n, ALL_TO_ALL_OPS)]
     if not a2as:
         raise Unchunkable("no all-to-all of token data on a path to the experts")
     seeds: dict[fx.Node, Layout] = {}
+    whole = [n for n in a2as if len(loose_shape(n.args[0])) < 2]  # one value per row (Megatron's routing probs)
     for a2a in a2as:
+        if a2a in whole:
+            continue
         src = a2a.args[0]
         dims = loose_shape(src)
         hidden = dims[-1] if dims else None
-        if len(dims) < 2 or hidden is None:
+        if hidden is None:
             raise Unchunkable(f"the all-to-all {a2a.name} sends {src.name} {_dims(src)}: no static hidden dim")
         if degree > hidden:
             raise Unchunkable(f"degree {degree} is larger than the hidden size {hidden}")
@@ -341,7 +347,9 @@ def _plan_hidden(gm: fx.GraphModule, region: MoERegion, degree: int, sub: Subgra
         layouts = infer_layouts(sub, seeds, read_whole=True)
     except Unchunkable as exc:
         raise Unchunkable(f"cannot split along the hidden dim: {exc}") from None
-    unsplit = [n.name for n in a2as if not isinstance(layouts[n], Split)]
+    if not seeds:
+        raise Unchunkable("no all-to-all of token rows with a hidden dim on a path to the experts")
+    unsplit = [n.name for n in a2as if n not in whole and not isinstance(layouts[n], Split)]
     if unsplit:
         raise Unchunkable(f"cannot split along the hidden dim: all-to-all {', '.join(unsplit)} would not be split")
     anchor = "the hidden dim of " + ", ".join(f"{a.args[0].name} {_dims(a.args[0])}" for a in a2as)

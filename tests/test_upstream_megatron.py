@@ -194,3 +194,21 @@ def test_megatron_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equa
         assert res["a2a"] == {"forward": [a2a], "backward": [a2a]}, f"{where}: {res['a2a']}"
     assert results[0]["degrees"] == results[1]["degrees"], [res["degrees"] for res in results]
     print({res["rank"]: (res["a2a"], res["degrees"], res["notes"]) for res in results})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["dropless-top2", "dropless-top2-shared-zloss"])
+def test_megatron_dropless_alltoall_layer_runs_chunked_in_two_and_equals_eager(rank_pool, name):
+    """Degree 2 is applied in both graphs: the token all-to-alls split along the hidden dim, the one of routing
+    probabilities (one value per row, same splits) sent whole, and every step still equals eager."""
+    results = rank_pool.run(_ep_job, (name, {**OPTIONS_EP, "pipeline_degree": 2}, STEPS_EP), timeout_s=240)
+    for res in results:
+        where = f"{name} rank {res['rank']}"
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
+        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        for kind in ("forward", "backward"):
+            assert res["degrees"][kind] == [{0: 2}], f"{where} {kind}: {res['degrees']} ({res['notes'][kind]})"
+            ((timed, plain),) = res["after_swap"][kind]
+            assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
