@@ -34,6 +34,7 @@ from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.passes.verify import graph_signature, verify
+from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.planner import Pipelines
 from fsmoe_compiler.runtime.control import OwnClock, exchange
 from fsmoe_compiler.scheduled_graph import ScheduledGraph
@@ -49,6 +50,7 @@ class FSMoECompileError(RuntimeError):
 #: At compile time, for the forward and the backward graph alike.
 COMPILE: tuple[Pass, ...] = (
     recognize,  # find MoE regions: router, dispatch, expert, combine, shared expert -> ctx.regions
+    whole,  # every recognised layer handled whole? else a note (strict: an error naming the layer and the fix)
     verify,  # inputs, outputs, collective order unchanged; else fall back
 )
 #: Per candidate pipeline degree, before profiling it.
@@ -97,7 +99,7 @@ def fsmoe_backend(
             f"valid options go in options: {[f for f in FSMoEConfig.__dataclass_fields__]}"
         )
     config = FSMoEConfig.from_options(options)
-    record = records.new_record(config, example_inputs)
+    record = records.new_record(config, example_inputs, gm)
     return aot_autograd(
         fw_compiler=_graph_compiler("forward", config, record),
         bw_compiler=_graph_compiler("backward", config, record),

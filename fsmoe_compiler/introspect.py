@@ -15,7 +15,40 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fsmoe_compiler import records
+from fsmoe_compiler.passes.region import LeftAlone, missing_roles
+from fsmoe_compiler.reporting.breaks import GraphBreak
 from fsmoe_compiler.reporting.tables import regions_table, roles_table, schedule_summary, tasks_table
+
+
+@dataclass
+class BreakReport:
+    """A Dynamo graph break after Dynamo graph ``graph`` (an index into ``Explanation.records``).
+
+    ``layer`` is the routing left alone in that graph when the break splits an
+    MoE layer (a ``LeftAlone`` note: its anchor, module, the roles found and
+    missing), else None.
+    """
+
+    graph: int
+    info: GraphBreak
+    layer: LeftAlone | None = None
+    module: str = ""  # the module the layer is in, when the graph's nodes do not name it
+    layer_graph: int = -1  # the Dynamo graph whose routing was left alone (``graph`` or the next one)
+
+    @property
+    def splits_layer(self) -> bool:
+        return self.layer is not None
+
+    def __str__(self) -> str:
+        text = f"{self.info}"
+        if self.layer is not None:
+            module = self.layer.module or self.module
+            where = f" in {module}" if module else ""
+            text = (f"MoE layer routed at {self.layer.anchor}{where} split by the Dynamo graph break after Dynamo "
+                    f"graph {self.graph}: Dynamo graph {self.layer_graph} has its {', '.join(self.layer.present)}, "
+                    f"not its {', '.join(self.layer.missing)}, so no graph holds it whole and it runs unscheduled; "
+                    f"cause: {self.info.what}, at {self.info.where}; fix: {self.info.fix}")
+        return text
 
 
 @dataclass
@@ -23,6 +56,38 @@ class Explanation:
     """The graphs the fsmoe backend compiled for one model, with their MoE regions."""
 
     records: list[records.CompileRecord]
+
+    def graph_breaks(self) -> list[BreakReport]:
+        """Every Dynamo graph break that ended one of these graphs, tied to the MoE layer it splits, if any.
+
+        A break splits a layer when the graph it ends has routing-like scores
+        that formed no region and whose routing result leaves the graph (is
+        one of its outputs), or when the next graph starts with such routing.
+        """
+        out = {i: BreakReport(i, rec.graph_break, _split_layer(rec), layer_graph=i)
+               for i, rec in enumerate(self.records) if rec.graph_break is not None}
+        linked = {i for i, b in out.items() if b.splits_layer}
+        for i, b in out.items():  # a break just before a graph whose routing lacks roles (and no break of its own)
+            if not b.splits_layer and i + 1 < len(self.records) and i + 1 not in linked:
+                b.layer, b.layer_graph = _split_layer(self.records[i + 1], leaving=False), i + 1
+                linked.add(i + 1)
+        for b in out.values():
+            rec = self.records[b.layer_graph]
+            innermost = rec.module_refs[0]() if rec.module_refs else None
+            if b.layer is not None and not b.layer.module and innermost is not None:
+                b.module = type(innermost).__name__  # the module whose frame Dynamo compiled
+        return list(out.values())
+
+    def partial(self) -> list[str]:
+        """Routing left alone and regions with a core role missing, each with the roles it lacks."""
+        out = []
+        for g in self.graphs():
+            out.extend(str(n) for n in g.notes if isinstance(n, LeftAlone) and n.missing)
+            for r in g.regions:
+                lacking = missing_roles(r)
+                if lacking:
+                    out.append(f"{g.kind}: MoE layer {r.layer}: partial region, no {', '.join(lacking)} role")
+        return out
 
     def graphs(self, kind: str | None = None) -> list[records.GraphReport]:
         """The latest graph of each kind per Dynamo graph (recompiles replace older ones)."""
@@ -62,17 +127,28 @@ class Explanation:
             return "fsmoe: no graph of this model was compiled with the fsmoe backend (run it once first)."
         parts = []
         multi = len(self.records) > 1
+        breaks = {b.graph: b for b in self.graph_breaks()}
+        split = [b for b in breaks.values() if b.splits_layer]
+        if split:
+            parts.append(f"!! {len(split)} MoE layer(s) split by Dynamo graph breaks (left out, run unscheduled):")
+            parts.extend(f"!! {b}" for b in split)
+            parts.append("")
         for i, rec in enumerate(self.records):
             for kind in ("forward", "backward"):
                 g = rec.latest(kind)
                 if g is None:
                     continue
-                title = f"{kind} graph" + (f" (Dynamo graph {i})" if multi else "")
+                title = f"{kind} graph" + (f" (Dynamo graph {i}{_whose(rec)})" if multi else "")
                 parts.append(f"== {title}: {g.num_nodes} nodes, {len(g.regions)} MoE region(s)")
                 if g.fallback:
                     parts.append(f"fallback to the unmodified graph: {g.fallback}")
                 for note in g.notes:
                     parts.append(f"note: {note}")
+                for r in g.regions:  # partial regions the whole pass did not note already
+                    if missing_roles(r) and not any("partial region" in n and f"MoE layer {r.layer} (" in n
+                                                    for n in g.notes):
+                        parts.append(f"note: {kind}: MoE layer {r.layer}: partial region, no "
+                                     f"{', '.join(missing_roles(r))} role" + _why_missing(kind, missing_roles(r)))
                 if g.regions:
                     parts.append(regions_table(g.regions))
                     parts.append("")
@@ -86,10 +162,33 @@ class Explanation:
                     if max_tasks is not None and len(g.schedule.tasks) > max_tasks:
                         parts.append(f"... {len(g.schedule.tasks) - max_tasks} more task(s); render(max_tasks=None) shows all")
                 parts.append("")
+            if i in breaks:
+                parts.append(f"-- Dynamo graph break after Dynamo graph {i}: {breaks[i].info}")
+                parts.append("")
         return "\n".join(parts).rstrip() + "\n"
 
     def __str__(self) -> str:
         return self.render()
+
+
+def _split_layer(rec: records.CompileRecord, leaving: bool = True) -> LeftAlone | None:
+    """Routing left alone in ``rec``'s forward graph, with some core role missing (and leaving the graph)."""
+    g = rec.latest("forward")
+    for note in g.notes if g is not None else ():
+        if isinstance(note, LeftAlone) and note.missing and (note.leaves_graph or not leaving):
+            return note
+    return None
+
+
+def _whose(rec: records.CompileRecord) -> str:
+    what = f", {rec.num_params} parameter(s)" if rec.num_params else ", takes no parameter"
+    return (f", compile id {rec.compile_id}" if rec.compile_id else "") + what
+
+
+def _why_missing(kind: str, lacking: list[str]) -> str:
+    if kind == "backward" and lacking == ["dispatch"]:
+        return " (no gradient flows to the layer's input in this graph: nothing to un-permute)"
+    return ""
 
 
 def explain(

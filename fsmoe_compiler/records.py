@@ -1,18 +1,26 @@
 """What the backend remembers about each compile, for ``report`` and ``explain``.
 
 Dynamo hands the backend a model's parameters as graph inputs, so a record
-keeps weak references to them; ``records_for(model)`` finds the records whose
-parameters belong to ``model`` without reaching into Dynamo's internals.
+keeps weak references to them; a graph that takes no parameter (the tail of a
+forward after a graph break, a residual add) is tied to the modules whose
+calls were on the Python stack when Dynamo compiled it (the compiled wrapper
+and the modules it called). ``records_for(model)`` finds the records of
+``model`` by either, without reaching into Dynamo's internals. Each record
+also keeps why Dynamo ended the graph (``GraphCompileReason``, the record
+``torch._dynamo.explain`` reads): a graph break, with its cause and fix.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
+
+from fsmoe_compiler.reporting.breaks import GraphBreak, graph_break
 
 _counter = itertools.count()
 
@@ -95,16 +103,35 @@ class GraphReport:
 
 @dataclass
 class CompileRecord:
-    """One Dynamo graph compiled by the fsmoe backend and its aot graphs."""
+    """One Dynamo graph compiled by the fsmoe backend and its aot graphs.
+
+    ``module_refs`` are the modules whose calls were on the stack when Dynamo
+    compiled it; ``graph_break`` is the Dynamo graph break that ended it (None
+    when the graph ran to the end of its frame); ``compile_id`` is Dynamo's
+    (``"frame/recompile"``, as ``TORCH_LOGS`` prints it).
+    """
 
     id: int
     config: Any
     param_refs: list[weakref.ref] = field(default_factory=list, repr=False)
     graphs: list[GraphReport] = field(default_factory=list)
+    module_refs: list[weakref.ref] = field(default_factory=list, repr=False)
+    graph_break: GraphBreak | None = None
+    compile_id: str | None = None
+    num_params: int = 0
 
     def owns_any(self, params: Iterable[torch.Tensor]) -> bool:
         mine = {id(p) for p in (r() for r in self.param_refs) if p is not None}
         return any(id(p) in mine for p in params)
+
+    def called_from(self, module: torch.nn.Module) -> bool:
+        """``module`` (or the module a compiled wrapper wraps) was being called when Dynamo compiled this graph."""
+        wanted = {id(module), id(getattr(module, "_orig_mod", module))}
+        return any(id(m) in wanted for m in (r() for r in self.module_refs) if m is not None)
+
+    def alive(self) -> bool:
+        refs = self.param_refs + self.module_refs
+        return not refs or any(r() is not None for r in refs)
 
     def latest(self, kind: str) -> GraphReport | None:
         """The most recently compiled graph of ``kind`` (recompiles replace earlier ones)."""
@@ -133,16 +160,41 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
 _RECORDS: list[CompileRecord] = []
 
 
-def new_record(config: Any, example_inputs: Iterable[Any]) -> CompileRecord:
-    """Register a compile and remember which parameters it was given."""
+def new_record(config: Any, example_inputs: Iterable[Any], gm: Any = None) -> CompileRecord:
+    """Register a compile: the parameters it was given, the modules being called, why Dynamo ended the graph."""
     params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
-    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params])
+    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params],
+                           module_refs=_calling_modules(), num_params=len(params))
+    if gm is not None:
+        record.graph_break = graph_break(getattr(gm, "compile_subgraph_reason", None))
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    record.compile_id = None if compile_id is None else str(compile_id)
     _RECORDS.append(record)
     return record
 
 
+def _calling_modules() -> list[weakref.ref]:
+    """Weak references to the modules whose ``forward``/``__call__`` frames are on the stack, innermost first."""
+    out: dict[int, weakref.ref] = {}
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            module = frame.f_locals.get("self")
+            if isinstance(module, torch.nn.Module) and id(module) not in out:
+                out[id(module)] = weakref.ref(module)
+        frame = frame.f_back
+    return list(out.values())
+
+
 def records_for(model: torch.nn.Module) -> list[CompileRecord]:
-    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first."""
+    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first.
+
+    A graph belongs to ``model`` when it takes one of its parameters or was
+    compiled while ``model`` was being called (graphs that take no parameter).
+    """
     params = list(model.parameters())
-    _RECORDS[:] = [r for r in _RECORDS if not r.param_refs or any(ref() is not None for ref in r.param_refs)]
-    return [r for r in _RECORDS if r.owns_any(params)]
+    _RECORDS[:] = [r for r in _RECORDS if r.alive()]
+    return [r for r in _RECORDS if r.owns_any(params) or r.called_from(model)]

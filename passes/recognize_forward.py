@@ -59,7 +59,7 @@ from fsmoe_compiler.passes.recognize_common import (
     first_match,
     opaque_gemm_operands,
 )
-from fsmoe_compiler.passes.region import MoERegion
+from fsmoe_compiler.passes.region import LeftAlone, MoERegion
 
 #: ``Rule.mark`` of an opaque op the combine takes in by its signature: named in the region's notes.
 OPAQUE_COMBINE = "opaque combine"
@@ -232,7 +232,7 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
         else:
             if notes is not None:
                 r, why = tried[0]
-                notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {why}")
+                notes.append(_left_alone_note(r, why))
     regions = [region for _, region in sorted(found, key=lambda pr: pr[0])]
     for layer, region in enumerate(regions):
         region.layer = layer
@@ -535,6 +535,8 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
     """The region below one router if it has experts and a combine, else why not."""
     walk = _walk_forward(index, scope)
     region = _summarise_forward(index, scope, walk)
+    if isinstance(region, str):  # why not, with the roles the walk did find
+        region = _roles_found(index, scope, walk, region)
     if isinstance(region, MoERegion) and walk.opaque:
         region.notes.append(f"combine stops before opaque op(s) {sorted(set(walk.opaque))}: left alone")
     opaque_gemms = sorted({str(m.target) for m in walk.expert_mms if is_opaque(m)})
@@ -545,6 +547,37 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
         region.notes.append(f"opaque op(s) {sorted(set(walk.opaque_combine))} in the combine: "
                             "a scatter back to token order by signature (routing index in, token rows out)")
     return region
+
+
+def _roles_found(index: GraphIndex, scope: Scope, walk: ForwardWalk, why: str) -> LeftAlone:
+    """``why`` no region formed below ``scope.router``, carrying the roles found and whether routing leaves the graph."""
+    present = ["router"]
+    if walk.of(DISPATCHED) or walk.of(WEIGHTS):
+        present.append("dispatch")
+    if walk.expert_mms:
+        present.append("expert")
+    if walk.of(COMBINED):
+        present.append("combine")
+    stack = scope.router.topk.meta.get("nn_module_stack") or {}
+    module = ""
+    if stack:  # the innermost module Dynamo recorded, e.g. ("L['self'].layers[0].mlp", MoEBlock)
+        path, cls = list(stack.values())[-1][:2]
+        path = str(path).removeprefix("L['self']").lstrip(".")
+        name = getattr(cls, "__name__", str(cls))
+        module = f"{path} ({name})" if path else name
+    return LeftAlone(why, anchor=scope.router.topk.name, gate=scope.router.gate.name, module=module,
+                     present=tuple(present), leaves_graph=bool(_leaves_graph(index, walk)))
+
+
+def _left_alone_note(r: Router, why: str) -> str:
+    """The note on an anchor that formed no region: why, and which roles were found and which are missing."""
+    text = f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {why}"
+    if not isinstance(why, LeftAlone):
+        return text
+    found = "router only" if why.present == ("router",) else "partial: " + ", ".join(why.present) + " found"
+    text += f" [{found}; missing: {', '.join(why.missing)}]" if why.missing else ""
+    return LeftAlone(text, anchor=why.anchor, gate=why.gate, module=why.module, present=why.present,
+                     leaves_graph=why.leaves_graph)
 
 
 # ----------------------------------------------------------------------------------------------
