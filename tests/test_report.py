@@ -332,3 +332,67 @@ def test_strict_compiles_whole_layers_and_keeps_left_alone_routing_a_report():
     torch._dynamo.reset()
     _, rep = _compiled(Block(TinyMoE("sort", pause=True)), ALL_CAPTURED, {"strict": True})
     assert [b.info.cause for b in rep.graph_breaks() if b.splits_layer] == ["print"]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_under_auto_raises_for_an_expert_parallel_layer_without_a_chunking_rule(strict, monkeypatch):
+    """The planner's variants under pipeline_degree="auto": a layer no degree can split for want of a rule stays at
+    r = 1 with a note, or with strict=True raises naming the layer, the op and the valid choices."""
+    from graph_capture import fake_world
+
+    import fsmoe_compiler.planner as planner
+
+    monkeypatch.setattr(planner, "exchange", lambda tag, value, timeout_s=None: [value])  # rank 0 of a fake world
+    with fake_world(rank=0, world_size=2):
+        _variants_under_auto(strict)
+
+
+def _variants_under_auto(strict: bool) -> None:
+    from dataclasses import replace
+
+    from test_chunk import _with_unknown_op
+
+    from fsmoe_compiler.backend import PIPELINES
+    from fsmoe_compiler.config import FSMoEConfig
+    from fsmoe_compiler.passes.verify import graph_signature
+    from fsmoe_compiler.planner import PlanError, Variants
+
+    fw, ctx = _with_unknown_op()  # an expert-parallel layer with a cumsum between its expert matmuls
+    config = FSMoEConfig(strict=strict, pipeline_degree="auto", max_degree=2)
+    ctx = replace(ctx, config=config, strict=strict, degrees={}, original=graph_signature(fw))
+    variants = Variants(fw, ctx, config, PIPELINES.chunk, "graph/forward")
+    if not strict:
+        variants.build()
+        assert variants.degrees == [1]
+        assert variants.notes == ["degree 2 not profiled: no MoE layer of the forward graph can be split into 2 chunks"]
+        return
+    with pytest.raises(PlanError, match=r"forward: MoE layer 0 \(.*\) cannot be chunked at any degree under "
+                                        r"pipeline_degree='auto' \(degree 2: no chunking rule for aten.cumsum.default "
+                                        r"\(node odd_cumsum\)\); valid choices: pipeline_degree=1"):
+        variants.build()
+
+
+def test_a_partial_region_is_a_note_or_with_strict_an_error_naming_the_layer(monkeypatch):
+    """Recognition that found a layer without its dispatch (stood in by dropping the role): the report notes the
+    partial region; strict=True raises at compile, naming the layer, the role and the valid choices."""
+    import fsmoe_compiler.passes.recognize as recognize_mod
+
+    found = recognize_mod.find_moe_regions
+
+    def without_dispatch(gm, graph="forward", *args, **kwargs):
+        regions = found(gm, graph, *args, **kwargs)
+        for r in regions:
+            if graph == "forward":
+                r.nodes["dispatch"] = []
+        return regions
+
+    monkeypatch.setattr(recognize_mod, "find_moe_regions", without_dispatch)
+    _, rep = _compiled(TinyMoE("sort"), ALL_CAPTURED)
+    assert rep.partial() == ["forward: MoE layer 0: partial region, no dispatch role"]
+    assert "forward: MoE layer 0 (softmax-topk, 4 experts, top_k=2) is a partial region: no dispatch role" in rep.render()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(**ALL_CAPTURED):
+        compiled = torch.compile(TinyMoE("sort"), backend="fsmoe", options={"strict": True})
+        with pytest.raises(Exception, match=r"FSMoECompileError: fsmoe could not compile the forward graph: forward: MoE layer 0 \(softmax-topk, 4 experts, "
+                                                    r"top_k=2\) is a partial region: no dispatch role .*valid choices"):
+            compiled(_inputs())
