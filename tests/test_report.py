@@ -33,9 +33,9 @@ class TinyMoE(nn.Module):
     """Softmax top-2 routing; ``style="sort"``: argsort dispatch, per-expert matmuls over ``counts.tolist()`` split
     sizes, scatter-add combine; ``style="nonzero"``: the same with the sort order from ``nonzero``;
     ``style="loop"``: a loop over experts of ``torch.where(mask)``, ``index_add_``.
-    ``pause=True`` prints between the routing and the experts."""
+    ``pause=True`` prints between the routing and the experts, ``pause="scores"`` between the scores and the topk."""
 
-    def __init__(self, style: str = "sort", pause: bool = False) -> None:
+    def __init__(self, style: str = "sort", pause: bool | str = False) -> None:
         super().__init__()
         self.style, self.pause = style, pause
         self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
@@ -45,8 +45,11 @@ class TinyMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, m = x.shape
         tokens = x.reshape(-1, m)
-        probs, idx = torch.topk(torch.softmax(self.gate(tokens), dim=-1), TOP_K, dim=-1)
-        if self.pause:
+        scores = torch.softmax(self.gate(tokens), dim=-1)
+        if self.pause == "scores":
+            print("scored")
+        probs, idx = torch.topk(scores, TOP_K, dim=-1)
+        if self.pause is True:
             print("routed")
         if self.style == "loop":
             out = torch.zeros_like(tokens)
@@ -221,6 +224,18 @@ def test_the_partial_layer_says_which_roles_it_has_and_lacks():
     _, rep = _compiled(pause, ALL_CAPTURED)
     (note,) = [n for g in rep.graphs("forward") for n in g.notes if isinstance(n, LeftAlone)]
     assert note.present == ("router",) and "[router only; missing: dispatch, expert, combine]" in note
+
+
+def test_a_break_between_the_scores_and_the_topk_is_tied_to_the_graph_that_starts_with_them():
+    """The gate ran in one graph, the topk and experts in the next: that graph takes the scores as an input, so
+    recognition finds no router there; the note and the break say the layer lacks its router there."""
+    _, rep = _compiled(Block(TinyMoE("loop", pause="scores")), ALL_CAPTURED)
+    assert rep.regions("forward") == []
+    (b,) = [b for b in rep.graph_breaks() if b.splits_layer]
+    assert b.info.cause == "print" and b.layer_graph == b.graph + 1
+    assert (b.layer.present, b.layer.missing) == (("dispatch", "expert", "combine"), ("router",))
+    assert f"Dynamo graph {b.layer_graph} has its dispatch, expert, combine, not its router" in str(b)
+    assert "scores that are an input of this graph" in b.layer
 
 
 def test_left_alone_notes_keep_their_roles_through_copies_and_pickles():
