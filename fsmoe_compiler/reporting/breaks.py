@@ -95,7 +95,7 @@ CAUSES: tuple[Cause, ...] = (
                     "torch._dynamo.config.capture_dynamic_output_shape_ops off",
           lambda b: _DYNAMIC),
     Cause("library expert loop", lambda b: b.library is not None and _data_dependent(b) and _loop_line(b),
-          lambda b: f"a Python loop over data-dependent values in {b.library}'s code (an expert loop over "
+          lambda b: f"a Python loop over data-dependent values in the {b.library} package (an expert loop over "
                     "nonzero() of expert hits)",
           lambda b: LIBRARY_SWITCHES.get(b.library or "", f"{b.library}'s setting for an expert implementation "
                                                           "without a Python loop (grouped GEMM)")),
