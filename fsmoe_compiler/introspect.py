@@ -3,7 +3,15 @@
 ``explain`` compiles the model with the fsmoe backend, runs one forward and
 (when the output needs gradients) one backward, and restores the parameters'
 gradients afterwards. ``report`` reads the records of a model already compiled
-with ``backend="fsmoe"`` and run.
+with ``backend="fsmoe"`` and run: every graph the backend compiled for it,
+those that take no parameter included.
+
+Both show the Dynamo graph breaks that ended a graph, with the cause and the
+setting or switch that removes each (``reporting.breaks``); a break that
+splits an MoE layer (the graph before it has routing left alone that leaves
+the graph, or the graph after it starts from routing scores it takes as an
+input) is listed first, with the roles each side holds. Routing left alone
+and partial regions say which roles they lack.
 """
 
 from __future__ import annotations
