@@ -99,7 +99,8 @@ def fsmoe_backend(
             f"valid options go in options: {[f for f in FSMoEConfig.__dataclass_fields__]}"
         )
     config = FSMoEConfig.from_options(options)
-    record = records.new_record(config, example_inputs, gm)
+    record = records.new_record(config, example_inputs, records.origin_of(gm))
+    records.note_break(record, gm)
     return aot_autograd(
         fw_compiler=_graph_compiler("forward", config, record),
         bw_compiler=_graph_compiler("backward", config, record),

@@ -72,8 +72,8 @@ class Explanation:
         that formed no region and whose routing result leaves the graph (is
         one of its outputs), or when the next graph starts with such routing.
         """
-        out = {i: BreakReport(i, rec.graph_break, _split_layer(rec), layer_graph=i)
-               for i, rec in enumerate(self.records) if rec.graph_break is not None}
+        out = {i: BreakReport(i, records.break_of(rec), _split_layer(rec), layer_graph=i)
+               for i, rec in enumerate(self.records) if records.break_of(rec) is not None}
         linked = {i for i, b in out.items() if b.splits_layer}
         for i, b in out.items():  # a break just before a graph whose routing lacks roles (and no break of its own)
             if not b.splits_layer and i + 1 < len(self.records) and i + 1 not in linked:
@@ -81,7 +81,7 @@ class Explanation:
                 linked.add(i + 1)
         for b in out.values():
             rec = self.records[b.layer_graph]
-            innermost = rec.module_refs[0]() if rec.module_refs else None
+            innermost = rec.origin.owners[0]() if rec.origin.owners else None
             if b.layer is not None and not b.layer.module and innermost is not None:
                 b.module = type(innermost).__name__  # the module whose frame Dynamo compiled
         return list(out.values())
@@ -189,8 +189,8 @@ def _split_layer(rec: records.CompileRecord, leaving: bool = True) -> LeftAlone 
 
 
 def _whose(rec: records.CompileRecord) -> str:
-    what = f", {rec.num_params} parameter(s)" if rec.num_params else ", takes no parameter"
-    return (f", compile id {rec.compile_id}" if rec.compile_id else "") + what
+    what = f", {len(rec.param_refs)} parameter(s)" if rec.param_refs else ", takes no parameter"
+    return (f", compile id {rec.compile_id}" if rec.compile_id != "?" else "") + what
 
 
 def _why_missing(kind: str, lacking: list[str]) -> str:

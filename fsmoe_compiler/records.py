@@ -1,26 +1,22 @@
 """What the backend remembers about each compile, for ``report`` and ``explain``.
 
-Dynamo hands the backend a model's parameters as graph inputs, so a record
-keeps weak references to them; a graph that takes no parameter (the tail of a
-forward after a graph break, a residual add) is tied to the modules whose
-calls were on the Python stack when Dynamo compiled it (the compiled wrapper
-and the modules it called). ``records_for(model)`` finds the records of
-``model`` by either, without reaching into Dynamo's internals. Each record
-also keeps why Dynamo ended the graph (``GraphCompileReason``, the record
-``torch._dynamo.explain`` reads): a graph break, with its cause and fix.
+A record belongs to a model when one of its graph inputs is a parameter of
+the model (Dynamo hands them to the backend), or when the model, its
+compiled wrapper or one of its modules was being called when Dynamo
+compiled the graph (the backend notes the modules on the call stack): so a
+graph that takes no parameter (a graph break's resume function, a graph of
+collectives and indexing only) is the model's too. Records hold weak
+references only.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-
-from fsmoe_compiler.reporting.breaks import GraphBreak, graph_break
 
 _counter = itertools.count()
 
@@ -102,35 +98,52 @@ class GraphReport:
 
 
 @dataclass
-class CompileRecord:
-    """One Dynamo graph compiled by the fsmoe backend and its aot graphs.
+class Origin:
+    """Where Dynamo traced a graph: the program point (``site``: the frame's function, file and first line; a
+    graph break's resume function is a site of its own), Dynamo's compile id, the graph break that ended the
+    graph (Dynamo's reason and the user code line), and the modules being called (weak references)."""
 
-    ``module_refs`` are the modules whose calls were on the stack when Dynamo
-    compiled it; ``graph_break`` is the Dynamo graph break that ended it (None
-    when the graph ran to the end of its frame); ``compile_id`` is Dynamo's
-    (``"frame/recompile"``, as ``TORCH_LOGS`` prints it).
-    """
+    site: str = "unknown"
+    compile_id: str = "?"
+    graph_break: str | None = None
+    break_at: str | None = None
+    owners: list[weakref.ref] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class CompileRecord:
+    """One Dynamo graph compiled by the fsmoe backend and its aot graphs."""
 
     id: int
     config: Any
     param_refs: list[weakref.ref] = field(default_factory=list, repr=False)
     graphs: list[GraphReport] = field(default_factory=list)
-    module_refs: list[weakref.ref] = field(default_factory=list, repr=False)
-    graph_break: GraphBreak | None = None
-    compile_id: str | None = None
-    num_params: int = 0
+    origin: Origin = field(default_factory=Origin)
+
+    @property
+    def site(self) -> str:
+        return self.origin.site
+
+    @property
+    def compile_id(self) -> str:
+        return self.origin.compile_id
+
+    @property
+    def graph_break(self) -> str | None:
+        return self.origin.graph_break
 
     def owns_any(self, params: Iterable[torch.Tensor]) -> bool:
         mine = {id(p) for p in (r() for r in self.param_refs) if p is not None}
         return any(id(p) in mine for p in params)
 
-    def called_from(self, module: torch.nn.Module) -> bool:
-        """``module`` (or the module a compiled wrapper wraps) was being called when Dynamo compiled this graph."""
-        wanted = {id(module), id(getattr(module, "_orig_mod", module))}
-        return any(id(m) in wanted for m in (r() for r in self.module_refs) if m is not None)
+    def called_from(self, modules: Iterable[torch.nn.Module]) -> bool:
+        """One of ``modules`` was being called when Dynamo compiled this graph."""
+        owners = {id(m) for m in (r() for r in self.origin.owners) if m is not None}
+        return any(id(m) in owners for m in modules)
 
     def alive(self) -> bool:
-        refs = self.param_refs + self.module_refs
+        """Some parameter or calling module of this record still exists (or it never had any)."""
+        refs = self.param_refs + self.origin.owners
         return not refs or any(r() is not None for r in refs)
 
     def latest(self, kind: str) -> GraphReport | None:
@@ -160,41 +173,54 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
 _RECORDS: list[CompileRecord] = []
 
 
-def new_record(config: Any, example_inputs: Iterable[Any], gm: Any = None) -> CompileRecord:
-    """Register a compile: the parameters it was given, the modules being called, why Dynamo ended the graph."""
+def new_record(config: Any, example_inputs: Iterable[Any], origin: Origin | None = None) -> CompileRecord:
+    """Register a compile and remember which parameters it was given and where it came from."""
     params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
-    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params],
-                           module_refs=_calling_modules(), num_params=len(params))
-    if gm is not None:
-        record.graph_break = graph_break(getattr(gm, "compile_subgraph_reason", None))
-    from torch._guards import CompileContext
-
-    compile_id = CompileContext.current_compile_id()
-    record.compile_id = None if compile_id is None else str(compile_id)
+    record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params], origin=origin or Origin())
     _RECORDS.append(record)
     return record
 
 
-def _calling_modules() -> list[weakref.ref]:
-    """Weak references to the modules whose ``forward``/``__call__`` frames are on the stack, innermost first."""
-    out: dict[int, weakref.ref] = {}
+def records_for(model: torch.nn.Module) -> list[CompileRecord]:
+    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first: those given a
+    parameter of it and those compiled while it (or one of its modules) was being called."""
+    params = list(model.parameters())
+    modules = list(model.modules())
+    _RECORDS[:] = [r for r in _RECORDS if r.alive()]
+    return [r for r in _RECORDS if r.owns_any(params) or r.called_from(modules)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dynamo graph breaks as the report shows them (cause and fix), kept beside the records by record id
+
+
+_BREAKS: dict[int, Any] = {}
+
+
+def note_break(record: CompileRecord, gm: Any) -> None:
+    """Keep why Dynamo ended ``gm`` when it was a graph break (``gm.compile_subgraph_reason``, the record
+    ``torch._dynamo.explain`` reads), classified by ``reporting.breaks``: where, the cause, the fix."""
+    from fsmoe_compiler.reporting.breaks import graph_break
+
+    found = graph_break(getattr(gm, "compile_subgraph_reason", None))
+    if found is not None:
+        _BREAKS[record.id] = found
+
+
+def break_of(record: CompileRecord) -> Any:
+    """The ``reporting.breaks.GraphBreak`` that ended ``record``'s graph, or None."""
+    return _BREAKS.get(record.id)
+
+
+def origin_of(gm: Any) -> Origin:
+    """Dynamo's compile id and the modules being called (weak references) while Dynamo compiles ``gm``."""
+    import sys
+
+    owners: list[weakref.ref] = []
     frame = sys._getframe(1)
     while frame is not None:
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            module = frame.f_locals.get("self")
-            if isinstance(module, torch.nn.Module) and id(module) not in out:
-                out[id(module)] = weakref.ref(module)
+        obj = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(obj, torch.nn.Module) and not any(o() is obj for o in owners):
+            owners.append(weakref.ref(obj))
         frame = frame.f_back
-    return list(out.values())
-
-
-def records_for(model: torch.nn.Module) -> list[CompileRecord]:
-    """Records of every graph compiled from ``model`` (or its compiled wrapper), oldest first.
-
-    A graph belongs to ``model`` when it takes one of its parameters or was
-    compiled while ``model`` was being called (graphs that take no parameter).
-    """
-    params = list(model.parameters())
-    _RECORDS[:] = [r for r in _RECORDS if r.alive()]
-    return [r for r in _RECORDS if r.owns_any(params) or r.called_from(model)]
+    return Origin(compile_id=str(gm.meta.get("dynamo_compile_id", "?")), owners=owners)
