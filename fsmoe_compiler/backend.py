@@ -31,10 +31,10 @@ from fsmoe_compiler.passes.chunk import chunk
 from fsmoe_compiler.passes.context import Pass, PassContext, check_pipeline
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.recognize import recognize
+from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.passes.verify import graph_signature, verify
-from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.planner import Pipelines
 from fsmoe_compiler.runtime.control import OwnClock, exchange
 from fsmoe_compiler.scheduled_graph import ScheduledGraph
