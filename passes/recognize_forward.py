@@ -241,30 +241,6 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     return regions
 
 
-def _routing_from_inputs(index: GraphIndex, anchored: set[str]) -> list[LeftAlone]:
-    """Top-k choices over scores this graph takes as an input (no gate matmul above them) with matmuls below.
-
-    The gate ran in an earlier graph: a Dynamo graph break between the
-    router's scores and its topk splits the layer. Not a region; a note, with
-    the roles seen below the topk, so the report can tie it to the break.
-    """
-    out = []
-    for t in index.graph.nodes:
-        if not _selects(t) or t.name in anchored:
-            continue
-        above = [index.by_name[a] for a in index.ancestors(t.name)]
-        if any(is_op(a, MATMUL_OPS) for a in above) or not any(a.op == "placeholder" for a in above):
-            continue
-        below = [index.by_name[d] for d in index.descendants(t.name)]
-        present = ("dispatch", "expert", "combine") if any(is_op(d, MATMUL_OPS) for d in below) else ()
-        if not present:
-            continue
-        out.append(LeftAlone(
-            f"forward: topk {t.name} over scores that are an input of this graph (no gate matmul here) with matmuls "
-            "below it left alone: if its router ran in an earlier graph, a Dynamo graph break splits the layer "
-            f"[{', '.join(present)} found; missing: router]", anchor=t.name, gate="", present=present))
-    return out
-
 
 def _limited_router(index: GraphIndex, r: Router) -> Router | None:
     """The router whose choice the anchor of ``r`` only limits to a capacity, else None.
@@ -574,6 +550,31 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
         region.notes.append(f"opaque op(s) {sorted(set(walk.opaque_combine))} in the combine: "
                             "a scatter back to token order by signature (routing index in, token rows out)")
     return region
+
+
+def _routing_from_inputs(index: GraphIndex, anchored: set[str]) -> list[LeftAlone]:
+    """Top-k choices over scores this graph takes as an input (no gate matmul above them) with matmuls below.
+
+    The gate ran in an earlier graph: a Dynamo graph break between the
+    router's scores and its topk splits the layer. Not a region; a note, with
+    the roles seen below the topk, so the report can tie it to the break.
+    """
+    out = []
+    for t in index.graph.nodes:
+        if not _selects(t) or t.name in anchored:
+            continue
+        above = [index.by_name[a] for a in index.ancestors(t.name)]
+        if any(is_op(a, MATMUL_OPS) for a in above) or not any(a.op == "placeholder" for a in above):
+            continue
+        below = [index.by_name[d] for d in index.descendants(t.name)]
+        present = ("dispatch", "expert", "combine") if any(is_op(d, MATMUL_OPS) for d in below) else ()
+        if not present:
+            continue
+        out.append(LeftAlone(
+            f"forward: topk {t.name} over scores that are an input of this graph (no gate matmul here) with matmuls "
+            "below it left alone: if its router ran in an earlier graph, a Dynamo graph break splits the layer "
+            f"[{', '.join(present)} found; missing: router]", anchor=t.name, gate="", present=present))
+    return out
 
 
 def _roles_found(index: GraphIndex, scope: Scope, walk: ForwardWalk, why: str) -> LeftAlone:
