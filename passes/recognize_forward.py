@@ -241,7 +241,6 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     return regions
 
 
-
 def _limited_router(index: GraphIndex, r: Router) -> Router | None:
     """The router whose choice the anchor of ``r`` only limits to a capacity, else None.
 
