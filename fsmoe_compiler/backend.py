@@ -14,10 +14,14 @@ without importing this package.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
@@ -34,9 +38,11 @@ from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
+from fsmoe_compiler.ops import collective_sequence
 from fsmoe_compiler.passes.verify import graph_signature, verify
-from fsmoe_compiler.planner import Pipelines
-from fsmoe_compiler.runtime.control import OwnClock, exchange
+from fsmoe_compiler.planner import Pipelines, distributed
+from fsmoe_compiler.runtime import control
+from fsmoe_compiler.runtime.control import OwnClock
 from fsmoe_compiler.scheduled_graph import ScheduledGraph
 
 
@@ -99,73 +105,157 @@ def fsmoe_backend(
             f"valid options go in options: {[f for f in FSMoEConfig.__dataclass_fields__]}"
         )
     config = FSMoEConfig.from_options(options)
-    record = records.new_record(config, example_inputs, records.origin_of(gm))
-    records.note_break(record, gm)
-    return aot_autograd(
-        fw_compiler=_graph_compiler("forward", config, record),
-        bw_compiler=_graph_compiler("backward", config, record),
-    )(gm, example_inputs)
+    control.start()  # this rank's heartbeat, so the others can tell it is alive while it compiles
+    record = records.new_record(config, example_inputs, dynamo_origin(gm))
+    records.note_break(record, gm)  # the Dynamo graph break that ended gm, for the report
+    with control.doing("compiling", "", f"Dynamo graph {record.compile_id} at {record.site}"):
+        return aot_autograd(
+            fw_compiler=_graph_compiler("forward", config, record),
+            bw_compiler=_graph_compiler("backward", config, record),
+        )(gm, example_inputs)
+
+
+def dynamo_origin(gm: fx.GraphModule) -> records.Origin:
+    """Where Dynamo traced ``gm``: its frame (the program point; a graph break's resume function is one of
+    its own), compile id, why the graph ended (a graph break's reason and place) and the modules being called."""
+    site = "unknown"
+    ctx = torch._guards.TracingContext.try_get()
+    codes = list(getattr(ctx, "traced_code", None) or [])
+    if codes:
+        code = codes[0]
+        site = f"{code.co_name}@{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    graph_break = where = None
+    if reason is not None and getattr(reason, "graph_break", False):
+        graph_break = str(reason.reason).strip()
+        stack = list(getattr(reason, "user_stack", None) or [])
+        if stack:
+            f = stack[-1]
+            where = f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+    owners: list[weakref.ref] = []
+    frame = sys._getframe(1)
+    while frame is not None:  # the modules whose call Dynamo is compiling (the compiled model among them)
+        obj = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(obj, torch.nn.Module) and not any(o() is obj for o in owners):
+            owners.append(weakref.ref(obj))
+        frame = frame.f_back
+    return records.Origin(site=site, compile_id=str(gm.meta.get("dynamo_compile_id", "?")),
+                          graph_break=graph_break, break_at=where, owners=owners)
+
+
+_GROUP_SHAPES: dict[str, Any] = {}
+
+
+def _group_shape(name: str | None) -> Any:
+    """A process group as the same value on every rank that holds a group like it: its size and rank strides
+    (expert-parallel groups [0, 1] and [2, 3] both read (2, (0, 1))); its name where it cannot be resolved."""
+    if name is None or not distributed():
+        return name
+    if name not in _GROUP_SHAPES:
+        try:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            ranks = dist.get_process_group_ranks(_resolve_process_group(name))
+            _GROUP_SHAPES[name] = (len(ranks), tuple(r - ranks[0] for r in ranks))
+        except Exception:  # noqa: BLE001 - a fake or destroyed group
+            _GROUP_SHAPES[name] = name
+    return _GROUP_SHAPES[name]
+
+
+def agreement_key(kind: str, gm: fx.GraphModule, regions: list) -> str:
+    """What the ranks agree on for a graph: its kind, its collectives in traced order (op and group, not
+    sizes: dropless sizes differ per rank, a dynamic-shape recompile makes them symbolic) and its MoE regions
+    (without the sizes). Graphs with equal keys on two ranks issue the same collectives and would be chunked
+    and scheduled alike, wherever Dynamo cut them (the same layer traced whole on one rank and after a graph
+    break on another has one key). Not the program point: that names the slot a graph's planning lives in."""
+    collectives = [(op, _group_shape(g)) for op, g in collective_sequence(gm.graph)]
+    sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions])
+    return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 
 
 def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        ctx = PassContext(graph_kind=kind, config=config, strict=config.strict, original=graph_signature(gm))
-        forward = record.latest("forward")
-        if kind == "backward" and forward is not None:  # backward regions take their layer from the forward's
-            ctx.regions["forward"] = list(forward.regions)
-        _dump(config, record, kind, "before", gm)
-        fallback = None
-        clock = OwnClock()
-        try:
-            with gc_paused():
-                result = run_pipeline(COMPILE, copy_graph_module(gm), ctx)
-        except Exception as exc:  # any pass failure: run the unmodified graph, say why
-            if config.strict:
-                raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc
-            fallback = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"fsmoe: {kind} graph falls back to the unmodified graph ({fallback})", stacklevel=2)
-            result = gm
-        if config.check_ranks:  # on every path, so no rank waits alone in the gather
-            _check_ranks_agree(kind, ctx.regions.get(kind, []) if fallback is None else [])
-        report = records.GraphReport(
-            kind=kind,
-            regions=list(ctx.regions.get(kind, [])),
-            notes=list(ctx.notes),
-            fallback=fallback,
-            num_nodes=len(result.graph.nodes),
-            compile_s=clock.own(),
-            wait_s=clock.waited(),
-        )
-        record.graphs.append(report)
-        _dump(config, record, kind, "after", result)
-        if fallback is not None:
-            return make_boxed_func(result.forward)
-        scheduled = ScheduledGraph(result, ctx, config, report, PIPELINES,
-                                   dump=lambda stage, g: _dump(config, record, kind, stage, g))
-        return make_boxed_func(lambda *args: scheduled(list(args)))
+        with control.doing("compiling", "", f"the {kind} graph of Dynamo graph {record.compile_id} at {record.site}"):
+            return _compile_graph(kind, config, record, gm)
 
     return compile_graph
+
+
+def _compile_graph(kind: str, config: FSMoEConfig, record: records.CompileRecord, gm: fx.GraphModule) -> Callable:
+    ctx = PassContext(graph_kind=kind, config=config, strict=config.strict, original=graph_signature(gm))
+    forward = record.latest("forward")
+    if kind == "backward" and forward is not None:  # backward regions take their layer from the forward's
+        ctx.regions["forward"] = list(forward.regions)
+    _dump(config, record, kind, "before", gm)
+    fallback = None
+    clock = OwnClock()
+    try:
+        with gc_paused():
+            result = run_pipeline(COMPILE, copy_graph_module(gm), ctx)
+    except Exception as exc:  # any pass failure: run the unmodified graph, say why
+        if config.strict:
+            raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc
+        fallback = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"fsmoe: {kind} graph falls back to the unmodified graph ({fallback})", stacklevel=2)
+        result = gm
+    regions = ctx.regions.get(kind, []) if fallback is None else []
+    if config.check_ranks:
+        _compare_with_peers(kind, record, regions)
+    report = records.GraphReport(
+        kind=kind,
+        regions=list(ctx.regions.get(kind, [])),
+        notes=list(ctx.notes),
+        fallback=fallback,
+        num_nodes=len(result.graph.nodes),
+        compile_s=clock.own(),
+        wait_s=clock.waited(),
+    )
+    record.graphs.append(report)
+    _dump(config, record, kind, "after", result)
+    # a fallback runs as traced, but still takes part in the calls' votes, so the other ranks see it at once
+    scheduled = ScheduledGraph(result, ctx, config, report, PIPELINES,
+                               dump=lambda stage, g: _dump(config, record, kind, stage, g),
+                               site=record.site, key=agreement_key(kind, result, regions),
+                               traced_only=fallback)
+    return make_boxed_func(lambda *args: scheduled(list(args)))
 
 
 class RanksDisagree(ValueError):
     """Ranks found different MoE regions; their collectives would not match."""
 
 
-def _region_summary(regions: list) -> list[tuple]:
-    return [(r.layer, r.router, r.num_experts, r.top_k, r.capacity, r.dropless) for r in regions]
+def _region_summary(region: Any, sizes: bool = True) -> tuple:
+    if sizes:
+        return (region.layer, region.router, region.num_experts, region.top_k, region.capacity, region.dropless)
+    return (region.layer, region.router, region.num_experts, region.top_k, region.dropless)
 
 
-def _check_ranks_agree(kind: str, regions: list) -> None:
-    """Raise ``RanksDisagree`` if another rank found different regions in this graph."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+def _compare_with_peers(kind: str, record: records.CompileRecord, regions: list) -> None:
+    """Raise ``RanksDisagree`` if another rank found other MoE regions in the first whole graph of this
+    program point; never waits (what it compares is what the others have published so far).
+
+    A graph that ends at a graph break is not compared (another rank may trace the same frame whole), nor
+    a recompile (it may see other sizes). Schedule-relevant agreement is per call (``scheduled_graph``);
+    this only turns a different model on some rank into an error at compile time.
+    """
+    if not distributed():
         return
-    mine = _region_summary(regions)
-    everyone = exchange(f"regions/{kind}", mine)  # over the store: no collective while Dynamo compiles
-    for rank, theirs in enumerate(everyone):
-        if theirs != mine:
+    first = control.local("fsmoe.compiled_sites", set)
+    ident = (record.site, kind)
+    if ident in first:
+        return
+    first.add(ident)
+    mine = [_region_summary(r, sizes=False) for r in regions]
+    whole = record.graph_break is None
+    name = f"graphs/{hashlib.sha1(record.site.encode()).hexdigest()[:12]}/{kind}"
+    control.post(name, (whole, mine))
+    if not whole:
+        return
+    for rank, (theirs_whole, theirs) in sorted(control.posted(name).items()):
+        if theirs_whole and theirs != mine:
             raise RanksDisagree(
-                f"fsmoe: in the {kind} graph rank {dist.get_rank()} found MoE regions {mine} "
-                f"but rank {rank} found {theirs} (layer, router, experts, top-k, capacity, dropless); "
+                f"fsmoe: in the {kind} graph at {record.site} rank {control.rank()} found MoE regions {mine} "
+                f"but rank {rank} found {theirs} (layer, router, experts, top-k, dropless); "
                 "all ranks must run the same model"
             )
 

@@ -19,7 +19,14 @@ Known libraries (one switcher each in ``SWITCHERS``):
   permutation and a grouped GEMM) and ``"batched_mm"`` (expert weights
   gathered per token and ``bmm``) trace as one graph. A ``PreTrainedModel``
   is switched with its own ``set_experts_implementation(...)``; other modules
-  on the config each experts module reads.
+  on the config each experts module reads. The same switch by hand:
+  ``AutoModelForCausalLM.from_pretrained(..., experts_implementation="grouped_mm")``
+  or ``model.set_experts_implementation("grouped_mm")``. transformers 5.25
+  already gives a ``PreTrainedModel`` ``"grouped_mm"`` unless asked
+  otherwise, so the switch matters for a model loaded with
+  ``experts_implementation="eager"`` and for a bare MoE block built from a
+  config (``None``). The CUDA kernels ``"deepgemm"`` and ``"sonicmoe"`` are
+  left as they are (not the loop; not tested here, they need a GPU).
 
 Imports nothing of this project and no library: a library that is not
 imported has no modules in the model.

@@ -15,9 +15,13 @@
    collective issue order compared across ranks.
 
 Every step that decides which collectives run is agreed over ranks through
-``runtime.control.exchange`` before any rank acts on it, so all ranks take
-the same path or fail together; a failure is a :class:`PlanError` naming
-every rank's reason.
+``runtime.control.meet`` before any rank acts on it, so all ranks take the
+same path or fail together; a failure is a :class:`PlanError` naming every
+rank's reason. Each agreement is keyed by what it is about: ``tag`` (the
+graph's agreement key and planning epoch, from ``ScheduledGraph``) and the
+phase, never by how many agreements came before; the planner runs only
+inside calls every rank agreed to run (``scheduled_graph``), so every rank
+that takes part reaches the same agreements.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.passes.whole import unchunkable_layers
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, StepProfiler, agree, fit_collectives,
                                      microbenchmark_collectives, plan_key)
-from fsmoe_compiler.runtime.control import OwnClock, exchange
+from fsmoe_compiler.runtime.control import OwnClock, meet
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
@@ -96,12 +100,12 @@ def _rank() -> int:
 
 def _gather_errors(tag: str, error: str | None) -> dict[int, str]:
     """Every rank's error (rank -> message), so all ranks see the same failures."""
-    return {r: e for r, e in enumerate(exchange(tag, error)) if e is not None}
+    return {r: e for r, e in enumerate(meet(tag, error, what="chunking")) if e is not None}
 
 
 def _all_ranks_true(tag: str, flag: bool) -> bool:
     """True only if ``flag`` holds on every rank (so all ranks take the same path)."""
-    return all(exchange(tag, bool(flag)))
+    return all(meet(tag, bool(flag)))
 
 
 class Variants:
@@ -219,7 +223,7 @@ def link_samples(samples: list[dict], tag: str) -> list[dict]:
         if s.get("kind") in COLLECTIVE_KINDS and s.get("group") is not None and s.get("bytes"):
             sizes.setdefault((s["kind"], s["group"]), set()).add(int(s["bytes"]))
     merged: dict[tuple[str, str], set[int]] = {}
-    for theirs in exchange(f"{tag}/sizes", sizes):
+    for theirs in meet(f"{tag}/sizes", sizes, what="message sizes"):
         for key, nbytes in theirs.items():
             merged.setdefault(key, set()).update(nbytes)
     out = [s for s in samples if s.get("kind") not in COLLECTIVE_KINDS]
@@ -234,7 +238,11 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
     """One agreed cost model per degree from its profiling calls; a degree never profiled costs degree 1's times.
 
     Link models are shared by every degree: fitted from microbenchmarks at the
-    sizes every degree sent (``link_samples``).
+    sizes every degree sent (``link_samples``). Where the ranks profiled graphs
+    that differ in a few nodes (one rank recompiled the graph with dynamic
+    shapes: size asserts, other names), the nodes every rank has are agreed and
+    the others keep this rank's own times; the plans' collective orders are
+    compared before any rank runs one (:func:`make_plan`).
     """
     samples = [s for d in degrees if d in profiles for s in profiles[d].samples]
     comm = fit_collectives(link_samples(samples, tag))
@@ -245,7 +253,13 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
             node_ms = profile.node_ms()
         else:  # node_cost divides a chunk copy's origin by the degree
             node_ms = dict(out[1].node_ms) if 1 in out else {}
-        out[degree] = agree(CostModel(node_ms=node_ms, comm=comm, samples=list(samples)))
+        everyone = meet(f"{tag}/nodes{degree}", sorted(node_ms), what="the profiled nodes")
+        common = set(everyone[0]).intersection(*everyone[1:])
+        own = {k: v for k, v in node_ms.items() if k not in common}
+        agreed = agree(CostModel(node_ms={k: v for k, v in node_ms.items() if k in common}, comm=comm,
+                                 samples=list(samples)))
+        agreed.node_ms.update(own)
+        out[degree] = agreed
     return out
 
 
@@ -309,6 +323,31 @@ def _choose(variants: Variants, costs: dict[int, CostModel], pipelines: Pipeline
     return degree, gm, ctx, predicted, t_screen
 
 
+def same_order(a: dict[str, list[str]] | None, b: dict[str, list[str]] | None) -> bool:
+    """Two ranks' collective issue orders (``verify.collective_order``) match: per group the same ops in the
+    same order. Input sizes are compared only for collectives whose sizes must be equal on every rank (not
+    all-to-alls: with dropless dispatch each rank sends what its tokens need) and only where both ranks
+    know them (a graph recompiled with dynamic shapes on one rank has ``?`` where the other has a number)."""
+    if a is None or b is None or a.keys() != b.keys():
+        return a == b
+    for group in a:
+        if len(a[group]) != len(b[group]):
+            return False
+        for x, y in zip(a[group], b[group]):
+            op_x, _, dims_x = x.partition("[")
+            op_y, _, dims_y = y.partition("[")
+            if op_x != op_y:
+                return False
+            if op_x.startswith("all_to_all"):
+                continue
+            dx, dy = dims_x.rstrip("]").split(", "), dims_y.rstrip("]").split(", ")
+            if "?" in (dims_x.rstrip("]"), dims_y.rstrip("]")):
+                continue
+            if len(dx) != len(dy) or any(p != q and "?" not in (p, q) for p, q in zip(dx, dy)):
+                return False
+    return True
+
+
 def make_plan(variants: Variants, costs: dict[int, CostModel], pipelines: Pipelines) -> Plan:
     """Screen the degrees, schedule the best; every rank gets the same plan, or a ``PlanError`` with every reason."""
     clock = OwnClock()
@@ -319,11 +358,11 @@ def make_plan(variants: Variants, costs: dict[int, CostModel], pipelines: Pipeli
         error = f"{type(exc).__name__}: {exc}"
     # one exchange, reached by every rank: failures anywhere and the collective issue order of each plan
     order = collective_order(chosen[1]) if chosen is not None else None
-    everyone = exchange(f"{variants.tag}/plan", (error, order))
+    everyone = meet(f"{variants.tag}/plan", (error, order), what="the plan")
     errors = {r: e for r, (e, _) in enumerate(everyone) if e is not None}
     if not errors:
         errors = {r: f"would issue collectives in the order {o}, rank {_rank()} in {order}"
-                  for r, (_, o) in enumerate(everyone) if o != order}
+                  for r, (_, o) in enumerate(everyone) if not same_order(o, order)}
     if errors:
         raise PlanError("; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
     degree, gm, ctx, predicted, t_screen = chosen

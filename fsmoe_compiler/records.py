@@ -177,20 +177,6 @@ def break_of(record: CompileRecord) -> Any:
     return _BREAKS.get(record.id)
 
 
-def origin_of(gm: Any) -> Origin:
-    """Dynamo's compile id and the modules being called (weak references) while Dynamo compiles ``gm``."""
-    import sys
-
-    owners: list[weakref.ref] = []
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(obj, torch.nn.Module) and not any(o() is obj for o in owners):
-            owners.append(weakref.ref(obj))
-        frame = frame.f_back
-    return Origin(compile_id=str(gm.meta.get("dynamo_compile_id", "?")), owners=owners)
-
-
 def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bool) -> ScheduleReport:
     """The report of a ``planner.Plan``: one row per scheduled task, the degrees applied, predicted times."""
     ctx = plan.ctx

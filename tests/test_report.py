@@ -357,7 +357,7 @@ def test_strict_under_auto_raises_for_an_expert_parallel_layer_without_a_chunkin
 
     import fsmoe_compiler.planner as planner
 
-    monkeypatch.setattr(planner, "exchange", lambda tag, value, timeout_s=None: [value])  # rank 0 of a fake world
+    monkeypatch.setattr(planner, "meet", lambda key, value, **kw: [value])  # rank 0 of a fake world
     with fake_world(rank=0, world_size=2):
         _variants_under_auto(strict)
 

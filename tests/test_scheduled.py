@@ -103,7 +103,8 @@ def test_every_router_and_dispatch_matches_eager_at_every_step_with_chunking_on_
             assert res["timed_tasks"][kind] == res["tasks"][kind] > 0, f"{case} {kind}: tasks not all timed"
             # dropless layers are split along the hidden dim, so "auto" may take either degree
             assert set(degrees.values()) <= {1, 2}, f"{case} {kind}: {degrees}"
-            left = [n for n in res["chunk_notes"][kind] if "not applied" in n]
+            left = [n for n in res["chunk_notes"][kind]  # a capacity of one slot (soft MoE) cannot be split
+                    if "not applied" in n and "larger than the capacity 1)" not in n]
             assert not left, f"{case} {kind}: a layer was left whole: {left}"
 
 

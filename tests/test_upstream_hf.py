@@ -9,7 +9,8 @@ backward graph, with the router kind, top-k, experts, dropless dispatch and
 shared expert of the architecture. The eager experts implementation (a Python
 loop over ``nonzero()`` of expert hits) cannot be one graph: the report says
 the layer was left out and why, and ``fsmoe_compiler.ecosystem.compile_friendly``
-switches it to one that can.
+switches it to one that can. Every other experts implementation the installed
+transformers registers is in ``upstream_hf.LEFT_OUT`` with its reason.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ pytest.importorskip("transformers", reason="HF transformers is not installed (pi
 
 import fsmoe_compiler  # noqa: E402
 import upstream_hf as hf  # noqa: E402
-from fsmoe_compiler.ecosystem import HF_SETTING, compile_friendly  # noqa: E402
+from fsmoe_compiler.ecosystem import HF_SETTING, HF_TRACEABLE, compile_friendly  # noqa: E402
 from moe_cases import ONE_GRAPH  # noqa: E402
 
 ONE_GRAPH_CASES = [c for c in hf.CASES if c.one_graph]
@@ -172,3 +173,17 @@ def test_compile_friendly_switches_a_model_through_its_own_setter_and_only_when_
 def test_compile_friendly_leaves_a_model_without_known_moe_modules_alone():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert compile_friendly(model) == []
+
+
+def test_every_experts_implementation_transformers_registers_is_a_case_or_left_out_with_a_reason():
+    """The installed transformers' experts registry (and the FP8 one) against the cases: each architecture runs
+    the loop and both traceable implementations, and every other registered name has a reason in LEFT_OUT."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    registered = {"eager"} | set(ALL_EXPERTS_FUNCTIONS.valid_keys()) | set(ALL_FP8_EXPERTS_FUNCTIONS.valid_keys())
+    run = {c.experts for c in hf.CASES}
+    assert run.isdisjoint(hf.LEFT_OUT) and all(hf.LEFT_OUT.values())
+    assert registered == run | set(hf.LEFT_OUT), f"new: {registered - run - set(hf.LEFT_OUT)}"
+    for arch in hf.ARCHS:
+        assert {c.experts for c in hf.CASES if c.arch == arch and not c.model} == {"eager", *HF_TRACEABLE}, arch

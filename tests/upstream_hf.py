@@ -12,9 +12,20 @@ load-balancing auxiliary loss where the architecture has one), and the region
 facts recognition must report. ``build`` makes the module, its inputs and its
 loss, seeded, at tiny sizes (hidden 64, 4-8 experts, top-2).
 
-``deepgemm`` and ``sonicmoe``, the other two experts implementations
-transformers 5.25 registers, are CUDA kernels downloaded from the Hub at first
-use: no case here.
+Every other experts implementation transformers 5.25 registers is in
+``LEFT_OUT`` with the reason no case runs it (a test pins the registry, so a
+new one in a later version fails until it is a case or has a reason).
+
+transformers' own expert parallelism (``from_pretrained(...,
+distributed_config=DistributedConfig(tp_size=2, tp_plan={}, ep_size=2,
+ep_implementation="all_to_all"))``) is not a case: it loads through
+``from_pretrained`` only and needs ``accelerate``, which the ``ecosystem``
+extra does not install. Tried by hand (with ``accelerate``, 2 gloo ranks): it
+compiles, but each rank first takes its own TP slice of the batch (a local
+``Replicate -> Shard(0)`` redistribute: rank r keeps output r of one split),
+so the two graphs differ only in which ``getitem`` nodes remain, and the
+profiler's cost agreement, keyed by node name, stops with "ranks profiled
+different graphs" (``check_ranks=False`` too).
 """
 
 from __future__ import annotations
@@ -169,3 +180,17 @@ CASES: list[HFCase] = (
     + [_case(arch, "grouped_mm", model=True) for arch in ARCHS]
     + [_case(arch, "eager") for arch in ARCHS]
 )
+
+
+#: Experts implementations transformers registers (``ExpertsInterface``, and ``FP8ExpertsInterface`` for
+#: FP8-quantized models) that no case runs, and why. The user's switch is the same for all:
+#: ``from_pretrained(..., experts_implementation=...)``, ``model.set_experts_implementation(...)`` or
+#: ``config._experts_implementation``; ``eager`` is a case (``LOOP_CASES``), left out by the backend itself.
+LEFT_OUT: dict[str, str] = {
+    "deepgemm": "a CUDA kernel (DeepGEMM, Hopper or newer, CUDA >= 12.3) fetched from the Hub by the `kernels` "
+                "package at first use: needs a GPU; this suite is CPU-only",
+    "sonicmoe": "a CUDA kernel (SonicMoE, CuTe DSL) fetched from the Hub by the `kernels` package at first use: "
+                "needs an NVIDIA GPU; this suite is CPU-only",
+    "deepgemm_megamoe": "FP8/FP4-quantized experts only (FineGrainedFP8 quantization, which needs a GPU or XPU), "
+                        "a DeepGEMM CUDA kernel: not a training configuration of this backend",
+}
