@@ -92,7 +92,7 @@ class Explanation:
         for g in self.graphs():
             out.extend(str(n) for n in g.notes if isinstance(n, LeftAlone) and n.missing)
             for r in g.regions:
-                lacking = missing_roles(r)
+                lacking = _lacking(g.kind, r)
                 if lacking:
                     out.append(f"{g.kind}: MoE layer {r.layer}: partial region, no {', '.join(lacking)} role")
         return out
@@ -153,10 +153,10 @@ class Explanation:
                 for note in g.notes:
                     parts.append(f"note: {note}")
                 for r in g.regions:  # partial regions the whole pass did not note already
-                    if missing_roles(r) and not any("partial region" in n and f"MoE layer {r.layer} (" in n
-                                                    for n in g.notes):
+                    if _lacking(kind, r) and not any("partial region" in n and f"MoE layer {r.layer} (" in n
+                                                     for n in g.notes):
                         parts.append(f"note: {kind}: MoE layer {r.layer}: partial region, no "
-                                     f"{', '.join(missing_roles(r))} role" + _why_missing(kind, missing_roles(r)))
+                                     f"{', '.join(_lacking(kind, r))} role")
                 if g.regions:
                     parts.append(regions_table(g.regions))
                     parts.append("")
@@ -193,10 +193,11 @@ def _whose(rec: records.CompileRecord) -> str:
     return (f", compile id {rec.compile_id}" if rec.compile_id != "?" else "") + what
 
 
-def _why_missing(kind: str, lacking: list[str]) -> str:
-    if kind == "backward" and lacking == ["dispatch"]:
-        return " (no gradient flows to the layer's input in this graph: nothing to un-permute)"
-    return ""
+def _lacking(kind: str, region: Any) -> list[str]:
+    """The core roles ``region`` lacks; a backward region without a dispatch role lacks nothing (no gradient
+    flows to the layer's input in that graph, so there is nothing to un-permute)."""
+    lacking = missing_roles(region)
+    return [] if kind == "backward" and lacking == ["dispatch"] else lacking
 
 
 def explain(

@@ -411,3 +411,13 @@ def test_a_partial_region_is_a_note_or_with_strict_an_error_naming_the_layer(mon
         with pytest.raises(Exception, match=r"FSMoECompileError: fsmoe could not compile the forward graph: forward: MoE layer 0 \(softmax-topk, 4 experts, "
                                                     r"top_k=2\) is a partial region: no dispatch role .*valid choices"):
             compiled(_inputs())
+
+
+def test_a_backward_region_without_dispatch_is_whole_when_the_input_needs_no_gradient():
+    model = TinyMoE("sort")
+    x = torch.randn(2, 4, HIDDEN)  # no gradient: the backward has no dispatch gradient to un-permute
+    with torch._dynamo.config.patch(**ALL_CAPTURED):
+        ex = fsmoe_compiler.explain(model, x, quiet=True)
+    (bw,) = ex.regions("backward")
+    assert bw.nodes["dispatch"] == [] and bw.nodes["expert"] and bw.nodes["combine"]
+    assert ex.partial() == [] and "partial region" not in ex.render()
