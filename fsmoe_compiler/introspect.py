@@ -16,6 +16,9 @@ and partial regions say which roles they lack.
 
 from __future__ import annotations
 
+import ast
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,7 @@ class BreakReport:
     info: GraphBreak
     layer: LeftAlone | None = None
     module: str = ""  # the module the layer is in, when the graph's nodes do not name it
+    skipped: str = ""  # the function the break is in when Dynamo then compiled no graph of it (ran it eagerly)
     layer_graph: int = -1  # the Dynamo graph whose routing was left alone (``graph`` or the next one)
 
     @property
@@ -49,6 +53,10 @@ class BreakReport:
 
     def __str__(self) -> str:
         text = f"{self.info}"
+        if self.skipped and self.layer is None:
+            text = (f"Dynamo ran {self.skipped} outside any graph after a graph break inside it (a break inside a "
+                    f"loop makes Dynamo skip the whole frame): an MoE layer in it is left out, unscheduled; "
+                    f"cause: {self.info.what}, at {self.info.where}; fix: {self.info.fix}")
         if self.layer is not None:
             module = self.layer.module or self.module
             where = f" in {module}" if module else ""
@@ -79,7 +87,10 @@ class Explanation:
             if not b.splits_layer and i + 1 < len(self.records) and i + 1 not in linked:
                 b.layer, b.layer_graph = _split_layer(self.records[i + 1], leaving=False), i + 1
                 linked.add(i + 1)
+        sites = [rec.site for rec in self.records]
         for b in out.values():
+            if b.layer is None:
+                b.skipped = _skipped_frame(b.info, sites)
             rec = self.records[b.layer_graph]
             innermost = rec.origin.owners[0]() if rec.origin.owners else None
             if b.layer is not None and not b.layer.module and innermost is not None:
@@ -141,6 +152,11 @@ class Explanation:
             parts.append(f"!! {len(split)} MoE layer(s) split by Dynamo graph breaks (left out, run unscheduled):")
             parts.extend(f"!! {b}" for b in split)
             parts.append("")
+        skipped = [b for b in breaks.values() if b.skipped and not b.splits_layer]
+        if skipped:
+            parts.append(f"!! {len(skipped)} function(s) Dynamo ran outside any graph after a graph break:")
+            parts.extend(f"!! {b}" for b in skipped)
+            parts.append("")
         for i, rec in enumerate(self.records):
             for kind in ("forward", "backward"):
                 g = rec.latest(kind)
@@ -186,6 +202,45 @@ def _split_layer(rec: records.CompileRecord, leaving: bool = True) -> LeftAlone 
         if isinstance(note, LeftAlone) and note.missing and (note.leaves_graph or not leaving):
             return note
     return None
+
+
+def _skipped_frame(info: GraphBreak, sites: list[str]) -> str:
+    """The function a graph break is in when it was inlined from a caller's frame and no graph of its own (nor
+    of a resume function after the break) was compiled: Dynamo skipped its frame. "" otherwise."""
+    if len(info.frames) < 2:
+        return ""
+    file, line, func, _ = info.frames[-1]
+    base = os.path.basename(file)
+    first = _first_line(file, line)
+    if first is None:
+        return ""
+    for site in sites:
+        name, _, where = site.partition("@")
+        if where == f"{base}:{first}" and name == func:
+            return ""
+        resumed = where.partition(":")[2]  # a resume function starts at its line in the function it resumes
+        if (where.startswith(base + ":") and name.startswith(f"torch_dynamo_resume_in_{func}_at_")
+                and resumed.isdigit() and _first_line(file, int(resumed)) == first):
+            return ""
+    return f"{func} ({base}:{line})"
+
+
+@functools.lru_cache(maxsize=64)
+def _functions(file: str) -> tuple[tuple[int, int, int], ...]:
+    """(first line as in ``co_firstlineno``, def line, last line) of every function in ``file``."""
+    try:
+        with open(file) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    return tuple((min([n.lineno] + [d.lineno for d in n.decorator_list]), n.lineno, n.end_lineno or n.lineno)
+                 for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def _first_line(file: str, line: int) -> int | None:
+    """``co_firstlineno`` of the innermost function of ``file`` that holds ``line`` (None if unknown)."""
+    holding = [f for f in _functions(file) if f[1] <= line <= f[2]]
+    return max(holding, key=lambda f: f[1])[0] if holding else None
 
 
 def _whose(rec: records.CompileRecord) -> str:

@@ -421,3 +421,21 @@ def test_a_backward_region_without_dispatch_is_whole_when_the_input_needs_no_gra
     (bw,) = ex.regions("backward")
     assert bw.nodes["dispatch"] == [] and bw.nodes["expert"] and bw.nodes["combine"]
     assert ex.partial() == [] and "partial region" not in ex.render()
+
+
+def test_a_break_inside_a_loop_names_the_function_dynamo_ran_outside_any_graph():
+    """torch.where inside the per-expert loop without capture_dynamic_output_shape_ops: Dynamo skips the MoE's
+    whole frame (a break in a loop), so no graph holds any of the layer; the report names the function, the cause
+    and the fix instead of only "no MoE region found"."""
+    _, rep = _compiled(Block(TinyMoE("loop")), {"capture_scalar_outputs": True,
+                                                "capture_dynamic_output_shape_ops": False})
+    assert rep.regions("forward") == []
+    (b,) = [b for b in rep.graph_breaks() if b.skipped]
+    assert b.info.cause == "nonzero" and b.skipped.startswith("forward (test_report.py:") and not b.splits_layer
+    assert str(b).startswith("Dynamo ran forward (test_report.py:") and "capture_dynamic_output_shape_ops" in str(b)
+    assert "!! 1 function(s) Dynamo ran outside any graph after a graph break:" in rep.render()
+    # a break whose function has a graph of its own is not a skipped frame
+    torch._dynamo.reset()
+    _, rep = _compiled(Block(TinyMoE("sort")), {"capture_scalar_outputs": False,
+                                                "capture_dynamic_output_shape_ops": True})
+    assert [b.skipped for b in rep.graph_breaks()] == ["", ""]
