@@ -112,6 +112,10 @@ def fsmoe_backend(
         return aot_autograd(
             fw_compiler=_graph_compiler("forward", config, record),
             bw_compiler=_graph_compiler("backward", config, record),
+            # data writes into graph inputs that need no gradient stay in the forward graph as copy_ (as Dynamo's
+            # aot_eager backends keep them); returned as extra outputs instead, AOT's default partitioner rejects
+            # Megatron-Core's allgather dispatcher at EP=2 ("Node slice_scatter_1 was invalid, but is output")
+            keep_inference_input_mutations=True,
         )(gm, example_inputs)
 
 

@@ -386,6 +386,9 @@ def _match_forward_layers(regions: list[MoERegion], saved: list[str | None],
                 if f.router not in (r.router, "unknown"):  # e.g. cosine scores look like softmax in backward
                     r.notes.append(f"router kind from the forward graph ({r.router} in backward)")
                     r.router = f.router
+                if r.top_k is None and f.top_k is not None and f.router != "expert-choice":
+                    r.top_k = f.top_k  # argmax routers leave no topk gradient to read k from
+                    r.notes.append("top-k from the forward graph (an argmax router leaves no topk gradient)")
                 break
 
 
@@ -431,6 +434,32 @@ def _fork(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
         if _leads_to_matmul(index, d, anchor.anc | anchor.desc):
             return index.by_name[d]
     return None
+
+
+def _nearest_split(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
+    """The fork of an argmax router's score gradient when no dominator shows it: the nearest gradient above the
+    anchor that feeds both the anchor and, through another user, matmuls outside the anchor's own.
+
+    DeepSpeed's gate adds its auxiliary loss's gradient (``mean(gates, dim=0)``: one value per expert, broadcast
+    back over the tokens) to the gates' gradient from the combine just above the score gradient, and both come
+    from the loss's gradient: the two paths meet only at the loss, so the anchor has no dominator that leads to
+    the experts. The gradient that splits into the gates' and the experts' gradients is still the nearest node
+    above the anchor with one user on the way to the anchor and another leading to matmuls elsewhere.
+    """
+    s = anchor.node
+    smallest = min((d for d in shape(s) if d is not None), default=1)
+    avoid = anchor.anc | anchor.desc | {s.name}
+    best = None
+    for name in anchor.anc & index.grad:
+        node = index.by_name[name]
+        if node.op != "call_function" or (numel(node) or 0) <= smallest:
+            continue
+        to_anchor = [u for u in node.users if u.name in anchor.anc or u is s]
+        elsewhere = [u for u in node.users if u.name not in avoid and u.name in index.grad]
+        if to_anchor and any(_leads_to_matmul(index, u.name, avoid) for u in elsewhere):
+            if best is None or index.pos[name] > index.pos[best.name]:
+                best = node
+    return best
 
 
 def _side_tangents(index: GraphIndex, anchor: Anchor) -> set[str]:
@@ -541,7 +570,7 @@ class Layer:
 
 def _layer(index: GraphIndex, anchor: Anchor) -> Layer | None:
     """The fork of the anchor's layer and the sizes read at its entry; None without a fork."""
-    fork = _fork(index, anchor)
+    fork = _fork(index, anchor) or (_nearest_split(index, anchor) if anchor.kind == "score" else None)
     if fork is None:
         return None
     chain = _entry_chain(index, fork)
@@ -826,7 +855,7 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
         "combine": index.in_order(combine | set(walk.of(PERMUTED))),
         "shared_expert": index.in_order(shared),
     }
-    saved = _saved_root(anchor.index) if anchor.index is not None else None
+    saved = _saved_root(anchor.index) if anchor.index is not None else _score_gate_weight(index, anchor)
     return MoERegion(
         layer=0, graph="backward", router=kind, num_experts=num_experts,
         top_k=None if (layer.expert_choice or anchor.kind == "soft") else _top_k(anchor),
@@ -938,6 +967,20 @@ def _ffn_hidden(index: GraphIndex, walk: BackwardWalk, hidden: int | None) -> in
 
 def _rows_match(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and a[:-1] == b[:-1]
+
+
+def _score_gate_weight(index: GraphIndex, anchor: Anchor) -> fx.Node | None:
+    """The saved gate weight an argmax router's score gradient is multiplied with (``grad @ W^T``, the gate
+    input's gradient): the saved tensor that ties a "score" anchor, which reads no saved topk indices, to its
+    forward layer (the weight's forward node is in that layer's router)."""
+    if anchor.kind != "score":
+        return None
+    for u in anchor.node.users:
+        if is_op(u, MATMUL_OPS) and matmul_operands(u)[0] is anchor.node:
+            root = _saved_root(matmul_operands(u)[1])
+            if root is not None:
+                return root
+    return None
 
 
 def _saved_root(node: fx.Node) -> fx.Node | None:

@@ -220,9 +220,13 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     for i, group in enumerate(groups):
         tried: list[tuple[Router, str]] = []
         for r in group:  # the latest anchor first; an earlier one on the same router input if it forms no region
-            r = _limited_router(index, r) or r  # a capacity topk over tokens limits the routing topk, not routes
+            limited = _limited_router(index, r)  # a capacity topk over tokens limits the routing topk, not routes
+            dropping, r = (r.topk, limited) if limited is not None else (None, r)
             region = _forward_region(index, _scope(index, r, candidates[:i] + [r] + candidates[i + 1:]))
             if isinstance(region, MoERegion):
+                _argmax_top_k(index, r, region)
+                if dropping is not None:
+                    region.notes.append(_token_dropping_note(dropping, region))
                 if tried:
                     region.notes.append("routing-like anchor(s) on the same router input left alone: " + "; ".join(
                         f"{t.topk.name}: {why}" for t, why in tried))
@@ -239,6 +243,37 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     if notes is not None:
         notes.extend(_routing_from_inputs(index, {r.topk.name for rs in groups for r in rs}))
     return regions
+
+
+def _argmax_top_k(index: GraphIndex, r: Router, region: MoERegion) -> None:
+    """Top-k written as k ``argmax`` (each after masking the earlier choices, GShard/DeepSpeed top-2): the anchor
+    is the last argmax, and the earlier ones on the same router input over the same experts are among what it
+    is computed from. ``k`` counts them all; the router kind is read off every one's scores (the first choice
+    is made on the softmax, the later ones on the masked, possibly noised, logits)."""
+    t = r.topk
+    if not is_op(t, ARGMAX_OPS) or region.top_k != 1:
+        return
+    below = index.ancestors(t.name)
+    earlier = []
+    for a in index.nodes[:index.pos[t.name]]:
+        if a.name in below and is_op(a, ARGMAX_OPS) and _selects(a) and _float_scores(a):
+            other = _walk_router(a, index.ancestors(a.name))
+            if other is not None and other.x is r.x and shape(a.args[0]) == shape(t.args[0]):
+                earlier.append(other)
+    if not earlier:
+        return
+    region.top_k = 1 + len(earlier)
+    ops = set(r.score_ops).union(*(o.score_ops for o in earlier))
+    if region.router == "topk" and ("softmax" in ops or "sigmoid" in ops):
+        region.router = "sigmoid-topk" if "sigmoid" in ops else "softmax-topk"
+    region.notes.append(f"top-{region.top_k} as {region.top_k} argmax, each after masking the earlier choices "
+                        f"({', '.join(o.topk.name for o in earlier)}, then {t.name})")
+
+
+def _float_scores(choice: fx.Node) -> bool:
+    """A choice over floating-point scores (not over a one-hot mask, which only reads a choice back)."""
+    v = val(choice.args[0]) if isinstance(choice.args[0], fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
 
 
 def _limited_router(index: GraphIndex, r: Router) -> Router | None:
@@ -258,6 +293,16 @@ def _limited_router(index: GraphIndex, r: Router) -> Router | None:
             if routing is not None and routing.x is r.x and not _choice(routing, tokens_key).expert_choice:
                 return routing
     return None
+
+
+def _token_dropping_note(topk: fx.Node, region: MoERegion) -> str:
+    """What a capacity topk over tokens does to the region: each expert keeps its best ``k`` routed tokens."""
+    k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    k = k if isinstance(k, int) else "a symbolic number of"
+    note = f"token dropping: {topk.name} keeps each expert's best {k} routed tokens (a topk over tokens)"
+    if region.dropless:
+        note += ("; the expert buffers stay data-dependent (not padded to the capacity): dispatched as dropless")
+    return note
 
 
 # ----------------------------------------------------------------------------------------------

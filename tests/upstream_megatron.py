@@ -40,6 +40,7 @@ class MegatronCase:
     aux_loss: float = 1e-2  # moe_aux_loss_coeff (a second softmax and topk on the same logits)
     z_loss: float | None = None  # moe_z_loss_coeff (a logsumexp on the logits)
     score: str = "softmax"  # moe_router_score_function
+    dispatcher: str = "alltoall"  # moe_token_dispatcher_type (Megatron's own default is "allgather")
     config: dict[str, Any] = field(default_factory=dict)  # any other TransformerConfig field
 
     def capacity(self, tokens: int = TOKENS) -> int | None:
@@ -54,12 +55,20 @@ class MegatronCase:
 
 
 CASES: dict[str, MegatronCase] = {
+    # TransformerConfig's defaults: the allgather dispatcher (at one rank: permute by the routing map, unpermute)
+    "default-allgather-top2": MegatronCase(dispatcher="allgather"),
     # the default dispatch: dropless, sort by expert (masked_select + index_select), scatter_add back
     "dropless-top2": MegatronCase(),
     # + a shared expert beside the routed ones, and the router z-loss (logsumexp of the logits)
     "dropless-top2-shared-zloss": MegatronCase(shared=True, z_loss=1e-3),
     # token dropping with padding to capacity: argsort of the routing map, fixed [E * C] buffers
     "capacity-top2": MegatronCase(capacity_factor=1.0, config={"moe_pad_expert_input_to_capacity": True}),
+    # token dropping without padding: dropped tokens are masked out of the routing map, counts stay data-dependent
+    "capacity-nopad-top2": MegatronCase(capacity_factor=1.0),
+    # DeepSeek-V3 style: sigmoid scores, an expert bias, group-limited routing (2 groups, the best 1), 8 experts
+    "sigmoid-grouped-top2": MegatronCase(experts=8, score="sigmoid", config={
+        "moe_router_enable_expert_bias": True, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+        "moe_router_pre_softmax": False}),
 }
 
 
@@ -91,8 +100,15 @@ def cpu_patches() -> Iterator[None]:
         setattr(obj, name, value)
 
     # The router moves its weight to ``torch.cuda.current_device()`` and the all-to-all allocates its output
-    # there; on CPU that device is the CPU (the moves become no-ops).
-    patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    # there; on CPU that device is the CPU (the moves become no-ops). Dynamo classifies ``torch.*`` callables by
+    # the object it finds under their name when it first builds its rule map (again after each
+    # ``torch._dynamo.reset()``): built while this patch is in place, the map would take the replacement for an
+    # in-graph torch op that returns a non-tensor (a hard error). Building it first keeps the real function
+    # there and lets Dynamo inline the replacement (a constant device). So: reset Dynamo outside this context.
+    from torch._dynamo import trace_rules
+
+    trace_rules.get_torch_obj_rule_map()
+    patch(torch.cuda, "current_device", _cpu_device)
     # The alltoall dispatcher makes one ``torch.cuda.Stream`` for device-to-host copies at construction;
     # a non-None placeholder makes it skip that (it only creates the stream when the class attribute is None).
     patch(token_dispatcher.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", "no CUDA stream on CPU")
@@ -119,6 +135,11 @@ def cpu_patches() -> Iterator[None]:
                 setattr(obj, name, value)
 
 
+def _cpu_device() -> torch.device:
+    """``torch.cuda.current_device`` on CPU: the CPU."""
+    return torch.device("cpu")
+
+
 def _host_split_sizes(self: Any, point: str, tokens_per_expert: torch.Tensor | None = None) -> Any:
     """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on CPU: at the device-to-host point, the split
     sizes as host ints (the original makes numpy arrays of them); nothing to synchronise."""
@@ -141,6 +162,8 @@ def _traceable_chunk_orders(layer: nn.Module) -> None:
     a Python list with them (a hard error, not a graph break, with ``capture_scalar_outputs``). The same
     constants as Python ints (with the ``.tolist()`` Megatron calls) keep its ``split`` + ``cat`` as written."""
     d = layer.token_dispatcher
+    if not hasattr(d, "sort_input_by_local_experts"):  # the allgather dispatcher keeps no chunk order
+        return
     d.sort_input_by_local_experts = _ChunkOrder(d.sort_input_by_local_experts.tolist())
     d.restore_output_by_local_experts = _ChunkOrder(d.restore_output_by_local_experts.tolist())
 
@@ -203,19 +226,19 @@ class Block(nn.Module):
         return x + out
 
 
-def build(case: MegatronCase, rank: int = 0, seed: int = 0) -> Block:
-    """The layer of ``case`` under the current parallel state, inside :func:`cpu_patches`.
+def build(case: MegatronCase, rank: int = 0, seed: int = 0, layers: int = 1) -> nn.Module:
+    """The layer of ``case`` under the current parallel state, inside :func:`cpu_patches` (a :class:`Block`;
+    ``layers`` > 1: that many blocks in a row, seeded ``seed``, ``seed + 1``, ...).
 
     Weights are seeded: the router and the shared expert the same on every rank, each rank's local experts
     from a seed of their own (so experts on different ranks differ and a misrouted token shows).
     """
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs = dict(
-        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=4,
-        num_moe_experts=case.experts, moe_router_topk=case.topk, moe_token_dispatcher_type="alltoall",
+        num_layers=layers, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=4,
+        num_moe_experts=case.experts, moe_router_topk=case.topk, moe_token_dispatcher_type=case.dispatcher,
         moe_router_score_function=case.score, moe_aux_loss_coeff=case.aux_loss, moe_z_loss_coeff=case.z_loss,
         moe_expert_capacity_factor=case.capacity_factor,
         moe_shared_expert_intermediate_size=SHARED_FFN if case.shared else None,
@@ -227,8 +250,18 @@ def build(case: MegatronCase, rank: int = 0, seed: int = 0) -> Block:
         warnings.simplefilter("ignore")
         config = TransformerConfig(**kwargs)
         spec = get_moe_module_spec(use_te=False, num_experts=case.experts, moe_grouped_gemm=False)
+    if layers > 1:
+        return nn.Sequential(*(_block(case, config, spec, rank, seed + i, i + 1) for i in range(layers)))
+    return _block(case, config, spec, rank, seed, 1)
+
+
+def _block(case: MegatronCase, config: Any, spec: Any, rank: int, seed: int, number: int) -> Block:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        layer = MoELayer(config, spec.submodules)
+        layer = MoELayer(config, spec.submodules, layer_number=number)
     _traceable_chunk_orders(layer)
     gen = torch.Generator().manual_seed(seed)
     expert_gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
