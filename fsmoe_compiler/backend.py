@@ -35,6 +35,7 @@ from fsmoe_compiler.passes.chunk import chunk
 from fsmoe_compiler.passes.context import Pass, PassContext, check_pipeline
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.recognize import recognize
+from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.ops import collective_sequence
@@ -55,6 +56,7 @@ class FSMoECompileError(RuntimeError):
 #: At compile time, for the forward and the backward graph alike.
 COMPILE: tuple[Pass, ...] = (
     recognize,  # find MoE regions: router, dispatch, expert, combine, shared expert -> ctx.regions
+    whole,  # every recognised layer handled whole? else a note (strict: an error naming the layer and the fix)
     verify,  # inputs, outputs, collective order unchanged; else fall back
 )
 #: Per candidate pipeline degree, before profiling it.
@@ -105,6 +107,7 @@ def fsmoe_backend(
     config = FSMoEConfig.from_options(options)
     control.start()  # this rank's heartbeat, so the others can tell it is alive while it compiles
     record = records.new_record(config, example_inputs, dynamo_origin(gm))
+    records.note_break(record, gm)  # the Dynamo graph break that ended gm, for the report
     with control.doing("compiling", "", f"Dynamo graph {record.compile_id} at {record.site}"):
         return aot_autograd(
             fw_compiler=_graph_compiler("forward", config, record),

@@ -40,6 +40,7 @@ from fsmoe_compiler.names import COLLECTIVE_KINDS
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.verify import collective_order
+from fsmoe_compiler.passes.whole import unchunkable_layers
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, StepProfiler, agree, fit_collectives,
                                      microbenchmark_collectives, plan_key)
 from fsmoe_compiler.runtime.control import OwnClock, meet
@@ -125,6 +126,7 @@ class Variants:
         self.chunk_s = 0.0  # own time spent chunking (a part of the plan's time)
         self.wait_s = 0.0  # time spent waiting for the other ranks while chunking
         self._graphs: dict[int, tuple[fx.GraphModule, PassContext]] = {}
+        self.chunked: dict[int, dict] = {}  # degree -> layer -> ChunkInfo, for the strict check under "auto"
 
     def build(self) -> None:
         """Chunk the graph to every candidate degree; every rank keeps and drops the same degrees."""
@@ -134,6 +136,8 @@ class Variants:
             with gc_paused():
                 for degree in list(self.degrees):
                     self._build_one(degree)
+                if self.config.strict and not self.explicit:
+                    self._check_whole()
         finally:
             self.wait_s += clock.waited()
             self.chunk_s += clock.own()
@@ -177,9 +181,18 @@ class Variants:
         self.degrees.remove(degree)
         self.notes.append(f"degree {degree} dropped, chunking failed: {why}")
 
+    def _check_whole(self) -> None:
+        """strict under "auto": every rank raises when some expert-parallel layer has no chunking rule at all."""
+        problems = unchunkable_layers(self.chunked, self.ctx.regions_here)
+        errors = _gather_errors(f"{self.tag}/whole", "; ".join(problems) or None)
+        if errors:
+            raise PlanError(f"fsmoe could not handle every MoE layer of the {self.ctx.graph_kind} graph whole: "
+                            + "; ".join(f"rank {r}: {e}" for r, e in errors.items()))
+
     def _keep_if_chunked(self, degree: int) -> None:
         """Keep the refusal notes of a degree; drop the degree if no layer took it (it would equal degree 1)."""
         _, ctx = self._graphs[degree]
+        self.chunked[degree] = dict(ctx.chunking)
         self.chunk_notes.extend(n for n in ctx.notes if "not applied" in n and n not in self.chunk_notes)
         applied = any(info.degree > 1 for info in ctx.chunking.values())
         if not _all_ranks_true(f"{self.tag}/unchunked{degree}", not applied) or 1 not in self.degrees:

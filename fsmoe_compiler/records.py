@@ -152,6 +152,31 @@ class CompileRecord:
         return found[-1] if found else None
 
 
+# ---------------------------------------------------------------------------------------------------
+# Dynamo graph breaks as the report shows them (cause and fix), kept beside the records by record id
+
+
+_BREAKS: dict[int, Any] = {}
+
+
+def note_break(record: CompileRecord, gm: Any) -> None:
+    """Keep why Dynamo ended ``gm`` when it was a graph break (``gm.compile_subgraph_reason``, the record
+    ``torch._dynamo.explain`` reads), classified by ``reporting.breaks``: where, the cause, the fix."""
+    from fsmoe_compiler.reporting.breaks import graph_break
+
+    found = graph_break(getattr(gm, "compile_subgraph_reason", None))
+    if found is not None:
+        _BREAKS[record.id] = found
+    live = {r.id for r in _RECORDS}
+    for gone in [k for k in _BREAKS if k not in live]:  # records dropped with their models
+        del _BREAKS[gone]
+
+
+def break_of(record: CompileRecord) -> Any:
+    """The ``reporting.breaks.GraphBreak`` that ended ``record``'s graph, or None."""
+    return _BREAKS.get(record.id)
+
+
 def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bool) -> ScheduleReport:
     """The report of a ``planner.Plan``: one row per scheduled task, the degrees applied, predicted times."""
     ctx = plan.ctx

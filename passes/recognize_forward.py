@@ -59,7 +59,7 @@ from fsmoe_compiler.passes.recognize_common import (
     first_match,
     opaque_gemm_operands,
 )
-from fsmoe_compiler.passes.region import MoERegion
+from fsmoe_compiler.passes.region import LeftAlone, MoERegion
 
 #: ``Rule.mark`` of an opaque op the combine takes in by its signature: named in the region's notes.
 OPAQUE_COMBINE = "opaque combine"
@@ -236,10 +236,12 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
         else:
             if notes is not None:
                 r, why = tried[0]
-                notes.append(f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {why}")
+                notes.append(_left_alone_note(r, why))
     regions = [region for _, region in sorted(found, key=lambda pr: pr[0])]
     for layer, region in enumerate(regions):
         region.layer = layer
+    if notes is not None:
+        notes.extend(_routing_from_inputs(index, {r.topk.name for rs in groups for r in rs}))
     return regions
 
 
@@ -580,6 +582,8 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
     """The region below one router if it has experts and a combine, else why not."""
     walk = _walk_forward(index, scope)
     region = _summarise_forward(index, scope, walk)
+    if isinstance(region, str):  # why not, with the roles the walk did find
+        region = _roles_found(index, scope, walk, region)
     if isinstance(region, MoERegion) and walk.opaque:
         region.notes.append(f"combine stops before opaque op(s) {sorted(set(walk.opaque))}: left alone")
     opaque_gemms = sorted({str(m.target) for m in walk.expert_mms if is_opaque(m)})
@@ -590,6 +594,62 @@ def _forward_region(index: GraphIndex, scope: Scope) -> MoERegion | str:
         region.notes.append(f"opaque op(s) {sorted(set(walk.opaque_combine))} in the combine: "
                             "a scatter back to token order by signature (routing index in, token rows out)")
     return region
+
+
+def _routing_from_inputs(index: GraphIndex, anchored: set[str]) -> list[LeftAlone]:
+    """Top-k choices over scores this graph takes as an input (no gate matmul above them) with matmuls below.
+
+    The gate ran in an earlier graph: a Dynamo graph break between the
+    router's scores and its topk splits the layer. Not a region; a note, with
+    the roles seen below the topk, so the report can tie it to the break.
+    """
+    out = []
+    for t in index.graph.nodes:
+        if not _selects(t) or t.name in anchored:
+            continue
+        above = [index.by_name[a] for a in index.ancestors(t.name)]
+        if any(is_op(a, MATMUL_OPS) for a in above) or not any(a.op == "placeholder" for a in above):
+            continue
+        below = [index.by_name[d] for d in index.descendants(t.name)]
+        present = ("dispatch", "expert", "combine") if any(is_op(d, MATMUL_OPS) for d in below) else ()
+        if not present:
+            continue
+        out.append(LeftAlone(
+            f"forward: topk {t.name} over scores that are an input of this graph (no gate matmul here) with matmuls "
+            "below it left alone: if its router ran in an earlier graph, a Dynamo graph break splits the layer "
+            f"[{', '.join(present)} found; missing: router]", anchor=t.name, gate="", present=present))
+    return out
+
+
+def _roles_found(index: GraphIndex, scope: Scope, walk: ForwardWalk, why: str) -> LeftAlone:
+    """``why`` no region formed below ``scope.router``, carrying the roles found and whether routing leaves the graph."""
+    present = ["router"]
+    if walk.of(DISPATCHED) or walk.of(WEIGHTS):
+        present.append("dispatch")
+    if walk.expert_mms:
+        present.append("expert")
+    if walk.of(COMBINED):
+        present.append("combine")
+    stack = scope.router.topk.meta.get("nn_module_stack") or {}
+    module = ""
+    if stack:  # the innermost module Dynamo recorded, e.g. ("L['self'].layers[0].mlp", MoEBlock)
+        path, cls = list(stack.values())[-1][:2]
+        path = str(path).removeprefix("L['self']").lstrip(".")
+        name = getattr(cls, "__name__", str(cls))
+        module = f"{path} ({name})" if path else name
+    return LeftAlone(why, anchor=scope.router.topk.name, gate=scope.router.gate.name, module=module,
+                     present=tuple(present), leaves_graph=bool(_leaves_graph(index, walk)))
+
+
+def _left_alone_note(r: Router, why: str) -> str:
+    """The note on an anchor that formed no region: why, and which roles were found and which are missing."""
+    text = f"forward: routing-like scores at {r.topk.name} (gate {r.gate.name}) left alone: {why}"
+    if not isinstance(why, LeftAlone):
+        return text
+    found = "router only" if why.present == ("router",) else "partial: " + ", ".join(why.present) + " found"
+    text += f" [{found}; missing: {', '.join(why.missing)}]" if why.missing else ""
+    return LeftAlone(text, anchor=why.anchor, gate=why.gate, module=why.module, present=why.present,
+                     leaves_graph=why.leaves_graph)
 
 
 # ----------------------------------------------------------------------------------------------
