@@ -27,8 +27,11 @@ class FSMoEConfig:
     strict: raise instead of falling back to the unmodified graph when a pass
         cannot apply or a region is only partly understood.
     check_ranks: when torch.distributed is initialised with more than one rank,
-        compare the regions every rank found and raise if they differ (ranks
-        that disagree would otherwise issue collectives in different orders).
+        compare the regions every rank found at a program point and raise if
+        they differ, and vote at every call of a scheduled graph so that a
+        rank that compiled other graphs makes that call run as traced on all
+        ranks (ranks that disagree would otherwise issue collectives in
+        different orders).
     dump_dir: if set, write each graph's code there: before and after the passes, and the scheduled graph
         once profiling ends (with each node's task and stream).
     scheduler: how MoE regions are chunked and ordered: "cpsat" (CP-SAT over
