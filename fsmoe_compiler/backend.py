@@ -166,14 +166,18 @@ def _group_shape(name: str | None) -> Any:
     return _GROUP_SHAPES[name]
 
 
-def agreement_key(kind: str, gm: fx.GraphModule, regions: list) -> str:
+def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoEConfig | None = None) -> str:
     """What the ranks agree on for a graph: its kind, its collectives in traced order (op and group, not
     sizes: dropless sizes differ per rank, a dynamic-shape recompile makes them symbolic) and its MoE regions
     (without the sizes). Graphs with equal keys on two ranks issue the same collectives and would be chunked
     and scheduled alike, wherever Dynamo cut them (the same layer traced whole on one rank and after a graph
-    break on another has one key). Not the program point: that names the slot a graph's planning lives in."""
+    break on another has one key). Not the program point: that names the slot a graph's planning lives in.
+    The options that shape the plan are part of it: the same model compiled twice with other options (the
+    bench's methods, side by side in one process) is two graphs to agree on, not one."""
     collectives = [(op, _group_shape(g)) for op, g in collective_sequence(gm.graph)]
-    sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions])
+    plan = None if config is None else (config.scheduler, config.pipeline_degree, config.max_degree,
+                                        config.profile_steps, config.measure_steps, config.time_limit_s)
+    sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions], plan)
     return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 
 
@@ -219,7 +223,7 @@ def _compile_graph(kind: str, config: FSMoEConfig, record: records.CompileRecord
     # a fallback runs as traced, but still takes part in the calls' votes, so the other ranks see it at once
     scheduled = ScheduledGraph(result, ctx, config, report, PIPELINES,
                                dump=lambda stage, g: _dump(config, record, kind, stage, g),
-                               site=record.site, key=agreement_key(kind, result, regions),
+                               site=record.site, key=agreement_key(kind, result, regions, config),
                                traced_only=fallback)
     return make_boxed_func(lambda *args: scheduled(list(args)))
 

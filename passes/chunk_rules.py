@@ -170,10 +170,38 @@ def reshape_rule(node: fx.Node, lay: Lookup) -> dict:
     (src,) = tensor_args(node)[:1]
     li, lo = lay(src), lay(node)
     if isinstance(li, Split):
-        return {node: map_factor(static_shape(src), li, static_shape(node), node.name)}
+        return {node: map_factor_loose(loose_shape(src), li, loose_shape(node), node.name)}
     if isinstance(lo, Split):
-        return {src: map_factor(static_shape(node), lo, static_shape(src), node.name)}
+        return {src: map_factor_loose(loose_shape(node), lo, loose_shape(src), node.name)}
     return _pass_through(src, node, lay)
+
+
+def map_factor_loose(src: tuple[Optional[int], ...], lay: Split, dst: tuple[Optional[int], ...], what: str) -> Split:
+    """``map_factor`` where leading sizes may be data-dependent (dropless rows, an unpadded capacity).
+
+    Row-major reshapes keep the flat index modulo the product of any trailing
+    block; so when ``src`` and ``dst`` end in static blocks of equal size and the
+    split lies inside ``src``'s, it lands inside ``dst``'s, wherever the
+    leading (symbolic) dims go.
+    """
+    if all(d is not None for d in src) and all(d is not None for d in dst):
+        return map_factor(src, lay, dst, what)  # type: ignore[arg-type]
+    for k in range(lay.dim, -1, -1):  # src[k:] static, holds the split
+        if any(d is None for d in src[k:]):
+            break
+        block, q = math.prod(src[k:]), 1  # type: ignore[arg-type]
+        for m in range(len(dst) - 1, -1, -1):
+            if dst[m] is None or q * dst[m] > block:
+                break
+            q *= dst[m]
+            if q == block:
+                try:
+                    split = map_factor(src[k:], replace(lay, dim=lay.dim - k), dst[m:], what)  # type: ignore[arg-type]
+                except Unchunkable:
+                    break
+                return replace(split, dim=split.dim + m)
+    raise Unchunkable(f"the split of {list(src)} at dim {lay.dim} cannot be followed into {list(dst)} "
+                      f"({what}: symbolic sizes around it)")
 
 
 def _transpose_perm(node: fx.Node, rank: int) -> list[int]:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fsmoe_compiler.passes.chunk import ChunkError, ChunkInfo, chunk, plan_region
-from fsmoe_compiler.passes.chunk_rules import PARTIAL, UNSPLIT, Split, Unchunkable, map_factor
+from fsmoe_compiler.passes.chunk_rules import PARTIAL, UNSPLIT, Split, Unchunkable, map_factor, map_factor_loose
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.region import ROLES
@@ -591,3 +591,17 @@ def test_a_dropless_all_to_all_is_priced_from_the_bytes_it_sent_when_profiled():
     assert origin.node_cost(combine) == pytest.approx(0.5 + 0.001 * 4500)
     static = next(n for n in data if n.meta["fsmoe"]["origin"] == "all_to_all_single_1")  # [32, 16] float32
     assert model.node_cost(static) == pytest.approx(0.5 + 0.001 * 32 * 16 * 4)
+
+
+def test_a_split_is_followed_through_reshapes_of_data_dependent_leading_dims():
+    """Dropless rows or an unpadded capacity make the leading sizes symbolic; a split inside the static trailing
+    block still lands where it would with any value of them, and one that straddles still refuses."""
+    hidden = Split(2, 1, 8, 1)
+    assert map_factor_loose((None, 4, 8), hidden, (None, 32), "t") == Split(1, 4, 8, 1)
+    assert map_factor_loose((None, 32), Split(1, 4, 8, 1), (None, 4, 8), "t") == hidden
+    assert map_factor_loose((None, 8), Split(1, 1, 8, 1), (2, None, 8), "t") == Split(2, 1, 8, 1)
+    assert map_factor_loose((6, 4, 8), hidden, (24, 8), "t") == map_factor((6, 4, 8), hidden, (24, 8), "t")
+    with pytest.raises(Unchunkable, match="straddles|cannot be followed"):
+        map_factor_loose((None, 64), Split(1, 1, 64, 1), (None, 2, 32), "t")
+    with pytest.raises(Unchunkable, match="cannot be followed"):
+        map_factor_loose((None, 8), Split(0, 1, 4, 1), (None, 8), "t")  # the split itself is data-dependent

@@ -200,3 +200,20 @@ def test_deepspeed_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equ
         # DeepSpeed's _AllToAll: dispatch and combine forward, their gradients backward
         assert res["a2a"] == {"forward": [2], "backward": [2]}, f"{where}: {res['a2a']}"
     assert results[0]["degrees"] == results[1]["degrees"], [r["degrees"] for r in results]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_deepspeed_moe_without_token_dropping_runs_chunked_in_two_and_equals_eager(rank_pool):
+    """A data-dependent capacity (``[E, ?, M]`` buffers) is split along the static hidden dim, through the
+    reshapes around DeepSpeed's all-to-all, at degree 2 in both graphs; every step still equals eager."""
+    results = rank_pool.run(_ep_job, ("top1-nodrop", {**OPTIONS_EP, "pipeline_degree": 2}, STEPS_EP), timeout_s=360)
+    for res in results:
+        where = f"top1-nodrop rank {res['rank']}"
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
+        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        for kind in ("forward", "backward"):
+            assert res["degrees"][kind] == [{0: 2}], f"{where} {kind}: {res['degrees']}"
+            ((timed, plain),) = res["after_swap"][kind]
+            assert timed > 0 and plain >= 1, f"{where} {kind}: {res['after_swap'][kind]}"
