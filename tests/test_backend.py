@@ -193,3 +193,15 @@ def test_mode_argument_is_rejected_with_a_pointer_to_options():
     compiled = torch.compile(DenseBlock(), backend="fsmoe", mode="max-autotune")
     with pytest.raises(Exception, match=r"takes only options=\.\.\., got \['mode'\]"):
         compiled(torch.randn(4, 16))
+
+
+def test_the_agreement_key_tells_graphs_compiled_with_other_plan_options_apart():
+    """The bench runs one model under several fsmoe methods in one process; equal keys made them share one call
+    series and planning slot, and no method ever ran its plan. Options that do not shape the plan do not count."""
+    gm = torch.fx.symbolic_trace(nn.Linear(4, 4))
+    key = backend_mod.agreement_key
+    base = FSMoEConfig()
+    assert key("forward", gm, [], base) == key("forward", gm, [], FSMoEConfig(dump_dir="/tmp/x"))
+    assert key("forward", gm, [], base) != key("backward", gm, [], base)
+    for other in (FSMoEConfig(scheduler="tutel"), FSMoEConfig(pipeline_degree=2), FSMoEConfig(profile_steps=3)):
+        assert key("forward", gm, [], base) != key("forward", gm, [], other), other
