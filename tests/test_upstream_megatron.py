@@ -198,10 +198,11 @@ def test_megatron_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equa
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["dropless-top2", "dropless-top2-shared-zloss"])
-def test_megatron_dropless_alltoall_layer_runs_chunked_in_two_and_equals_eager(rank_pool, name):
-    """Degree 2 is applied in both graphs: the token all-to-alls split along the hidden dim, the one of routing
-    probabilities (one value per row, same splits) sent whole, and every step still equals eager."""
+@pytest.mark.parametrize("name", ["dropless-top2", "dropless-top2-shared-zloss", "capacity-top2"])
+def test_megatron_alltoall_layer_runs_chunked_in_two_and_equals_eager(rank_pool, name):
+    """Degree 2 is applied in both graphs: the token all-to-alls split along the hidden dim (also padded to a
+    capacity: Megatron's ``.tolist()`` splits make the rows data-dependent), the one of routing probabilities (one
+    value per row, same splits) sent whole, and every step still equals eager."""
     results = rank_pool.run(_ep_job, (name, {**OPTIONS_EP, "pipeline_degree": 2}, STEPS_EP), timeout_s=240)
     for res in results:
         where = f"{name} rank {res['rank']}"
