@@ -215,13 +215,13 @@ def find_forward_regions(gm: fx.GraphModule, notes: list[str] | None = None) -> 
     """MoE regions of a forward graph in order of appearance; ``notes`` gets why routing-like anchors were not."""
     index = GraphIndex.build(gm)
     groups = _routers(index)
-    candidates = [_limited_router(index, rs[0]) or rs[0] for rs in groups]
+    # a capacity topk over tokens limits the routing topk, not routes: (the dropping topk or None, the router)
+    resolved = [[(r.topk, lim) if (lim := _limited_router(index, r)) else (None, r) for r in rs] for rs in groups]
+    candidates = [rs[0][1] for rs in resolved]
     found: list[tuple[int, MoERegion]] = []  # (the anchor's position, the region)
-    for i, group in enumerate(groups):
+    for i, group in enumerate(resolved):
         tried: list[tuple[Router, str]] = []
-        for r in group:  # the latest anchor first; an earlier one on the same router input if it forms no region
-            limited = _limited_router(index, r)  # a capacity topk over tokens limits the routing topk, not routes
-            dropping, r = (r.topk, limited) if limited is not None else (None, r)
+        for dropping, r in group:  # the latest anchor first; an earlier one on the same input if it forms no region
             region = _forward_region(index, _scope(index, r, candidates[:i] + [r] + candidates[i + 1:]))
             if isinstance(region, MoERegion):
                 _argmax_top_k(index, r, region)
