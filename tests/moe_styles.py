@@ -252,9 +252,8 @@ scatter_rows.register_autograd(_scatter_rows_backward, setup_context=_scatter_ro
 class OpaqueCombineMoE(SortMoE):
     """Sort-based MoE whose un-permute is an opaque custom op (as libraries ship their own kernels)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, m = x.shape
-        tokens = x.reshape(-1, m)
+    def weighted_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' outputs in expert order, scaled by their routing weights, and each row's token."""
         probs, idx = torch.topk(torch.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)
         order = torch.argsort(idx.reshape(-1), stable=True)
         token_of = order // self.top_k
@@ -265,7 +264,11 @@ class OpaqueCombineMoE(SortMoE):
             torch._check(n >= 0)
         torch._check(sum(sizes) == permuted.shape[0])
         outs = [F.silu(c @ self.fc1[e]) @ self.fc2[e] for e, c in enumerate(torch.split(permuted, sizes))]
-        weighted = torch.cat(outs, dim=0) * probs.reshape(-1)[order].unsqueeze(-1)
+        return torch.cat(outs, dim=0) * probs.reshape(-1)[order].unsqueeze(-1), token_of
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, m = x.shape
+        weighted, token_of = self.weighted_rows(x.reshape(-1, m))
         return scatter_rows(weighted, token_of, b * s).reshape(b, s, m)
 
 
@@ -283,23 +286,13 @@ def _(x):
 rows_rescaled.register_autograd(lambda ctx, grad: grad * 0.5)
 
 
-class OpaqueEpilogueMoE(SortMoE):
+class OpaqueEpilogueMoE(OpaqueCombineMoE):
     """Sort-based MoE whose combined output goes through an opaque kernel without a routing index."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, m = x.shape
         tokens = x.reshape(-1, m)
-        probs, idx = torch.topk(torch.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)
-        order = torch.argsort(idx.reshape(-1), stable=True)
-        token_of = order // self.top_k
-        permuted = tokens.index_select(0, token_of)
-        counts = F.one_hot(idx.reshape(-1), self.num_experts).sum(dim=0)
-        sizes = counts.tolist()
-        for n in sizes:
-            torch._check(n >= 0)
-        torch._check(sum(sizes) == permuted.shape[0])
-        outs = [F.silu(c @ self.fc1[e]) @ self.fc2[e] for e, c in enumerate(torch.split(permuted, sizes))]
-        weighted = torch.cat(outs, dim=0) * probs.reshape(-1)[order].unsqueeze(-1)
+        weighted, token_of = self.weighted_rows(tokens)
         combined = torch.zeros_like(tokens).index_add(0, token_of, weighted)
         return rows_rescaled(combined).reshape(b, s, m)
 

@@ -24,6 +24,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 
 import fsmoe_compiler  # noqa: E402
 import upstream_deepspeed as ud  # noqa: E402
+from upstream_checks import grad_differences, regions_by_kind  # noqa: E402
 from moe_cases import ONE_GRAPH  # noqa: E402
 
 STEPS_ONE = 2
@@ -50,16 +51,13 @@ def _train(model: torch.nn.Module, compiled, steps: int, rank: int = 0) -> list[
     for step in range(steps):
         ref = _grads(model, model, step, rank)
         got = _grads(model, compiled, step, rank)
-        assert ref.keys() == got.keys(), sorted(ref.keys() ^ got.keys())
         assert len(ref) > 10, "a loss, the input's and every parameter's gradient"
-        bad.append({k: float((got[k] - ref[k]).abs().max()) for k in ref
-                    if not torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5)})
+        bad.append(grad_differences(ref, got))
     return bad
 
 
 def _regions(rep) -> dict[str, list[dict]]:
-    return {kind: [dict(ud.region_facts(r), layer=r.layer) for r in rep.regions(kind)]
-            for kind in ("forward", "backward")}
+    return regions_by_kind(rep, ud.FACTS + ("layer",))
 
 
 # ------------------------------------------------------------------------------------------------ 1 process

@@ -29,6 +29,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 import fsmoe_compiler  # noqa: E402
 import upstream_megatron as um  # noqa: E402
+from upstream_checks import grad_differences, regions_by_kind  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # Megatron warns at import (Apex, TE) and per linear call
@@ -45,32 +46,15 @@ STEPS_EP = 5
 EP_CASES = ["dropless-top2", "dropless-top2-shared-zloss", "capacity-top2", "default-allgather-top2"]
 
 
-def _step(model: torch.nn.Module, fn, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss, input gradient and every parameter's gradient of one step (aux and z-loss gradients included)."""
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    loss = fn(x).pow(2).mean()
-    loss.backward()
-    out = {"loss": loss.detach().clone(), "input": x.grad.clone()}
-    out.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    return out
-
-
-def _differences(ref: dict, got: dict) -> dict[str, float]:
-    assert ref.keys() == got.keys(), f"gradients of different parameters: {sorted(ref.keys() ^ got.keys())}"
-    return {k: float((got[k] - ref[k]).abs().max()) for k in ref
-            if not torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5)}
-
-
 def _train(model: torch.nn.Module, compiled, steps: int, rank: int = 0) -> list[dict]:
     """Eager and compiled steps on the same weights and inputs; per step, the values that differ (worst)."""
     bad = []
     for step in range(steps):
         x = um.inputs(rank, step)
-        ref = _step(model, model, x)
-        got = _step(model, compiled, x)
+        ref = um.step_values(model, model, x)
+        got = um.step_values(model, compiled, x)
         assert len(ref) > 4, sorted(ref)
-        bad.append(_differences(ref, got))
+        bad.append(grad_differences(ref, got))
     return bad
 
 
@@ -82,15 +66,11 @@ def expected(case: um.MegatronCase, ep: int = 1) -> dict:
             "hidden": um.HIDDEN, "shared_expert": case.shared, "roles": True}
 
 
-def facts(region) -> dict:
-    return {"router": region.router, "top_k": region.top_k, "num_experts": region.num_experts,
-            "capacity": region.capacity, "dropless": region.dropless, "hidden": region.hidden,
-            "shared_expert": bool(region.nodes.get("shared_expert")),
-            "roles": all(region.nodes[role] for role in ("router", "dispatch", "expert", "combine"))}
+FACTS = ("router", "top_k", "num_experts", "capacity", "dropless", "hidden", "shared_expert", "roles")
 
 
 def _regions(rep) -> dict[str, list[dict]]:
-    return {kind: [facts(r) for r in rep.regions(kind)] for kind in ("forward", "backward")}
+    return regions_by_kind(rep, FACTS)
 
 
 # ------------------------------------------------------------------------------------------------ 1 process

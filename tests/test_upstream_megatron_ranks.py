@@ -19,6 +19,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 import fsmoe_compiler  # noqa: E402
 import upstream_megatron as um  # noqa: E402
+from upstream_checks import grad_differences  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # Megatron warns at import (Apex, TE) and per linear call
@@ -27,17 +28,6 @@ pytestmark = [
 ]
 
 STEPS = 9  # warm-up, the 6 default profiling calls, then the planned graph (timed, plain)
-
-
-def _step(model: torch.nn.Module, fn, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss, input gradient and every parameter's gradient of one step (the aux loss's gradients included)."""
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    loss = fn(x).pow(2).mean()
-    loss.backward()
-    out = {"loss": loss.detach().clone(), "input": x.grad.clone()}
-    out.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    return out
 
 
 def _default_options_job(rank: int, world_size: int, name: str, steps: int, dynamo: dict) -> dict:
@@ -53,11 +43,9 @@ def _default_options_job(rank: int, world_size: int, name: str, steps: int, dyna
         compiled = torch.compile(model, backend="fsmoe")  # default options: check_ranks on
         for step in range(steps):
             x = um.inputs(rank, step)
-            ref = _step(model, model, x)
-            got = _step(model, compiled, x)
-            assert ref.keys() == got.keys(), sorted(ref.keys() ^ got.keys())
-            bad.append({k: float((got[k] - ref[k]).abs().max()) for k in ref
-                        if not torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5)})
+            ref = um.step_values(model, model, x)
+            got = um.step_values(model, compiled, x)
+            bad.append(grad_differences(ref, got))
         rep = fsmoe_compiler.report(compiled)
     return {
         "rank": rank,

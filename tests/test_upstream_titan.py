@@ -20,6 +20,7 @@ pytest.importorskip("torchtitan")
 
 import fsmoe_compiler  # noqa: E402
 import upstream_titan as ut  # noqa: E402
+from upstream_checks import grad_differences, regions_by_kind  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:In CPU autocast"),  # torchtitan's router asks for fp32 autocast
@@ -44,12 +45,6 @@ def _grads(model: torch.nn.Module, fn, x: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def _differences(ref: dict, got: dict) -> dict[str, float]:
-    assert ref.keys() == got.keys(), f"gradients of different parameters: {sorted(ref.keys() ^ got.keys())}"
-    return {k: float((got[k] - ref[k]).abs().max()) for k in ref
-            if not torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5)}
-
-
 def _train(model: torch.nn.Module, compiled, steps: int, rank: int = 0) -> list[dict]:
     """Eager and compiled steps on the same weights, the expert bias updated between steps; worst differences."""
     bad = []
@@ -57,14 +52,13 @@ def _train(model: torch.nn.Module, compiled, steps: int, rank: int = 0) -> list[
         x = ut.inputs(step, rank)
         ref = _grads(model, model, x)
         got = _grads(model, compiled, x)
-        bad.append(_differences(ref, got))
+        bad.append(grad_differences(ref, got))
         ut.update_expert_bias(model)
     return bad
 
 
 def _regions(rep) -> dict[str, list[dict]]:
-    return {kind: [dict(ut.region_facts(r), layer=r.layer) for r in rep.regions(kind)]
-            for kind in ("forward", "backward")}
+    return regions_by_kind(rep, ut.FACTS + ("layer",))
 
 
 # ------------------------------------------------------------------------------------------------ 1 process

@@ -86,9 +86,8 @@ def expected(case: DSCase) -> dict:
             "dropless": False, "hidden": HIDDEN}
 
 
-def region_facts(region) -> dict:
-    return {"router": region.router, "top_k": region.top_k, "num_experts": region.num_experts,
-            "capacity": region.capacity, "dropless": region.dropless, "hidden": region.hidden}
+# the region facts :func:`expected` names (``upstream_checks.region_facts``)
+FACTS = ("router", "top_k", "num_experts", "capacity", "dropless", "hidden")
 
 
 # ------------------------------------------------------------------------------------------------ building

@@ -282,3 +282,15 @@ def inputs(rank: int = 0, step: int = 0) -> torch.Tensor:
     """A seeded ``[seq, batch, hidden]`` input of one rank at one step."""
     g = torch.Generator().manual_seed(100 * step + rank)
     return torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+
+
+def step_values(model: torch.nn.Module, fn: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss, input gradient and every parameter's gradient of one step of ``fn`` (the model eager or compiled;
+    aux and z-loss gradients included)."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    loss = fn(x).pow(2).mean()
+    loss.backward()
+    out = {"loss": loss.detach().clone(), "input": x.grad.clone()}
+    out.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return out

@@ -86,11 +86,8 @@ def expected(case: TitanCase) -> dict:
             "hidden": D, "shared_expert": case.shared}
 
 
-def region_facts(region) -> dict:
-    """The facts of a found region, comparable with :func:`expected`."""
-    return {"router": region.router, "top_k": region.top_k, "num_experts": region.num_experts,
-            "dropless": region.dropless, "capacity": region.capacity, "hidden": region.hidden,
-            "shared_expert": bool(region.nodes.get("shared_expert"))}
+# the region facts :func:`expected` names (``upstream_checks.region_facts``)
+FACTS = ("router", "top_k", "num_experts", "dropless", "capacity", "hidden", "shared_expert")
 
 
 # ------------------------------------------------------------------------------------------------ building
