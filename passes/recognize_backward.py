@@ -355,8 +355,9 @@ def find_backward_regions(gm: fx.GraphModule, forward_regions: list[MoERegion] |
     index = GraphIndex.build(gm, gradient_nodes(gm.graph))
     found: list[tuple[MoERegion, str | None]] = []
     seen: set[tuple] = set()
-    for anchor in _anchors(index):
-        result = _backward_region(index, anchor)
+    anchors = _anchors(index)
+    for anchor in anchors:
+        result = _backward_region(index, anchor, {a.node.name for a in anchors} - {anchor.node.name})
         if result is None:
             continue
         key = tuple(result[0].nodes["expert"])  # anchors of one layer (group-limited routing) share experts
@@ -823,8 +824,11 @@ def _walk_backward(index: GraphIndex, layer: Layer) -> BackwardWalk:
 # what the states say: the region's facts, one small step each
 
 
-def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str | None] | None:
-    """The region around one anchor and the name of the saved topk indices it reads; None if it is not MoE."""
+def _backward_region(index: GraphIndex, anchor: Anchor, others: set[str] = frozenset()
+                     ) -> tuple[MoERegion, str | None] | None:
+    """The region around one anchor and the name of the saved topk indices it reads; None if it is not MoE.
+    ``others``: the other anchors of the graph (a branch that leads to one is another layer's, not a shared
+    expert's: token ranges of one layer hang from one output gradient)."""
     layer = _layer(index, anchor)
     if layer is None:
         return None
@@ -847,7 +851,7 @@ def _backward_region(index: GraphIndex, anchor: Anchor) -> tuple[MoERegion, str 
         notes.append(f"expert GEMM gradients in opaque op(s) {opaque_gemms}, told by signature (a gradient times a "
                      "saved weight)")
     heads = set(layer.chain) | _entry_gradient(index, layer.chain) | _output_gradient_views(index, layer.chain)
-    shared = _shared_backward_nodes(index, heads, set(walk.state) | combine | router)
+    shared = _shared_backward_nodes(index, heads, set(walk.state) | combine | router, others)
     nodes = {
         "router": index.in_order(router),
         "dispatch": index.in_order(walk.of(UNPERMUTED)),
@@ -1068,10 +1072,12 @@ def _output_gradient_views(index: GraphIndex, chain: list[str]) -> set[str]:
             and [a for a in u.all_input_nodes if a.name in index.grad] == [out]}
 
 
-def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str]) -> set[str]:
+def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str],
+                           others: set[str] = frozenset()) -> set[str]:
     """Gradient nodes of a dense expert fed only by the layer's output gradient, up to where they meet other gradients.
 
-    Connected pieces without a matmul (e.g. an auxiliary loss's gradient) are dropped.
+    Connected pieces without a matmul (e.g. an auxiliary loss's gradient) are dropped, and so are pieces that
+    reach another anchor in ``others`` (another layer's routing gradient).
     """
     branch: set[str] = set()
     for n in index.graph.nodes:
@@ -1088,6 +1094,8 @@ def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str]) 
             if a.name in branch:
                 sub.add_edge(a.name, name)
     for comp in nx.connected_components(sub):
+        if any(o in comp or o in index.descendants(c) for c in comp for o in others):
+            continue
         if any(is_op(index.by_name[c], MATMUL_OPS) for c in comp):
             out |= comp
     return out

@@ -833,12 +833,20 @@ def _shared_expert_nodes(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> 
     routed_roots = ancestors_of_set(index.dg, walk.of(DISPATCHED))
     shared: set[str] = set()
     for out in merged_in:
+        if _routed_elsewhere(index, scope, out):  # another layer's output (token ranges joined by a cat)
+            continue
         cand = (index.ancestors(out) | {out}) & scope.desc_x
         cand = {n for n in cand if n not in scope.anc_t and n not in routed_roots and n not in state
                 and index.by_name[n].op == "call_function"}
         if any(is_op(index.by_name[n], MATMUL_OPS) for n in cand):
             shared |= cand
     return shared
+
+
+def _routed_elsewhere(index: GraphIndex, scope: Scope, name: str) -> bool:
+    """Whether ``name`` is computed from a top-k other than this layer's router: it is not a dense expert."""
+    mine = scope.router.topk.name
+    return any(a != mine and is_op(index.by_name[a], TOPK_OPS) for a in index.ancestors(name))
 
 
 def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None:
