@@ -54,6 +54,11 @@ class FSMoEConfig:
     cache_dir: directory of the JSON profile cache (None: no cache); a hit
         skips profiling.
     time_limit_s: CP-SAT's deterministic time limit per solve.
+    split_tokens: run expert-parallel dropless MoE layers on token ranges split before routing, each range
+        with its own count exchange, all-to-alls and experts, so the ranges pipeline against each other:
+        "auto" (2 ranges for a layer whose all-to-alls cannot be chunked after dispatch; the default), an
+        int > 1 (that many ranges for every such dropless layer) or 1 (never). Applied to Dynamo's graph
+        before autograd, so both graphs hold the ranges.
     """
 
     strict: bool = False
@@ -66,6 +71,7 @@ class FSMoEConfig:
     measure_steps: int = 1
     cache_dir: str | None = None
     time_limit_s: float = 0.25
+    split_tokens: int | str = "auto"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -109,6 +115,9 @@ class FSMoEConfig:
             value = getattr(self, name)
             if not (_is_int(value) and value >= low):
                 raise ValueError(f"fsmoe option {name!r} must be an int >= {low}, got {value!r}")
+        st = self.split_tokens
+        if st != "auto" and not (_is_int(st) and st >= 1):
+            raise ValueError(f"fsmoe option 'split_tokens' must be an int >= 1 or 'auto', got {st!r}")
         t = self.time_limit_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
             raise ValueError(f"fsmoe option 'time_limit_s' must be a number of seconds > 0, got {t!r}")

@@ -22,12 +22,13 @@ from fsmoe_compiler.config import FSMoEConfig
 if TYPE_CHECKING:  # annotation-only imports: these modules import this one
     from fsmoe_compiler.passes.chunk import ChunkInfo
     from fsmoe_compiler.passes.region import MoERegion
+    from fsmoe_compiler.passes.split_tokens import TokenSplit
     from fsmoe_compiler.passes.taskgraph import TaskMap
     from fsmoe_compiler.passes.verify import GraphSignature
     from fsmoe_compiler.scheduler import Schedule, TaskGraph
 
-#: The two graphs aot_autograd hands a backend.
-GRAPH_KINDS = ("forward", "backward")
+#: The two graphs aot_autograd hands a backend, and Dynamo's graph before it (the token-split pass runs there).
+GRAPH_KINDS = ("forward", "backward", "dynamo")
 
 
 class NodeCosts(Protocol):
@@ -38,9 +39,9 @@ class NodeCosts(Protocol):
 
 @dataclass
 class PassContext:
-    """What one run of the pass pipeline over one ATen graph shares between passes.
+    """What one run of the pass pipeline over one graph shares between passes.
 
-    ``graph_kind`` is "forward" or "backward"; ``config`` the backend's options
+    ``graph_kind`` is "forward" or "backward" (ATen graphs), or "dynamo" (the graph before autograd); ``config`` the backend's options
     (the defaults when a test builds a context by hand); ``strict`` turns "leave
     it alone and say why" into an error (the config's ``strict``, or less: a
     planner trying degrees under ``"auto"`` never raises); ``original`` the
@@ -52,6 +53,7 @@ class PassContext:
     per layer (``ChunkInfo.degree`` is the degree applied); ``costs`` the
     measured cost model; ``taskgraph``/``taskmap`` the scheduler's task graph of
     this graph and its map back to nodes; ``schedule`` the solved schedule.
+    ``token_splits``: the layers the Dynamo graph's token-split pass runs on token ranges.
     """
 
     graph_kind: str = "forward"
@@ -66,6 +68,7 @@ class PassContext:
     taskgraph: TaskGraph | None = None
     taskmap: TaskMap | None = None
     schedule: Schedule | None = None
+    token_splits: list[TokenSplit] | None = None
 
     def __post_init__(self) -> None:
         if self.graph_kind not in GRAPH_KINDS:
@@ -130,7 +133,7 @@ def graph_pass(*, reads: Sequence[str] = (), uses: Sequence[str] = (), writes: S
 
 _WRITERS: dict[str, PassSpec] = {}
 #: The modules that define passes (imported when an error names the pass that writes a field).
-PASS_MODULES = ("recognize", "whole", "chunk", "taskgraph", "solve", "annotate", "verify")
+PASS_MODULES = ("split_tokens", "recognize", "whole", "chunk", "taskgraph", "solve", "annotate", "verify")
 
 
 def _writers_hint(name: str) -> str:
