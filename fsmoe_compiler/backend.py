@@ -37,6 +37,7 @@ from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
+from fsmoe_compiler.passes.split_tokens import TokenSplit, split_tokens, splits_for
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.ops import collective_sequence
 from fsmoe_compiler.passes.verify import graph_signature, verify
@@ -44,6 +45,7 @@ from fsmoe_compiler.planner import Pipelines, distributed
 from fsmoe_compiler.runtime import control
 from fsmoe_compiler.runtime.control import OwnClock
 from fsmoe_compiler.scheduled_graph import ScheduledGraph
+from fsmoe_compiler.split_choice import SplitOrWhole, choice_key
 
 
 class FSMoECompileError(RuntimeError):
@@ -53,6 +55,10 @@ class FSMoECompileError(RuntimeError):
 # The pass pipelines, in the order the data flows. Each pass is a function (gm, ctx) -> gm that declares
 # what it reads from and writes to the PassContext; check_pipeline below proves every read is written first.
 
+#: On Dynamo's graph, before autograd, when the forward graph's regions asked for it (then traced again).
+PRE_AUTOGRAD: tuple[Pass, ...] = (
+    split_tokens,  # run dropless layers that cannot chunk after dispatch on token ranges -> both graphs hold them
+)
 #: At compile time, for the forward and the backward graph alike.
 COMPILE: tuple[Pass, ...] = (
     recognize,  # find MoE regions: router, dispatch, expert, combine, shared expert -> ctx.regions
@@ -77,6 +83,7 @@ SCHEDULE: tuple[Pass, ...] = (
     verify,
 )
 
+check_pipeline(PRE_AUTOGRAD)
 check_pipeline(COMPILE)
 check_pipeline(CHUNK, given=("regions",))
 check_pipeline(SCREEN, given=("regions", "costs"))
@@ -108,15 +115,77 @@ def fsmoe_backend(
     control.start()  # this rank's heartbeat, so the others can tell it is alive while it compiles
     record = records.new_record(config, example_inputs, dynamo_origin(gm))
     records.note_break(record, gm)  # the Dynamo graph break that ended gm, for the report
+    compile_ = _aot(config, record)
     with control.doing("compiling", "", f"Dynamo graph {record.compile_id} at {record.site}"):
-        return aot_autograd(
-            fw_compiler=_graph_compiler("forward", config, record),
-            bw_compiler=_graph_compiler("backward", config, record),
-            # data writes into graph inputs that need no gradient stay in the forward graph as copy_ (as Dynamo's
-            # aot_eager backends keep them); returned as extra outputs instead, AOT's default partitioner rejects
-            # Megatron-Core's allgather dispatcher at EP=2 ("Node slice_scatter_1 was invalid, but is output")
-            keep_inference_input_mutations=True,
-        )(gm, example_inputs)
+        try:
+            return compile_(gm, example_inputs)
+        except SplitTokensFirst as request:  # the forward graph named layers to run on token ranges: trace again
+            return _compile_split(gm, example_inputs, config, record, request.splits)
+
+
+def _aot(config: FSMoEConfig, record: records.CompileRecord) -> Callable:
+    """aot_autograd with the fsmoe graph compilers, reporting into ``record``."""
+    return aot_autograd(
+        fw_compiler=_graph_compiler("forward", config, record),
+        bw_compiler=_graph_compiler("backward", config, record),
+        # data writes into graph inputs that need no gradient stay in the forward graph as copy_ (as Dynamo's
+        # aot_eager backends keep them); returned as extra outputs instead, AOT's default partitioner rejects
+        # Megatron-Core's allgather dispatcher at EP=2 ("Node slice_scatter_1 was invalid, but is output")
+        keep_inference_input_mutations=True,
+    )
+
+
+def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
+                   record: records.CompileRecord, splits: list[TokenSplit]) -> Callable:
+    """Compile ``gm`` with ``splits`` applied: alone for ``split_tokens=N``; for ``"auto"`` beside the whole graph,
+    measured against it (``SplitOrWhole``). A split graph that does not compile leaves the whole one, and why."""
+    split_gm = _split_dynamo_graph(gm, config, record, splits)
+    if split_gm is gm:
+        return _aot(config, record)(gm, example_inputs)
+    split_record = record
+    if config.split_tokens == "auto":
+        split_record = records.new_record(config, example_inputs, record.origin)
+        split_record.token_split = record.token_split
+    try:
+        split_fn = _aot(config, split_record)(split_gm, example_inputs)
+    except Exception as exc:  # the split graph does not trace (a size the split did not follow): whole
+        if config.strict:
+            raise FSMoECompileError(f"fsmoe: the token-split graph failed to compile: {exc}") from exc
+        records.drop(split_record) if split_record is not record else record.graphs.clear()
+        record.token_split = [f"dynamo: tokens not split (the split graph failed to compile: "
+                              f"{type(exc).__name__}: {str(exc)[:300]})"]
+        return _aot(config, record)(gm, example_inputs)
+    if split_record is record:
+        return split_fn
+    record.token_split = ["dynamo: the whole graph, compiled beside the token-split one; the faster runs"]
+    whole_fn = _aot(config, record)(gm, example_inputs)
+    key = choice_key(record.site, hashlib.sha1(gm.code.encode()).hexdigest())
+    return SplitOrWhole(whole_fn, split_fn, record, split_record, key, voting=config.check_ranks)
+
+
+class SplitTokensFirst(Exception):
+    """Raised by the forward graph compiler to have the Dynamo graph split into token ranges and traced again."""
+
+    def __init__(self, splits: list[TokenSplit]) -> None:
+        super().__init__(f"split {len(splits)} MoE layer(s) into token ranges first")
+        self.splits = splits
+
+
+def _split_dynamo_graph(gm: fx.GraphModule, config: FSMoEConfig, record: records.CompileRecord,
+                        splits: list[TokenSplit]) -> fx.GraphModule:
+    """The ``PRE_AUTOGRAD`` passes on a copy of Dynamo's graph; on failure the graph as traced, and why."""
+    ctx = PassContext(graph_kind="dynamo", config=config, strict=config.strict, token_splits=splits)
+    try:
+        out = run_pipeline(PRE_AUTOGRAD, copy_graph_module(gm), ctx)
+    except Exception as exc:
+        if config.strict:
+            raise FSMoECompileError(f"fsmoe could not split tokens: {exc}") from exc
+        ctx.notes.append(f"dynamo: tokens not split ({type(exc).__name__}: {exc})")
+        out = gm
+    if not any("token ranges" in n for n in ctx.notes):  # nothing split
+        out = gm
+    record.token_split = [*(record.token_split or []), *ctx.notes]
+    return out
 
 
 def dynamo_origin(gm: fx.GraphModule) -> records.Origin:
@@ -176,7 +245,8 @@ def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoECon
     bench's methods, side by side in one process) is two graphs to agree on, not one."""
     collectives = [(op, _group_shape(g)) for op, g in collective_sequence(gm.graph)]
     plan = None if config is None else (config.scheduler, config.pipeline_degree, config.max_degree,
-                                        config.profile_steps, config.measure_steps, config.time_limit_s)
+                                        config.profile_steps, config.measure_steps, config.time_limit_s,
+                                        config.split_tokens)
     sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions], plan)
     return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 
@@ -200,6 +270,16 @@ def _compile_graph(kind: str, config: FSMoEConfig, record: records.CompileRecord
     try:
         with gc_paused():
             result = run_pipeline(COMPILE, copy_graph_module(gm), ctx)
+        if kind == "forward" and record.token_split is None:
+            setting = 1 if config.scheduler in ("sequential", "none") else config.split_tokens  # baselines as traced
+            splits, notes = splits_for(result, ctx.regions_here, setting)
+            record.token_split = notes
+            if splits:
+                raise SplitTokensFirst(splits)
+        if kind == "forward":
+            ctx.notes[:0] = record.token_split
+    except SplitTokensFirst:
+        raise
     except Exception as exc:  # any pass failure: run the unmodified graph, say why
         if config.strict:
             raise FSMoECompileError(f"fsmoe could not compile the {kind} graph: {exc}") from exc

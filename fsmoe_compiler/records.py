@@ -119,6 +119,8 @@ class CompileRecord:
     param_refs: list[weakref.ref] = field(default_factory=list, repr=False)
     graphs: list[GraphReport] = field(default_factory=list)
     origin: Origin = field(default_factory=Origin)
+    #: What the token-split pass did to the Dynamo graph (its notes), None until the forward graph decided.
+    token_split: list[str] | None = None
 
     @property
     def site(self) -> str:
@@ -204,6 +206,11 @@ def new_record(config: Any, example_inputs: Iterable[Any], origin: Origin | None
     record = CompileRecord(next(_counter), config, [weakref.ref(p) for p in params], origin=origin or Origin())
     _RECORDS.append(record)
     return record
+
+
+def drop(record: CompileRecord) -> None:
+    """Forget ``record`` (a compiled variant that will never run again: the report shows the one that runs)."""
+    _RECORDS[:] = [r for r in _RECORDS if r is not record]
 
 
 def records_for(model: torch.nn.Module) -> list[CompileRecord]:

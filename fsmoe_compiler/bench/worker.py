@@ -28,10 +28,14 @@ import torch.distributed as dist
 
 from fsmoe_compiler.names import ALL_TO_ALL
 
+from fsmoe_compiler import split_choice
+
 from .records import BenchConfig, RankMethodRaw
 
 #: --grad-sync bucket: all dense gradients in one all-reduce (``sync_gradients``' ``bucket_mb``).
 GRAD_BUCKET_MB = math.inf
+#: Warm-up steps beyond the requested ones while a whole-or-split graph is still measuring both variants.
+MAX_EXTRA_WARMUP = 40
 #: The replayed all-to-alls are timed as float32 tensors.
 _FLOAT32_BYTES = 4
 
@@ -217,6 +221,11 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
                 if i == 0:
                     raw.compile_s = time.perf_counter() - t
                     raw.first_loss = float(loss)
+            extra = 0  # a whole-or-split graph measures both variants first: warm up until it has chosen
+            while split_choice.unsettled() and extra < MAX_EXTRA_WARMUP:
+                step()
+                extra += 1
+            raw.info["warmup_steps"] += extra
             setups[name] = (setup, step)
         except Exception as exc:  # noqa: BLE001 - a failing method is reported, the others go on
             raw.error = describe_error(exc)
