@@ -151,6 +151,22 @@ def count_all_to_alls(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and _ALL_TO_ALL in str(n.target))
 
 
+def all_to_alls_in_flight_together(gm: fx.GraphModule) -> int:
+    """all_to_all launches issued while another all_to_all of ``gm`` is in flight (launched, not yet waited):
+    what an overlap schedule creates."""
+    open_launches: set[fx.Node] = set()
+    count = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if _ALL_TO_ALL in str(n.target):
+            count += bool(open_launches)
+            open_launches.add(n)
+        elif "wait_tensor" in str(n.target) and n.args and n.args[0] in open_launches:
+            open_launches.discard(n.args[0])
+    return count
+
+
 def _pass_name(pass_fn: Callable) -> str:
     return getattr(getattr(pass_fn, "func", pass_fn), "__name__", repr(pass_fn))
 
@@ -160,13 +176,15 @@ def _recorded(pass_fn: Callable, log: list[dict[str, Any]]) -> Callable:
     name = _pass_name(pass_fn)
 
     def run(gm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
-        before, a2a = [n.name for n in gm.graph.nodes], count_all_to_alls(gm)
+        before = [n.name for n in gm.graph.nodes]
+        a2a, together = count_all_to_alls(gm), all_to_alls_in_flight_together(gm)
         gm = pass_fn(gm, example_inputs)
         after = [n.name for n in gm.graph.nodes]
         kept_before, kept_after = set(before), set(after)
         old = [n for n in before if n in kept_after]
         new = [n for n in after if n in kept_before]
         log.append({"pass": name, "nodes": [len(before), len(after)], "all_to_all": [a2a, count_all_to_alls(gm)],
+                    "in_flight_together": [together, all_to_alls_in_flight_together(gm)],
                     "moved": sum(a != b for a, b in zip(old, new))})
         return gm
 
