@@ -22,7 +22,7 @@ def test_parse_methods_keeps_order_and_names_the_valid_ones():
     assert parse_methods(None) == list(BENCH_METHODS)
     assert parse_methods("aot_eager, eager,aot_eager") == ["aot_eager", "eager"]
     with pytest.raises(ValueError, match="unknown method.*'inductor'.*valid methods: eager, aot_eager, "
-                                          "pytorch_overlap, fsmoe_sequential, fsmoe_tutel, fsmoe"):
+                                          "pytorch_overlap, torchtitan_graph, fsmoe_sequential, fsmoe_tutel, fsmoe"):
         parse_methods("eager,inductor")
     with pytest.raises(ValueError, match="no methods given"):
         parse_methods(" , ")
@@ -154,6 +154,9 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
     assert any("running on loopback instead" in w for w in data["warnings"])
     by_name = {m["name"]: m for m in data["methods"]}
     assert list(by_name) == list(BENCH_METHODS)  # every method is in the table, failed or not
+    tg = by_name["torchtitan_graph"]  # torchtitan's graph passes run on torchtitan's model only: skipped, with why
+    assert not tg["ok"] and "MethodSkipped" in tg["error"] and "--model torchtitan" in tg["error"]
+    assert "torchtitan_graph  skipped" in out
     for name in ("eager", "aot_eager", "pytorch_overlap"):
         m = by_name[name]
         assert m["ok"], m["error"]

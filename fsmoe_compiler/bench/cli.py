@@ -24,8 +24,11 @@ Starts N local gloo ranks (default 2) and times training steps (forward,
 backward, gradient sync: by default outside the compiled graph as one bucketed
 all-reduce, with --grad-sync graph inside backward; SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
 pytorch_overlap (PyTorch's schedule_overlap_bucketing on the same ATen graphs,
-with a CPU cost estimator), fsmoe_sequential, fsmoe_tutel and fsmoe (CP-SAT,
-pipeline_degree="auto"). The methods' steps run round-robin, one of each per
+with a CPU cost estimator), torchtitan_graph (torchtitan's own graph_trainer
+EP-overlap passes: one make_fx forward + backward graph, each MoE layer in 2
+token chunks along the batch, its overlap schedule; --model torchtitan only,
+else skipped; the CPU-only changes it needs are listed under the table),
+fsmoe_sequential, fsmoe_tutel and fsmoe (CP-SAT, pipeline_degree="auto"). The methods' steps run round-robin, one of each per
 repeat; the table shows the median over repeats of the slowest rank's step
 time, the interquartile range, the speedup over eager and the first step's
 loss (all methods must agree). A method that fails is marked failed with its
@@ -115,7 +118,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register the ``bench`` subcommand on ``subparsers`` (``set_defaults(func=run_bench)``)."""
     p = subparsers.add_parser(
         "bench",
-        help="time training steps of eager, aot_eager, PyTorch's overlap scheduler and fsmoe on local ranks",
+        help="time training steps of eager, aot_eager, PyTorch's overlap scheduler, torchtitan's graph_trainer "
+             "EP overlap and fsmoe on local ranks",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -193,9 +197,15 @@ def render(result: BenchResult) -> str:
     rows = []
     for m in result.methods:
         if not m.ok:
-            rows.append([m.name, "FAILED", "-", "-", "-", "-", "-", (m.error or "")[:90]])
+            skipped = "MethodSkipped: " in (m.error or "")
+            reason = (m.error or "").split("MethodSkipped: ", 1)[-1] if skipped else (m.error or "")
+            rows.append([m.name, "skipped" if skipped else "FAILED", "-", "-", "-", "-", "-", reason[:90]])
             continue
         note = ""
+        tg = m.info.get("all_to_all") if m.name == "torchtitan_graph" else None
+        if tg:
+            note = (f"{tg['traced']}->{tg['final']} all-to-alls ({m.info['chunks']} chunks along "
+                    f"{m.info['chunk_dim']}), schedule moved {m.info.get('scheduled_moved', 0)} nodes")
         ov = m.info.get("overlap")
         if ov:
             note = (f"{ov['moved']}/{ov['collectives']} collectives moved, "
@@ -231,6 +241,12 @@ def render(result: BenchResult) -> str:
             f"{b.get('expert_gemm_ms', 0.0):.1f} ms) + gradient all-reduce "
             f"{b['grad_sync_ms']:.1f} ms"
         )
+    for m in result.methods:
+        if m.ok and m.name == "torchtitan_graph":
+            lines.append("torchtitan_graph: graph_trainer passes " + ", ".join(
+                r["pass"] for r in m.info.get("passes", [])) + "; disabled through its compile.disable_passes: "
+                + ", ".join(m.info.get("disabled_passes", {})) + "; process-local changes applied: "
+                + ("; ".join(m.info.get("cpu_changes_text", {}).values()) or "none"))
     overheads = [f"{m.name} {max(m.info['overhead_s_by_rank']):.2f} s" for m in result.methods
                  if m.ok and m.info.get("overhead_s_by_rank")]
     for m in result.methods:

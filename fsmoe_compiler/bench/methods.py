@@ -11,6 +11,11 @@
   :class:`CpuRuntimeEstimator` (compute from FLOPs and bytes at rates measured
   on this CPU, collectives from alpha + bytes / link rate), so it runs on CPU
   and still reorders (start collectives early, wait late).
+* ``torchtitan_graph``: torchtitan's own graph_trainer EP-overlap passes (a
+  make_fx joint forward + backward graph, the MoE layers split into 2 token
+  chunks along the batch, the overlap schedule), on ``--model torchtitan``
+  only (:mod:`fsmoe_compiler.bench.titan_graph`; skipped, with the reason,
+  for other models or without torchtitan).
 * ``fsmoe_sequential``, ``fsmoe_tutel``, ``fsmoe``: the fsmoe backend with the
   ``sequential``, ``tutel`` and CP-SAT (``pipeline_degree="auto"``) schedules.
 """
@@ -26,7 +31,8 @@ import torch
 from torch import fx, nn
 
 #: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
-BENCH_METHODS: tuple[str, ...] = ("eager", "aot_eager", "pytorch_overlap", "fsmoe_sequential", "fsmoe_tutel", "fsmoe")
+BENCH_METHODS: tuple[str, ...] = ("eager", "aot_eager", "pytorch_overlap", "torchtitan_graph", "fsmoe_sequential",
+                                  "fsmoe_tutel", "fsmoe")
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe_sequential": {"scheduler": "sequential"},
@@ -245,6 +251,11 @@ def make_runner(
         stats = OverlapStats()
         info = {"flops_per_ms": flops, "bytes_per_ms": mem, "link_bytes_per_ms": link_bytes_per_ms}
         return MethodSetup(name, model, torch.compile(model, backend=overlap_backend(est, stats)), info, stats)
+    if name == "torchtitan_graph":
+        from .titan_graph import titan_graph_runner
+
+        step = titan_graph_runner(model)  # MethodSkipped (with the reason) for other models or without torchtitan
+        return MethodSetup(name, model, step, step.info)
     if name in FSMOE_OPTIONS:
         options = dict(FSMOE_OPTIONS[name], **(fsmoe_extra or {}))
         return MethodSetup(name, model, torch.compile(model, backend="fsmoe", options=options), {"options": options})
