@@ -54,6 +54,8 @@ class TitanMoEConfig:
     num_experts: int = 4
     top_k: int = 2
     score_func: str = "softmax"  # torchtitan's router: "softmax" (Qwen3) or "sigmoid" (DeepSeek-V3)
+    num_expert_groups: int | None = None  # DeepSeek-V3's group-limited routing: experts in this many groups,
+    num_limited_groups: int | None = None  # the top-k taken over the experts of this many best groups
     dispatch: str = "dropless"  # torchtitan's MoE is always dropless
     capacity_factor: float = 1.25  # unused (dropless); accepted so the bench's options apply to every example
     shared_expert: bool = False
@@ -97,7 +99,9 @@ def _moe(cfg: TitanMoEConfig, dims: Any) -> nn.Module:
     moe_cfg = cu.make_moe_config(
         num_experts=cfg.num_experts,
         router=cu.make_router_config(dim=cfg.d_model, num_experts=cfg.num_experts, gate_param_init=linear,
-                                     top_k=cfg.top_k, score_func=cfg.score_func, route_norm=True),
+                                     top_k=cfg.top_k, score_func=cfg.score_func, route_norm=True,
+                                     num_expert_groups=cfg.num_expert_groups,
+                                     num_limited_groups=cfg.num_limited_groups),
         routed_experts=cu.make_routed_experts_config(dim=cfg.d_model, hidden_dim=cfg.d_ff,
                                                      num_experts=cfg.num_experts, top_k=cfg.top_k,
                                                      param_init=experts, comm_backend="standard"),

@@ -22,6 +22,15 @@ EXAMPLES = {
     "mixtral": "fsmoe_compiler.examples.mixtral_moe",
     "gpt2": "fsmoe_compiler.examples.gpt2_moe",
     "torchtitan": "fsmoe_compiler.examples.titan_moe",  # torchtitan's MoE layer (the ecosystem extra)
+    # the same layer DeepSeek-V3-style: sigmoid scores, group-limited routing, a shared expert (MODEL_PRESETS)
+    "torchtitan_dsv3": "fsmoe_compiler.examples.titan_moe",
+}
+
+
+#: Example names that are another's module with fixed options (``build_model`` overrides, before the caller's).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "torchtitan_dsv3": {"score_func": "sigmoid", "num_expert_groups": 4, "num_limited_groups": 2,
+                        "shared_expert": True},
 }
 
 
@@ -47,7 +56,7 @@ def build_example(
     """An example model and one batch ``(idx, targets)`` for it: ``model(*inputs)`` is the loss."""
     mod = example_module(name)
     torch.manual_seed(seed)
-    model = mod.build_model(**_overrides(dispatch, router))
+    model = mod.build_model(**{**MODEL_PRESETS.get(name, {}), **_overrides(dispatch, router)})
     return model, tuple(mod.make_batch(seed=seed))
 
 

@@ -61,9 +61,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--ranks", type=int, default=2, help="local gloo ranks (default 2)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="example model: gpt2, mixtral or torchtitan (torchtitan's own MoE layer, dropless, its "
-                   f"experts sharded over the ranks by torchtitan's expert parallelism; needs the ecosystem extra) "
-                   f"(default {DEFAULT_MODEL})")
+                   help="example model: gpt2, mixtral, torchtitan (torchtitan's own MoE layer Qwen3-style: softmax "
+                   "top-k, dropless, its experts sharded over the ranks by torchtitan's expert parallelism; needs the "
+                   "ecosystem extra) or torchtitan_dsv3 (the same layer DeepSeek-V3-style: sigmoid scores, routing "
+                   f"limited to 2 of 4 expert groups, a shared expert) (default {DEFAULT_MODEL})")
     p.add_argument("--layers", type=int, default=DEFAULT_SIZES["layers"], help="decoder layers (default %(default)s)")
     p.add_argument("--d-model", type=int, default=DEFAULT_SIZES["d_model"], help="hidden size (default %(default)s)")
     p.add_argument("--d-ff", type=int, default=DEFAULT_SIZES["d_ff"], help="expert FFN size (default %(default)s)")

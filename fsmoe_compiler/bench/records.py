@@ -23,7 +23,9 @@ GRAD_SYNC = ("bucket", "graph")
 #: How the example models send tokens to experts (``--dispatch``): the ``MoELayer`` dispatchers.
 DISPATCH = ("capacity", "dropless")
 #: Example models whose MoE layer is always dropless (their default ``--dispatch``).
-DROPLESS_ONLY = ("torchtitan",)
+DROPLESS_ONLY = ("torchtitan", "torchtitan_dsv3")
+#: Example models with group-limited routing, and their number of expert groups.
+MODEL_PRESETS_GROUPS = {"torchtitan_dsv3": 4}
 DEFAULT_SIZES: dict[str, Any] = {
     "layers": 2,
     "d_model": 256,
@@ -85,6 +87,10 @@ class BenchConfig:
         if self.model in DROPLESS_ONLY and self.dispatch != "dropless":
             raise ValueError(f"--model {self.model} is dropless only (its MoE layer has no capacity); "
                              "use --dispatch dropless")
+        groups = MODEL_PRESETS_GROUPS.get(self.model)
+        if groups and (self.experts % groups or self.experts // groups < 2):
+            raise ValueError(f"--model {self.model} routes over {groups} expert groups of at least 2 experts: "
+                             f"--experts must be a multiple of {groups} and >= {2 * groups}, got {self.experts}")
         if self.grad_sync not in GRAD_SYNC:
             raise ValueError(f"--grad-sync must be one of {', '.join(GRAD_SYNC)}, got {self.grad_sync!r}")
         if self.timeout_s <= 0:
@@ -92,14 +98,17 @@ class BenchConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """Keyword overrides for the example's ``build_model``."""
+        from fsmoe_compiler.demo import MODEL_PRESETS
+
         return {
+            **MODEL_PRESETS.get(self.model, {}),
             "n_layers": self.layers,
             "d_model": self.d_model,
             "d_ff": self.d_ff,
             "num_experts": self.experts,
             "top_k": self.top_k,
             "capacity_factor": self.capacity_factor,
-            "shared_expert": self.shared_expert,
+            "shared_expert": self.shared_expert or MODEL_PRESETS.get(self.model, {}).get("shared_expert", False),
             "dispatch": self.dispatch,
             "seq_len": self.seq,
         }
