@@ -14,6 +14,7 @@ without importing this package.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -37,7 +38,7 @@ from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
-from fsmoe_compiler.passes.split_tokens import TokenSplit, split_tokens, splits_for
+from fsmoe_compiler.passes.split_tokens import TokenSplit, candidate_ranges, split_tokens, splits_for
 from fsmoe_compiler.passes.taskgraph import taskgraph
 from fsmoe_compiler.ops import collective_sequence
 from fsmoe_compiler.passes.verify import graph_signature, verify
@@ -45,7 +46,7 @@ from fsmoe_compiler.planner import Pipelines, distributed
 from fsmoe_compiler.runtime import control
 from fsmoe_compiler.runtime.control import OwnClock
 from fsmoe_compiler.scheduled_graph import ScheduledGraph
-from fsmoe_compiler.split_choice import SplitOrWhole, choice_key
+from fsmoe_compiler.split_choice import WHOLE, SplitOrWhole, Variant, choice_key
 
 
 class FSMoECompileError(RuntimeError):
@@ -138,29 +139,48 @@ def _aot(config: FSMoEConfig, record: records.CompileRecord) -> Callable:
 def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
                    record: records.CompileRecord, splits: list[TokenSplit]) -> Callable:
     """Compile ``gm`` with ``splits`` applied: alone for ``split_tokens=N``; for ``"auto"`` beside the whole graph,
-    measured against it (``SplitOrWhole``). A split graph that does not compile leaves the whole one, and why."""
+    each range count from 2 up to the splits' measured against it (``SplitOrWhole``). A split graph that does
+    not compile is left out, and why."""
+    if config.split_tokens != "auto":
+        split_fn = _compile_split_graph(gm, example_inputs, config, record, splits)
+        return split_fn if split_fn is not None else _aot(config, record)(gm, example_inputs)
+    variants = []
+    found = list(record.token_split or [])
+    for ranges in candidate_ranges(max(s.chunks for s in splits)):
+        split_record = records.new_record(config, example_inputs, record.origin)
+        split_record.token_split = list(found)
+        fn = _compile_split_graph(gm, example_inputs, config, split_record,
+                                  [dataclasses.replace(s, chunks=min(s.chunks, ranges)) for s in splits])
+        if fn is None:
+            record.token_split = [*(record.token_split or []), *split_record.token_split[len(found):]]
+            records.drop(split_record)
+            continue
+        variants.append(Variant(f"{ranges} ranges", fn, split_record))
+    record.token_split = [*(record.token_split or []),
+                          "dynamo: the whole graph, compiled beside the token-split ones; the fastest runs"]
+    whole = Variant(WHOLE, _aot(config, record)(gm, example_inputs), record)
+    if not variants:
+        return whole.run
+    key = choice_key(record.site, hashlib.sha1(gm.code.encode()).hexdigest())
+    return SplitOrWhole([whole, *variants], key, voting=config.check_ranks)
+
+
+def _compile_split_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
+                         record: records.CompileRecord, splits: list[TokenSplit]) -> Callable | None:
+    """aot_autograd on ``gm`` split by ``splits``, reporting into ``record``; None (and a note) when the split
+    cannot be made or the split graph does not trace (``strict``: ``FSMoECompileError``)."""
     split_gm = _split_dynamo_graph(gm, config, record, splits)
     if split_gm is gm:
-        return _aot(config, record)(gm, example_inputs)
-    split_record = record
-    if config.split_tokens == "auto":
-        split_record = records.new_record(config, example_inputs, record.origin)
-        split_record.token_split = record.token_split
+        return None
     try:
-        split_fn = _aot(config, split_record)(split_gm, example_inputs)
-    except Exception as exc:  # the split graph does not trace (a size the split did not follow): whole
+        return _aot(config, record)(split_gm, example_inputs)
+    except Exception as exc:  # a size the split did not follow
         if config.strict:
             raise FSMoECompileError(f"fsmoe: the token-split graph failed to compile: {exc}") from exc
-        records.drop(split_record) if split_record is not record else record.graphs.clear()
-        record.token_split = [f"dynamo: tokens not split (the split graph failed to compile: "
-                              f"{type(exc).__name__}: {str(exc)[:300]})"]
-        return _aot(config, record)(gm, example_inputs)
-    if split_record is record:
-        return split_fn
-    record.token_split = ["dynamo: the whole graph, compiled beside the token-split one; the faster runs"]
-    whole_fn = _aot(config, record)(gm, example_inputs)
-    key = choice_key(record.site, hashlib.sha1(gm.code.encode()).hexdigest())
-    return SplitOrWhole(whole_fn, split_fn, record, split_record, key, voting=config.check_ranks)
+        record.graphs.clear()
+        record.token_split = [*(record.token_split or []), f"dynamo: tokens not split (the split graph failed "
+                              f"to compile: {type(exc).__name__}: {str(exc)[:300]})"]
+        return None
 
 
 class SplitTokensFirst(Exception):
@@ -254,7 +274,11 @@ def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoECon
 def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         with control.doing("compiling", "", f"the {kind} graph of Dynamo graph {record.compile_id} at {record.site}"):
-            return _compile_graph(kind, config, record, gm)
+            try:
+                return _compile_graph(kind, config, record, gm)
+            except SplitTokensFirst as exc:  # a request, not a failure: raised outside, unannounced
+                request = exc
+        raise request
 
     return compile_graph
 

@@ -5,10 +5,11 @@ when its all-to-alls take real time on the link, and costs per-op overhead
 when they do not (on loopback eight ranges ran 0.78x eager). Whether the link
 is slow is only known by running, so with ``split_tokens="auto"`` the backend
 compiles both: the graph as Dynamo traced it and the split one, each with its
-own forward and backward ``ScheduledGraph``. :class:`SplitOrWhole` runs the
-whole graph until its schedules are planned and have timed calls, then the
-split one likewise, then keeps the one whose forward + backward calls took
-less (the slowest rank's median), for good.
+own forward and backward ``ScheduledGraph`` (a split graph for each range
+count to try). :class:`SplitOrWhole` runs the whole graph until its
+schedules are planned and have timed calls, then each split one likewise,
+then keeps the one whose forward + backward calls took least (the slowest
+rank's median), for good.
 
 Which variant runs a call must be the same on every rank (their collectives
 differ), so until the choice is made every call starts with a vote
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from fsmoe_compiler import records
 from fsmoe_compiler.runtime import control
 
-WHOLE, SPLIT = "whole", "split"
+WHOLE = "whole"
 #: Timed calls of a planned graph (``ScheduleReport.measured_calls_ms``) a variant needs before it is compared.
 MEASURED_CALLS = 2
 
@@ -65,64 +66,73 @@ def variant_ms(record: records.CompileRecord) -> float | None:
     return total
 
 
+@dataclass
+class Variant:
+    """One way to run a Dynamo graph: ``name`` ("whole", or "N ranges"), the aot_autograd-compiled callable,
+    and its compile record (the report's)."""
+
+    name: str
+    run: Callable[..., Any]
+    record: records.CompileRecord
+
+
 @dataclass(eq=False)
 class SplitOrWhole:
-    """A compiled Dynamo graph that runs ``whole`` or ``split`` (both aot_autograd-compiled callables) per call,
-    until it has measured both and settles on the faster. ``records`` are their compile records; the loser's
-    is dropped from the report registry, the winner's notes say why it won."""
+    """A compiled Dynamo graph that runs one of ``variants`` per call (the first is the whole graph, then the
+    token splits) until it has measured each, then settles on the fastest. The losers' records are dropped
+    from the report registry; the winner's notes say why it won."""
 
-    whole: Callable[..., Any]
-    split: Callable[..., Any]
-    whole_record: records.CompileRecord
-    split_record: records.CompileRecord
+    variants: list[Variant]
     key: str
     chosen: str | None = None
-    runs: dict[str, int] = field(default_factory=lambda: {WHOLE: 0, SPLIT: 0})
     voting: bool = True
+    runs: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.variants or self.variants[0].name != WHOLE:
+            raise ValueError("SplitOrWhole needs the whole graph first")
         self.series = f"split/{self.key}"
         _LIVE.add(self)
 
     def __hash__(self) -> int:
         return id(self)
 
-    def _measured(self) -> dict[str, float | None]:
-        return {WHOLE: variant_ms(self.whole_record), SPLIT: variant_ms(self.split_record)}
-
-    def _wish(self, measured: dict[str, float | None]) -> str:
-        return WHOLE if measured[WHOLE] is None else SPLIT
+    def _variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
 
     def __call__(self, *args: Any) -> Any:
         if self.chosen is not None:
-            return (self.split if self.chosen == SPLIT else self.whole)(*args)
+            return self._variant(self.chosen).run(*args)
         calls = _calls()
         n = calls.get(self.series, 0)
         calls[self.series] = n + 1
-        measured = self._measured()
-        ballot = (self._wish(measured), measured[WHOLE], measured[SPLIT])
+        measured = tuple(variant_ms(v.record) for v in self.variants)
+        wish = next((i for i, ms in enumerate(measured) if ms is None), 0)  # the first one not measured yet
+        ballot = (wish, measured)
         verdict = (control.vote(self.series, n, ballot, what=f"call {n} of the whole-or-split graph {self.key}")
                    if self.voting else control.Verdict(True, [ballot]))
         if not verdict.agreed or verdict.ballots is None:
-            return self.whole(*args)
+            return self.variants[0].run(*args)
         ballots = verdict.ballots
-        if all(b[1] is not None and b[2] is not None for b in ballots):
-            self._settle(max(b[1] for b in ballots), max(b[2] for b in ballots))
+        if all(ms is not None for b in ballots for ms in b[1]):
+            self._settle([max(b[1][i] for b in ballots) for i in range(len(self.variants))])
             return self(*args)
         wishes = {b[0] for b in ballots}
-        run = wishes.pop() if len(wishes) == 1 else WHOLE
-        self.runs[run] += 1
-        return (self.split if run == SPLIT else self.whole)(*args)
+        variant = self.variants[wishes.pop() if len(wishes) == 1 else 0]
+        self.runs[variant.name] = self.runs.get(variant.name, 0) + 1
+        return variant.run(*args)
 
-    def _settle(self, whole_ms: float, split_ms: float) -> None:
-        self.chosen = SPLIT if split_ms < whole_ms else WHOLE
-        winner, loser = ((self.split_record, self.whole_record) if self.chosen == SPLIT
-                         else (self.whole_record, self.split_record))
-        note = (f"token split: {'split' if self.chosen == SPLIT else 'whole'} graph chosen, forward + backward "
-                f"measured {min(whole_ms, split_ms):.1f} ms against {max(whole_ms, split_ms):.1f} ms for the "
-                f"{'whole' if self.chosen == SPLIT else 'split'} graph (slowest rank, median calls)")
+    def _settle(self, ms: list[float]) -> None:
+        best = min(range(len(ms)), key=lambda i: (ms[i], i))  # ties: the whole graph, then fewer ranges
+        self.chosen = self.variants[best].name
+        others = ", ".join(f"{v.name} {t:.1f} ms" for v, t in zip(self.variants, ms) if v.name != self.chosen)
+        note = (f"token split: {self.chosen} chosen, forward + backward measured {ms[best]:.1f} ms (slowest rank, "
+                f"median calls) against {others}")
+        winner = self.variants[best].record
         winner.token_split = [*(winner.token_split or []), note]
-        records.drop(loser)
+        for v in self.variants:
+            if v.record is not winner:
+                records.drop(v.record)
 
 
 def choice_key(*parts: str) -> str:

@@ -100,6 +100,15 @@ def auto_ranges(tokens: int | None) -> int:
     return r
 
 
+def candidate_ranges(most: int) -> list[int]:
+    """The range counts ``"auto"`` measures against the whole graph: powers of two from 2 up to ``most``."""
+    out, r = [], 2
+    while r <= most:
+        out.append(r)
+        r *= 2
+    return out
+
+
 def splits_for(gm: fx.GraphModule, regions: list[MoERegion], setting: int | str) -> tuple[list[TokenSplit], list[str]]:
     """Which forward regions of ``gm`` to split, for the ``split_tokens`` option ``setting``, and notes.
 

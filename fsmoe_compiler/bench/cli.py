@@ -258,6 +258,9 @@ def render(result: BenchResult) -> str:
             meas = sum(g["measured_ms"] for g in graphs)
             lines.append(f"{m.name}: predicted forward + backward {pred:.1f} ms, measured {meas:.1f} ms "
                          f"(median per graph, rank 0), error {100 * (pred - meas) / meas:+.1f} %")
+        chosen = (fs or {}).get("token_split")
+        if chosen:
+            lines.append(f"{m.name}: {chosen}")
         refs = [g.get("reference_ms") or {} for g in graphs]
         if m.name == "fsmoe" and graphs and all({"tutel", "lower_bound"} <= set(r) for r in refs):
             tut = sum(r["tutel"] for r in refs)
