@@ -146,9 +146,13 @@ def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FS
     if config.split_tokens == "auto":
         split_record = records.new_record(config, example_inputs, record.origin)
         split_record.token_split = record.token_split
+    grad = torch.is_grad_enabled()
     try:
         split_fn = _aot(config, split_record)(split_gm, example_inputs)
     except Exception as exc:  # the split graph does not trace (a size the split did not follow): whole
+        # a trace that failed inside the graph's own no_grad block (torchtitan's count exchange) left grad mode
+        # off: the whole graph traced so would give no gradient to anything before the block
+        torch._C._set_grad_enabled(grad)
         if config.strict:
             raise FSMoECompileError(f"fsmoe: the token-split graph failed to compile: {exc}") from exc
         records.drop(split_record) if split_record is not record else record.graphs.clear()
