@@ -52,5 +52,5 @@ def test_the_context_is_typed_and_its_options_come_from_one_config():
     ctx = PassContext()
     assert isinstance(ctx.config, FSMoEConfig) and ctx.config.time_limit_s == FSMoEConfig().time_limit_s
     assert ctx.regions_here == [] and not ctx.has("regions") and not ctx.has("schedule")
-    with pytest.raises(ValueError, match="graph_kind must be one of 'forward', 'backward', got 'fwd'"):
+    with pytest.raises(ValueError, match="graph_kind must be one of 'forward', 'backward', 'dynamo', got 'fwd'"):
         PassContext(graph_kind="fwd")
