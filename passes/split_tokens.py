@@ -244,6 +244,8 @@ def split_layer(gm: fx.GraphModule, split: TokenSplit) -> str:
     with graph.inserting_before(span[0]):
         parts = graph.call_function(torch.tensor_split, (x, split.chunks), {"dim": dim})
         ranges = [graph.call_function(operator.getitem, (parts, k)) for k in range(split.chunks)]
+        if dim > 0:  # a range of positions is strided: the layer may view its input (torchtitan's x.view(T, D))
+            ranges = [graph.call_method("contiguous", (r,)) for r in ranges]
     shape = [int(d) for d in x_val.shape[:-1]]
     tokens = math.prod(shape)
 
