@@ -217,6 +217,26 @@ def test_a_size_equal_to_the_batch_size_that_is_no_token_count_is_kept():
     assert [(r.layer, r.tokens) for r in fwd] == [(0, 16), (1, 16)]
 
 
+def test_an_odd_batch_is_split_along_the_sequence_into_contiguous_ranges():
+    """Batch 3 does not split in two: positions do, and each range is made contiguous (torchtitan views the layer's
+    input as ``[T, D]``; a strided range failed to trace and the layer ran whole). The batch size in
+    ``view(B, -1, D)`` is kept, token counts halve, and the ranges are joined along the sequence."""
+    g = capture(2, batch_size=3)
+    after = g["split_dynamo"]
+    assert g["done"] == ["L['self'].blocks.0.moe: 2 token ranges along dim 1 of value [3, 16, 64]"]
+    (ts,) = [n for n in after.graph.nodes if n.target is torch.tensor_split]
+    assert ts.kwargs == {"dim": 1}
+    assert [u.target for u in ts.users] == [operator.getitem] * 2
+    assert all([v.target for v in u.users] == ["contiguous"] for u in ts.users)
+    (cat,) = [n for n in after.graph.nodes if n.target is torch.cat]
+    assert cat.kwargs == {"dim": 1}
+    views = _call_args(after, "view")
+    assert views.count((24, 64)) == 2 and views.count((3, -1, 64)) == 2 and views.count((48, 64)) == 0, views
+    fwd, _ = _regions(g["split"].forward[0], "forward")
+    bwd, _ = _regions(g["split"].backward[0], "backward", fwd)
+    assert [(r.layer, r.tokens) for r in fwd] == [(0, 24), (1, 24)] and [r.layer for r in bwd] == [0, 1]
+
+
 @pytest.mark.parametrize("chunks", [2, 4])
 def test_split_graph_is_one_region_per_range_in_both_graphs(chunks):
     g = capture(chunks)
@@ -281,7 +301,8 @@ def test_two_titan_layers_split_into_ranges_are_four_regions_with_their_shared_e
 # ------------------------------------------------------------------------------------------------ refusals
 
 
-def _hand_graph(two_inputs: bool = False, two_outputs: bool = False) -> tuple[fx.GraphModule, TokenSplit]:
+def _hand_graph(two_inputs: bool = False, two_outputs: bool = False,
+                batch_size: int = 4) -> tuple[fx.GraphModule, TokenSplit]:
     """A Dynamo-like graph by hand: ``layer`` nodes (tagged with one nn_module_stack key) between glue; example
     values as Dynamo stores them."""
     g = fx.Graph()
@@ -289,7 +310,7 @@ def _hand_graph(two_inputs: bool = False, two_outputs: bool = False) -> tuple[fx
     y = g.placeholder("y")
     w = g.placeholder("w")
     w.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}  # a parameter
-    vals = {x: torch.randn(4, 8, 16), y: torch.randn(4, 8, 16), w: torch.randn(16, 16)}
+    vals = {x: torch.randn(batch_size, 8, 16), y: torch.randn(batch_size, 8, 16), w: torch.randn(16, 16)}
     stack = {"L__self___moe": ("L['self'].moe", object)}
 
     def node(target, *args, inside=True):
@@ -313,11 +334,12 @@ def _hand_graph(two_inputs: bool = False, two_outputs: bool = False) -> tuple[fx
     return fx.GraphModule(torch.nn.Module(), g), TokenSplit("L__self___moe", "L['self'].moe", 2, 0)
 
 
-def test_hand_built_layer_splits_and_computes_the_same():
-    gm, split = _hand_graph()
-    args = [torch.randn(4, 8, 16), torch.randn(4, 8, 16), torch.randn(16, 16)]
+@pytest.mark.parametrize("batch_size, dim", [(4, 0), (3, 1)])
+def test_hand_built_layer_splits_and_computes_the_same(batch_size, dim):
+    gm, split = _hand_graph(batch_size=batch_size)
+    args = [torch.randn(batch_size, 8, 16), torch.randn(batch_size, 8, 16), torch.randn(16, 16)]
     want = gm(*args)
-    assert split_layer(gm, split) == "L['self'].moe: 2 token ranges along dim 0 of x [4, 8, 16]"
+    assert split_layer(gm, split) == f"L['self'].moe: 2 token ranges along dim {dim} of x [{batch_size}, 8, 16]"
     assert _count(gm, torch.matmul) == 2 and _count(gm, torch.cat) == 1
     torch.testing.assert_close(gm(*args), want)
 
@@ -447,7 +469,8 @@ def _check_equal_to_eager(results: list[dict], what: str) -> None:
     (2, {"score_func": "sigmoid"}, BATCH_EP),
     (2, {"shared_expert": True}, BATCH_EP),
     (2, {}, 2),  # the batch size equals the EP size: the count exchange's view(ep, -1) is no token count
-], ids=["softmax-2", "softmax-4", "sigmoid-2", "shared-2", "batch-equals-ep"])
+    (2, {}, 3),  # an odd batch: split along the sequence
+], ids=["softmax-2", "softmax-4", "sigmoid-2", "shared-2", "batch-equals-ep", "sequence"])
 def test_split_tokens_on_two_ranks_equals_eager_and_is_scheduled_per_range(rank_pool, chunks, overrides, batch_size):
     options = dict(OPTIONS_EP, split_tokens=chunks)
     results = rank_pool.run(_ep_job, (options, STEPS_EP, batch_size, overrides), timeout_s=300)
@@ -460,7 +483,8 @@ def test_split_tokens_on_two_ranks_equals_eager_and_is_scheduled_per_range(rank_
         (notes,) = res["token_split"]
         assert f"forward: MoE layer 0 (L['self'].blocks.0.moe): tokens split into {chunks} ranges before routing " \
                f"(split_tokens={chunks})" in notes, (where, notes)
-        assert f"dynamo: MoE layer 0: L['self'].blocks.0.moe: {chunks} token ranges along dim 0 of value " \
+        dim = 0 if batch_size % chunks == 0 else 1
+        assert f"dynamo: MoE layer 0: L['self'].blocks.0.moe: {chunks} token ranges along dim {dim} of value " \
                f"[{batch_size}, 16, {MODEL['d_model']}]" in notes, (where, notes)
         assert not any("not split" in n for n in notes), (where, notes)
         fw, bw = res["regions"]["forward"], res["regions"]["backward"]
