@@ -572,3 +572,123 @@ def test_a_split_graph_that_fails_to_trace_leaves_the_whole_graph_with_every_gra
             "dynamo: tokens not split (the split graph failed to compile: RuntimeError: a size the split did not "
             "follow"), notes
         assert [r[0] for r in res["regions"]["forward"]] == [0], res["regions"]
+
+
+# ------------------------------------------------------------------------------------------------ whole or split
+
+
+def _variant(name: str, call_ms: float, log: list[str], fallback: bool = False):
+    """A compiled variant's record (forward and backward graphs with schedules) and its callable, which logs its
+    name and, as a scheduled graph does after its swap, appends ``call_ms`` to each schedule's timed calls."""
+    from fsmoe_compiler import records
+
+    rec = records.new_record(None, [])
+    for kind in ("forward", "backward"):
+        sched = None if fallback else records.ScheduleReport("cpsat", {}, {}, 0.0, [])
+        rec.graphs.append(records.GraphReport(kind, [], [], "boom" if fallback else None, 0, schedule=sched))
+
+    def fn(*args):
+        log.append(name)
+        for g in rec.graphs:
+            if g.schedule is not None:
+                g.schedule.measured_calls_ms.append(call_ms / 2)
+        return name
+
+    return rec, fn
+
+
+@pytest.mark.parametrize("whole_ms, split_ms, want", [(10.0, 4.0, "split"), (4.0, 10.0, "whole")])
+def test_split_or_whole_runs_whole_then_split_until_both_are_timed_then_keeps_the_faster(whole_ms, split_ms, want):
+    from fsmoe_compiler import records, split_choice
+
+    log: list[str] = []
+    whole_rec, whole = _variant("whole", whole_ms, log)
+    split_rec, split = _variant("split", split_ms, log)
+    before = split_choice.unsettled()
+    choice = split_choice.SplitOrWhole(whole, split, whole_rec, split_rec, key=f"test-{whole_ms}", voting=False)
+    assert split_choice.unsettled() == before + 1
+    results = [choice(i) for i in range(8)]
+    n = split_choice.MEASURED_CALLS
+    assert log[:2 * n] == ["whole"] * n + ["split"] * n, log
+    assert results[2 * n:] == [want] * (8 - 2 * n) and choice.chosen == want, (log, results)
+    assert choice.runs == {"whole": n, "split": n}
+    assert split_choice.unsettled() == before
+    winner, loser = (split_rec, whole_rec) if want == "split" else (whole_rec, split_rec)
+    assert winner in records._RECORDS and loser not in records._RECORDS
+    other = "whole" if want == "split" else "split"
+    assert winner.token_split == [
+        f"token split: {want} graph chosen, forward + backward measured {min(whole_ms, split_ms):.1f} ms against "
+        f"{max(whole_ms, split_ms):.1f} ms for the {other} graph (slowest rank, median calls)"]
+    records.drop(winner)
+
+
+def test_split_or_whole_never_prefers_a_variant_that_fell_back():
+    """A graph that runs as traced (fell back) has no timed calls: it counts as infinitely slow."""
+    from fsmoe_compiler import records, split_choice
+
+    log: list[str] = []
+    whole_rec, whole = _variant("whole", 1.0, log, fallback=True)
+    split_rec, split = _variant("split", 50.0, log)
+    choice = split_choice.SplitOrWhole(whole, split, whole_rec, split_rec, key="test-fallback", voting=False)
+    assert [choice() for _ in range(4)] == ["split"] * 4
+    assert choice.chosen == "split" and choice.runs == {"whole": 0, "split": split_choice.MEASURED_CALLS}
+    records.drop(split_rec)
+
+
+# ------------------------------------------------------------------------------------------------ DeepSeek-V3 routing
+
+
+def _dsv3_job(rank: int, world_size: int, options: dict, steps: int, layers: int) -> dict:
+    """upstream_titan's block (a projection, then torchtitan MoE layers with group-limited sigmoid routing, an
+    expert bias and a shared expert), EP over the 2 ranks; eager and compiled steps on the same weights."""
+    import fsmoe_compiler
+    import upstream_titan as ut
+    from fsmoe_compiler import records
+
+    with ut.titan_ep(world_size) as dims, torch._dynamo.config.patch(**ONE_GRAPH):
+        model = ut.make_block("dsv3-sigmoid-grouped-shared", layers=layers, ep=dims)
+        compiled = torch.compile(model, backend="fsmoe", options=options, fullgraph=True)
+        bad = []
+        for step in range(steps):
+            x = ut.inputs(step, rank)
+            got = {}
+            for fn, out in ((model, {}), (compiled, got)):
+                model.zero_grad(set_to_none=True)
+                x.grad = None
+                loss = fn(x)
+                loss.backward()
+                out.update({"loss": loss.detach().clone(), "input": x.grad.clone()})
+                out.update({n: ut.local(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None})
+                if fn is model:
+                    ref = out
+            bad.append(_differences(ref, got))
+            ut.update_expert_bias(model)
+        rep = fsmoe_compiler.report(compiled)
+        return {
+            "rank": rank, "bad": bad, "fallbacks": rep.fallbacks(),
+            "token_split": [list(r.token_split or []) for r in records.records_for(compiled)],
+            "regions": {kind: [(r.layer, r.router, r.top_k, bool(r.nodes.get("shared_expert")),
+                                all(r.nodes.get(role) for role in CORE_ROLES)) for r in rep.regions(kind)]
+                        for kind in ("forward", "backward")},
+            "schedules": {kind: len(rep.schedules(kind)) for kind in ("forward", "backward")},
+        }
+
+
+@pytest.mark.timeout(400)
+def test_two_dsv3_layers_split_on_two_ranks_equal_eager(rank_pool):
+    """Group-limited sigmoid routing (three top-k calls per layer; the group view is an ``unflatten``), an expert
+    bias updated between steps and a shared expert, two layers, batch 2 = the EP size: each layer on 2 token
+    ranges, 4 regions in each graph with their shared experts, equal to eager at every step once scheduled."""
+    options = dict(OPTIONS_EP, split_tokens=2)
+    results = rank_pool.run(_dsv3_job, (options, STEPS_EP, 2), timeout_s=300)
+    for res in results:
+        where = f"dsv3 rank {res['rank']}"
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
+        assert res["fallbacks"] == [], (where, res["fallbacks"])
+        (notes,) = res["token_split"]
+        assert sum("2 token ranges along dim 0" in n for n in notes) == 2, (where, notes)
+        for kind in ("forward", "backward"):
+            assert res["regions"][kind] == [(k, "sigmoid-topk", 3, True, True) for k in range(4)], (where, kind,
+                                                                                                    res["regions"])
+        assert res["schedules"] == {"forward": 1, "backward": 1}, (where, res["schedules"])
