@@ -258,7 +258,11 @@ def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoECon
 def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         with control.doing("compiling", "", f"the {kind} graph of Dynamo graph {record.compile_id} at {record.site}"):
-            return _compile_graph(kind, config, record, gm)
+            try:
+                return _compile_graph(kind, config, record, gm)
+            except SplitTokensFirst as exc:  # a request, not a failure: the others must not see this rank failed
+                request = exc
+        raise request
 
     return compile_graph
 
