@@ -154,6 +154,8 @@ def _split_dim(x: fx.Node, chunks: int) -> int:
     val = _value(x)
     if not isinstance(val, torch.Tensor) or val.dim() < 2:
         raise TokenSplitError(f"its input {x.name} is not a tensor of token rows")
+    if not all(isinstance(d, int) for d in val.shape[:-1]):  # the layer's token counts are symbolic: not rescaled
+        raise TokenSplitError(f"its input {x.name} {list(val.shape)} has a dynamic token dim (static sizes only)")
     for d in range(val.dim() - 1):
         if isinstance(val.shape[d], int) and val.shape[d] >= chunks and val.shape[d] % chunks == 0:
             return d
