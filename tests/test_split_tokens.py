@@ -407,7 +407,10 @@ def _differences(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> 
     return bad
 
 
-def _ep_job(rank: int, world_size: int, options: dict, steps: int, batch_size: int, overrides: dict) -> dict:
+def _ep_job(rank: int, world_size: int, options: dict, steps: int, batch_size: int | list[int],
+            overrides: dict) -> dict:
+    """``steps`` SGD steps of the tiny titan model on this rank's batches (``batch_size`` tokens rows, or one size per
+    step), eager then compiled on the same weights; what differed, and what the backend reported."""
     import fsmoe_compiler
     from fsmoe_compiler import records, split_choice
 
@@ -420,8 +423,9 @@ def _ep_job(rank: int, world_size: int, options: dict, steps: int, batch_size: i
         compiled = torch.compile(model, backend="fsmoe", options=options, fullgraph=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, foreach=False)
         bad, losses, unsettled, worst_expert = [], [], [], 0.0
+        sizes = batch_size if isinstance(batch_size, list) else [batch_size] * steps
         for step in range(steps):
-            idx, tgt = batch(batch_size, seed=1000 * step + rank)
+            idx, tgt = batch(sizes[step], seed=1000 * step + rank)
             ref = _step(model, model, idx, tgt)
             got = _step(model, compiled, idx, tgt)  # the compiled step's gradients stay for the optimizer
             bad.append(_differences(ref, got))
@@ -751,3 +755,19 @@ def test_a_rank_still_splitting_its_graph_is_not_taken_for_a_failed_one(rank_poo
     _check_equal_to_eager(results, "slow split")
     for res in results:
         assert [r[0] for r in res["regions"]["forward"]] == [0, 1], res["regions"]
+
+
+@pytest.mark.timeout(400)
+def test_a_dynamic_batch_recompile_is_left_whole_with_a_note_and_equals_eager(rank_pool):
+    """A new batch size makes Dynamo recompile with a symbolic batch: the layer's token counts are symbolic then and
+    are not rescaled, so the split is refused before tracing (it used to split along the sequence and fail in
+    aot_autograd on ``view(s0*16, 64)``, compiling once more per batch size); the first graph stays split."""
+    options = dict(OPTIONS_EP, split_tokens=2)
+    results = rank_pool.run(_ep_job, (options, 4, [4, 2, 6, 2], {}), timeout_s=300)
+    _check_equal_to_eager(results, "dynamic batch")
+    for res in results:
+        first, second = res["token_split"]
+        assert any("2 token ranges along dim 0 of value [4, 16, 64]" in n for n in first), first
+        assert any(n.startswith("dynamo: MoE layer 0 (L['self'].blocks.0.moe): tokens not split (its input value [")
+                   and n.endswith(", 16, 64] has a dynamic token dim (static sizes only))") for n in second), second
+        assert not any("failed to compile" in n for n in second), second
