@@ -771,3 +771,35 @@ def test_a_dynamic_batch_recompile_is_left_whole_with_a_note_and_equals_eager(ra
         assert any(n.startswith("dynamo: MoE layer 0 (L['self'].blocks.0.moe): tokens not split (its input value [")
                    and n.endswith(", 16, 64] has a dynamic token dim (static sizes only))") for n in second), second
         assert not any("failed to compile" in n for n in second), second
+
+
+def _split_wins_job(rank: int, world_size: int, options: dict, steps: int, batch_size: int) -> dict:
+    """``_ep_job`` with the whole graph measured 10x slower than it ran (as on a slow link, where split wins)."""
+    from fsmoe_compiler import split_choice
+
+    original = split_choice.SplitOrWhole._measured
+
+    def measured(self):
+        m = original(self)
+        return {**m, "whole": None if m["whole"] is None else 10 * m["whole"]}
+
+    split_choice.SplitOrWhole._measured = measured
+    try:
+        return _ep_job(rank, world_size, options, steps, batch_size, {})
+    finally:
+        split_choice.SplitOrWhole._measured = original
+
+
+@pytest.mark.timeout(400)
+def test_split_tokens_auto_keeps_the_split_graph_when_it_measures_faster(rank_pool):
+    options = dict(OPTIONS_EP, split_tokens="auto")
+    results = rank_pool.run(_split_wins_job, (options, STEPS_AUTO, BATCH_AUTO), timeout_s=300)
+    _check_equal_to_eager(results, "auto, split faster")
+    for res in results:
+        where = f"auto rank {res['rank']}"
+        ((chosen, runs),) = res["choices"]
+        assert chosen == "split" and res["unsettled"][-1] == 0, (where, chosen, res["unsettled"])
+        (notes,) = res["token_split"]  # the whole graph's record is dropped: the report shows the split one
+        assert any(n.startswith("token split: split graph chosen") for n in notes), (where, notes)
+        assert [r[0] for r in res["regions"]["forward"]] == [0, 1], (where, res["regions"])
+        assert [r[0] for r in res["regions"]["backward"]] == [0, 1], (where, res["regions"])
