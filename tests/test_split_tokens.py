@@ -6,16 +6,22 @@ Graph structure, in this process over PyTorch's fake process group (rank 0 of
 module from the forward graph's region, :func:`split_layer` rewrites Dynamo's
 graph into one copy of the layer per range (a ``tensor_split`` before, a
 ``cat`` after, baked token counts rescaled), and after aot_autograd
-recognition finds one region per range in both graphs. Also the option's
-validation, ``auto_ranges`` and the refusals (two activations in, two
-results out) with their messages.
+recognition finds one region per range in both graphs (with a shared
+expert, and two layers). Sizes that only look like token counts (the batch
+equal to the EP size) are kept; an odd batch splits along the sequence. Also
+the option's validation, ``auto_ranges``, the refusals (two activations in,
+two results out, a symbolic token dim) with their messages, and
+``SplitOrWhole``'s choice on made-up timings.
 
 Numerics on 2 gloo ranks (``rank_pool``): the model compiled with
 ``backend="fsmoe"`` and ``split_tokens`` = 2, 4 or ``"auto"`` gives eager's loss
 and gradients at every step of an SGD run long enough to reach the scheduled
-graphs (and, for ``"auto"``, to settle the whole-or-split choice); routed
-expert weight gradients are sums over the ranges of bf16 grouped-GEMM
-partials, so they are compared within bf16 rounding.
+graphs (and, for ``"auto"``, to settle the whole-or-split choice, either way);
+routed expert weight gradients are sums over the ranges of bf16 grouped-GEMM
+partials, so they are compared within bf16 rounding. So does DeepSeek-V3-style
+routing (upstream_titan's block, two layers), and so do the ways a split is
+given up: a split graph that fails to trace, a rank slower to split than the
+other, a batch-size recompile.
 """
 
 from __future__ import annotations
