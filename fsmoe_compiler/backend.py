@@ -172,9 +172,13 @@ def _compile_split_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], conf
     split_gm = _split_dynamo_graph(gm, config, record, splits)
     if split_gm is gm:
         return None
+    grad = torch.is_grad_enabled()
     try:
         return _aot(config, record)(split_gm, example_inputs)
     except Exception as exc:  # a size the split did not follow
+        # a trace that failed inside the graph's own no_grad block (torchtitan's count exchange) left grad mode
+        # off: the whole graph traced so would give no gradient to anything before the block
+        torch._C._set_grad_enabled(grad)
         if config.strict:
             raise FSMoECompileError(f"fsmoe: the token-split graph failed to compile: {exc}") from exc
         record.graphs.clear()
@@ -276,7 +280,7 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
         with control.doing("compiling", "", f"the {kind} graph of Dynamo graph {record.compile_id} at {record.site}"):
             try:
                 return _compile_graph(kind, config, record, gm)
-            except SplitTokensFirst as exc:  # a request, not a failure: raised outside, unannounced
+            except SplitTokensFirst as exc:  # a request, not a failure: the others must not see this rank failed
                 request = exc
         raise request
 

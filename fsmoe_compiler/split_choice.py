@@ -97,6 +97,10 @@ class SplitOrWhole:
     def __hash__(self) -> int:
         return id(self)
 
+    def _measured(self) -> tuple[float | None, ...]:
+        """Each variant's median forward + backward ms on this rank (None: not timed yet)."""
+        return tuple(variant_ms(v.record) for v in self.variants)
+
     def _variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
 
@@ -106,7 +110,7 @@ class SplitOrWhole:
         calls = _calls()
         n = calls.get(self.series, 0)
         calls[self.series] = n + 1
-        measured = tuple(variant_ms(v.record) for v in self.variants)
+        measured = self._measured()
         wish = next((i for i, ms in enumerate(measured) if ms is None), 0)  # the first one not measured yet
         ballot = (wish, measured)
         verdict = (control.vote(self.series, n, ballot, what=f"call {n} of the whole-or-split graph {self.key}")

@@ -832,6 +832,9 @@ def _backward_region(index: GraphIndex, anchor: Anchor, others: set[str] = froze
     layer = _layer(index, anchor)
     if layer is None:
         return None
+    # an anchor below this one is an earlier layer's, which every gradient of this layer flows on to: only the
+    # anchors beside it (other token ranges of the layer) tell another layer's branch from a shared expert's
+    others = {o for o in others if o not in anchor.desc}
     walk = _walk_backward(index, layer)
     combine = _take_combine(index, walk)
     a2a, a2a_bytes = all_to_alls(index, set(walk.state) | set(layer.chain))  # the chain: a fork past the all-to-all
@@ -850,7 +853,7 @@ def _backward_region(index: GraphIndex, anchor: Anchor, others: set[str] = froze
     if opaque_gemms:
         notes.append(f"expert GEMM gradients in opaque op(s) {opaque_gemms}, told by signature (a gradient times a "
                      "saved weight)")
-    heads = set(layer.chain) | _entry_gradient(index, layer.chain) | _output_gradient_views(index, layer.chain)
+    heads = set(layer.chain) | _entry_gradient(index, layer.chain) | _output_gradient_views(index, layer.chain, others)
     shared = _shared_backward_nodes(index, heads, set(walk.state) | combine | router, others)
     nodes = {
         "router": index.in_order(router),
@@ -1055,13 +1058,15 @@ def _soft_dispatch_weight_backward(index: GraphIndex, s: fx.Node, dispatch_weigh
     return out
 
 
-def _output_gradient_views(index: GraphIndex, chain: list[str]) -> set[str]:
+def _output_gradient_views(index: GraphIndex, chain: list[str], others: set[str] = frozenset()) -> set[str]:
     """Views of the layer's output gradient beside the entry chain, when that gradient is computed (not a tangent).
 
     In a model the layer's output gradient comes from later layers (a
     residual's gradient); the routed and the shared expert each take their
     own view of it (torchtitan adds the shared expert on ``[B, S, D]``). The
-    gradient itself is the residual's, so it stays out of the layer.
+    gradient itself is the residual's, so it stays out of the layer. A view that leads to another anchor in
+    ``others`` is another layer's (the slice of a token range's gradient beside this range's), not a shared
+    expert's.
     """
     top = index.by_name[chain[-1]]
     gins = [a for a in top.all_input_nodes if a.name in index.grad]
@@ -1069,7 +1074,8 @@ def _output_gradient_views(index: GraphIndex, chain: list[str]) -> set[str]:
         return set()
     out = gins[0]
     return {u.name for u in out.users if u.target in LAYOUT_OPS and u.name not in chain
-            and [a for a in u.all_input_nodes if a.name in index.grad] == [out]}
+            and [a for a in u.all_input_nodes if a.name in index.grad] == [out]
+            and not any(o in index.descendants(u.name) for o in others)}
 
 
 def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str],
@@ -1080,8 +1086,10 @@ def _shared_backward_nodes(index: GraphIndex, chain: set[str], taken: set[str],
     reach another anchor in ``others`` (another layer's routing gradient).
     """
     branch: set[str] = set()
+    feeds_other = set().union(*(index.ancestors(o) for o in others)) if others else set()
     for n in index.graph.nodes:
-        if n.name not in index.grad or n.name in taken or n.name in chain or n.op != "call_function":
+        if n.name not in index.grad or n.name in taken or n.name in chain or n.op != "call_function" \
+                or n.name in feeds_other:  # another token range's gradient slice and what it feeds
             continue
         gins = [a for a in n.all_input_nodes if a.name in index.grad]
         if gins and all(a.name in chain or a.name in branch for a in gins):

@@ -844,9 +844,12 @@ def _shared_expert_nodes(index: GraphIndex, scope: Scope, walk: ForwardWalk) -> 
 
 
 def _routed_elsewhere(index: GraphIndex, scope: Scope, name: str) -> bool:
-    """Whether ``name`` is computed from a top-k other than this layer's router: it is not a dense expert."""
+    """Whether ``name`` is computed from a top-k other than this layer's router: it is not a dense expert.
+    A top-k above this layer's own (an earlier layer's, or a group-limited router's group choice) feeds
+    everything of this layer and says nothing."""
     mine = scope.router.topk.name
-    return any(a != mine and is_op(index.by_name[a], TOPK_OPS) for a in index.ancestors(name))
+    above = index.ancestors(mine)
+    return any(a != mine and a not in above and is_op(index.by_name[a], TOPK_OPS) for a in index.ancestors(name))
 
 
 def _selects_over_tokens(score: fx.Node, dim: int, gate: fx.Node) -> bool | None:

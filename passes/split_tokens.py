@@ -163,6 +163,8 @@ def _split_dim(x: fx.Node, chunks: int) -> int:
     val = _value(x)
     if not isinstance(val, torch.Tensor) or val.dim() < 2:
         raise TokenSplitError(f"its input {x.name} is not a tensor of token rows")
+    if not all(isinstance(d, int) for d in val.shape[:-1]):  # the layer's token counts are symbolic: not rescaled
+        raise TokenSplitError(f"its input {x.name} {list(val.shape)} has a dynamic token dim (static sizes only)")
     for d in range(val.dim() - 1):
         if isinstance(val.shape[d], int) and val.shape[d] >= chunks and val.shape[d] % chunks == 0:
             return d
@@ -178,10 +180,12 @@ _SIZED_FUNCTIONS = (torch.reshape, torch.zeros, torch.ones, torch.empty, torch.f
 _COMPARISONS = (operator.eq, operator.ne, operator.ge, operator.gt, operator.le, operator.lt)
 
 
-def _rescale_sizes(node: fx.Node, counts: Callable[[object], bool], chunks: int) -> None:
-    """In a range's copy, divide a baked token count (``counts(v)``) by ``chunks``: in a sizing call, in every
-    position but the last (the hidden size's); in a comparison (Dynamo's checks on data-dependent row counts,
-    ``u0 + u1 == 4096``), anywhere."""
+def _rescale_sizes(node: fx.Node, counts: Callable[[object], bool], chunks: int, tokens: int) -> None:
+    """In a range's copy, divide a baked token count (``counts(v)``) by ``chunks``: in a sizing call whose result
+    holds token rows (``tokens`` x m elements), in one position, the first but the last (the hidden size's); in
+    a comparison (Dynamo's checks on data-dependent row counts, ``u0 + u1 == 4096``), anywhere. A result of
+    other sizes (the expert-parallel count exchange's ``view(ep, -1)``) keeps its sizes, even one that equals
+    the batch size."""
     if node.op == "call_function" and node.target in _COMPARISONS:
         node.args = tuple(a // chunks if counts(a) else a for a in node.args)
         return
@@ -196,7 +200,15 @@ def _rescale_sizes(node: fx.Node, counts: Callable[[object], bool], chunks: int)
         sizes, rest = sizes[:1], sizes[1:]
     nested = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
     dims = list(sizes[0]) if nested else sizes
-    scaled = [d // chunks if counts(d) and i < len(dims) - 1 else d for i, d in enumerate(dims)]
+    val = _value(node)
+    numel = val.numel() if isinstance(val, torch.Tensor) else None
+    if isinstance(numel, int) and not isinstance(numel, bool):
+        if numel % tokens:  # not token rows: nothing of it is a token count
+            return
+        first = next((i for i, d in enumerate(dims[:-1]) if counts(d)), None)
+        scaled = [d // chunks if i == first else d for i, d in enumerate(dims)]
+    else:  # a data-dependent size: every count but the last
+        scaled = [d // chunks if counts(d) and i < len(dims) - 1 else d for i, d in enumerate(dims)]
     if scaled != dims:
         node.args = tuple(head) + ((tuple(scaled),) if nested else tuple(scaled)) + tuple(rest)
 
@@ -243,6 +255,8 @@ def split_layer(gm: fx.GraphModule, split: TokenSplit) -> str:
     with graph.inserting_before(span[0]):
         parts = graph.call_function(torch.tensor_split, (x, split.chunks), {"dim": dim})
         ranges = [graph.call_function(operator.getitem, (parts, k)) for k in range(split.chunks)]
+        if dim > 0:  # a range of positions is strided: the layer may view its input (torchtitan's x.view(T, D))
+            ranges = [graph.call_method("contiguous", (r,)) for r in ranges]
     shape = [int(d) for d in x_val.shape[:-1]]
     tokens = math.prod(shape)
 
@@ -252,7 +266,7 @@ def split_layer(gm: fx.GraphModule, split: TokenSplit) -> str:
     for n in span:
         n.replace_input_with(x, ranges[0])
         if n in per_range:
-            _rescale_sizes(n, counts, split.chunks)
+            _rescale_sizes(n, counts, split.chunks, tokens)
     outs, cursor = [out], span[-1]
     for k in range(1, split.chunks):
         env: dict[fx.Node, fx.Node] = {ranges[0]: ranges[k]}
