@@ -582,7 +582,7 @@ def test_a_split_graph_that_fails_to_trace_leaves_the_whole_graph_with_every_gra
     _check_equal_to_eager(results, "failed split")
     for res in results:
         (notes,) = res["token_split"]
-        assert len(notes) == 1 and notes[0].startswith(
+        assert notes[-1].startswith(  # after the request and the split it tried
             "dynamo: tokens not split (the split graph failed to compile: RuntimeError: a size the split did not "
             "follow"), notes
         assert [r[0] for r in res["regions"]["forward"]] == [0], res["regions"]
