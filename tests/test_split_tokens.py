@@ -166,7 +166,7 @@ def test_splits_for_names_the_titan_moe_module_and_honours_the_setting():
 
 def test_auto_ranges_is_a_power_of_two_up_to_eight_with_enough_tokens_per_range():
     assert (MAX_RANGES, MIN_RANGE_TOKENS) == (8, 256)
-    cases = {None: 2, 0: 1, 64: 1, 511: 1, 512: 2, 1023: 2, 1024: 4, 2047: 4, 2048: 8, 4096: 8, 10**6: 8}
+    cases = {None: 1, 0: 1, 64: 1, 511: 1, 512: 2, 1023: 2, 1024: 4, 2047: 4, 2048: 8, 4096: 8, 10**6: 8}
     assert {t: auto_ranges(t) for t in cases} == cases
 
 
