@@ -6,10 +6,11 @@ when they do not (on loopback eight ranges ran 0.78x eager). Whether the link
 is slow is only known by running, so with ``split_tokens="auto"`` the backend
 compiles both: the graph as Dynamo traced it and the split one, each with its
 own forward and backward ``ScheduledGraph`` (a split graph for each range
-count to try). :class:`SplitOrWhole` runs the whole graph until its
-schedules are planned and have timed calls, then each split one likewise,
-then keeps the one whose forward + backward calls took least (the slowest
-rank's median), for good.
+count to try). :class:`SplitOrWhole` runs them in turn, one call each, until
+every one's schedules are planned and have timed calls (round-robin, so a
+machine whose speed drifts during warm-up slows each alike), then keeps the
+one whose forward + backward calls took least (the slowest rank's median),
+for good.
 
 Which variant runs a call must be the same on every rank (their collectives
 differ), so until the choice is made every call starts with a vote
@@ -32,7 +33,7 @@ from fsmoe_compiler.runtime import control
 
 WHOLE = "whole"
 #: Timed calls of a planned graph (``ScheduleReport.measured_calls_ms``) a variant needs before it is compared.
-MEASURED_CALLS = 2
+MEASURED_CALLS = 3
 
 
 _LIVE: "weakref.WeakSet[SplitOrWhole]" = weakref.WeakSet()
@@ -111,7 +112,10 @@ class SplitOrWhole:
         n = calls.get(self.series, 0)
         calls[self.series] = n + 1
         measured = self._measured()
-        wish = next((i for i, ms in enumerate(measured) if ms is None), 0)  # the first one not measured yet
+        # round-robin over the variants that can still win (a fallen-back one is infinitely slow), so the machine's
+        # drift during warm-up hits each alike; the count of agreed runs is the same on every rank
+        live = [i for i, ms in enumerate(measured) if ms != float("inf")] or [0]
+        wish = live[sum(self.runs.values()) % len(live)]
         ballot = (wish, measured)
         verdict = (control.vote(self.series, n, ballot, what=f"call {n} of the whole-or-split graph {self.key}")
                    if self.voting else control.Verdict(True, [ballot]))

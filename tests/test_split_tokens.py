@@ -612,7 +612,7 @@ def _variant(name: str, call_ms: float, log: list[str], fallback: bool = False):
 
 
 @pytest.mark.parametrize("whole_ms, split_ms, want", [(10.0, 4.0, "2 ranges"), (4.0, 10.0, "whole")])
-def test_split_or_whole_runs_whole_then_split_until_both_are_timed_then_keeps_the_faster(whole_ms, split_ms, want):
+def test_split_or_whole_runs_whole_and_split_in_turn_until_both_are_timed_then_keeps_the_faster(whole_ms, split_ms, want):
     from fsmoe_compiler import records, split_choice
 
     log: list[str] = []
@@ -625,7 +625,7 @@ def test_split_or_whole_runs_whole_then_split_until_both_are_timed_then_keeps_th
     assert split_choice.unsettled() == before + 1
     results = [choice(i) for i in range(8)]
     n = split_choice.MEASURED_CALLS
-    assert log[:2 * n] == ["whole"] * n + ["2 ranges"] * n, log
+    assert log[:2 * n] == ["whole", "2 ranges"] * n, log  # in turn, one call each
     assert results[2 * n:] == [want] * (8 - 2 * n) and choice.chosen == want, (log, results)
     assert choice.runs == {"whole": n, "2 ranges": n}
     assert split_choice.unsettled() == before
@@ -639,17 +639,17 @@ def test_split_or_whole_runs_whole_then_split_until_both_are_timed_then_keeps_th
 
 
 def test_split_or_whole_measures_every_range_count_and_keeps_the_fastest():
-    """Three variants: each runs until timed, in order, and the fastest (here the middle one) is kept."""
+    """Three variants run in turn until each is timed, and the fastest (here the middle one) is kept."""
     from fsmoe_compiler import records, split_choice
 
     log: list[str] = []
     made = [(name, *_variant(name, ms, log)) for name, ms in (("whole", 9.0), ("2 ranges", 5.0), ("4 ranges", 7.0))]
     choice = split_choice.SplitOrWhole([split_choice.Variant(name, fn, rec) for name, rec, fn in made],
                                        key="test-three", voting=False)
-    results = [choice() for _ in range(9)]
     n = split_choice.MEASURED_CALLS
-    assert log[:3 * n] == ["whole"] * n + ["2 ranges"] * n + ["4 ranges"] * n, log
-    assert choice.chosen == "2 ranges" and results[3 * n:] == ["2 ranges"] * (9 - 3 * n)
+    results = [choice() for _ in range(3 * n + 3)]
+    assert log[:3 * n] == ["whole", "2 ranges", "4 ranges"] * n, log
+    assert choice.chosen == "2 ranges" and results[3 * n:] == ["2 ranges"] * 3
     assert [rec in records._RECORDS for _, rec, _ in made] == [False, True, False]
     records.drop(made[1][1])
 
