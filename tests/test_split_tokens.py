@@ -837,3 +837,19 @@ def test_split_tokens_auto_keeps_the_split_graph_when_it_measures_faster(rank_po
         assert any(n.startswith("token split: 2 ranges chosen") for n in notes), (where, notes)
         assert [r[0] for r in res["regions"]["forward"]] == [0, 1], (where, res["regions"])
         assert [r[0] for r in res["regions"]["backward"]] == [0, 1], (where, res["regions"])
+
+
+def test_the_report_says_which_variant_was_chosen():
+    from fsmoe_compiler import records
+    from fsmoe_compiler.introspect import Explanation
+
+    rec = records.new_record(None, [])
+    rec.token_split = ["dynamo: MoE layer 0: x: 4 token ranges along dim 0 of x [8, 16, 64]",
+                       "token split: 4 ranges chosen, forward + backward measured 10.0 ms (slowest rank, median calls) "
+                       "against whole 20.0 ms"]
+    try:
+        text = Explanation([rec]).render()
+    finally:
+        records.drop(rec)
+    assert "note: token split: 4 ranges chosen, forward + backward measured 10.0 ms" in text
+    assert "note: dynamo: MoE layer 0" not in text  # the graph's own notes say what was split
