@@ -205,11 +205,9 @@ def _split_dynamo_graph(gm: fx.GraphModule, config: FSMoEConfig, record: records
         if config.strict:
             raise FSMoECompileError(f"fsmoe could not split tokens: {exc}") from exc
         ctx.notes.append(f"dynamo: tokens not split ({type(exc).__name__}: {exc})")
-        out = gm
-    if not any("token ranges" in n for n in ctx.notes):  # nothing split
-        out = gm
+        ctx.token_splits = []
     record.token_split = [*(record.token_split or []), *ctx.notes]
-    return out
+    return out if ctx.token_splits else gm  # nothing split: the graph as traced
 
 
 def dynamo_origin(gm: fx.GraphModule) -> records.Origin:

@@ -88,6 +88,7 @@ class SplitOrWhole:
     chosen: str | None = None
     voting: bool = True
     runs: dict[str, int] = field(default_factory=dict)
+    _run: Callable[..., Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.variants or self.variants[0].name != WHOLE:
@@ -95,19 +96,13 @@ class SplitOrWhole:
         self.series = f"split/{self.key}"
         _LIVE.add(self)
 
-    def __hash__(self) -> int:
-        return id(self)
-
     def _measured(self) -> tuple[float | None, ...]:
         """Each variant's median forward + backward ms on this rank (None: not timed yet)."""
         return tuple(variant_ms(v.record) for v in self.variants)
 
-    def _variant(self, name: str) -> Variant:
-        return next(v for v in self.variants if v.name == name)
-
     def __call__(self, *args: Any) -> Any:
-        if self.chosen is not None:
-            return self._variant(self.chosen).run(*args)
+        if self._run is not None:  # chosen: every later call
+            return self._run(*args)
         calls = _calls()
         n = calls.get(self.series, 0)
         calls[self.series] = n + 1
@@ -135,6 +130,7 @@ class SplitOrWhole:
     def _settle(self, ms: list[float]) -> None:
         best = min(range(len(ms)), key=lambda i: (ms[i], i))  # ties: the whole graph, then fewer ranges
         self.chosen = self.variants[best].name
+        self._run = self.variants[best].run
         others = ", ".join(f"{v.name} {t:.1f} ms" for v, t in zip(self.variants, ms) if v.name != self.chosen)
         note = (f"token split: {self.chosen} chosen, forward + backward measured {ms[best]:.1f} ms (slowest rank, "
                 f"median calls) against {others}")

@@ -287,10 +287,11 @@ def split_layer(gm: fx.GraphModule, split: TokenSplit) -> str:
     return f"{split.path}: {split.chunks} token ranges along dim {dim} of {x.name} {list(x_val.shape)}"
 
 
-@graph_pass(uses=("token_splits",))
+@graph_pass(uses=("token_splits",), writes=("token_splits",))
 def split_tokens(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """The token-split pass over the Dynamo graph: apply ``ctx.token_splits``; a layer that does not fit is
-    left whole with a note (``strict``: ``TokenSplitError``)."""
+    """The token-split pass over the Dynamo graph: apply ``ctx.token_splits`` and keep there the ones applied; a
+    layer that does not fit is left whole with a note (``strict``: ``TokenSplitError``)."""
+    applied = []
     for split in ctx.token_splits or []:
         try:
             done = split_layer(gm, split)
@@ -300,5 +301,7 @@ def split_tokens(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 raise TokenSplitError(msg) from None
             ctx.notes.append(msg)
         else:
+            applied.append(split)
             ctx.notes.append(f"dynamo: MoE layer {split.layer}: {done}")
+    ctx.token_splits = applied
     return gm

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import gc
 import operator
+from unittest import mock
 
 import pytest
 import torch
@@ -564,12 +565,8 @@ def _split_that_fails_in_no_grad(original):
 def _failing_split_job(rank: int, world_size: int, options: dict, steps: int) -> dict:
     import fsmoe_compiler.passes.split_tokens as st
 
-    original = st.split_layer
-    st.split_layer = _split_that_fails_in_no_grad(original)
-    try:
+    with mock.patch.object(st, "split_layer", _split_that_fails_in_no_grad(st.split_layer)):
         return _ep_job(rank, world_size, options, steps, BATCH_EP, {})
-    finally:
-        st.split_layer = original
 
 
 @pytest.mark.timeout(400)
@@ -770,12 +767,8 @@ def _slow_split_job(rank: int, world_size: int, options: dict, steps: int, delay
         time.sleep(delay_s)
         return original(*args, **kwargs)
 
-    if rank == 0:
-        backend._split_dynamo_graph = slow
-    try:
+    with mock.patch.object(backend, "_split_dynamo_graph", slow if rank == 0 else original):
         return _ep_job(rank, world_size, options, steps, BATCH_EP, {})
-    finally:
-        backend._split_dynamo_graph = original
 
 
 @pytest.mark.timeout(400)
@@ -817,11 +810,8 @@ def _split_wins_job(rank: int, world_size: int, options: dict, steps: int, batch
         m = original(self)
         return (None if m[0] is None else 10 * m[0], *m[1:])
 
-    split_choice.SplitOrWhole._measured = measured
-    try:
+    with mock.patch.object(split_choice.SplitOrWhole, "_measured", measured):
         return _ep_job(rank, world_size, options, steps, batch_size, {})
-    finally:
-        split_choice.SplitOrWhole._measured = original
 
 
 @pytest.mark.timeout(400)

@@ -24,8 +24,6 @@ GRAD_SYNC = ("bucket", "graph")
 DISPATCH = ("capacity", "dropless")
 #: Example models whose MoE layer is always dropless (their default ``--dispatch``).
 DROPLESS_ONLY = ("torchtitan", "torchtitan_dsv3")
-#: Example models with group-limited routing, and their number of expert groups.
-MODEL_PRESETS_GROUPS = {"torchtitan_dsv3": 4}
 DEFAULT_SIZES: dict[str, Any] = {
     "layers": 2,
     "d_model": 256,
@@ -87,7 +85,9 @@ class BenchConfig:
         if self.model in DROPLESS_ONLY and self.dispatch != "dropless":
             raise ValueError(f"--model {self.model} is dropless only (its MoE layer has no capacity); "
                              "use --dispatch dropless")
-        groups = MODEL_PRESETS_GROUPS.get(self.model)
+        from fsmoe_compiler.demo import MODEL_PRESETS
+
+        groups = MODEL_PRESETS.get(self.model, {}).get("num_expert_groups")  # group-limited routing
         if groups and (self.experts % groups or self.experts // groups < 2):
             raise ValueError(f"--model {self.model} routes over {groups} expert groups of at least 2 experts: "
                              f"--experts must be a multiple of {groups} and >= {2 * groups}, got {self.experts}")
