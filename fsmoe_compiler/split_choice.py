@@ -6,11 +6,16 @@ when they do not (on loopback eight ranges ran 0.78x eager). Whether the link
 is slow is only known by running, so with ``split_tokens="auto"`` the backend
 compiles both: the graph as Dynamo traced it and the split one, each with its
 own forward and backward ``ScheduledGraph`` (a split graph for each range
-count to try). :class:`SplitOrWhole` runs them in turn, one call each, until
-every one's schedules are planned and have timed calls (round-robin, so a
-machine whose speed drifts during warm-up slows each alike), then keeps the
-one whose forward + backward calls took least (the slowest rank's median),
-for good.
+count to try). :class:`SplitOrWhole` runs them in turn, ``BLOCK`` calls each,
+until every one's schedules are planned and have timed calls (round-robin, so
+a machine whose speed drifts during warm-up slows each alike), then keeps the
+one whose forward + backward calls took least (the slowest rank's mean of the
+faster half of its calls), for good. The first call after a switch can pay
+for the other variant's buffers and caches, which the steady state never
+does; two calls in a row and the faster-half mean leave such calls out. A
+split must beat the whole graph (and fewer ranges) by more than ``MARGIN`` to
+be kept: on a fast link the variants differ by less than the machine's noise,
+and the whole graph has fewer ops.
 
 Which variant runs a call must be the same on every rank (their collectives
 differ), so until the choice is made every call starts with a vote
@@ -23,7 +28,6 @@ same call.
 from __future__ import annotations
 
 import hashlib
-import statistics
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,7 +37,11 @@ from fsmoe_compiler.runtime import control
 
 WHOLE = "whole"
 #: Timed calls of a planned graph (``ScheduleReport.measured_calls_ms``) a variant needs before it is compared.
-MEASURED_CALLS = 3
+MEASURED_CALLS = 4
+#: Calls a variant runs in a row per turn while the variants are measured.
+BLOCK = 2
+#: The kept variant is the first (whole, then fewer ranges) whose time is within this share of the fastest one's.
+MARGIN = 0.03
 
 
 _LIVE: "weakref.WeakSet[SplitOrWhole]" = weakref.WeakSet()
@@ -49,9 +57,17 @@ def _calls() -> dict[str, int]:
     return control.local("fsmoe.split_choice_calls", dict)
 
 
+def fast_half_ms(calls: list[float]) -> float:
+    """Mean of the faster half of ``calls`` (at least one): what a graph costs once the calls slowed by a
+    switch between variants or by the other rank's noise are left out."""
+    fast = sorted(calls)[: max(1, len(calls) // 2)]
+    return sum(fast) / len(fast)
+
+
 def variant_ms(record: records.CompileRecord) -> float | None:
-    """Median forward + backward call time of ``record``'s planned graphs, or None while a graph has too few
-    timed calls. A graph that runs as traced (fell back, or has nothing to schedule) has no timed calls:
+    """Forward + backward call time of ``record``'s planned graphs (``fast_half_ms`` of each one's last
+    ``MEASURED_CALLS`` timed calls), or None while a graph has too few timed calls. A graph that runs as traced
+    (fell back, or has nothing to schedule) has no timed calls:
     ``inf``, so a variant that cannot be measured is never preferred."""
     total = 0.0
     for kind in ("forward", "backward"):
@@ -63,7 +79,7 @@ def variant_ms(record: records.CompileRecord) -> float | None:
             return float("inf") if g.fallback is not None else None
         if len(sched.measured_calls_ms) < MEASURED_CALLS:
             return None
-        total += statistics.median(sched.measured_calls_ms)
+        total += fast_half_ms(sched.measured_calls_ms[-MEASURED_CALLS:])
     return total
 
 
@@ -107,10 +123,11 @@ class SplitOrWhole:
         n = calls.get(self.series, 0)
         calls[self.series] = n + 1
         measured = self._measured()
-        # round-robin over the variants that can still win (a fallen-back one is infinitely slow), so the machine's
-        # drift during warm-up hits each alike; the count of agreed runs is the same on every rank
+        # round-robin over the variants that can still win (a fallen-back one is infinitely slow), BLOCK calls in a
+        # row each, so the machine's drift during warm-up hits each alike; the count of agreed runs is the same on
+        # every rank
         live = [i for i, ms in enumerate(measured) if ms != float("inf")] or [0]
-        wish = live[sum(self.runs.values()) % len(live)]
+        wish = live[(sum(self.runs.values()) // BLOCK) % len(live)]
         ballot = (wish, measured)
         verdict = (control.vote(self.series, n, ballot, what=f"call {n} of the whole-or-split graph {self.key}")
                    if self.voting else control.Verdict(True, [ballot]))
@@ -128,12 +145,13 @@ class SplitOrWhole:
         return variant.run(*args)
 
     def _settle(self, ms: list[float]) -> None:
-        best = min(range(len(ms)), key=lambda i: (ms[i], i))  # ties: the whole graph, then fewer ranges
+        # the first variant (whole, then fewer ranges) within MARGIN of the fastest: more ranges must pay for their ops
+        best = next(i for i in range(len(ms)) if ms[i] <= min(ms) * (1 + MARGIN))
         self.chosen = self.variants[best].name
         self._run = self.variants[best].run
         others = ", ".join(f"{v.name} {t:.1f} ms" for v, t in zip(self.variants, ms) if v.name != self.chosen)
         note = (f"token split: {self.chosen} chosen, forward + backward measured {ms[best]:.1f} ms (slowest rank, "
-                f"median calls) against {others}")
+                f"faster half of calls) against {others}")
         winner = self.variants[best].record
         winner.token_split = [*(winner.token_split or []), note]
         for v in self.variants:

@@ -620,10 +620,10 @@ def test_split_or_whole_runs_whole_and_split_in_turn_until_both_are_timed_then_k
                                         split_choice.Variant("2 ranges", split, split_rec)],
                                        key=f"test-{whole_ms}", voting=False)
     assert split_choice.unsettled() == before + 1
-    results = [choice(i) for i in range(8)]
-    n = split_choice.MEASURED_CALLS
-    assert log[:2 * n] == ["whole", "2 ranges"] * n, log  # in turn, one call each
-    assert results[2 * n:] == [want] * (8 - 2 * n) and choice.chosen == want, (log, results)
+    n, block = split_choice.MEASURED_CALLS, split_choice.BLOCK
+    results = [choice(i) for i in range(2 * n + 2)]
+    assert log[:2 * n] == (["whole"] * block + ["2 ranges"] * block) * (n // block), log  # in turn, BLOCK calls each
+    assert results[2 * n:] == [want] * 2 and choice.chosen == want, (log, results)
     assert choice.runs == {"whole": n, "2 ranges": n}
     assert split_choice.unsettled() == before
     winner, loser = (split_rec, whole_rec) if want == "2 ranges" else (whole_rec, split_rec)
@@ -631,7 +631,7 @@ def test_split_or_whole_runs_whole_and_split_in_turn_until_both_are_timed_then_k
     other = "whole" if want == "2 ranges" else "2 ranges"
     assert winner.token_split == [
         f"token split: {want} chosen, forward + backward measured {min(whole_ms, split_ms):.1f} ms (slowest rank, "
-        f"median calls) against {other} {max(whole_ms, split_ms):.1f} ms"]
+        f"faster half of calls) against {other} {max(whole_ms, split_ms):.1f} ms"]
     records.drop(winner)
 
 
@@ -643,12 +643,36 @@ def test_split_or_whole_measures_every_range_count_and_keeps_the_fastest():
     made = [(name, *_variant(name, ms, log)) for name, ms in (("whole", 9.0), ("2 ranges", 5.0), ("4 ranges", 7.0))]
     choice = split_choice.SplitOrWhole([split_choice.Variant(name, fn, rec) for name, rec, fn in made],
                                        key="test-three", voting=False)
-    n = split_choice.MEASURED_CALLS
+    n, block = split_choice.MEASURED_CALLS, split_choice.BLOCK
     results = [choice() for _ in range(3 * n + 3)]
-    assert log[:3 * n] == ["whole", "2 ranges", "4 ranges"] * n, log
+    assert log[:3 * n] == [name for name in ("whole", "2 ranges", "4 ranges") for _ in range(block)] * (n // block), log
     assert choice.chosen == "2 ranges" and results[3 * n:] == ["2 ranges"] * 3
     assert [rec in records._RECORDS for _, rec, _ in made] == [False, True, False]
     records.drop(made[1][1])
+
+
+@pytest.mark.parametrize("split_ms, want", [(9.8, "whole"), (9.6, "2 ranges")])
+def test_split_or_whole_keeps_the_whole_graph_unless_a_split_wins_by_more_than_the_margin(split_ms, want):
+    """Within MARGIN (3 %) of the fastest, the whole graph (then fewer ranges) is kept: noise must not pick a split."""
+    from fsmoe_compiler import records, split_choice
+
+    log: list[str] = []
+    made = [(name, *_variant(name, ms, log)) for name, ms in (("whole", 10.0), ("2 ranges", split_ms), ("4 ranges", 9.9))]
+    choice = split_choice.SplitOrWhole([split_choice.Variant(name, fn, rec) for name, rec, fn in made],
+                                       key=f"test-margin-{split_ms}", voting=False)
+    for _ in range(3 * split_choice.MEASURED_CALLS + 1):
+        choice()
+    assert choice.chosen == want
+    for _, rec, _ in made:
+        records.drop(rec)
+
+
+def test_fast_half_ms_leaves_out_the_slow_calls():
+    from fsmoe_compiler import split_choice
+
+    assert split_choice.fast_half_ms([30.0, 10.0, 12.0, 50.0]) == 11.0  # the first call after a switch and a noisy one
+    assert split_choice.fast_half_ms([7.0]) == 7.0
+    assert split_choice.fast_half_ms([9.0, 5.0, 6.0]) == 5.0
 
 
 def test_split_or_whole_wants_the_whole_graph_first():
@@ -669,7 +693,8 @@ def test_split_or_whole_never_prefers_a_variant_that_fell_back():
     choice = split_choice.SplitOrWhole([split_choice.Variant("whole", whole, whole_rec),
                                         split_choice.Variant("2 ranges", split, split_rec)],
                                        key="test-fallback", voting=False)
-    assert [choice() for _ in range(4)] == ["2 ranges"] * 4
+    n = split_choice.MEASURED_CALLS
+    assert [choice() for _ in range(n + 1)] == ["2 ranges"] * (n + 1)
     assert choice.chosen == "2 ranges" and choice.runs == {"2 ranges": split_choice.MEASURED_CALLS}
     records.drop(split_rec)
 

@@ -35,7 +35,7 @@ from .records import BenchConfig, RankMethodRaw
 #: --grad-sync bucket: all dense gradients in one all-reduce (``sync_gradients``' ``bucket_mb``).
 GRAD_BUCKET_MB = math.inf
 #: Warm-up steps beyond the requested ones while a whole-or-split graph is still measuring both variants.
-MAX_EXTRA_WARMUP = 60
+MAX_EXTRA_WARMUP = 100
 #: The replayed all-to-alls are timed as float32 tensors.
 _FLOAT32_BYTES = 4
 
