@@ -35,6 +35,7 @@ from fsmoe_compiler.passes.annotate import annotate
 from fsmoe_compiler.passes.chunk import chunk
 from fsmoe_compiler.passes.context import Pass, PassContext, check_pipeline
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
+from fsmoe_compiler.passes.narrow_comm import narrow_comm
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
@@ -62,6 +63,7 @@ PRE_AUTOGRAD: tuple[Pass, ...] = (
 )
 #: At compile time, for the forward and the backward graph alike.
 COMPILE: tuple[Pass, ...] = (
+    narrow_comm,  # all-to-alls whose payload is exact in bf16/fp16 send that (half the bytes) -> ctx.original
     recognize,  # find MoE regions: router, dispatch, expert, combine, shared expert -> ctx.regions
     whole,  # every recognised layer handled whole? else a note (strict: an error naming the layer and the fix)
     verify,  # inputs, outputs, collective order unchanged; else fall back

@@ -59,6 +59,8 @@ class FSMoEConfig:
         "auto" (2 ranges for a layer whose all-to-alls cannot be chunked after dispatch; the default), an
         int > 1 (that many ranges for every such dropless layer) or 1 (never). Applied to Dynamo's graph
         before autograd, so both graphs hold the ranges.
+    narrow_comm: send an all-to-all in bf16/fp16 where that gives the same bits: its receiver only casts
+        the payload to that dtype, or its sender cast it from that dtype (``passes.narrow_comm``).
     """
 
     strict: bool = False
@@ -72,6 +74,7 @@ class FSMoEConfig:
     cache_dir: str | None = None
     time_limit_s: float = 0.25
     split_tokens: int | str = "auto"
+    narrow_comm: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -96,7 +99,7 @@ class FSMoEConfig:
 
     def validate(self) -> None:
         """Raise ValueError for a value of the wrong kind."""
-        for name in ("strict", "check_ranks"):
+        for name in ("strict", "check_ranks", "narrow_comm"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"fsmoe option {name!r} must be True or False, got {value!r}")

@@ -133,7 +133,7 @@ def graph_pass(*, reads: Sequence[str] = (), uses: Sequence[str] = (), writes: S
 
 _WRITERS: dict[str, PassSpec] = {}
 #: The modules that define passes (imported when an error names the pass that writes a field).
-PASS_MODULES = ("split_tokens", "recognize", "whole", "chunk", "taskgraph", "solve", "annotate", "verify")
+PASS_MODULES = ("split_tokens", "narrow_comm", "recognize", "whole", "chunk", "taskgraph", "solve", "annotate", "verify")
 
 
 def _writers_hint(name: str) -> str:
