@@ -57,6 +57,16 @@ def test_tokens_sets_the_batch():
     assert cfg.fsmoe_options == {"max_degree": 8, "cache_dir": "/tmp/c"}
 
 
+def test_a_bad_fsmoe_option_fails_before_any_rank_starts():
+    from fsmoe_compiler.bench.cli import build_parser, config_from_args
+
+    with pytest.raises(ValueError, match=r"--fsmoe-option: fsmoe option 'narrow_comm' must be True or False, "
+                                         r"got 'False' \(VALUE is read as JSON"):
+        config_from_args(build_parser().parse_args(["--fsmoe-option", "narrow_comm=False"]))
+    cfg = config_from_args(build_parser().parse_args(["--fsmoe-option", "narrow_comm=false"]))
+    assert cfg.fsmoe_options == {"narrow_comm": False}
+
+
 @pytest.mark.parametrize("argv, dispatch", [([], "capacity"), (["--dispatch", "dropless"], "dropless"),
                                             (["--model", "torchtitan"], "dropless")])
 def test_dispatch_reaches_the_example_model(argv, dispatch):

@@ -159,6 +159,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise ValueError(f"--tokens ({args.tokens}) must be >= --seq ({args.seq})")
         batch = args.tokens // args.seq
     fsmoe_options = parse_fsmoe_options(args.fsmoe_option)
+    from fsmoe_compiler.config import FSMoEConfig
+
+    try:  # before any rank starts: a bad option fails here, naming it, not in every rank's first compile
+        FSMoEConfig.from_options(fsmoe_options)
+    except ValueError as exc:
+        raise ValueError(f"--fsmoe-option: {exc} (VALUE is read as JSON: true, false, 8, \"auto\")") from exc
     cfg = BenchConfig(
         methods=methods, ranks=args.ranks, model=args.model, layers=args.layers, d_model=args.d_model,
         d_ff=args.d_ff, experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
