@@ -56,7 +56,8 @@ class FSMoEConfig:
     time_limit_s: CP-SAT's deterministic time limit per solve.
     split_tokens: run expert-parallel dropless MoE layers on token ranges split before routing, each range
         with its own count exchange, all-to-alls and experts, so the ranges pipeline against each other:
-        "auto" (2 ranges for a layer whose all-to-alls cannot be chunked after dispatch; the default), an
+        "auto" (for a layer whose all-to-alls cannot be chunked after dispatch, the whole graph and 2, 4 and
+        8 ranges of at least 256 tokens are compiled, measured in turn and the fastest kept; the default), an
         int > 1 (that many ranges for every such dropless layer) or 1 (never). Applied to Dynamo's graph
         before autograd, so both graphs hold the ranges.
     narrow_comm: send an all-to-all in bf16/fp16 where that gives the same bits: its receiver only casts
