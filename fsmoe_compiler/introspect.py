@@ -158,7 +158,7 @@ class Explanation:
             parts.extend(f"!! {b}" for b in skipped)
             parts.append("")
         for i, rec in enumerate(self.records):
-            parts.extend(f"note: {n}" for n in rec.token_split or [] if n.startswith("token split:"))  # the choice
+            parts.extend(f"note: {n}" for n in rec.split_choice)
             for kind in ("forward", "backward"):
                 g = rec.latest(kind)
                 if g is None:

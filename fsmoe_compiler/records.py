@@ -110,6 +110,10 @@ class Origin:
     owners: list[weakref.ref] = field(default_factory=list, repr=False)
 
 
+#: How a note of ``CompileRecord.token_split`` that records the whole-or-split choice starts.
+SPLIT_CHOICE = "token split:"
+
+
 @dataclass
 class CompileRecord:
     """One Dynamo graph compiled by the fsmoe backend and its aot graphs."""
@@ -121,6 +125,11 @@ class CompileRecord:
     origin: Origin = field(default_factory=Origin)
     #: What the token-split pass did to the Dynamo graph (its notes), None until the forward graph decided.
     token_split: list[str] | None = None
+
+    @property
+    def split_choice(self) -> list[str]:
+        """The notes of ``token_split`` that say which whole-or-split variant was kept and why."""
+        return [n for n in self.token_split or [] if n.startswith(SPLIT_CHOICE)]
 
     @property
     def site(self) -> str:

@@ -113,7 +113,7 @@ class SplitOrWhole:
         _LIVE.add(self)
 
     def _measured(self) -> tuple[float | None, ...]:
-        """Each variant's median forward + backward ms on this rank (None: not timed yet)."""
+        """Each variant's forward + backward ms on this rank (``variant_ms``; None: not timed yet)."""
         return tuple(variant_ms(v.record) for v in self.variants)
 
     def __call__(self, *args: Any) -> Any:
@@ -150,7 +150,7 @@ class SplitOrWhole:
         self.chosen = self.variants[best].name
         self._run = self.variants[best].run
         others = ", ".join(f"{v.name} {t:.1f} ms" for v, t in zip(self.variants, ms) if v.name != self.chosen)
-        note = (f"token split: {self.chosen} chosen, forward + backward measured {ms[best]:.1f} ms (slowest rank, "
+        note = (f"{records.SPLIT_CHOICE} {self.chosen} chosen, forward + backward measured {ms[best]:.1f} ms (slowest rank, "
                 f"faster half of calls) against {others}")
         winner = self.variants[best].record
         winner.token_split = [*(winner.token_split or []), note]

@@ -12,8 +12,6 @@ node, and the reasons a region is left whole. Numerics are in
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.fx as fx
@@ -24,7 +22,7 @@ from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.region import ROLES
 
-from graph_capture import captured, fake_world
+from graph_capture import captured, fake_world, run_with_identity_all_to_all
 
 aten = torch.ops.aten
 A2A = torch.ops._c10d_functional.all_to_all_single.default
@@ -371,20 +369,10 @@ def _rows_graph(m: int = 32) -> tuple[fx.GraphModule, "MoERegion"]:
     return gm, region
 
 
-def _run_with_identity_all_to_all(gm: fx.GraphModule, *args: torch.Tensor):
-    """Run ``gm`` with each all-to-all replaced by a copy (what one rank would get back on a world of one)."""
-    gm = copy.deepcopy(gm)
-    for node in gm.graph.nodes:
-        if node.target is A2A:
-            node.target, node.args = aten.clone.default, (node.args[0],)
-    gm.recompile()
-    return gm(*args)
-
-
 def test_an_all_to_all_split_on_rows_sends_a_share_of_every_block():
     gm, region = _rows_graph()
     x, w = torch.randn(40, 32), torch.randn(2, 32, 16)
-    want = _run_with_identity_all_to_all(gm, x, w)
+    want = run_with_identity_all_to_all(gm, x, w)
     ctx = PassContext(graph_kind="forward", regions={"forward": [region]})
     ctx.degrees = {0: 2}
     chunk(gm, ctx)
@@ -395,7 +383,7 @@ def test_an_all_to_all_split_on_rows_sends_a_share_of_every_block():
     for node in a2a:
         assert node.args[1:3] == ([10, 10], [10, 10])  # 1/r of each rank's rows
         assert tuple(node.meta["val"].shape)[0] == 20 and node.args[0].meta["val"].is_contiguous()
-    got = _run_with_identity_all_to_all(gm, x, w)
+    got = run_with_identity_all_to_all(gm, x, w)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-6)
 
@@ -415,13 +403,13 @@ def test_when_another_dim_has_the_capacity_size_the_first_consistent_candidate_w
     # M == C == 10: dim 1 of [40, 10] is tried first; it would contract the split away before relu
     gm, region = _rows_graph(m=10)
     x, w = torch.randn(40, 10), torch.randn(2, 10, 16)
-    want = _run_with_identity_all_to_all(gm, x, w)
+    want = run_with_identity_all_to_all(gm, x, w)
     ctx = PassContext(graph_kind="forward", regions={"forward": [region]})
     ctx.degrees = {0: 5}
     chunk(gm, ctx)
     assert ctx.chunking[0].split == "dim 0 (outer 4 x 10 x inner 1) of x [40, 10]", ctx.chunking[0]
     assert a2a_count(gm) == 10
-    for g_, w_ in zip(_run_with_identity_all_to_all(gm, x, w), want):
+    for g_, w_ in zip(run_with_identity_all_to_all(gm, x, w), want):
         torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-6)
 
 

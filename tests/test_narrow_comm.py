@@ -9,8 +9,6 @@ losses and gradients, with three of its four token exchanges in bf16.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.fx as fx
@@ -21,7 +19,7 @@ from fsmoe_compiler.config import FSMoEConfig  # noqa: E402
 from fsmoe_compiler.passes.context import PassContext  # noqa: E402
 from fsmoe_compiler.passes.narrow_comm import narrow_comm, narrowed_dtype  # noqa: E402
 from fsmoe_compiler.passes.verify import graph_signature, verify  # noqa: E402
-from graph_capture import fake_world  # noqa: E402
+from graph_capture import fake_world, run_with_identity_all_to_all  # noqa: E402
 
 aten = torch.ops.aten
 A2A = torch.ops._c10d_functional.all_to_all_single.default
@@ -56,16 +54,6 @@ def _graph(build) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     mode = FakeTensorMode()
     FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) for a in args])
     return gm, args
-
-
-def _run(gm: fx.GraphModule, args: list[torch.Tensor]):
-    """``gm``'s outputs with each all-to-all a copy (what one rank gets back on a world of one)."""
-    gm = copy.deepcopy(gm)
-    for node in gm.graph.nodes:
-        if node.target is A2A:
-            node.target, node.args = aten.clone.default, (node.args[0],)
-    gm.recompile()
-    return gm(*args)
 
 
 def _dispatch(g, x, h, w, s, perm):
@@ -114,7 +102,7 @@ def _ctx(**options) -> PassContext:
 @pytest.mark.parametrize("build, side", [(_dispatch, "received"), (_combine, "sent")])
 def test_an_exchange_whose_payload_is_exact_in_bf16_sends_bf16_and_the_outputs_keep_their_bits(build, side):
     gm, args = _graph(build)
-    want = _run(gm, args)
+    want = run_with_identity_all_to_all(gm, *args)
     (coll,) = [n for n in gm.graph.nodes if n.target is A2A]
     assert narrowed_dtype(coll) == (torch.bfloat16, side)
     ctx = _ctx()
@@ -133,7 +121,7 @@ def test_an_exchange_whose_payload_is_exact_in_bf16_sends_bf16_and_the_outputs_k
                          f"bfloat16; exact, half the bytes)"]
     assert ctx.original != before and ctx.original == graph_signature(gm)
     verify(gm, ctx)  # the later passes compare against the narrowed graph
-    got = _run(gm, args)
+    got = run_with_identity_all_to_all(gm, *args)
     assert len(got) == len(want)
     for g_, w_ in zip(got, want):
         assert g_.dtype == w_.dtype and torch.equal(g_, w_)

@@ -307,9 +307,8 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                         notes=list(sch.notes)[:5],
                     )
                 out[f"{kind}{rec.id}" if kind in out else kind] = row
-            chosen = [n for n in (rec.token_split or []) if n.startswith("token split:")]
-            if chosen:
-                out["token_split"] = chosen[-1]
+            if rec.split_choice:
+                out["token_split"] = rec.split_choice[-1]
         return out
     except Exception as exc:  # noqa: BLE001
         return {"error": f"{type(exc).__name__}: {exc}"}

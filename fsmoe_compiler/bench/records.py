@@ -85,9 +85,7 @@ class BenchConfig:
         if self.model in DROPLESS_ONLY and self.dispatch != "dropless":
             raise ValueError(f"--model {self.model} is dropless only (its MoE layer has no capacity); "
                              "use --dispatch dropless")
-        from fsmoe_compiler.demo import MODEL_PRESETS
-
-        groups = MODEL_PRESETS.get(self.model, {}).get("num_expert_groups")  # group-limited routing
+        groups = self.presets.get("num_expert_groups")  # group-limited routing
         if groups and (self.experts % groups or self.experts // groups < 2):
             raise ValueError(f"--model {self.model} routes over {groups} expert groups of at least 2 experts: "
                              f"--experts must be a multiple of {groups} and >= {2 * groups}, got {self.experts}")
@@ -96,19 +94,24 @@ class BenchConfig:
         if self.timeout_s <= 0:
             raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
 
-    def model_overrides(self) -> dict[str, Any]:
-        """Keyword overrides for the example's ``build_model``."""
+    @property
+    def presets(self) -> dict[str, Any]:
+        """The fixed ``build_model`` options of ``--model`` (``demo.MODEL_PRESETS``; none for most models)."""
         from fsmoe_compiler.demo import MODEL_PRESETS
 
+        return MODEL_PRESETS.get(self.model, {})
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Keyword overrides for the example's ``build_model``."""
         return {
-            **MODEL_PRESETS.get(self.model, {}),
+            **self.presets,
             "n_layers": self.layers,
             "d_model": self.d_model,
             "d_ff": self.d_ff,
             "num_experts": self.experts,
             "top_k": self.top_k,
             "capacity_factor": self.capacity_factor,
-            "shared_expert": self.shared_expert or MODEL_PRESETS.get(self.model, {}).get("shared_expert", False),
+            "shared_expert": self.shared_expert or self.presets.get("shared_expert", False),
             "dispatch": self.dispatch,
             "seq_len": self.seq,
         }
