@@ -47,7 +47,7 @@ from fsmoe_compiler.planner import Pipelines, distributed
 from fsmoe_compiler.runtime import control
 from fsmoe_compiler.runtime.control import OwnClock
 from fsmoe_compiler.scheduled_graph import ScheduledGraph
-from fsmoe_compiler.split_choice import WHOLE, SplitOrWhole, Variant, choice_key
+from fsmoe_compiler.split_choice import AS_TRACED, WHOLE, SplitOrWhole, Variant, choice_key
 
 
 class FSMoECompileError(RuntimeError):
@@ -141,7 +141,8 @@ def _aot(config: FSMoEConfig, record: records.CompileRecord) -> Callable:
 def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
                    record: records.CompileRecord, splits: list[TokenSplit]) -> Callable:
     """Compile ``gm`` with ``splits`` applied: alone for ``split_tokens=N``; for ``"auto"`` beside the whole graph,
-    each range count from 2 up to the splits' measured against it (``SplitOrWhole``). A split graph that does
+    each range count from 2 up to the splits' measured against it and against ``gm`` run as traced
+    (``SplitOrWhole``). A split graph that does
     not compile is left out, and why."""
     if config.split_tokens != "auto":
         split_fn = _compile_split_graph(gm, example_inputs, config, record, splits)
@@ -162,9 +163,10 @@ def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FS
                           "dynamo: the whole graph, compiled beside the token-split ones; the fastest runs"]
     whole = Variant(WHOLE, _aot(config, record)(gm, example_inputs), record)
     if not variants:
-        return whole.run
+        return whole.fn
+    as_traced = Variant(AS_TRACED, gm, record)  # what eager runs: kept where no schedule can win
     key = choice_key(record.site, hashlib.sha1(gm.code.encode()).hexdigest())
-    return SplitOrWhole([whole, *variants], key, voting=config.check_ranks)
+    return SplitOrWhole([as_traced, whole, *variants], key, voting=config.check_ranks)
 
 
 def _compile_split_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
