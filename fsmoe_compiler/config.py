@@ -8,6 +8,7 @@ backend; ``FSMoEConfig.from_options`` turns it into this dataclass or raises a
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -108,6 +109,9 @@ class FSMoEConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"fsmoe option {name!r} must be a directory path (str) or None, got {value!r}")
+            if value is not None and os.path.exists(value) and not os.path.isdir(value):
+                raise ValueError(f"fsmoe option {name!r} must name a directory (made if missing), but {value!r} is "
+                                 "a file")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(
                 f"fsmoe option 'scheduler' must be one of {', '.join(map(repr, SCHEDULERS))}, got {self.scheduler!r}"

@@ -274,10 +274,11 @@ def cache_keys(variants: Variants) -> dict[int, str]:
 
 
 def cached_costs(variants: Variants, cache: ProfileCache) -> dict[int, CostModel] | None:
-    """Every degree's cost model from the cache, if every rank has every one; else None (on every rank)."""
+    """Every degree's cost model from the cache, if every rank has a usable one for every degree (one that prices
+    every node of that degree's graph); else None on every rank, which then profiles."""
     if not variants.built:
         variants.build()  # the degrees worth looking up: those some layer takes
-    stored = {d: cache.load(key) for d, key in cache_keys(variants).items()}
+    stored = {d: cache.load(key, variants.get(d)[0].graph) for d, key in cache_keys(variants).items()}
     hit = all(c is not None for c in stored.values())
     if not _all_ranks_true(f"{variants.tag}/cache", hit):
         return None

@@ -94,6 +94,16 @@ def test_bad_option_values_are_rejected_clearly(options, match):
         FSMoEConfig.from_options(options)
 
 
+@pytest.mark.parametrize("name", ["cache_dir", "dump_dir"])
+def test_a_directory_option_naming_a_file_is_rejected_when_the_options_are_validated(tmp_path, name):
+    """Not a crash at the first cache write or dump, several steps in: at ``from_options``, naming the file."""
+    file = tmp_path / "not-a-dir"
+    file.write_text("x")
+    with pytest.raises(ValueError, match=rf"'{name}' must name a directory \(made if missing\), but '{file}' is a file"):
+        FSMoEConfig.from_options({name: str(file)})
+    assert getattr(FSMoEConfig.from_options({name: str(tmp_path / "new")}), name) == str(tmp_path / "new")
+
+
 def test_degrees_to_try_follow_the_options():
     assert FSMoEConfig().degrees() == [1, 2, 4]
     assert FSMoEConfig(max_degree=8).degrees() == [1, 2, 4, 8]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import warnings
 
 import pytest
@@ -267,3 +268,50 @@ def test_unusable_cache_files_warn_naming_the_file_and_load_as_none(tmp_path, co
     with pytest.warns(UserWarning, match=why) as record:
         assert cache.load(key) is None
     assert str(cache.path(key)) in str(record[0].message)
+
+
+def _stored(cache: ProfileCache, key: str, costs: dict) -> None:
+    cache.path(key).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(key).write_text(json.dumps({"schema": 1, "key": key, "costs": costs}))
+
+
+@pytest.mark.parametrize(
+    "node_ms, comm, samples, why",
+    [
+        ({"mm": float("nan")}, {}, [], r"node costs not a time in \[0, 3600000\] ms: mm=nan"),
+        ({"mm": -2.0}, {}, [], r"node costs not a time .*mm=-2.0"),
+        ({"mm": 1e12}, {}, [], r"node costs not a time .*mm=1000000000000.0"),
+        ({"mm": 1.0}, {"all_to_all/2": [0.1, float("inf")]}, [], r"bad cost model .*LinearCost needs finite"),
+        ({"mm": 1.0}, {"all_to_all/2": [1e9, 1e-6]}, [], r"link models not a time: all_to_all/2 \(alpha 1000000000.0"),
+        ({"mm": 1.0}, {"all_to_all/2": [0.1, 10.0]}, [], r"link models not a time: all_to_all/2 \(alpha 0.1, beta 10.0\)"),
+        ({"mm": 1.0}, {}, [{"node": "a2a", "ms": -1.0}], r"collective samples without a time: \['a2a'\]"),
+    ],
+    ids=["nan", "negative", "absurd", "inf-beta", "absurd-alpha", "absurd-beta", "negative-sample"],
+)
+def test_a_cache_file_with_impossible_costs_is_ignored_with_a_warning_naming_it(tmp_path, node_ms, comm, samples, why):
+    cache = ProfileCache(tmp_path)
+    key = profile_key(_a2a_graph(), 2)
+    _stored(cache, key, {"schema": 1, "node_ms": node_ms, "comm": comm, "samples": samples})
+    with pytest.warns(UserWarning, match=why) as record:
+        assert cache.load(key) is None
+    assert str(cache.path(key)) in str(record[0].message)
+
+
+def test_a_cache_file_that_leaves_nodes_of_the_graph_without_a_time_is_ignored(tmp_path):
+    """The scheduler would price a node the model has no time for at 0: such a file (another graph's, or edited)
+    is ignored, while the same file with every compute node is used."""
+    gm = _moe_forward()
+    _, node_ms, samples = profile_call(gm, inputs_from_meta(gm))
+    full = CostModel.from_profiles([node_ms], samples)
+    assert full.problems(gm.graph) == []
+    cache = ProfileCache(tmp_path)
+    key = profile_key(gm, 1)
+    cache.store(key, full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load(key, gm.graph) == full
+    dropped = sorted(node_ms)[:3]
+    cache.store(key, CostModel({k: v for k, v in node_ms.items() if k not in dropped}, full.comm, full.samples))
+    in_graph_order = [n.name for n in gm.graph.nodes if n.name in dropped]
+    with pytest.warns(UserWarning, match=r"no time for 3 node\(s\) of the graph: " + re.escape(repr(in_graph_order))):
+        assert cache.load(key, gm.graph) is None

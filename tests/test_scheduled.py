@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -168,13 +169,30 @@ def test_dropless_layers_run_chunked_along_the_hidden_dim_and_match_eager_at_eve
     assert "degree per layer: L0=2" in text
 
 
-def _cache_run(rank: int, world_size: int, cache_dir: str, corrupt: bool) -> dict:
+def _corrupt(path: str, how: str) -> None:
+    """Break a profile-cache file: not JSON, a NaN node cost, or a node's cost missing (as a hand edit would)."""
+    if how == "json":
+        with open(path, "w") as f:
+            f.write("{not json")
+        return
+    with open(path) as f:
+        data = json.load(f)
+    node_ms = data["costs"]["node_ms"]
+    first = sorted(node_ms)[0]
+    if how == "nan":
+        node_ms[first] = float("nan")
+    else:
+        del node_ms[first]
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _cache_run(rank: int, world_size: int, cache_dir: str, corrupt: str | None) -> dict:
     import warnings
 
     if corrupt and rank == 0:
         for name in os.listdir(cache_dir):
-            with open(os.path.join(cache_dir, name), "w") as f:
-                f.write("{not json")
+            _corrupt(os.path.join(cache_dir, name), corrupt)
     if corrupt:
         torch.distributed.barrier()
     torch._dynamo.reset()
@@ -194,15 +212,19 @@ def _cache_run(rank: int, world_size: int, cache_dir: str, corrupt: bool) -> dic
     }
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_profile_cache_skips_profiling_and_a_corrupt_cache_is_ignored_with_a_warning(rank_pool, tmp_path):
     cache = str(tmp_path / "cache")
-    cold = rank_pool.run(_cache_run, (cache, False), timeout_s=120)
+    cold = rank_pool.run(_cache_run, (cache, None), timeout_s=120)
     assert cold[0]["hit"] == [False, False] and os.listdir(cache)
-    warm = rank_pool.run(_cache_run, (cache, False), timeout_s=120)
+    warm = rank_pool.run(_cache_run, (cache, None), timeout_s=120)
     for res in warm:
         assert res["hit"] == [True, True], res
         assert res["calls"] == [0, 0]  # scheduled at the first call: no warm-up, no profiling
-    broken = rank_pool.run(_cache_run, (cache, True), timeout_s=120)
-    assert broken[0]["hit"] == [False, False]
-    assert any("cache" in w.lower() for w in broken[0]["warnings"]), broken[0]["warnings"]
+    for how, why in (("json", "not readable JSON"), ("nan", "node costs not a time"),
+                     ("missing", r"no time for 1 node\(s\) of the graph")):
+        broken = rank_pool.run(_cache_run, (cache, how), timeout_s=120)
+        for res in broken:  # every rank profiles again (the files are shared here: every rank warns)
+            assert res["hit"] == [False, False] and all(c and c > 0 for c in res["calls"]), (how, res)
+            assert any(re.search(rf"ignoring profile cache {re.escape(cache)}/profile-\w+\.json: {why}", w)
+                       for w in res["warnings"]), (how, res["warnings"])

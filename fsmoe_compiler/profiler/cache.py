@@ -7,7 +7,10 @@ hashes process-group names or ranks: group names are assigned per run, and
 every rank must find the same entry. ``ProfileCache`` stores one file per key,
 written atomically (temporary file + ``os.replace``) so a crash or a second
 rank writing the same entry never leaves half a file; a file that cannot be
-read, or that holds another key or schema, is ignored with a warning.
+read, that holds another key or schema, or whose costs are NaN, negative,
+absurd or leave nodes of the graph without a time (a hand-edited or foreign
+file: the scheduler would price those nodes at 0) is ignored with a warning
+naming it and what is wrong, and the graph is profiled again.
 """
 
 from __future__ import annotations
@@ -167,8 +170,10 @@ class ProfileCache:
     def path(self, key: str) -> Path:
         return self.directory / f"profile-{key}.json"
 
-    def load(self, key: str) -> CostModel | None:
-        """The stored model of ``key``; None if absent, or (with a warning naming the file) unusable."""
+    def load(self, key: str, graph: fx.Graph | None = None) -> CostModel | None:
+        """The stored model of ``key``; None if absent, or (with a warning naming the file and what is wrong)
+        unusable: unreadable, another schema or key, or contents that cannot price ``graph``
+        (``CostModel.problems``: NaN, negative or absurd costs, nodes without a time)."""
         path = self.path(key)
         if not path.exists():
             return None
@@ -188,10 +193,15 @@ class ProfileCache:
             )
             return None
         try:
-            return CostModel.from_dict(data["costs"])
-        except (KeyError, TypeError, ValueError) as e:
+            costs = CostModel.from_dict(data["costs"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             warnings.warn(f"ignoring profile cache {path}: bad cost model ({type(e).__name__}: {e})", stacklevel=2)
             return None
+        problems = costs.problems(graph)
+        if problems:
+            warnings.warn(f"ignoring profile cache {path}: {'; '.join(problems)}", stacklevel=2)
+            return None
+        return costs
 
     def store(self, key: str, costs: CostModel) -> Path:
         """Write ``costs`` under ``key`` atomically; return the file's path (a warning, not an error, on OSError)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -33,6 +34,8 @@ from fsmoe_compiler.scheduler.costs import LinearCost
 
 #: Version of the JSON layout written by ``CostModel.to_json``.
 SCHEMA = 1
+#: No single op or collective of a training step takes an hour: a cost above this (ms) is corrupt, not slow.
+ABSURD_MS = 3_600_000.0
 
 
 def fastest_per_node(node_ms_runs: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -138,6 +141,34 @@ class CostModel:
         if whole is None and origin is not None:
             whole = median(origin, None)
         return whole // max(int(degree or 1), 1) if whole is not None else 0
+
+    # -- checks -------------------------------------------------------------------------------------
+    def problems(self, graph: fx.Graph | None = None) -> list[str]:
+        """Why this model cannot price ``graph`` (or any graph): NaN, infinite, negative or absurd (over
+        ``ABSURD_MS``) costs, and compute nodes of ``graph`` it has no time for (they would cost 0); empty when
+        it is usable. A profile cache checks what it loads with this."""
+        found = []
+
+        def bad(x: Any) -> bool:
+            return not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 or x > ABSURD_MS
+
+        odd = sorted(name for name, ms in self.node_ms.items() if bad(ms))
+        if odd:
+            found.append(f"node costs not a time in [0, {ABSURD_MS:.0f}] ms: "
+                         + ", ".join(f"{n}={self.node_ms[n]!r}" for n in odd[:5]))
+        odd = sorted(k for k, c in self.comm.items() if bad(c.alpha) or bad(c.beta) or bad(c.beta * (1 << 20)))
+        if odd:
+            found.append("link models not a time: " + ", ".join(
+                f"{k} (alpha {self.comm[k].alpha!r}, beta {self.comm[k].beta!r})" for k in odd[:5]))
+        odd = [s.get("node") for s in self.samples if bad(s.get("ms"))]
+        if odd:
+            found.append(f"collective samples without a time: {odd[:5]}")
+        if graph is not None:
+            missing = [n.name for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+                       and not is_wait(n) and not is_collective(n) and n.name not in self.node_ms]
+            if missing:
+                found.append(f"no time for {len(missing)} node(s) of the graph: {missing[:5]}")
+        return found
 
     # -- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
