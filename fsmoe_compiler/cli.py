@@ -13,10 +13,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="train a tiny Mixtral-style MoE decoder on local gloo ranks with backend='fsmoe' and eager side by side",
         description="Start N local gloo ranks (experts split over them), train a tiny Mixtral-style MoE decoder "
         "for a few steps with torch.compile(backend='fsmoe') and in eager mode from the same initial weights, "
-        "print the MoE regions the backend found and the losses of both, step by step.",
+        "print the MoE regions the backend found, the schedule it chose, and the losses of both, step by step.",
     )
     p.add_argument("--ranks", type=int, default=2, help="number of local gloo ranks (default 2)")
-    p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: enough to reach the scheduled graphs and print their schedule, 10 "
+                   "with the default options)")
     p.add_argument("--model", default="mixtral", help="example model: mixtral or gpt2 (default mixtral)")
     p.add_argument("--dispatch", default=None, help="override the model's dispatch: capacity or dropless")
     p.add_argument("--timeout", type=float, default=600.0, help="hard deadline for the whole run, seconds")

@@ -104,11 +104,24 @@ def train_side_by_side(
     }
 
 
+def default_steps() -> int:
+    """Enough steps for the default options to reach the scheduled graphs and run them: a warm-up call, the
+    profiling calls, the measured call, then two scheduled steps (so the report shows the schedule)."""
+    from fsmoe_compiler.config import FSMoEConfig
+
+    defaults = FSMoEConfig()
+    return 1 + defaults.profile_steps + defaults.measure_steps + 2
+
+
 def run_demo(
-    ranks: int = 2, steps: int = 5, model: str = "mixtral", dispatch: str | None = None, timeout_s: float = 600.0
+    ranks: int = 2, steps: int | None = None, model: str = "mixtral", dispatch: str | None = None,
+    timeout_s: float = 600.0,
 ) -> bool:
-    """Run the side-by-side training on ``ranks`` local gloo ranks and print what happened."""
+    """Run the side-by-side training on ``ranks`` local gloo ranks (``steps``: ``default_steps()``) and print
+    what happened."""
     from fsmoe_compiler.launch import run_ranks
+
+    steps = default_steps() if steps is None else steps
 
     example_module(model)  # fail fast on an unknown name
     print(f"fsmoe demo: {model} MoE decoder, {ranks} gloo rank(s) on 127.0.0.1, {steps} steps, "

@@ -33,9 +33,12 @@ def test_explain_rejects_an_unknown_router_with_the_valid_names(capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_demo_trains_on_two_ranks_and_matches_eager():
+def test_demo_trains_on_two_ranks_reaches_the_schedule_and_matches_eager():
+    """The default run is long enough to profile, swap the scheduled graphs in, run them and print the schedule."""
+    from fsmoe_compiler.demo import default_steps
+
     res = subprocess.run(
-        [sys.executable, "-m", "fsmoe_compiler.cli", "demo", "--steps", "3"],
+        [sys.executable, "-m", "fsmoe_compiler.cli", "demo"],
         capture_output=True, text=True, timeout=540,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -43,7 +46,9 @@ def test_demo_trains_on_two_ranks_and_matches_eager():
     assert "fallback" not in res.stdout, res.stdout[-3000:]
     assert "== forward graph:" in res.stdout
     rows = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 4]
-    assert len(rows) == 3 and all(abs(float(e) - float(f)) <= 1e-4 * abs(float(e)) for _, e, f, _ in rows)
+    assert len(rows) == default_steps() and all(abs(float(e) - float(f)) <= 1e-4 * abs(float(e)) for _, e, f, _ in rows)
+    assert res.stdout.count("scheduler cpsat") == 2, res.stdout[-3000:]  # the forward's and the backward's schedule
+    assert "measured" in res.stdout and "pred start" in res.stdout
 
 
 def test_simulate_is_wired_into_the_fsmoe_command(tmp_path, capsys):
