@@ -71,16 +71,6 @@ _counters: dict[str, int] = {}  # exchange(): per-tag numbering
 _waited = [0.0]  # seconds this process has spent blocked in agreements, waiting for the other ranks
 
 
-def configure(beat_s: float | None = None, dead_s: float | None = None, absent_s: float | None = None,
-              poll_s: float | None = None) -> None:
-    """Change the liveness timings of this process (tests shorten them); None keeps a value."""
-    global BEAT_S, DEAD_S, ABSENT_S, POLL_S
-    BEAT_S = BEAT_S if beat_s is None else float(beat_s)
-    DEAD_S = DEAD_S if dead_s is None else float(dead_s)
-    ABSENT_S = ABSENT_S if absent_s is None else float(absent_s)
-    POLL_S = POLL_S if poll_s is None else float(poll_s)
-
-
 def waited_s() -> float:
     """Seconds this process has spent so far waiting in :func:`meet`, :func:`vote` or :func:`exchange`.
 

@@ -338,7 +338,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_bench(args)
 
-
-def summary_dict(result: BenchResult) -> dict[str, Any]:
-    """Method name -> median ms and speedup (for quick checks in tests and scripts)."""
-    return {m.name: {"ok": m.ok, "median_ms": m.median_ms, "speedup": m.speedup_vs_eager} for m in result.methods}

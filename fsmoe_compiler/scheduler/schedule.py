@@ -58,18 +58,6 @@ class Schedule:
         return cls(start=dict(start), end=end, order=order, makespan=max(end.values(), default=0.0),
                    method=method, status=status, solve_time_s=solve_time_s, meta=dict(meta or {}))
 
-    def shifted(self, offset: float, prefix: str = "") -> "Schedule":
-        """The same schedule moved later by ``offset`` ms (ids optionally prefixed)."""
-        return Schedule(start={prefix + k: v + offset for k, v in self.start.items()},
-                        end={prefix + k: v + offset for k, v in self.end.items()},
-                        order={r: [prefix + t for t in ts] for r, ts in self.order.items()},
-                        makespan=self.makespan + offset, method=self.method, status=self.status,
-                        solve_time_s=self.solve_time_s, meta=dict(self.meta))
-
-    def busy(self, resource: str) -> float:
-        """Total time ``resource`` is busy."""
-        return sum(self.end[t] - self.start[t] for t in self.order.get(resource, []))
-
     def __repr__(self) -> str:
         return (f"Schedule(method={self.method!r}, makespan={self.makespan:.4f} ms, status={self.status}, "
                 f"{len(self.start)} tasks, solve {self.solve_time_s * 1e3:.1f} ms)")
