@@ -65,6 +65,8 @@ class ScheduleReport:
     cache_hit: bool = False
     status: str = ""
     reference_ms: dict[str, float] = field(default_factory=dict)  # "tutel", "sequential", "lower_bound"
+    peak_bytes: int | None = None  # the scheduled graph's peak of live tensor bytes in its order (memory.peak_bytes)
+    traced_peak_bytes: int | None = None  # the same for the graph as traced
     measured_calls_ms: list[float] = field(default_factory=list)
     schedule: Any = field(default=None, repr=False)  # scheduler.Schedule, for traces
     taskgraph: Any = field(default=None, repr=False)  # scheduler.TaskGraph

@@ -78,6 +78,7 @@ def _steps_match(case: tuple, rank: int, options: dict, steps: int = STEPS) -> d
         "predicted": {k: (s.predicted_ms if s else None) for k, s in scheds.items()},
         "reference": {k: (s.reference_ms if s else None) for k, s in scheds.items()},
         "measured": {k: (s.measured_ms if s else None) for k, s in scheds.items()},
+        "peaks": {k: ((s.peak_bytes, s.traced_peak_bytes) if s else None) for k, s in scheds.items()},
         "timed_tasks": {k: (sum(t.measured_end_ms is not None for t in s.tasks) if s else 0) for k, s in scheds.items()},
         "tasks": {k: (len(s.tasks) if s else 0) for k, s in scheds.items()},
         "render": rep.render() if rank == 0 else "",
@@ -101,6 +102,8 @@ def test_every_router_and_dispatch_matches_eager_at_every_step_with_chunking_on_
             degrees = res["degrees"][kind]
             assert degrees is not None, f"{case}: no schedule for the {kind} graph"
             assert res["predicted"][kind] > 0 and res["measured"][kind] > 0
+            peak, traced = res["peaks"][kind]  # the scheduled order keeps more alive at most by the early exchanges
+            assert 0 < traced and 0.5 * traced <= peak <= 3 * traced, f"{case} {kind}: peak {peak} vs traced {traced}"
             assert res["timed_tasks"][kind] == res["tasks"][kind] > 0, f"{case} {kind}: tasks not all timed"
             # dropless layers are split along the hidden dim, so "auto" may take either degree
             assert set(degrees.values()) <= {1, 2}, f"{case} {kind}: {degrees}"
@@ -141,6 +144,7 @@ def test_fixed_degree_is_applied_reported_and_traced(rank_pool, tmp_path):
         assert "task B.L0.c1." in res["scheduled_dump"]["backward"]
     text = results[0]["render"]
     assert "degree per layer: L0=2" in text and "predicted" in text and "meas ms" in text
+    assert "peak memory in graph order (tensors alive, inputs included): scheduled " in text
     assert "same task graph and costs: tutel " in text and "lower bound" in text
     trace = json.load(open(path))
     procs = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}

@@ -72,8 +72,13 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.2f} MiB"
+
+
 def schedule_summary(sched: Any) -> str:
-    """Scheduler, degree per layer, predicted makespan per candidate degree, predicted vs measured graph time."""
+    """Scheduler, degree per layer, predicted makespan per candidate degree, predicted vs measured graph time, peak
+    memory against the graph as traced."""
     measured = sched.measured_ms
     err = "-" if measured is None else f"{100.0 * (sched.predicted_ms - measured) / measured:+.1f} %"
     lines = [
@@ -84,6 +89,10 @@ def schedule_summary(sched: Any) -> str:
         f"{len(sched.measured_calls_ms)} call(s)), error {err}; planning {sched.plan_s:.2f} s, "
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
+    peak, traced = getattr(sched, "peak_bytes", None), getattr(sched, "traced_peak_bytes", None)
+    if peak is not None and traced:
+        lines.append(f"peak memory in graph order (tensors alive, inputs included): scheduled {_mib(peak)}, "
+                     f"as traced {_mib(traced)} ({100.0 * (peak - traced) / traced:+.1f} %)")
     if sched.reference_ms:
         lines.append("same task graph and costs: " + ", ".join(
             f"{name.replace('_', ' ')} {ms:.3f} ms" for name, ms in sched.reference_ms.items()))
