@@ -63,6 +63,10 @@ class FSMoEConfig:
         before autograd, so both graphs hold the ranges.
     narrow_comm: send an all-to-all in bf16/fp16 where that gives the same bits: its receiver only casts
         the payload to that dtype, or its sender cast it from that dtype (``passes.narrow_comm``).
+    max_peak_growth: how much more tensor memory the scheduled order may keep alive at once than the graph
+        as traced (0.5: 50 % more; ``memory.peak_bytes`` in graph order). Issuing exchanges early and waiting
+        late keeps buffers alive longer; a schedule over the bound runs in the traced order of its chunks
+        instead, with a note (``strict=True`` raises). None: no bound.
     """
 
     strict: bool = False
@@ -77,6 +81,7 @@ class FSMoEConfig:
     time_limit_s: float = 0.25
     split_tokens: int | str = "auto"
     narrow_comm: bool = True
+    max_peak_growth: float | None = 0.5
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -126,6 +131,10 @@ class FSMoEConfig:
         st = self.split_tokens
         if st != "auto" and not (_is_int(st) and st >= 1):
             raise ValueError(f"fsmoe option 'split_tokens' must be an int >= 1 or 'auto', got {st!r}")
+        g = self.max_peak_growth
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < float("inf"))):
+            raise ValueError(f"fsmoe option 'max_peak_growth' must be a number >= 0 (a share: 0.5 is 50 % more "
+                             f"memory than the graph as traced) or None (no bound), got {g!r}")
         t = self.time_limit_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
             raise ValueError(f"fsmoe option 'time_limit_s' must be a number of seconds > 0, got {t!r}")

@@ -36,6 +36,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
+from fsmoe_compiler.memory import peak_bytes
+from fsmoe_compiler.reporting.tables import fmt_bytes
 from fsmoe_compiler.names import COLLECTIVE_KINDS
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
@@ -319,9 +321,34 @@ def _choose(variants: Variants, costs: dict[int, CostModel], pipelines: Pipeline
     ctx = replace(ctx, costs=costs[degree], notes=list(ctx.notes))
     # the scheduling passes reorder the graph in place: a copy only where the variant is the traced graph
     # itself (degree 1), which stays the fallback; a chunked variant is dropped right after
-    gm = pipelines.schedule(copy_graph_module(gm) if gm is variants.base else gm, ctx)
+    bound = variants.config.max_peak_growth
+    if bound is None:
+        gm = pipelines.schedule(copy_graph_module(gm) if gm is variants.base else gm, ctx)
+    else:  # keep the chunks in traced order too, in case the schedule keeps too much alive
+        unordered = copy_graph_module(gm) if gm is variants.base else gm
+        gm = pipelines.schedule(copy_graph_module(unordered), ctx)
+        gm, ctx = _within_memory(gm, ctx, unordered, variants, bound, pipelines)
     predicted[degree] = ctx.schedule.makespan
     return degree, gm, ctx, predicted, t_screen
+
+
+def _within_memory(gm: fx.GraphModule, ctx: PassContext, unordered: fx.GraphModule, variants: Variants,
+                   bound: float, pipelines: Pipelines) -> tuple[fx.GraphModule, PassContext]:
+    """``gm`` if its order keeps at most ``1 + bound`` times the traced graph's peak of live tensor bytes; else
+    ``unordered`` (the same chunks) scheduled in traced order, with a note (``strict``: ``PlanError``).
+    Collectives keep their issue order either way, so ranks that decide differently still pair up."""
+    peak, traced = peak_bytes(gm.graph), peak_bytes(variants.base.graph)
+    if not peak or not traced or peak <= traced * (1 + bound):
+        return gm, ctx
+    why = (f"the {ctx.config.scheduler} schedule keeps {fmt_bytes(peak)} of tensors alive at once against "
+           f"{fmt_bytes(traced)} as traced ({100.0 * (peak - traced) / traced:+.0f} %, over "
+           f"max_peak_growth={bound})")
+    if ctx.strict:
+        raise PlanError(f"{why}; raise max_peak_growth (or None) to allow it")
+    sequential = replace(ctx, config=replace(ctx.config, scheduler="sequential"), notes=list(ctx.notes))
+    gm = pipelines.schedule(unordered, sequential)
+    sequential.notes.append(f"memory: {why}: the chunks run in traced order instead")
+    return gm, sequential
 
 
 def same_order(a: dict[str, list[str]] | None, b: dict[str, list[str]] | None) -> bool:

@@ -61,6 +61,71 @@ def test_a_view_shares_its_base_storage():
 
 def test_the_report_prints_the_scheduled_peak_against_the_traced_one():
     sched = ScheduleReport("cpsat", {0: 2}, {2: 1.0}, 1.0, [], peak_bytes=3 << 20, traced_peak_bytes=2 << 20)
-    assert ("peak memory in graph order (tensors alive, inputs included): scheduled 3.00 MiB, as traced 2.00 MiB "
+    assert ("peak memory in graph order (tensors alive, inputs included): scheduled 3.0 MiB, as traced 2.0 MiB "
             "(+50.0 %)") in schedule_summary(sched)
     assert "peak memory" not in schedule_summary(ScheduleReport("cpsat", {}, {}, 1.0, []))
+
+
+# ------------------------------------------------------------------------------------------------ the bound
+
+
+def _reordered():
+    gm = _graph()
+    by_name = {n.name: n for n in gm.graph.nodes}
+    by_name["sum_1"].prepend(by_name["repeat_1"])
+    gm.recompile()
+    return gm
+
+
+def _bounded(bound: float, strict: bool = False):
+    """``planner._within_memory`` on the reordered graph (peak 2692 B) against the traced one (1416 B), with a
+    stand-in schedule pipeline that records the scheduler it was asked for."""
+    from types import SimpleNamespace
+
+    from fsmoe_compiler.config import FSMoEConfig
+    from fsmoe_compiler.planner import Pipelines, _within_memory
+    from fsmoe_compiler.passes.context import PassContext
+
+    asked = []
+
+    def schedule(gm, ctx):
+        asked.append(ctx.config.scheduler)
+        return gm
+
+    traced, unordered = _graph(), _graph()
+    ctx = PassContext(graph_kind="backward", config=FSMoEConfig(), strict=strict)
+    gm, out = _within_memory(_reordered(), ctx, unordered, SimpleNamespace(base=traced), bound,
+                             Pipelines(chunk=None, screen=None, schedule=schedule))
+    return gm, out, unordered, asked
+
+
+def test_a_schedule_within_the_bound_is_kept():
+    gm, ctx, unordered, asked = _bounded(1.0)  # 2692 <= 2 x 1416
+    assert gm is not unordered and asked == [] and ctx.config.scheduler == "cpsat" and ctx.notes == []
+
+
+def test_a_schedule_over_the_bound_runs_its_chunks_in_traced_order_and_says_why():
+    gm, ctx, unordered, asked = _bounded(0.5)
+    assert gm is unordered and asked == ["sequential"] and ctx.config.scheduler == "sequential"
+    assert ctx.notes == ["memory: the cpsat schedule keeps 2.6 KiB of tensors alive at once against 1.4 KiB as "
+                         "traced (+90 %, over max_peak_growth=0.5): the chunks run in traced order instead"]
+
+
+def test_strict_raises_naming_the_bound():
+    import pytest
+
+    from fsmoe_compiler.planner import PlanError
+
+    with pytest.raises(PlanError, match=r"\(\+90 %, over max_peak_growth=0.5\); raise max_peak_growth \(or None\)"):
+        _bounded(0.5, strict=True)
+
+
+def test_the_option_is_validated():
+    import pytest
+
+    from fsmoe_compiler.config import FSMoEConfig
+
+    assert FSMoEConfig.from_options({"max_peak_growth": None}).max_peak_growth is None
+    for bad in (-0.1, "50%", True, float("inf")):
+        with pytest.raises(ValueError, match=r"'max_peak_growth' must be a number >= 0 .* or None \(no bound\), got"):
+            FSMoEConfig.from_options({"max_peak_growth": bad})

@@ -232,3 +232,21 @@ def test_profile_cache_skips_profiling_and_a_corrupt_cache_is_ignored_with_a_war
             assert res["hit"] == [False, False] and all(c and c > 0 for c in res["calls"]), (how, res)
             assert any(re.search(rf"ignoring profile cache {re.escape(cache)}/profile-\w+\.json: {why}", w)
                        for w in res["warnings"]), (how, res["warnings"])
+
+
+@pytest.mark.timeout(300)
+def test_a_memory_bound_of_zero_keeps_every_schedule_within_the_traced_peak_or_says_why(rank_pool):
+    """``max_peak_growth=0``: a schedule that keeps more alive than the graph as traced runs its chunks in traced
+    order instead, with a note; every step still equals eager."""
+    case = CASES[0]
+    results = rank_pool.run(_one_case, (case, {**OPTIONS, "strict": False, "max_peak_growth": 0.0}), timeout_s=240)
+    for res in results:
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{case} step {step}: fsmoe differs from eager: {bad}"
+        assert res["fallbacks"] == [], res["fallbacks"]
+        for kind in ("forward", "backward"):
+            peak, traced = res["peaks"][kind]
+            noted = [n for n in res["chunk_notes"][kind] if n.startswith("memory: the cpsat schedule keeps ")]
+            assert noted or peak <= traced, f"{kind}: peak {peak} > traced {traced} without a note"
+            if noted:
+                assert noted[0].endswith("over max_peak_growth=0.0): the chunks run in traced order instead"), noted

@@ -9,7 +9,8 @@ from tabulate import tabulate
 ROLE_COLUMNS = ("router", "dispatch", "expert", "combine", "shared_expert")
 
 
-def _fmt_bytes(n: int | None) -> str:
+def fmt_bytes(n: int | None) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB ("symbolic" for None)."""
     if n is None:
         return "symbolic"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -39,7 +40,7 @@ def regions_table(regions: Iterable[Any], tablefmt: str = "simple") -> str:
                 _dash(r.ffn_hidden),
                 *[len(r.nodes.get(role, [])) for role in ROLE_COLUMNS],
                 len(r.all_to_all),
-                _fmt_bytes(r.a2a_bytes) if r.all_to_all else "-",
+                fmt_bytes(r.a2a_bytes) if r.all_to_all else "-",
             ]
         )
     headers = [
@@ -72,10 +73,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / (1 << 20):.2f} MiB"
-
-
 def schedule_summary(sched: Any) -> str:
     """Scheduler, degree per layer, predicted makespan per candidate degree, predicted vs measured graph time, peak
     memory against the graph as traced."""
@@ -91,8 +88,8 @@ def schedule_summary(sched: Any) -> str:
     ]
     peak, traced = getattr(sched, "peak_bytes", None), getattr(sched, "traced_peak_bytes", None)
     if peak is not None and traced:
-        lines.append(f"peak memory in graph order (tensors alive, inputs included): scheduled {_mib(peak)}, "
-                     f"as traced {_mib(traced)} ({100.0 * (peak - traced) / traced:+.1f} %)")
+        lines.append(f"peak memory in graph order (tensors alive, inputs included): scheduled {fmt_bytes(peak)}, "
+                     f"as traced {fmt_bytes(traced)} ({100.0 * (peak - traced) / traced:+.1f} %)")
     if sched.reference_ms:
         lines.append("same task graph and costs: " + ", ".join(
             f"{name.replace('_', ' ')} {ms:.3f} ms" for name, ms in sched.reference_ms.items()))
