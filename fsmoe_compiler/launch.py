@@ -78,10 +78,23 @@ def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
             "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)}
 
 
+def rank_device(backend: str, local_rank: int) -> torch.device:
+    """The device a rank computes on: under NCCL its local rank's GPU (never GPU 0 for every rank on a node),
+    otherwise the CPU."""
+    return torch.device("cuda", local_rank) if "nccl" in backend else torch.device("cpu")
+
+
 def _join_group(rank: int, world_size: int, backend: str, pg_timeout_s: float, store: Any = None) -> None:
-    """``init_process_group`` (``env://``, rank 0 serving the store, unless a ``store`` is given) and a barrier."""
+    """``init_process_group`` (``env://``, rank 0 serving the store, unless a ``store`` is given) and a barrier.
+    Under NCCL the rank first takes its local rank's GPU (``torch.cuda.set_device``) and binds the group to it
+    (``device_id``), so its collectives, microbenchmarks and cost agreement run there."""
+    device = rank_device(backend, int(os.environ.get("LOCAL_RANK", rank)))
+    bound: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        bound["device_id"] = device
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s),
-                            store=store)
+                            store=store, **bound)
     # every rank's connections are up before any rank may return and tear its own down (else a slower
     # peer still connecting sees "connection closed by peer" in init_process_group)
     dist.barrier()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsmoe_compiler.launch import RankError, RankPool, run_ranks
+from fsmoe_compiler.launch import RankError, RankPool, rank_device, run_ranks
 
 
 def _allreduce(rank, world_size):
@@ -28,6 +28,21 @@ def _hang_on_one(rank, world_size):
 
         time.sleep(60)
     return rank
+
+
+def test_each_rank_computes_on_its_local_rank_device():
+    """Under NCCL a rank takes its local rank's GPU (not GPU 0 for all); gloo ranks compute on the CPU."""
+    assert rank_device("gloo", 3) == torch.device("cpu")
+    assert rank_device("nccl", 3) == torch.device("cuda", 3)
+    assert rank_device("cpu:gloo,cuda:nccl", 1) == torch.device("cuda", 1)
+
+
+def _device_of_rank(rank: int, world_size: int) -> str:
+    return str(rank_device(dist.get_backend(), int(os.environ["LOCAL_RANK"])))
+
+
+def test_launched_ranks_see_their_local_rank():
+    assert run_ranks(_device_of_rank, 2, timeout_s=60) == ["cpu", "cpu"]
 
 
 def test_results_come_back_from_every_rank():
