@@ -21,9 +21,9 @@ TINY = ["--layers", "1", "--d-model", "32", "--d-ff", "64", "--batch", "4", "--s
 def test_parse_methods_keeps_order_and_names_the_valid_ones():
     assert parse_methods(None) == list(BENCH_METHODS)
     assert parse_methods("aot_eager, eager,aot_eager") == ["aot_eager", "eager"]
-    with pytest.raises(ValueError, match="unknown method.*'inductor'.*valid methods: eager, aot_eager, "
+    with pytest.raises(ValueError, match="unknown method.*'turbo'.*valid methods: eager, aot_eager, inductor, "
                                           "pytorch_overlap, torchtitan_graph, fsmoe_sequential, fsmoe_tutel, fsmoe"):
-        parse_methods("eager,inductor")
+        parse_methods("eager,turbo")
     with pytest.raises(ValueError, match="no methods given"):
         parse_methods(" , ")
 
@@ -205,6 +205,19 @@ def test_bench_runs_torchtitans_moe_layer_expert_parallel_and_dropless(tmp_path,
     assert fs["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
     for kind in ("forward", "backward"):
         assert fs["info"]["fsmoe"][kind]["degrees"], fs["info"]["fsmoe"][kind]  # one MoE layer found, scheduled
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_runs_plain_torch_compile_as_the_inductor_peer(tmp_path):
+    """``inductor``: ``torch.compile(model)`` with Inductor's C++ kernels on CPU; its first loss is eager's (fused
+    kernels round differently, within the bench's 1e-4 check) and its steps are timed like the others."""
+    data = _run_json(tmp_path, TINY + ["--methods", "eager,inductor"])
+    eager, ind = data["methods"]
+    assert ind["name"] == "inductor" and ind["ok"], ind["error"]
+    assert ind["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
+    assert len(ind["times_ms"]) == len(eager["times_ms"]) > 0 and min(ind["times_ms"]) > 0
+    assert not [w for w in data["warnings"] if "inductor" in w], data["warnings"]
 
 
 @pytest.mark.skipif(netns_unavailable_reason() is not None, reason=f"no emulated links: {netns_unavailable_reason()}")

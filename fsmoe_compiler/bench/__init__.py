@@ -1,1 +1,2 @@
-"""``fsmoe bench``: time MoE training steps of eager, aot_eager, PyTorch's overlap scheduler and fsmoe side by side on local ranks."""
+"""``fsmoe bench``: time MoE training steps of eager, aot_eager, inductor, PyTorch's overlap scheduler,
+torchtitan's EP overlap and fsmoe side by side on local ranks."""

@@ -23,7 +23,8 @@ DESCRIPTION = """\
 Starts N local gloo ranks (default 2) and times training steps (forward,
 backward, gradient sync: by default outside the compiled graph as one bucketed
 all-reduce, with --grad-sync graph inside backward; SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
-pytorch_overlap (PyTorch's schedule_overlap_bucketing on the same ATen graphs,
+inductor (plain torch.compile: Inductor's fused kernels, no overlap scheduling; its first step compiles for tens of
+seconds), pytorch_overlap (PyTorch's schedule_overlap_bucketing on the same ATen graphs,
 with a CPU cost estimator), torchtitan_graph (torchtitan's own graph_trainer
 EP-overlap passes: one make_fx forward + backward graph, each MoE layer in 2
 token chunks along the batch, its overlap schedule; --model torchtitan only,
@@ -119,7 +120,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register the ``bench`` subcommand on ``subparsers`` (``set_defaults(func=run_bench)``)."""
     p = subparsers.add_parser(
         "bench",
-        help="time training steps of eager, aot_eager, PyTorch's overlap scheduler, torchtitan's graph_trainer "
+        help="time training steps of eager, aot_eager, inductor, PyTorch's overlap scheduler, torchtitan's graph_trainer "
              "EP overlap and fsmoe on local ranks",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

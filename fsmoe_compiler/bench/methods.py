@@ -4,6 +4,10 @@
 * ``aot_eager``: ``torch.compile(backend="aot_eager")`` (AOTAutograd's forward
   and backward ATen graphs, run eagerly): the compiled baseline without any
   reordering.
+* ``inductor``: plain ``torch.compile(model)``: Inductor's fused kernels
+  (C++ on CPU), PyTorch's own default, with no overlap scheduling. Its first
+  step compiles (tens of seconds on this machine; Inductor's caches make
+  later runs faster).
 * ``pytorch_overlap``: PyTorch's own overlap scheduler
   (``torch._inductor.fx_passes.overlap_scheduling.schedule_overlap_bucketing``)
   applied to the same forward and backward ATen graphs as ``aot_eager``, then
@@ -31,8 +35,8 @@ import torch
 from torch import fx, nn
 
 #: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
-BENCH_METHODS: tuple[str, ...] = ("eager", "aot_eager", "pytorch_overlap", "torchtitan_graph", "fsmoe_sequential",
-                                  "fsmoe_tutel", "fsmoe")
+BENCH_METHODS: tuple[str, ...] = ("eager", "aot_eager", "inductor", "pytorch_overlap", "torchtitan_graph",
+                                  "fsmoe_sequential", "fsmoe_tutel", "fsmoe")
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe_sequential": {"scheduler": "sequential"},
@@ -245,6 +249,8 @@ def make_runner(
         return MethodSetup(name, model, model)
     if name == "aot_eager":
         return MethodSetup(name, model, torch.compile(model, backend="aot_eager"))
+    if name == "inductor":
+        return MethodSetup(name, model, torch.compile(model))
     if name == "pytorch_overlap":
         flops, mem = cpu_rates or measure_cpu_rates()
         est = CpuRuntimeEstimator(flops, mem, link_bytes_per_ms, world_size)
