@@ -44,11 +44,11 @@ from fsmoe_compiler.runtime import control
 
 WHOLE = "whole"
 AS_TRACED = "as traced"
-#: Timed calls of a planned graph (``ScheduleReport.measured_calls_ms``) a variant needs before it is compared.
+#: Timed calls (``CallTimer.calls_ms``; a compiled variant's once it is planned) a variant needs before it is compared.
 MEASURED_CALLS = 4
 #: Calls a variant runs in a row per turn while the variants are measured.
 BLOCK = 2
-#: The kept variant is the first (whole, then fewer ranges) whose time is within this share of the fastest one's.
+#: The kept variant is the first (as traced, whole, then fewer ranges) whose time is within this share of the fastest.
 MARGIN = 0.03
 
 
