@@ -142,8 +142,7 @@ def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FS
                    record: records.CompileRecord, splits: list[TokenSplit]) -> Callable:
     """Compile ``gm`` with ``splits`` applied: alone for ``split_tokens=N``; for ``"auto"`` beside the whole graph,
     each range count from 2 up to the splits' measured against it and against ``gm`` run as traced
-    (``SplitOrWhole``). A split graph that does
-    not compile is left out, and why."""
+    (``SplitOrWhole``). A split graph that does not compile is left out, and why."""
     if config.split_tokens != "auto":
         split_fn = _compile_split_graph(gm, example_inputs, config, record, splits)
         return split_fn if split_fn is not None else _aot(config, record)(gm, example_inputs)

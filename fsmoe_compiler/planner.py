@@ -70,7 +70,9 @@ class Plan:
     ``gm`` is the scheduled graph and ``ctx`` its pass context (task graph,
     task map, schedule, chunking); ``predicted`` maps each degree screened to
     its predicted makespan (ms); ``split_s`` the planning time by phase and
-    ``wait_s`` the time spent waiting for the other ranks (not in ``split_s``).
+    ``wait_s`` the time spent waiting for the other ranks (not in ``split_s``);
+    ``peak_bytes`` and ``traced_peak_bytes`` the most tensor bytes alive at once in ``gm``'s order and in the
+    graph as traced (``memory.peak_bytes``).
     """
 
     degree: int
@@ -79,6 +81,8 @@ class Plan:
     predicted: dict[int, float]
     split_s: dict[str, float] = field(default_factory=dict)
     wait_s: float = 0.0
+    peak_bytes: int | None = None
+    traced_peak_bytes: int | None = None
 
     @property
     def plan_s(self) -> float:
@@ -312,7 +316,7 @@ def _screen(variants: Variants, costs: dict[int, CostModel], screen: Pipeline) -
 
 
 def _choose(variants: Variants, costs: dict[int, CostModel], pipelines: Pipelines
-            ) -> tuple[int, fx.GraphModule, PassContext, dict[int, float], float]:
+            ) -> tuple[int, fx.GraphModule, PassContext, dict[int, float], float, tuple[int | None, int | None]]:
     clock = OwnClock()
     predicted = _screen(variants, costs, pipelines.screen) if len(variants.degrees) > 1 else {}
     t_screen = clock.own()
@@ -322,24 +326,27 @@ def _choose(variants: Variants, costs: dict[int, CostModel], pipelines: Pipeline
     # the scheduling passes reorder the graph in place: a copy only where the variant is the traced graph
     # itself (degree 1), which stays the fallback; a chunked variant is dropped right after
     bound = variants.config.max_peak_growth
+    traced = peak_bytes(variants.base.graph)
     if bound is None:
         gm = pipelines.schedule(copy_graph_module(gm) if gm is variants.base else gm, ctx)
+        peak = peak_bytes(gm.graph)
     else:  # keep the chunks in traced order too, in case the schedule keeps too much alive
         unordered = copy_graph_module(gm) if gm is variants.base else gm
         gm = pipelines.schedule(copy_graph_module(unordered), ctx)
-        gm, ctx = _within_memory(gm, ctx, unordered, variants, bound, pipelines)
+        gm, ctx, peak = _within_memory(gm, ctx, unordered, traced, bound, pipelines)
     predicted[degree] = ctx.schedule.makespan
-    return degree, gm, ctx, predicted, t_screen
+    return degree, gm, ctx, predicted, t_screen, (peak, traced)
 
 
-def _within_memory(gm: fx.GraphModule, ctx: PassContext, unordered: fx.GraphModule, variants: Variants,
-                   bound: float, pipelines: Pipelines) -> tuple[fx.GraphModule, PassContext]:
-    """``gm`` if its order keeps at most ``1 + bound`` times the traced graph's peak of live tensor bytes; else
-    ``unordered`` (the same chunks) scheduled in traced order, with a note (``strict``: ``PlanError``).
-    Collectives keep their issue order either way, so ranks that decide differently still pair up."""
-    peak, traced = peak_bytes(gm.graph), peak_bytes(variants.base.graph)
+def _within_memory(gm: fx.GraphModule, ctx: PassContext, unordered: fx.GraphModule, traced: int | None,
+                   bound: float, pipelines: Pipelines) -> tuple[fx.GraphModule, PassContext, int | None]:
+    """``gm`` and its peak of live tensor bytes if that is at most ``1 + bound`` times ``traced`` (the graph as
+    traced); else ``unordered`` (the same chunks) scheduled in traced order and its peak, with a note
+    (``strict``: ``PlanError``). Collectives keep their issue order either way, so ranks that decide
+    differently still pair up."""
+    peak = peak_bytes(gm.graph)
     if not peak or not traced or peak <= traced * (1 + bound):
-        return gm, ctx
+        return gm, ctx, peak
     why = (f"the {ctx.config.scheduler} schedule keeps {fmt_bytes(peak)} of tensors alive at once against "
            f"{fmt_bytes(traced)} as traced ({100.0 * (peak - traced) / traced:+.0f} %, over "
            f"max_peak_growth={bound})")
@@ -348,7 +355,7 @@ def _within_memory(gm: fx.GraphModule, ctx: PassContext, unordered: fx.GraphModu
     sequential = replace(ctx, config=replace(ctx.config, scheduler="sequential"), notes=list(ctx.notes))
     gm = pipelines.schedule(unordered, sequential)
     sequential.notes.append(f"memory: {why}: the chunks run in traced order instead")
-    return gm, sequential
+    return gm, sequential, peak_bytes(gm.graph)
 
 
 def same_order(a: dict[str, list[str]] | None, b: dict[str, list[str]] | None) -> bool:
@@ -393,8 +400,8 @@ def make_plan(variants: Variants, costs: dict[int, CostModel], pipelines: Pipeli
                   for r, (_, o) in enumerate(everyone) if not same_order(o, order)}
     if errors:
         raise PlanError("; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
-    degree, gm, ctx, predicted, t_screen = chosen
+    degree, gm, ctx, predicted, t_screen, (peak, traced) = chosen
     total = clock.own()
     return Plan(degree, gm, ctx, predicted,
                 split_s={"chunk": variants.chunk_s, "rank degrees": t_screen, "schedule": total - t_screen},
-                wait_s=clock.waited() + variants.wait_s)
+                wait_s=clock.waited() + variants.wait_s, peak_bytes=peak, traced_peak_bytes=traced)

@@ -82,7 +82,8 @@ class ScheduleReport:
 class GraphReport:
     """One aot_autograd graph after the pass pipeline.
 
-    ``fallback`` is the reason the unmodified graph was used instead, or None;
+    ``fallback`` is the reason the unmodified graph was used instead, or None; ``unscheduled`` why the graph
+    runs as traced without planning (nothing to schedule), or None;
     ``schedule`` is filled once profiling ends and the scheduled graph is
     swapped in; ``compile_s`` is the pass pipeline's time at compile, and
     ``wait_s`` the time this rank then waited for the others to agree on the
@@ -97,6 +98,7 @@ class GraphReport:
     schedule: ScheduleReport | None = None
     compile_s: float = 0.0
     wait_s: float = 0.0
+    unscheduled: str | None = None
 
 
 @dataclass
@@ -205,7 +207,8 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
                           candidates=dict(plan.predicted), predicted_ms=sched.makespan, tasks=rows,
                           notes=list(ctx.notes), profile_calls=profile_calls, plan_s=plan.plan_s, wait_s=plan.wait_s,
                           plan_split_s=dict(plan.split_s), cache_hit=cache_hit, status=sched.status,
-                          reference_ms=dict(sched.meta.get("reference_ms", {})), schedule=sched, taskgraph=graph)
+                          reference_ms=dict(sched.meta.get("reference_ms", {})), peak_bytes=plan.peak_bytes,
+                          traced_peak_bytes=plan.traced_peak_bytes, schedule=sched, taskgraph=graph)
 
 
 _RECORDS: list[CompileRecord] = []

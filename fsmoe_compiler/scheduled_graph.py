@@ -56,7 +56,6 @@ import torch.fx as fx
 from fsmoe_compiler import records
 from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
-from fsmoe_compiler.memory import peak_bytes
 from fsmoe_compiler.ops import is_collective
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.planner import (Pipelines, Plan, PlanError, Variants, cached_costs, distributed, make_plan,
@@ -203,6 +202,7 @@ class ScheduledGraph:
         reason = self._nothing_to_schedule()
         if reason is not None:
             self.report.notes.append(f"not scheduled: {reason}")
+            self.report.unscheduled = reason
             self.static = GraphExecutor(base)
 
     def restart(self, tag: str | None) -> None:
@@ -359,6 +359,5 @@ class ScheduledGraph:
         report = records.schedule_report(self.config.scheduler, plan, profile_calls=profile_calls,
                                          cache_hit=cache_hit)
         report.notes[:0] = [n for n in self.variants.chunk_notes if n not in report.notes]
-        report.peak_bytes, report.traced_peak_bytes = peak_bytes(plan.gm.graph), peak_bytes(self.base.graph)
         self.report.schedule = report
         self.report.num_nodes = len(plan.gm.graph.nodes)

@@ -79,8 +79,7 @@ def planned(record: records.CompileRecord) -> bool:
         g = record.latest(kind)
         if g is None:
             return False
-        static = any(n.startswith("not scheduled:") for n in g.notes)
-        if g.schedule is None and g.fallback is None and not static:
+        if g.schedule is None and g.fallback is None and g.unscheduled is None:
             return False
     return True
 

@@ -112,7 +112,7 @@ def check(rank: int, world_size: int, device_name: str) -> dict[str, Any]:
     compiled = torch.compile(fs, backend="fsmoe", options=OPTIONS)
     worst, losses = 0.0, []
     for step in range(STEPS):
-        x = torch.randn(TOKENS, D_MODEL, device=device, generator=None)
+        x = torch.randn(TOKENS, D_MODEL, device=device)
         le, ge = _step(eager, eager, x)
         lf, gf = _step(fs, compiled, x)
         losses.append((le, lf))

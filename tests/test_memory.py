@@ -80,8 +80,6 @@ def _reordered():
 def _bounded(bound: float, strict: bool = False):
     """``planner._within_memory`` on the reordered graph (peak 2692 B) against the traced one (1416 B), with a
     stand-in schedule pipeline that records the scheduler it was asked for."""
-    from types import SimpleNamespace
-
     from fsmoe_compiler.config import FSMoEConfig
     from fsmoe_compiler.planner import Pipelines, _within_memory
     from fsmoe_compiler.passes.context import PassContext
@@ -94,8 +92,9 @@ def _bounded(bound: float, strict: bool = False):
 
     traced, unordered = _graph(), _graph()
     ctx = PassContext(graph_kind="backward", config=FSMoEConfig(), strict=strict)
-    gm, out = _within_memory(_reordered(), ctx, unordered, SimpleNamespace(base=traced), bound,
-                             Pipelines(chunk=None, screen=None, schedule=schedule))
+    gm, out, peak = _within_memory(_reordered(), ctx, unordered, peak_bytes(traced.graph), bound,
+                                   Pipelines(chunk=None, screen=None, schedule=schedule))
+    assert peak == peak_bytes(gm.graph)  # the peak of the graph that runs
     return gm, out, unordered, asked
 
 

@@ -29,7 +29,8 @@ import torch.fx as fx
 
 from fsmoe_compiler.profiler.comm import fit_collectives
 from fsmoe_compiler.names import comm_key
-from fsmoe_compiler.ops import collective_bytes, collective_group_size, collective_kind, is_collective, is_wait
+from fsmoe_compiler.ops import (collective_bytes, collective_group_size, collective_kind, is_collective,
+                                is_communication, is_wait)
 from fsmoe_compiler.scheduler.costs import LinearCost
 
 #: Version of the JSON layout written by ``CostModel.to_json``.
@@ -165,7 +166,7 @@ class CostModel:
             found.append(f"collective samples without a time: {odd[:5]}")
         if graph is not None:
             missing = [n.name for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
-                       and not is_wait(n) and not is_collective(n) and n.name not in self.node_ms]
+                       and not is_communication(n) and n.name not in self.node_ms]
             if missing:
                 found.append(f"no time for {len(missing)} node(s) of the graph: {missing[:5]}")
         return found

@@ -86,7 +86,7 @@ def schedule_summary(sched: Any) -> str:
         f"{len(sched.measured_calls_ms)} call(s)), error {err}; planning {sched.plan_s:.2f} s, "
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
-    peak, traced = getattr(sched, "peak_bytes", None), getattr(sched, "traced_peak_bytes", None)
+    peak, traced = sched.peak_bytes, sched.traced_peak_bytes
     if peak is not None and traced:
         lines.append(f"peak memory in graph order (tensors alive, inputs included): scheduled {fmt_bytes(peak)}, "
                      f"as traced {fmt_bytes(traced)} ({100.0 * (peak - traced) / traced:+.1f} %)")
