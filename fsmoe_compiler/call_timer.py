@@ -34,6 +34,7 @@ class CallTimer:
         self.ready = ready
         self.calls_ms: list[float] = []
         self._handles: list[Any] = []
+        self._hooked: list[torch.Tensor] = []
 
     def __call__(self, *args: Any) -> Any:
         self.release()
@@ -50,6 +51,7 @@ class CallTimer:
             self._record(forward_s)
             return out
         began: list[float] = []
+        self._hooked = inputs
         self._handles = [
             register_multi_grad_hook(outputs, lambda _: began.append(_now()), mode="any"),
             register_multi_grad_hook(inputs, self._on_last_grad(forward_s, began), mode="all"),
@@ -72,7 +74,12 @@ class CallTimer:
         del self.calls_ms[:-_KEEP_CALLS]
 
     def release(self) -> None:
-        """Remove the last call's hooks (hooks on parameters outlive the backward they were set for)."""
+        """Remove the last call's hooks (hooks on parameters outlive the backward they were set for), and the
+        empty hook tables they leave on the parameters: autograd calls into Python for a table even when it is
+        empty, for every gradient of every later backward."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for t in self._hooked:
+            if t.grad_fn is None and t._backward_hooks is not None and not t._backward_hooks:
+                t._backward_hooks = None  # also unregisters the table's hook in autograd
+        self._handles, self._hooked = [], []

@@ -82,7 +82,19 @@ def test_call_timer_equals_the_graph_and_times_forward_plus_backward_once_per_ca
         timed(x, w)[0].sum().backward()
     assert len(timed.calls_ms) == 4
     timed.release()
-    assert not w._backward_hooks  # no hook left on the parameter
+    assert w._backward_hooks is None  # no hook, and no empty hook table, left on the parameter
+
+
+def test_call_timer_release_keeps_the_users_own_parameter_hooks():
+    timed = CallTimer(fx.symbolic_trace(_Net()))
+    x, w = _inputs()
+    seen = []
+    w.register_hook(lambda g: seen.append(g.shape))
+    timed(x, w)[0].sum().backward()
+    timed.release()
+    assert len(w._backward_hooks) == 1 and len(timed.calls_ms) == 1
+    (w * 2).sum().backward()
+    assert seen == [w.shape, w.shape]  # the user's hook still fires after ours are gone
 
 
 def test_call_timer_times_the_forward_alone_without_a_backward_and_nothing_before_ready():
@@ -250,7 +262,7 @@ def test_split_or_whole_keeps_the_graph_as_traced_unless_a_compiled_one_wins(com
     assert choice.chosen == want, (log, traced.run.calls_ms)
     assert choice.runs == {"as traced": n, "whole": n, "2 ranges": n}
     assert len(traced.run.calls_ms) == n  # one timing per as-traced call
-    assert not w._backward_hooks
+    assert w._backward_hooks is None
     assert [v.name for v in choice.variants] == [want]  # the losers are let go
     if want == "as traced":
         assert choice._run is gm
