@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from fsmoe_compiler.bench import allocator
 from fsmoe_compiler.bench import runner as bench_runner
 from fsmoe_compiler.bench.cli import main as bench_main
 from fsmoe_compiler.bench.methods import BENCH_METHODS, CpuRuntimeEstimator, parse_methods
@@ -21,7 +22,7 @@ TINY = ["--layers", "1", "--d-model", "32", "--d-ff", "64", "--batch", "4", "--s
 def test_parse_methods_keeps_order_and_names_the_valid_ones():
     assert parse_methods(None) == list(BENCH_METHODS)
     assert parse_methods("aot_eager, eager,aot_eager") == ["aot_eager", "eager"]
-    with pytest.raises(ValueError, match="unknown method.*'turbo'.*valid methods: eager, aot_eager, inductor, "
+    with pytest.raises(ValueError, match="unknown method.*'turbo'.*valid methods: eager, dynamo, aot_eager, inductor, "
                                           "pytorch_overlap, torchtitan_graph, fsmoe_sequential, fsmoe_tutel, fsmoe"):
         parse_methods("eager,turbo")
     with pytest.raises(ValueError, match="no methods given"):
@@ -86,17 +87,67 @@ def test_dispatch_reaches_the_example_model(argv, dispatch):
     assert torch.isfinite(model(*mod.make_batch(2, cfg.seq, model.config.vocab_size)))
 
 
-def test_ranks_keep_freed_memory_unless_system_malloc_is_asked_for():
+def test_rank_env_selects_the_malloc_asked_for(monkeypatch):
     from fsmoe_compiler.bench.cli import build_parser, config_from_args
 
-    cfg = config_from_args(build_parser().parse_args(["--threads", "2"]))
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: "/opt/lib/libjemalloc.so.2")
+    cfg = config_from_args(build_parser().parse_args(["--threads", "2", "--malloc", "jemalloc"]))
     env = bench_runner.rank_env(cfg, None, 29555)
     assert env["OMP_NUM_THREADS"] == "2" and env["MASTER_PORT"] == "29555" and env["GLOO_SOCKET_IFNAME"] == "lo"
-    assert {k: env[k] for k in bench_runner.MALLOC_KEEP} == bench_runner.MALLOC_KEEP
-    assert int(env["MALLOC_MMAP_THRESHOLD_"]) == 32 << 20  # glibc's ceiling; larger values are ignored
-    plain = config_from_args(build_parser().parse_args(["--system-malloc"]))
-    env = bench_runner.rank_env(plain, None, 29555)
-    assert all(env.get(k) == os.environ.get(k) for k in bench_runner.MALLOC_KEEP)
+    assert env["LD_PRELOAD"].split()[0] == "/opt/lib/libjemalloc.so.2" and env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    keep = bench_runner.rank_env(config_from_args(build_parser().parse_args(["--malloc", "glibc-keep"])), None, 1)
+    assert {k: keep[k] for k in allocator.GLIBC_KEEP} == allocator.GLIBC_KEEP and "MALLOC_CONF" not in keep
+    assert int(keep["MALLOC_MMAP_THRESHOLD_"]) == 32 << 20  # glibc's ceiling; larger values are ignored
+    plain = bench_runner.rank_env(config_from_args(build_parser().parse_args(["--malloc", "glibc"])), None, 1)
+    assert all(plain.get(k) == os.environ.get(k) for k in [*allocator.GLIBC_KEEP, "MALLOC_CONF", "LD_PRELOAD"])
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["--malloc", "tcmalloc"])
+    with pytest.raises(ValueError, match="--malloc must be one of auto, jemalloc, glibc-keep, glibc, got 'tcmalloc'"):
+        BenchConfig(methods=["eager"], malloc="tcmalloc").validate()
+
+
+def test_auto_malloc_is_jemalloc_where_installed_else_glibc_keep_and_says_why(monkeypatch):
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: "/opt/lib/libjemalloc.so.2")
+    assert allocator.resolve("auto") == ("jemalloc", None)
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+    malloc, why = allocator.resolve("auto")
+    assert malloc == "glibc-keep" and "jemalloc not installed" in why and "libjemalloc2" in why
+    with pytest.raises(ValueError, match="libjemalloc.so.2 not found.*glibc-keep, glibc"):
+        allocator.resolve("jemalloc")
+
+
+def test_a_rank_started_with_the_jemalloc_env_runs_jemalloc():
+    import subprocess
+    import sys
+
+    if allocator.find_jemalloc() is None:
+        pytest.skip(f"jemalloc is not installed ({allocator.INSTALL_HINT}); .ci/run installs it")
+    code = "from fsmoe_compiler.bench import allocator; print(allocator.in_use())"
+    for malloc, expected in (("jemalloc", "jemalloc"), ("glibc-keep", "glibc-keep"), ("glibc", "glibc")):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", *allocator.GLIBC_KEEP)}
+        env.update(allocator.env_for(malloc, env), PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected, (malloc, out.stdout, out.stderr)
+
+
+def test_warm_up_leaves_every_method_at_the_same_weights():
+    from fsmoe_compiler.bench import worker
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    start = worker._snapshot(model)
+    for _ in range(3):  # warm-up trains: weights, running stats and momentum move
+        opt.zero_grad()
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        opt.step()
+    assert not torch.equal(params[0], start["0.weight"]) and opt.state
+    worker._restore(model, opt, start)
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert list(model.parameters()) == params and all(p.grad is None for p in params)  # same tensors, in place
+    assert not opt.state  # no momentum carried into the timed steps
 
 
 def test_aggregate_takes_the_slowest_rank_per_repeat_and_flags_loss_mismatch():
@@ -167,7 +218,10 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
     tg = by_name["torchtitan_graph"]  # torchtitan's graph passes run on torchtitan's model only: skipped, with why
     assert not tg["ok"] and "MethodSkipped" in tg["error"] and "--model torchtitan" in tg["error"]
     assert "torchtitan_graph  skipped" in out
-    for name in ("eager", "aot_eager", "pytorch_overlap"):
+    malloc = data["config"]["malloc"]  # "auto" made concrete, and the ranks ran what was asked
+    assert malloc in ("jemalloc", "glibc-keep") and f"malloc: {malloc}" in out
+    assert not any(w.startswith("malloc: asked for") for w in data["warnings"])
+    for name in ("eager", "dynamo", "aot_eager", "pytorch_overlap"):
         m = by_name[name]
         assert m["ok"], m["error"]
         assert len(m["times_ms"]) == 2 and m["median_ms"] > 0 and m["speedup_vs_eager"] > 0

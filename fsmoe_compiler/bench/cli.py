@@ -16,13 +16,15 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .allocator import MALLOCS
 from .records import DEFAULT_MODEL, DEFAULT_SIZES, DISPATCH, DROPLESS_ONLY, GRAD_SYNC, BenchConfig, BenchResult
 
 #: What ``fsmoe bench --help`` says above the options.
 DESCRIPTION = """\
 Starts N local gloo ranks (default 2) and times training steps (forward,
 backward, gradient sync: by default outside the compiled graph as one bucketed
-all-reduce, with --grad-sync graph inside backward; SGD update) of an example MoE model after warm-up, for: eager, aot_eager,
+all-reduce, with --grad-sync graph inside backward; SGD update) of an example MoE model after warm-up, for: eager, dynamo
+(torch.compile(backend="eager"): Dynamo's graph run by PyTorch, as fsmoe's "as traced" variant runs it), aot_eager,
 inductor (plain torch.compile: Inductor's fused kernels, no overlap scheduling; its first step compiles for tens of
 seconds), pytorch_overlap (PyTorch's schedule_overlap_bucketing on the same ATen graphs,
 with a CPU cost estimator), torchtitan_graph (torchtitan's own graph_trainer
@@ -52,9 +54,9 @@ sizes); fsmoe then chunks along the hidden dim. --model torchtitan runs
 torchtitan's own MoE layer (dropless, SwiGLU experts in bf16 grouped GEMMs),
 its experts sharded over the ranks by torchtitan's expert parallelism.
 
-Every rank's glibc malloc keeps freed memory for reuse (as a caching
-allocator does on CUDA; --system-malloc turns this off), so no method pays
-page faults for re-allocating its activations every step."""
+Every rank runs jemalloc with purging off where it is installed (--malloc),
+so freed memory is reused as a caching allocator does on CUDA and no method
+pays page faults for re-allocating its activations every step."""
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -102,10 +104,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="how every method averages gradients over ranks: 'bucket' (default: after backward, outside "
                    "any graph, one flat all-reduce as DDP buckets) or 'graph' (inside backward, one functional "
                    "all-reduce per parameter, so compiled backward graphs hold them and may overlap them)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave the ranks' glibc malloc at its defaults; by default every rank keeps freed heap "
-                   "memory for reuse (MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=64 GiB, as a "
-                   "caching allocator does on CUDA), so no method pays page faults for re-allocating activations")
+    p.add_argument("--malloc", choices=MALLOCS, default="auto",
+                   help="the ranks' malloc: 'jemalloc' (preloaded, never purges: freed memory is reused, as the "
+                   "CUDA caching allocator does), 'glibc-keep' (glibc never trimming; its heap can fragment and "
+                   "grow, and one method then pays page faults at random), 'glibc' (defaults), 'auto' (default: "
+                   "jemalloc where installed, else glibc-keep)")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the profiled eager step that splits a step into all-to-all / grad sync / compute")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -174,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         threads=args.threads,
         emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
         fsmoe_options=fsmoe_options, grad_sync=args.grad_sync,
-        trace_dir=os.path.abspath(args.trace_dir) if args.trace_dir else None, system_malloc=args.system_malloc,
+        trace_dir=os.path.abspath(args.trace_dir) if args.trace_dir else None, malloc=args.malloc,
     )
     cfg.validate()
     return cfg
@@ -196,7 +199,7 @@ def render(result: BenchResult) -> str:
         f"{c['batch']}x{c['seq']} tokens per rank; {c['ranks']} gloo ranks x {c['threads']} thread(s); "
         f"{c['warmup']} warm-up + {c['steps']} timed steps per method, round-robin; gradient sync "
         + ("inside backward (per parameter)" if c.get("grad_sync") == "graph" else "after backward (one bucket)")
-        + ("; glibc malloc defaults" if c.get("system_malloc") else "; malloc keeps freed memory"),
+        + f"; malloc: {c.get('malloc', '?')}",
         "link: " + (f"emulated {link['rate']} ({link['topology']}, tc tbf)" if link["mode"] == "emulated"
                     else "loopback (not shaped)")
         + f"; all-to-all measured {link.get('measured_mbit_s', 0):.0f} Mbit/s, "

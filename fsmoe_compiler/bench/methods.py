@@ -1,6 +1,9 @@
 """The methods ``fsmoe bench`` compares, each a way to turn a model into a training-step runner.
 
 * ``eager``: the model as is.
+* ``dynamo``: ``torch.compile(backend="eager")``: Dynamo's graph run by
+  PyTorch, as fsmoe's "as traced" variant runs it (the floor for fsmoe where
+  nothing can overlap: Dynamo's guards and graph calls, nothing else).
 * ``aot_eager``: ``torch.compile(backend="aot_eager")`` (AOTAutograd's forward
   and backward ATen graphs, run eagerly): the compiled baseline without any
   reordering.
@@ -35,7 +38,7 @@ import torch
 from torch import fx, nn
 
 #: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
-BENCH_METHODS: tuple[str, ...] = ("eager", "aot_eager", "inductor", "pytorch_overlap", "torchtitan_graph",
+BENCH_METHODS: tuple[str, ...] = ("eager", "dynamo", "aot_eager", "inductor", "pytorch_overlap", "torchtitan_graph",
                                   "fsmoe_sequential", "fsmoe_tutel", "fsmoe")
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -247,6 +250,8 @@ def make_runner(
     """Wrap ``model`` for method ``name`` (compilation itself happens on the first call)."""
     if name == "eager":
         return MethodSetup(name, model, model)
+    if name == "dynamo":
+        return MethodSetup(name, model, torch.compile(model, backend="eager"))
     if name == "aot_eager":
         return MethodSetup(name, model, torch.compile(model, backend="aot_eager"))
     if name == "inductor":

@@ -13,6 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from .allocator import MALLOCS
+
 # Communication-heavy default: with 1 thread per rank, one eager step has 8 all-to-alls taking
 # ~165 ms on a 500 Mbit/s link alone (~320 ms at 300 Mbit/s) against ~225 ms of expert GEMMs on
 # the 2-core Xeon of one dev machine and ~360 ms on the AMD EPYC of another; the bucketed
@@ -65,7 +67,7 @@ class BenchConfig:
     fsmoe_options: dict[str, Any] = field(default_factory=dict)
     grad_sync: str = "bucket"  # "bucket": after backward, one flat all-reduce; "graph": inside backward
     trace_dir: str | None = None  # each rank writes a Chrome trace per fsmoe method here
-    system_malloc: bool = False  # False: the ranks' glibc malloc keeps freed memory (see runner.MALLOC_KEEP)
+    malloc: str = "auto"  # the ranks' malloc, one of allocator.MALLOCS ("auto": jemalloc where installed)
 
     def validate(self) -> None:
         """ValueError naming the bad field and what would be valid."""
@@ -74,6 +76,8 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 1:
             raise ValueError(f"--warmup must be >= 1 (the first step compiles), got {self.warmup}")
+        if self.malloc not in MALLOCS:
+            raise ValueError(f"--malloc must be one of {', '.join(MALLOCS)}, got {self.malloc!r}")
         if self.experts % self.ranks:
             raise ValueError(f"--experts ({self.experts}) must be a multiple of --ranks ({self.ranks})")
         if self.top_k > self.experts:

@@ -10,6 +10,7 @@ back as JSON files in a private temporary directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
+from . import allocator
 from .methods import BENCH_METHODS
 from .netns import LinkEmulation, netns_unavailable_reason, parse_rate
 from .records import BenchConfig, BenchResult, MethodResult, RankMethodRaw
@@ -86,15 +88,6 @@ def _tail(path: str, n: int = 3000) -> str:
         return ""
 
 
-#: glibc malloc settings for every rank (mallopt(3)): heap memory is never handed back to the kernel and
-#: blocks up to 32 MiB come from the heap, so a freed activation's pages are reused instead of unmapped and
-#: faulted in again (zeroed) on the next step. The CUDA caching allocator gives GPU runs this behaviour; on
-#: CPU, without it, a schedule that changes when tensors die pays page faults its profile never saw
-#: (measured: 8-23 thousand minor faults and +30-110 ms of system time per step, fsmoe's schedule only).
-MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-               "MALLOC_TOP_PAD_": str(256 << 20)}
-
-
 def rank_env(cfg: BenchConfig, link: LinkEmulation | None, port: int) -> dict[str, str]:
     """The environment every rank process starts with: rendezvous, gloo interface, threads, malloc settings."""
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,8 +99,7 @@ def rank_env(cfg: BenchConfig, link: LinkEmulation | None, port: int) -> dict[st
         OMP_NUM_THREADS=str(cfg.threads),
         PYTHONPATH=os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH", "")])),
     )
-    if not cfg.system_malloc:
-        env.update(MALLOC_KEEP)
+    env.update(allocator.env_for(allocator.resolve(cfg.malloc)[0], env))
     return env
 
 
@@ -188,6 +180,9 @@ def aggregate(cfg: BenchConfig, ranks: list[dict[str, Any]], link_info: dict[str
     link_info["measured_alpha_ms"] = ranks[0]["link"]["alpha_ms"]
     link_info["measured_mbit_s"] = ranks[0]["link"]["bytes_per_ms"] * 8e3 / 1e6
     link_info["cpu"] = ranks[0]["cpu"]
+    used = sorted({r.get("malloc", "?") for r in ranks})
+    if used != [cfg.malloc]:
+        warnings.append(f"malloc: asked for {cfg.malloc}, the ranks ran {', '.join(used)}")
     for m in methods:  # a reordering backend must issue collectives in the same order on every rank
         orders = [[g.get("order") for g in r["methods"][m.name]["info"].get("overlap", {}).get("per_graph", [])]
                   for r in ranks]
@@ -216,6 +211,10 @@ def run(cfg: BenchConfig) -> BenchResult:
         if cfg.ranks < 2:
             raise ValueError("--emulate-link needs --ranks >= 2")
     notes: list[str] = []
+    malloc, why = allocator.resolve(cfg.malloc)  # "auto" made concrete once, so every rank gets the same
+    cfg = dataclasses.replace(cfg, malloc=malloc)
+    if why:
+        notes.append(why)
     t0 = time.monotonic()
     with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="fsmoe-bench-") as workdir, \
             _link(cfg, notes) as link:

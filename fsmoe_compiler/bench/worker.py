@@ -4,9 +4,10 @@ Started by :mod:`fsmoe_compiler.bench.runner` as a plain subprocess (inside the
 rank's network namespace when the link is emulated), so it takes its rendezvous
 from the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``GLOO_SOCKET_IFNAME``)
 and hands its raw timings back as a JSON file. Each method builds its model from
-the same seed, warms up (the first call compiles), then the methods' timed steps
-run round-robin, one step of each per repeat (the first method rotates), so
-drift hits all alike.
+the same seed, warms up (the first call compiles) and puts its weights back, so
+every method's timed steps train from the same weights; then the methods' timed
+steps run round-robin, one step of each per repeat (the first method rotates),
+so drift hits all alike.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fsmoe_compiler.names import ALL_TO_ALL
 
 from fsmoe_compiler import split_choice
 
+from . import allocator
 from .records import BenchConfig, RankMethodRaw
 
 #: --grad-sync bucket: all dense gradients in one all-reduce (``sync_gradients``' ``bucket_mb``).
@@ -192,6 +194,7 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "link": {"alpha_ms": alpha_ms, "bytes_per_ms": link_bytes_per_ms},
         "cpu": {"flops_per_ms": flops, "bytes_per_ms": mem},
+        "malloc": allocator.in_use(),
         "methods": {},
     }
 
@@ -213,6 +216,7 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
             sync = sync_dense_gradients if cfg.grad_sync == "bucket" else _synced_in_backward
             step = _make_step(setup.runner, model, opt, batch, sync)
+            start = _snapshot(model)
             raw.info["warmup_steps"] = warmup_steps(name, cfg.warmup, cfg.fsmoe_options)
             for i in range(raw.info["warmup_steps"]):
                 _log(rank, f"{name}: warm-up step {i}")
@@ -226,6 +230,7 @@ def run_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
                 step()
                 extra += 1
             raw.info["warmup_steps"] += extra
+            _restore(model, opt, start)  # every method's timed steps start from the same weights
             setups[name] = (setup, step)
         except Exception as exc:  # noqa: BLE001 - a failing method is reported, the others go on
             raw.error = describe_error(exc)
@@ -281,6 +286,25 @@ def _write_trace(model: torch.nn.Module, directory: str, filename: str) -> str:
     except Exception as exc:  # noqa: BLE001 - a trace is a by-product: say why, keep the timings
         return f"not written: {describe_error(exc)}"
     return path
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s parameters and buffers, to put back after warm-up."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, start: dict[str, torch.Tensor]) -> None:
+    """Put ``model``'s weights back to ``start`` in place (compiled graphs keep their tensors) and clear the
+    optimizer's state, so every method's timed steps train from the same weights.
+
+    Warm-up lengths differ (an fsmoe method measures its variants for tens of steps, eager takes 2), and
+    with dropless routing the weights decide how many tokens each expert and rank gets: measured, the same
+    Dynamo graph ran 3-7 % slower or faster after 60 more SGD steps than after 2."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(start[k])
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
 
 
 def _synced_in_backward(model: torch.nn.Module) -> None:
