@@ -271,7 +271,7 @@ def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoECon
     collectives = [(op, _group_shape(g)) for op, g in collective_sequence(gm.graph)]
     plan = None if config is None else (config.scheduler, config.pipeline_degree, config.max_degree,
                                         config.profile_steps, config.measure_steps, config.time_limit_s,
-                                        config.split_tokens)
+                                        config.split_tokens, config.max_in_flight_mb)
     sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions], plan)
     return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 

@@ -67,6 +67,10 @@ class FSMoEConfig:
         as traced (0.5: 50 % more; ``memory.peak_bytes`` in graph order). Issuing exchanges early and waiting
         late keeps buffers alive longer; a schedule over the bound runs in the traced order of its chunks
         instead, with a note (``strict=True`` raises). None: no bound.
+    max_in_flight_mb: how many MB of collective buffers (inputs and outputs, PyTorch's own estimate,
+        ``estimate_fx_collective_memory_footprint``) may be issued and not yet waited on at once in the
+        scheduled order; a collective that would go over it waits for the oldest ones first (as PyTorch's
+        overlap scheduler bounds ``max_in_flight_gb``; 5 GB there too). None: no bound.
     """
 
     strict: bool = False
@@ -82,6 +86,7 @@ class FSMoEConfig:
     split_tokens: int | str = "auto"
     narrow_comm: bool = True
     max_peak_growth: float | None = 0.5
+    max_in_flight_mb: float | None = 5120.0
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -135,6 +140,10 @@ class FSMoEConfig:
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < float("inf"))):
             raise ValueError(f"fsmoe option 'max_peak_growth' must be a number >= 0 (a share: 0.5 is 50 % more "
                              f"memory than the graph as traced) or None (no bound), got {g!r}")
+        f = self.max_in_flight_mb
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < float("inf"))):
+            raise ValueError(f"fsmoe option 'max_in_flight_mb' must be a number of MB > 0 or None (no bound), "
+                             f"got {f!r}")
         t = self.time_limit_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
             raise ValueError(f"fsmoe option 'time_limit_s' must be a number of seconds > 0, got {t!r}")

@@ -10,7 +10,10 @@ The new order is a topological order of ALL nodes built from three rules:
   graph and the schedule, hence identical on every rank (ranks that issue collectives
   in different orders deadlock);
 * each ``wait_tensor`` is placed as late as possible: right before its first user in
-  the new order (or at a barrier, or before the output).
+  the new order (or at a barrier, or before the output). A collective that would put
+  more than ``max_in_flight_bytes`` of collective buffers in flight is issued once an
+  outstanding wait has been placed (or, when something needs it first, right after the
+  oldest waits).
 
 Barriers (``passes.taskgraph.classify_nodes``: ops with communication or other side
 effects the scheduler does not model) keep their place: nothing moves across one; a
@@ -64,12 +67,23 @@ def task_order(schedule: Schedule, taskmap: TaskMap) -> list[str]:
     return list(nx.lexicographical_topological_sort(dag, key=key))
 
 
-def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, sync_collectives: bool = False
-                ) -> list[fx.Node]:
+def footprint_bytes(start: fx.Node) -> int:
+    """Bytes a collective keeps alive from its issue to its wait: its inputs and outputs (PyTorch's estimate,
+    halved for an in-place all-reduce; a size only known at run time counts as PyTorch's fallback size)."""
+    from torch._inductor.comm_analysis import estimate_fx_collective_memory_footprint
+
+    return int(estimate_fx_collective_memory_footprint(start))
+
+
+def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, sync_collectives: bool = False,
+                max_in_flight_bytes: int | None = None, held: list[str] | None = None) -> list[fx.Node]:
     """The new node order of ``gm`` under ``schedule`` (placeholders first, output last); pure.
 
     ``sync_collectives`` places each wait right after its start (no overlap at all: the
-    ``sequential`` baseline, DeepSpeed-MoE style).
+    ``sequential`` baseline, DeepSpeed-MoE style). ``max_in_flight_bytes`` bounds the
+    ``footprint_bytes`` of the collectives issued and not yet waited on: one that would go over it is
+    issued once an outstanding wait is placed, or, when something needs it first, after the oldest
+    waits; their names are appended to ``held``.
     """
     graph = gm.graph
     nodes = list(graph.nodes)
@@ -100,6 +114,7 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
     emitted: set[fx.Node] = set()
     outstanding: list[fx.Node] = []  # waits of issued collectives not yet placed, in issue order
     cur_seg = 0
+    size = {wait_of[t]: footprint_bytes(start_of[t]) for t in coll_tasks} if max_in_flight_bytes else {}
 
     def emit(n: fx.Node) -> None:
         out.append(n)
@@ -116,13 +131,20 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
         for a in n.all_input_nodes:
             if a in emitted:
                 continue
+            if a in start_of_wait and start_of_wait[a] not in emitted and max_in_flight_bytes:
+                flush(need=start_of_wait[a])  # a collective the bound held back is needed now: issue it
             if a in start_of_wait and start_of_wait[a] in emitted:
                 emit(a)
                 outstanding.remove(a)
                 continue
             raise AnnotateError(f"node {n.name} needs {a.name}, which the schedule places later")
 
-    def flush() -> None:
+    def fits(t: str) -> bool:
+        return not outstanding or sum(size[w] for w in outstanding) + size[wait_of[t]] <= max_in_flight_bytes
+
+    def flush(need: fx.Node | None = None, force: bool = False) -> None:
+        """Issue every collective whose turn has come; one over the in-flight bound waits until an outstanding
+        wait is placed, unless ``force`` or ``need`` (until that start is issued): then the oldest waits go first."""
         progress = True
         while progress:
             progress = False
@@ -134,6 +156,13 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
                     g = grp_q[taskmap.group.get(t)]
                     if g[0] != t or segment.get(s, 0) > cur_seg or not all(available(a) for a in s.all_input_nodes):
                         break
+                    if max_in_flight_bytes and not sync_collectives and not fits(t):
+                        if held is not None and s.name not in held:
+                            held.append(s.name)
+                        if not (force or (need is not None and need not in emitted)):
+                            break
+                        while not fits(t):
+                            emit(outstanding.pop(0))
                     pull_inputs(s)
                     emit(s)
                     if sync_collectives:
@@ -148,6 +177,7 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
     for t in compute_tasks:
         flush()
         if t in barriers:
+            flush(force=True)
             late = [t2 for q in res_q.values() for t2 in q if segment.get(start_of[t2], 0) <= cur_seg]
             if late:
                 raise AnnotateError(f"collective(s) {late[:3]} before barrier {t} could not be issued before it")
@@ -162,6 +192,7 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
         if t in barriers:
             cur_seg += 1
             flush()
+    flush(force=True)
     left = [t for q in res_q.values() for t in q]
     if left:
         raise AnnotateError(f"collective(s) {left[:3]} could never be issued")
@@ -220,9 +251,16 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.notes.append(why)
         return gm
     sync = schedule.method == "sequential" or bool(schedule.meta.get("sync_collectives", False))
-    order = order_nodes(gm, schedule, taskmap, sync_collectives=sync)
+    bound_mb = ctx.config.max_in_flight_mb
+    held: list[str] = []
+    order = order_nodes(gm, schedule, taskmap, sync_collectives=sync, held=held,
+                        max_in_flight_bytes=None if bound_mb is None else int(bound_mb * 2**20))
     apply_order(gm, order)
     write_meta(gm, taskmap)
     ctx.notes.append(f"{ctx.graph_kind}: nodes ordered by the {schedule.method or 'given'} schedule "
                      f"({len(taskmap.nodes_of)} tasks, makespan {schedule.makespan:.3f} ms predicted)")
+    if held:
+        ctx.notes.append(f"{ctx.graph_kind}: {len(held)} collective(s) issued later than the schedule asks, to keep "
+                         f"at most {bound_mb:g} MB of collective buffers in flight (max_in_flight_mb): "
+                         + ", ".join(held[:4]) + (" ..." if len(held) > 4 else ""))
     return gm

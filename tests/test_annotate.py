@@ -70,6 +70,29 @@ def test_chunked_forward_issues_dispatches_early_and_places_waits_right_before_t
     check_topological(gm)
 
 
+def test_in_flight_bound_places_the_oldest_wait_before_the_next_collective():
+    from fsmoe_compiler.config import FSMoEConfig
+    from fsmoe_compiler.passes.annotate import footprint_bytes
+
+    gm = forward_ep_chunked()
+    one = footprint_bytes(next(n for n in gm.graph.nodes if n.name == "a2a_d0"))
+    assert one == 2 * 4 * 8 * 4  # input and output of a 4x8 fp32 exchange
+    tg, tm = build_taskgraph(gm, cost_table(FWD_COSTS), "forward")
+    ctx = PassContext(graph_kind="forward", config=FSMoEConfig(max_in_flight_mb=1.5 * one / 2**20))
+    ctx.schedule, ctx.taskmap = heuristic_schedule(tg), tm
+    order = _names(annotate(gm, ctx).graph.nodes)
+    for a, b in (("a2a_d0", "a2a_d1"), ("a2a_d1", "a2a_c0"), ("a2a_c0", "a2a_c1")):
+        # one exchange in flight at a time: each is waited on before the next is issued
+        assert order.index(f"wait_{a}") < order.index(b), (a, order)
+    assert order.index("scores") < order.index("wait_a2a_d0")  # the router still overlaps the first exchange
+    assert order.index("a2a_d1") == order.index("wait_a2a_d0") + 2  # the next goes out once that wait is placed
+    assert any("issued later than the schedule asks" in n and "a2a_d1" in n and "max_in_flight_mb" in n
+               for n in ctx.notes), ctx.notes
+    check_topological(gm)
+    with pytest.raises(ValueError, match="'max_in_flight_mb' must be a number of MB > 0 or None.*got 0"):
+        FSMoEConfig.from_options({"max_in_flight_mb": 0})
+
+
 def test_stream_and_task_annotations_follow_the_task_map():
     gm, tg, tm, s = _annotated(forward_ep_chunked(), FWD_COSTS, "forward")
     streams = {n.name: n.meta["fsmoe"]["stream"] for n in gm.graph.nodes if "fsmoe" in n.meta}
@@ -207,11 +230,12 @@ def test_taskgraph_pass_reads_the_cost_model_from_the_context():
 # real tensors
 # ---------------------------------------------------------------------------
 
-def _scheduling_backend(costs, log: dict, degree: int = 1):
+def _scheduling_backend(costs, log: dict, degree: int = 1, max_in_flight_mb: float | None = None):
     """aot_autograd: recognize -> [chunk] -> taskgraph -> heuristic schedule -> annotate -> verify, both graphs."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
+    from fsmoe_compiler.config import FSMoEConfig
     from fsmoe_compiler.passes.recognize import recognize
     from fsmoe_compiler.passes.verify import graph_signature, verify
 
@@ -219,7 +243,8 @@ def _scheduling_backend(costs, log: dict, degree: int = 1):
 
     def compiler(kind):
         def compile_graph(gm, example_inputs):
-            ctx = PassContext(graph_kind=kind, regions=dict(regions), original=graph_signature(gm), strict=True)
+            ctx = PassContext(graph_kind=kind, regions=dict(regions), original=graph_signature(gm), strict=True,
+                              config=FSMoEConfig(max_in_flight_mb=max_in_flight_mb))
             before = [n.name for n in gm.graph.nodes]
             recognize(gm, ctx)
             regions.update(ctx.regions)
@@ -234,6 +259,7 @@ def _scheduling_backend(costs, log: dict, degree: int = 1):
             annotate(gm, ctx)
             verify(gm, ctx)
             log[kind] = {"moved": before != [n.name for n in gm.graph.nodes], "order": collective_order(gm),
+                         "held": any("issued later than the schedule asks" in n for n in ctx.notes),
                          "tasks": len(ctx.taskmap.nodes_of),
                          "streams": sorted({n.meta["fsmoe"]["stream"] for n in gm.graph.nodes if "fsmoe" in n.meta
                                             and "stream" in n.meta["fsmoe"]})}
@@ -285,15 +311,16 @@ def _ep_rank(rank: int, world_size: int) -> dict:
 
     out = {}
     # dropless: symbolic split sizes, a size read off an all-to-all; chunked: 2 chunks by passes/chunk.py
-    for case, dispatch, degree in (("capacity", "capacity", 1), ("dropless", "dropless", 1),
-                                   ("chunked", "capacity", 2)):
+    # "one_in_flight": a bound below one exchange's buffers, so each waits for the one before (max_in_flight_mb)
+    for case, dispatch, degree, bound in (("capacity", "capacity", 1, None), ("dropless", "dropless", 1, None),
+                                          ("chunked", "capacity", 2, None), ("one_in_flight", "capacity", 2, 1e-6)):
         torch._dynamo.reset()
         torch.manual_seed(0)
         layer = MoELayer(8, 16, 4, router="gshard", dispatch=dispatch)
         x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(rank)).requires_grad_()
         log: dict = {}
         with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
-            y, grads = _run_layer(layer, x, _scheduling_backend(_CostByKind(), log, degree))
+            y, grads = _run_layer(layer, x, _scheduling_backend(_CostByKind(), log, degree, bound))
         y_ref, grads_ref = _run_layer(layer, x)
         err = max([(y - y_ref).abs().max().item()] + [(g - r).abs().max().item() for g, r in zip(grads, grads_ref)])
         out[case] = {"err": err, "log": log, "scale": y_ref.abs().max().item()}
@@ -309,6 +336,7 @@ def test_annotated_ep_graphs_match_eager_on_two_gloo_ranks_with_one_issue_order(
         assert per_rank["capacity"]["log"]["forward"]["order"]["0"] == ["all_to_all_single[4, 8, 8]"] * 2
         assert "all_to_all_single[?, 8]" in per_rank["dropless"]["log"]["backward"]["order"]["0"]
         assert len(per_rank["chunked"]["log"]["forward"]["order"]["0"]) == 4  # 2 chunks x (dispatch, combine)
+        assert per_rank["one_in_flight"]["log"]["forward"]["held"] and not per_rank["chunked"]["log"]["forward"]["held"]
     # same tasks and the same per-group issue order on both ranks
     assert all(results[0][k]["log"] == results[1][k]["log"] for k in results[0])
 

@@ -32,7 +32,7 @@ def test_parse_methods_keeps_order_and_names_the_valid_ones():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--methods", "eager,turbo"], "unknown method(s) 'turbo'; valid methods: eager, aot_eager"),
+        (["--methods", "eager,turbo"], "unknown method(s) 'turbo'; valid methods: eager, dynamo, aot_eager"),
         (["--emulate-link", "12parsecs"], "bad link rate '12parsecs'"),
         (["--model", "llama"], "unknown example model 'llama'; valid models: gpt2, mixtral"),
         (["--experts", "3"], "--experts (3) must be a multiple of --ranks (2)"),
