@@ -311,8 +311,9 @@ def _ep_rank(rank: int, world_size: int) -> dict:
 
     out = {}
     # dropless: symbolic split sizes, a size read off an all-to-all; chunked: 2 chunks by passes/chunk.py
-    # "one_in_flight": a bound below one exchange's buffers, so each waits for the one before (max_in_flight_mb)
-    for case, dispatch, degree, bound in (("capacity", "capacity", 1, None), ("dropless", "dropless", 1, None),
+    # dropless under the default in-flight bound (sizes known only at run time); "one_in_flight": a bound below
+    # one exchange's buffers, so each waits for the one before (max_in_flight_mb)
+    for case, dispatch, degree, bound in (("capacity", "capacity", 1, None), ("dropless", "dropless", 1, 5120.0),
                                           ("chunked", "capacity", 2, None), ("one_in_flight", "capacity", 2, 1e-6)):
         torch._dynamo.reset()
         torch.manual_seed(0)
