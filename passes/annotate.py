@@ -34,12 +34,13 @@ communicator's stream and ``wait_tensor`` makes the compute stream wait on their
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import networkx as nx
 import torch.fx as fx
 
 from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM, SEQUENTIAL
-from fsmoe_compiler.ops import is_communication
+from fsmoe_compiler.ops import collective_bytes, is_communication
 from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.taskgraph import TaskMap
 from fsmoe_compiler.scheduler import Schedule
@@ -67,16 +68,22 @@ def task_order(schedule: Schedule, taskmap: TaskMap) -> list[str]:
     return list(nx.lexicographical_topological_sort(dag, key=key))
 
 
-def footprint_bytes(start: fx.Node) -> int:
-    """Bytes a collective keeps alive from its issue to its wait: its inputs and outputs (PyTorch's estimate,
-    halved for an in-place all-reduce; a size only known at run time counts as PyTorch's fallback size)."""
+def footprint_bytes(start: fx.Node, costs: Any = None) -> int:
+    """Bytes a collective keeps alive from its issue to its wait: its inputs and outputs (PyTorch's own
+    estimate, halved for an in-place all-reduce). Where the sizes are only known at run time (dropless),
+    twice the median bytes the profile saw it send (``costs.observed_bytes``), else 0: PyTorch's fallback
+    size for an unknown one (64 MiB a tensor) would hold back exchanges of a few MiB."""
     from torch._inductor.comm_analysis import estimate_fx_collective_memory_footprint
 
-    return int(estimate_fx_collective_memory_footprint(start))
+    if collective_bytes(start):
+        return int(estimate_fx_collective_memory_footprint(start))
+    observed = getattr(costs, "observed_bytes", None)
+    return 2 * int(observed(start)) if observed is not None else 0
 
 
 def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, sync_collectives: bool = False,
-                max_in_flight_bytes: int | None = None, held: list[str] | None = None) -> list[fx.Node]:
+                max_in_flight_bytes: int | None = None, held: list[str] | None = None, costs: Any = None
+                ) -> list[fx.Node]:
     """The new node order of ``gm`` under ``schedule`` (placeholders first, output last); pure.
 
     ``sync_collectives`` places each wait right after its start (no overlap at all: the
@@ -114,7 +121,8 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
     emitted: set[fx.Node] = set()
     outstanding: list[fx.Node] = []  # waits of issued collectives not yet placed, in issue order
     cur_seg = 0
-    size = {wait_of[t]: footprint_bytes(start_of[t]) for t in coll_tasks} if max_in_flight_bytes else {}
+    size = {wait_of[t]: footprint_bytes(start_of[t], costs) for t in coll_tasks} if max_in_flight_bytes else {}
+    held_starts = set(start_of.values())
 
     def emit(n: fx.Node) -> None:
         out.append(n)
@@ -131,8 +139,11 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
         for a in n.all_input_nodes:
             if a in emitted:
                 continue
-            if a in start_of_wait and start_of_wait[a] not in emitted and max_in_flight_bytes:
-                flush(need=start_of_wait[a])  # a collective the bound held back is needed now: issue it
+            start = start_of_wait.get(a, a if a in held_starts else None)
+            if start is not None and start not in emitted and max_in_flight_bytes:
+                flush(need=start)  # a collective the bound held back is needed now (its wait, or a size read off it)
+            if a in emitted:
+                continue
             if a in start_of_wait and start_of_wait[a] in emitted:
                 emit(a)
                 outstanding.remove(a)
@@ -230,7 +241,7 @@ def write_meta(gm: fx.GraphModule, taskmap: TaskMap) -> None:
         n.meta["fsmoe"] = meta
 
 
-@graph_pass(uses=("schedule", "taskmap"))
+@graph_pass(uses=("schedule", "taskmap", "costs"))
 def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Pass: reorder ``gm`` by ``ctx.schedule`` / ``ctx.taskmap`` and write task/stream metadata.
 
@@ -253,7 +264,7 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     sync = schedule.method == "sequential" or bool(schedule.meta.get("sync_collectives", False))
     bound_mb = ctx.config.max_in_flight_mb
     held: list[str] = []
-    order = order_nodes(gm, schedule, taskmap, sync_collectives=sync, held=held,
+    order = order_nodes(gm, schedule, taskmap, sync_collectives=sync, held=held, costs=ctx.costs,
                         max_in_flight_bytes=None if bound_mb is None else int(bound_mb * 2**20))
     apply_order(gm, order)
     write_meta(gm, taskmap)

@@ -162,6 +162,27 @@ def test_a_collective_waits_for_the_previous_one_of_its_group_even_when_its_inpu
     assert _names(order_nodes(gm, s, tm)) == ["x", "slow", "first", "second", "wait_first", "wait_second", "output"]
 
 
+def test_a_collective_held_back_by_the_in_flight_bound_goes_out_when_a_node_reads_it():
+    from fsmoe_compiler.passes.annotate import footprint_bytes
+
+    b = GraphBuilder()
+    x = b.input("x", 4, 4)
+    first = b.a2a("first", b.op("d0", aten.mul.Tensor, x, 2.0))
+    second = b.a2a("second", b.op("d1", aten.mul.Tensor, x, 3.0))
+    start = second.args[0]
+    rows = b.op("rows", aten.sym_size.int, start, 0)  # a size read off the exchange itself (dropless code does)
+    use = b.op("use", aten.mul.Tensor, first, rows)
+    gm = b.output(b.op("out", aten.add.Tensor, use, second))
+    tg, tm = build_taskgraph(gm, cost_table({"d0": 1.0, "d1": 1.0, "first": 1.0, "second": 1.0}), "forward")
+    s = heuristic_schedule(tg)
+    bound = footprint_bytes(start) * 3 // 2  # one exchange in flight at a time
+    held: list = []
+    order = _names(order_nodes(gm, s, tm, max_in_flight_bytes=bound, held=held))
+    assert held == ["second"]  # held back, then issued (after the oldest wait) when `rows` needed it
+    assert order.index("first") < order.index("wait_first") < order.index("second") < order.index("rows"), order
+    assert _names(order_nodes(gm, s, tm)).index("second") < order.index("second")  # unbounded: issued earlier
+
+
 def test_nothing_moves_across_a_barrier():
     b = GraphBuilder()
     x = b.input("x", 4, 4)
