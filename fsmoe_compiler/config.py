@@ -67,8 +67,9 @@ class FSMoEConfig:
         as traced (0.5: 50 % more; ``memory.peak_bytes`` in graph order). Issuing exchanges early and waiting
         late keeps buffers alive longer; a schedule over the bound runs in the traced order of its chunks
         instead, with a note (``strict=True`` raises). None: no bound.
-    max_in_flight_mb: how many MB of collective buffers (inputs and outputs, PyTorch's own estimate,
-        ``estimate_fx_collective_memory_footprint``) may be issued and not yet waited on at once in the
+    max_in_flight_mb: how many MB of collective buffers (inputs and outputs: PyTorch's own estimate,
+        ``estimate_fx_collective_memory_footprint``, or twice the bytes the profile saw sent where sizes are
+        known only at run time) may be issued and not yet waited on at once in the
         scheduled order; a collective that would go over it waits for the oldest ones first (as PyTorch's
         overlap scheduler bounds ``max_in_flight_gb``; 5 GB there too). None: no bound.
     """
