@@ -21,6 +21,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+
+
 @dataclass(frozen=True)
 class FSMoEConfig:
     """Options of the fsmoe backend.
@@ -138,15 +142,15 @@ class FSMoEConfig:
         if st != "auto" and not (_is_int(st) and st >= 1):
             raise ValueError(f"fsmoe option 'split_tokens' must be an int >= 1 or 'auto', got {st!r}")
         g = self.max_peak_growth
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < float("inf"))):
+        if g is not None and not (_is_finite_number(g) and g >= 0):
             raise ValueError(f"fsmoe option 'max_peak_growth' must be a number >= 0 (a share: 0.5 is 50 % more "
                              f"memory than the graph as traced) or None (no bound), got {g!r}")
         f = self.max_in_flight_mb
-        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < float("inf"))):
+        if f is not None and not (_is_finite_number(f) and f > 0):
             raise ValueError(f"fsmoe option 'max_in_flight_mb' must be a number of MB > 0 or None (no bound), "
                              f"got {f!r}")
         t = self.time_limit_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
+        if not (_is_finite_number(t) and t > 0):
             raise ValueError(f"fsmoe option 'time_limit_s' must be a number of seconds > 0, got {t!r}")
 
     def degrees(self) -> list[int]:

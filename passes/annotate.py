@@ -121,8 +121,9 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
     emitted: set[fx.Node] = set()
     outstanding: list[fx.Node] = []  # waits of issued collectives not yet placed, in issue order
     cur_seg = 0
-    size = {wait_of[t]: footprint_bytes(start_of[t], costs) for t in coll_tasks} if max_in_flight_bytes else {}
-    held_starts = set(start_of.values())
+    bounded = bool(max_in_flight_bytes) and not sync_collectives  # a synchronous wait leaves nothing in flight
+    size = {wait_of[t]: footprint_bytes(start_of[t], costs) for t in coll_tasks} if bounded else {}
+    starts = set(start_of.values())
 
     def emit(n: fx.Node) -> None:
         out.append(n)
@@ -137,10 +138,8 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
 
     def pull_inputs(n: fx.Node) -> None:
         for a in n.all_input_nodes:
-            if a in emitted:
-                continue
-            start = start_of_wait.get(a, a if a in held_starts else None)
-            if start is not None and start not in emitted and max_in_flight_bytes:
+            start = start_of_wait.get(a, a)  # a wait's collective, or the node itself
+            if bounded and start in starts and start not in emitted:
                 flush(need=start)  # a collective the bound held back is needed now (its wait, or a size read off it)
             if a in emitted:
                 continue
@@ -167,7 +166,7 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
                     g = grp_q[taskmap.group.get(t)]
                     if g[0] != t or segment.get(s, 0) > cur_seg or not all(available(a) for a in s.all_input_nodes):
                         break
-                    if max_in_flight_bytes and not sync_collectives and not fits(t):
+                    if bounded and not fits(t):
                         if held is not None and s.name not in held:
                             held.append(s.name)
                         if not (force or (need is not None and need not in emitted)):

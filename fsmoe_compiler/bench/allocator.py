@@ -40,14 +40,21 @@ def find_jemalloc() -> str | None:
     return None
 
 
+def _jemalloc_path() -> str:
+    path = find_jemalloc()
+    if path is None:
+        raise ValueError(f"--malloc jemalloc: libjemalloc.so.2 not found ({INSTALL_HINT}); "
+                         f"or pick one of {', '.join(m for m in MALLOCS if m != 'jemalloc')}")
+    return path
+
+
 def resolve(choice: str) -> tuple[str, str | None]:
     """``choice`` made concrete: ``("jemalloc" | "glibc-keep" | "glibc", note)``; the note says why ``"auto"``
     did not get jemalloc. ValueError for an unknown choice, or ``"jemalloc"`` where it is not installed."""
     if choice not in MALLOCS:
         raise ValueError(f"--malloc must be one of {', '.join(MALLOCS)}, got {choice!r}")
-    if choice == "jemalloc" and find_jemalloc() is None:
-        raise ValueError(f"--malloc jemalloc: libjemalloc.so.2 not found ({INSTALL_HINT}); "
-                         f"or pick one of {', '.join(m for m in MALLOCS if m != 'jemalloc')}")
+    if choice == "jemalloc":
+        _jemalloc_path()
     if choice != "auto":
         return choice, None
     if find_jemalloc() is not None:
@@ -56,20 +63,14 @@ def resolve(choice: str) -> tuple[str, str | None]:
                           "but its heap can fragment and one method then pays page faults at random")
 
 
-def env_for(malloc: str, base: dict[str, str]) -> dict[str, str]:
-    """The variables that give a rank process started with environment ``base`` the malloc ``malloc``
-    (a concrete one, from ``resolve``)."""
+def env_for(choice: str, base: dict[str, str]) -> dict[str, str]:
+    """The variables that give a rank process started with environment ``base`` the malloc ``choice``
+    (``resolve``d first)."""
+    malloc = resolve(choice)[0]
     if malloc == "jemalloc":
-        path = find_jemalloc()
-        if path is None:
-            raise ValueError(f"--malloc jemalloc: libjemalloc.so.2 not found ({INSTALL_HINT})")
-        preload = " ".join(filter(None, [path, base.get("LD_PRELOAD", "")]))
+        preload = " ".join(filter(None, [_jemalloc_path(), base.get("LD_PRELOAD", "")]))
         return {"LD_PRELOAD": preload, "MALLOC_CONF": JEMALLOC_CONF}
-    if malloc == "glibc-keep":
-        return dict(GLIBC_KEEP)
-    if malloc == "glibc":
-        return {}
-    raise ValueError(f"malloc must be one of {', '.join(m for m in MALLOCS if m != 'auto')}, got {malloc!r}")
+    return dict(GLIBC_KEEP) if malloc == "glibc-keep" else {}
 
 
 def in_use() -> str:

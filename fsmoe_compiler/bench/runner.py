@@ -99,7 +99,7 @@ def rank_env(cfg: BenchConfig, link: LinkEmulation | None, port: int) -> dict[st
         OMP_NUM_THREADS=str(cfg.threads),
         PYTHONPATH=os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH", "")])),
     )
-    env.update(allocator.env_for(allocator.resolve(cfg.malloc)[0], env))
+    env.update(allocator.env_for(cfg.malloc, env))
     return env
 
 
