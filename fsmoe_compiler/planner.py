@@ -263,7 +263,7 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
         common = set(everyone[0]).intersection(*everyone[1:])
         own = {k: v for k, v in node_ms.items() if k not in common}
         agreed = agree(CostModel(node_ms={k: v for k, v in node_ms.items() if k in common}, comm=comm,
-                                 samples=list(samples)))
+                                 samples=list(samples)), f"{tag}/costs{degree}")
         agreed.node_ms.update(own)
         out[degree] = agreed
     return out

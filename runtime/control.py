@@ -40,8 +40,9 @@ other ranks are seen doing:
   other rank's traced or eager code. A rank that stops voting on a series
   says so (:func:`leave`): the others abandon its later instances at once.
 
-:func:`exchange` (numbered per tag) remains for callers that know every rank
-makes the same calls; the backend does not use it.
+It is the one channel for everything the ranks must agree on: regions at
+compile, every call's vote, the profile cache's hit, message sizes and the
+cost models themselves (``profiler.agree``).
 """
 
 from __future__ import annotations
@@ -67,12 +68,11 @@ ABSENT_S = 10.0
 #: how often a waiting rank looks at what the missing ranks are doing
 POLL_S = 0.25
 
-_counters: dict[str, int] = {}  # exchange(): per-tag numbering
 _waited = [0.0]  # seconds this process has spent blocked in agreements, waiting for the other ranks
 
 
 def waited_s() -> float:
-    """Seconds this process has spent so far waiting in :func:`meet`, :func:`vote` or :func:`exchange`.
+    """Seconds this process has spent so far waiting in :func:`meet` or :func:`vote`.
 
     Compile-overhead figures subtract it: a rank that reaches an agreement first
     waits there for the others' Dynamo tracing, which is not this backend's work
@@ -210,13 +210,12 @@ def local(name: str, factory: Any) -> Any:
 
 
 def reset() -> None:
-    """Forget the numbering per tag, the waited total, the liveness thread and every :func:`local` state.
+    """Forget the waited total, the liveness thread and every :func:`local` state.
 
     For a process that leaves its process group and joins a new one, whose
     store starts empty (the ranks of ``fsmoe_compiler.launch.RankPool`` do this
     between jobs).
     """
-    _counters.clear()
     _waited[0] = 0.0
     if _plane[0] is not None:
         _plane[0].close()
@@ -482,7 +481,7 @@ def meet(key: str, value: Any, *, timeout_s: float | None = None, what: str = ""
 def _give_up(plane: _Plane, key: str, exc: ExchangeTimeout, announce: bool) -> None:
     """Raise ``exc`` from a meet; a strict one (every rank needed it) is announced as ``failed`` first, so a rank
     waiting for this one there (or anywhere) stops at once with this rank's reason instead of waiting
-    ``ABSENT_S`` for it. A non-strict one's caller (:func:`exchange` with a timeout) may go on."""
+    ``ABSENT_S`` for it. A non-strict one's caller (a :func:`meet` with a timeout) may go on."""
     if announce:
         plane.announce("failed", key, f"{type(exc).__name__}: {exc}"[:2000])
     raise exc
@@ -585,17 +584,3 @@ def posted(name: str) -> dict[int, Any]:
             out[r] = pickle.loads(plane.store.get(key))
     return out
 
-
-def exchange(tag: str, value: Any, timeout_s: float | None = None) -> list[Any]:
-    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without torch.distributed.
-
-    The n-th call with ``tag`` on one rank meets the n-th call with that tag on
-    every other rank (a per-process counter): only for callers that know every
-    rank makes the same calls. A missing rank raises as in :func:`meet`, or
-    after ``timeout_s`` (default: the store's timeout).
-    """
-    if not _distributed():
-        return [value]
-    n = _counters.get(tag, 0)
-    _counters[tag] = n + 1
-    return meet(f"exchange/{tag}/{n}", value, timeout_s=timeout_s, what=f"exchange {tag!r} #{n}", strict=False)

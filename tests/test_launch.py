@@ -64,11 +64,11 @@ def test_a_hanging_rank_becomes_a_timeout_error():
 
 def _leave_state_behind(rank, world_size):
     """Change everything a job could change and the next job must not see."""
-    from fsmoe_compiler.runtime.control import _counters, exchange
+    from fsmoe_compiler.runtime import control
 
     seed = torch.initial_seed()  # what the pool gave this job
-    exchange("test/pool", rank)
-    exchange("test/pool", rank)
+    control.meet("test/pool", rank)
+    control.local("test.pool", list).extend([rank, rank])
     os.environ["FSMOE_TEST_LEFT_BEHIND"] = "1"
     os.environ["MASTER_ADDR"] = "localhost"
     sys.path.append("/nonexistent/fsmoe-test")
@@ -80,12 +80,13 @@ def _leave_state_behind(rank, world_size):
     torch.compile(lambda x: x * 2, backend="eager")(torch.ones(2))
     dist.new_group([0, 1])  # a subgroup: destroyed with the job's process group
     torch.set_grad_enabled(False)
-    return {"pid": os.getpid(), "port": os.environ["MASTER_PORT"], "counter": _counters["test/pool"], "seed": seed,
+    return {"pid": os.getpid(), "port": os.environ["MASTER_PORT"], "counter": len(control.local("test.pool", list)), "seed": seed,
             "frames": sum(torch._dynamo.utils.counters["frames"].values())}
 
 
 def _report_state(rank, world_size):
-    from fsmoe_compiler.runtime.control import _counters, exchange, waited_s
+    from fsmoe_compiler.runtime import control
+    from fsmoe_compiler.runtime.control import waited_s
 
     state = {
         "pid": os.getpid(), "port": os.environ["MASTER_PORT"], "env": os.environ.get("FSMOE_TEST_LEFT_BEHIND"),
@@ -93,10 +94,10 @@ def _report_state(rank, world_size):
         "cache_size_limit": torch._dynamo.config.cache_size_limit, "threads": torch.get_num_threads(),
         "capture_scalar_outputs": torch._dynamo.config.capture_scalar_outputs,
         "dtype": torch.get_default_dtype(), "seed": torch.initial_seed(), "grad": torch.is_grad_enabled(),
-        "frames": sum(torch._dynamo.utils.counters["frames"].values()), "counters": dict(_counters),
+        "frames": sum(torch._dynamo.utils.counters["frames"].values()), "counters": list(control.local("test.pool", list)),
         "waited": waited_s(), "groups": len(dist.distributed_c10d._world.pg_map),
     }
-    state["exchange"] = exchange("test/pool", rank)  # numbered from 0 again: meets the other rank's first
+    state["exchange"] = control.meet("test/pool", rank)  # a new store: the same key meets again
     return state
 
 
@@ -113,7 +114,7 @@ def test_pool_jobs_run_in_the_same_processes_and_start_clean(rank_pool):
         assert a["threads"] == 1 and a["dtype"] == torch.float32 and a["grad"]
         assert a["seed"] == b["seed"] != 123  # every job starts from the seed the process started with
         assert a["frames"] == 0  # torch._dynamo.reset()
-        assert a["counters"] == {} and a["waited"] == 0.0
+        assert a["counters"] == [] and a["waited"] == 0.0
         assert a["groups"] == 1  # the world only: the last job's subgroup went with its process group
         assert a["exchange"] == [0, 1]
     assert rank_pool.run(_allreduce, timeout_s=60) == [torch.tensor([3.0])] * 2

@@ -212,7 +212,7 @@ def test_from_profiles_takes_the_fastest_call_per_node():
 
 def test_agree_without_distributed_is_the_identity():
     costs = CostModel(node_ms={"a": 1.0})
-    assert agree(costs) is costs
+    assert agree(costs, "test/alone") is costs
 
 
 # -- cache -------------------------------------------------------------------------------------------

@@ -12,14 +12,13 @@ data-dependent (dropless dispatch), from the median bytes it sent in the
 profiled calls of its degree (a chunk copy never run: its origin's, divided by
 the degree).
 
-``agree`` makes every rank hold identical numbers (all-reduce MAX), so a
-deterministic solve gives every rank the same schedule: ranks that order
+``agree`` makes every rank hold identical numbers (the MAX over ranks, over the
+control plane), so a deterministic solve gives every rank the same schedule: ranks that order
 their collectives differently deadlock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -200,73 +199,37 @@ class CostModel:
         return cls.from_dict(json.loads(text) if isinstance(text, (str, bytes)) else text)
 
 
-def _keys_digest(names: list[str], keys: list[str]) -> str:
-    return hashlib.sha256(json.dumps([names, keys]).encode()).hexdigest()
-
-
 def _first_difference(a: list[str], b: list[str]) -> str:
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     return f"only in the first: {only_a[:5]}, only in the second: {only_b[:5]}"
 
 
-def agree(costs: CostModel, group: Any = None) -> CostModel:
-    """Every rank of ``group`` (default: the world) gets the same model: the element-wise MAX over ranks.
+def agree(costs: CostModel, key: str) -> CostModel:
+    """Every rank gets the same model: node times and each link model's alpha and beta are the MAX over ranks
+    (deterministic, and pessimistic: the slowest rank sets the pace of a synchronous step), ``samples`` every
+    rank's in rank order. ``key`` names the agreement (unique to the graph, planning epoch and degree).
 
-    Collective (every rank calls it); returns ``costs`` unchanged without
-    torch.distributed or with one rank. ``node_ms`` and each link model's
-    alpha and beta are all-reduced with MAX (deterministic, and pessimistic:
-    the slowest rank sets the pace of a synchronous step); ``samples`` become
-    every rank's samples in rank order. The key lists must be identical (ranks
-    run the same graph): a mismatch raises ``ValueError`` naming both ranks on
-    every rank. Safe to call while a FakeTensorMode is active (inside a
-    compiled graph's call): the tensors it communicates are real.
+    It goes over the control plane (``runtime.control.meet``), the one channel the ranks agree on everything
+    through: a rank that never comes fails the others within seconds, naming it and what it is doing, and no
+    process-group collective is issued from inside a compiled graph's call. ``costs`` unchanged without
+    torch.distributed or with one rank. The node and link lists must be identical (ranks run the same
+    graph): a mismatch raises ``ValueError`` naming both ranks on every rank.
     """
-    import torch.distributed as dist
+    from fsmoe_compiler.runtime import control
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return costs
-    size = dist.get_world_size(group)
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
     names, keys = sorted(costs.node_ms), sorted(costs.comm)
-    try:
-        return _agree(costs, group, size, ranks, names, keys)
-    except RuntimeError as e:  # a peer died, skipped agree() or timed out: say what was being done
-        raise RuntimeError(
-            f"agree: exchanging cost models over {size} ranks failed ({e}); "
-            "a rank died, did not call agree(), or ran past the process-group timeout"
-        ) from e
-
-
-def _agree(costs: CostModel, group: Any, size: int, ranks: list[int], names: list[str], keys: list[str]) -> CostModel:
-    import torch
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily(), torch.no_grad():
-        digests: list[Any] = [None] * size
-        dist.all_gather_object(digests, _keys_digest(names, keys), group=group)
-        if len(set(digests)) > 1:
-            lists: list[Any] = [None] * size
-            dist.all_gather_object(lists, [names, keys], group=group)
-            bad = next(i for i in range(size) if digests[i] != digests[0])
+    mine = (names, keys, [costs.node_ms[n] for n in names],
+            [(costs.comm[k].alpha, costs.comm[k].beta) for k in keys], [dict(s) for s in costs.samples])
+    everyone = control.meet(key, mine, what="the cost model")
+    if len(everyone) == 1:
+        return costs
+    for r, (their_names, their_keys, *_rest) in enumerate(everyone):
+        if (their_names, their_keys) != (names, keys):
             raise ValueError(
-                f"ranks profiled different graphs: rank {ranks[bad]} and rank {ranks[0]} disagree on the cost keys "
-                f"(nodes {_first_difference(lists[bad][0], lists[0][0])}; "
-                f"links {_first_difference(lists[bad][1], lists[0][1])})"
-            )
-        backend = str(dist.get_backend(group))
-        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-        values = [costs.node_ms[n] for n in names]
-        for k in keys:
-            values += [costs.comm[k].alpha, costs.comm[k].beta]
-        vec = torch.tensor(values, dtype=torch.float64, device=device)
-        if values:
-            dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
-        agreed = vec.cpu().tolist()
-        all_samples: list[Any] = [None] * size
-        dist.all_gather_object(all_samples, costs.samples, group=group)
-    node_ms = dict(zip(names, agreed[: len(names)]))
-    rest = agreed[len(names):]
-    comm = {k: LinearCost(max(rest[2 * i], 0.0), max(rest[2 * i + 1], 0.0)) for i, k in enumerate(keys)}
-    samples = [dict(s) for per_rank in all_samples for s in per_rank]
+                f"ranks profiled different graphs: rank {r} and rank {control.rank()} disagree on the cost keys "
+                f"(nodes {_first_difference(their_names, names)}; links {_first_difference(their_keys, keys)})")
+    node_ms = {n: max(e[2][i] for e in everyone) for i, n in enumerate(names)}
+    comm = {k: LinearCost(max(max(e[3][i][0] for e in everyone), 0.0), max(max(e[3][i][1] for e in everyone), 0.0))
+            for i, k in enumerate(keys)}
+    samples = [dict(s) for e in everyone for s in e[4]]
     return CostModel(node_ms=node_ms, comm=comm, samples=samples)
