@@ -27,7 +27,7 @@ yields a valid graph.
 
 On CUDA nothing more is needed for overlap: functional collectives run on the
 communicator's stream and ``wait_tensor`` makes the compute stream wait on their event
-(see ``runtime/streams.py``). On CPU (gloo) collectives run on gloo's threads and
+(see ``passes/streams.py``). On CPU (gloo) collectives run on gloo's threads and
 ``wait_tensor`` blocks: the deferred waits are the overlap.
 """
 

@@ -6,7 +6,8 @@ forward's saved tensors are the backward's inputs), that the collectives are
 issued in the same order per process group (a graph no fsmoe pass reordered or
 chunked), or, once chunked/scheduled, that each group still carries the same
 collectives up to chunking (kinds counted once per origin node, total bytes
-unchanged), that stream annotations are valid, and that fsmoe node metadata is
+unchanged), that stream annotations are valid and every use across streams has its
+event first (``passes.streams.StreamRecorder``), and that fsmoe node metadata is
 consistent with the regions found. ``collective_order(gm)`` is the per-group issue
 order the backend compares across ranks (the order in which ranks must agree;
 reordering backends hang exactly there). A violation raises ``VerificationError``;
@@ -25,6 +26,7 @@ from fsmoe_compiler.ops import collective_group, collective_op, collective_seque
 from fsmoe_compiler.passes.graph_utils import nbytes, shape
 from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.region import ROLES
+from fsmoe_compiler.passes.streams import StreamHazard, check_streams
 
 
 class VerificationError(RuntimeError):
@@ -101,7 +103,7 @@ def check_topological(gm: fx.GraphModule) -> None:
         seen.add(n)
 
 
-def check_streams(gm: fx.GraphModule) -> None:
+def check_stream_tags(gm: fx.GraphModule) -> None:
     """Stream annotations, where present, are valid: collectives and waits on ``comm``, the rest on ``compute``."""
     for n in gm.graph.nodes:
         meta = n.meta.get("fsmoe")
@@ -165,7 +167,12 @@ def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     except Exception as exc:  # lint raises RuntimeError / AssertionError variants
         raise VerificationError(f"{ctx.graph_kind} graph is malformed: {exc}") from exc
     check_topological(gm)
-    check_streams(gm)
+    check_stream_tags(gm)
+    if _reordered(gm):  # every use across the compute and comm streams has its event first (passes.streams)
+        try:
+            check_streams(gm)
+        except StreamHazard as exc:
+            raise VerificationError(f"{ctx.graph_kind} graph: {exc}") from exc
 
     now = graph_signature(gm)
     before = ctx.original

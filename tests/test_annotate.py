@@ -19,7 +19,7 @@ from fsmoe_compiler.passes.annotate import AnnotateError, annotate, order_nodes,
 from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.taskgraph import build_taskgraph, taskgraph
 from fsmoe_compiler.passes.verify import check_topological, collective_order
-from fsmoe_compiler.runtime.streams import stream_of
+from fsmoe_compiler.passes.streams import stream_of
 from fsmoe_compiler.scheduler import Schedule, fixed_order_schedule, heuristic_schedule
 from graph_builder import BWD_COSTS, FWD_COSTS, GraphBuilder, backward_ep, cost_table, forward_ep_chunked
 
@@ -377,12 +377,35 @@ def test_a_sequential_schedule_waits_for_each_collective_at_once():
     assert order[3:8] == ["scores", "probs", "x_c0", "disp_c0", "a2a_d0"]
 
 
-def test_streams_helpers_on_cpu():
-    from fsmoe_compiler.runtime.streams import STREAM_OPS, compiled_stream_ops, device_supports_streams, side_stream
+def test_stream_recorder_passes_the_schedule_and_names_a_use_without_its_event():
+    from fsmoe_compiler.passes.verify import VerificationError, verify
+    from fsmoe_compiler.passes.streams import StreamHazard, check_streams
 
-    assert device_supports_streams("cpu") is False
-    ops = compiled_stream_ops()  # torch 2.13 has them once Dynamo's stream support is imported
-    assert set(ops) == set(STREAM_OPS)  # every op is named, present or not
-    assert {name for name, present in ops.items() if present} >= {"record_event", "wait_event", "fork", "join"}
-    with side_stream() as s:  # a no-op without CUDA
-        assert s is None or torch.cuda.is_available()
+    gm, _, _, _ = _annotated(forward_ep_chunked(), FWD_COSTS, "forward")
+    events = check_streams(gm)
+    assert [e for e in events if e[1] == "a2a_d0"] == [("issue", "a2a_d0"), ("wait", "a2a_d0")]
+    assert events.index(("issue", "a2a_d1")) < events.index(("wait", "a2a_d0"))  # two in flight at once
+    node = {n.name: n for n in gm.graph.nodes}
+    # a compute node reading the exchanged buffer before its wait: the recorder names both
+    bad = copy.deepcopy(gm)
+    b = {n.name: n for n in bad.graph.nodes}
+    b["scores"].replace_input_with(b["x"], b["a2a_d0"])  # scores runs while a2a_d0 is in flight
+    with pytest.raises(StreamHazard, match="scores .compute stream. reads the result of collective a2a_d0 before"):
+        check_streams(bad)
+    with pytest.raises(VerificationError, match="forward graph: scores"):
+        verify(bad, PassContext(graph_kind="forward"))
+    # an in-place write into a buffer an exchange is still reading
+    bad = copy.deepcopy(gm)
+    b = {n.name: n for n in bad.graph.nodes}
+    with bad.graph.inserting_after(b["a2a_d0"]):
+        bad.graph.call_function(torch.ops.aten.mul_.Tensor, (b["disp_c0"], 2.0))
+    with pytest.raises(StreamHazard, match="writes disp_c0 while collective a2a_d0 .comm stream. still uses it"):
+        check_streams(bad)
+    # a collective never waited for
+    bad = copy.deepcopy(gm)
+    b = {n.name: n for n in bad.graph.nodes}
+    b["wait_a2a_c1"].replace_all_uses_with(b["act_c1"])
+    bad.graph.erase_node(b["wait_a2a_c1"])
+    with pytest.raises(StreamHazard, match="a2a_c1 still in flight when the graph returns"):
+        check_streams(bad)
+    assert node["a2a_d0"].meta["fsmoe"]["stream"] == "comm"
