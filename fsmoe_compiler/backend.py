@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from fsmoe_compiler import records
+from fsmoe_compiler import inductor_codegen, records
 from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
 from fsmoe_compiler.passes.annotate import annotate
@@ -163,9 +163,28 @@ def _compile_split(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FS
     whole = Variant(WHOLE, _aot(config, record)(gm, example_inputs), record)
     if not variants:
         return whole.fn
-    as_traced = Variant(AS_TRACED, gm, record)  # what eager runs: kept where no schedule can win
+    # what eager runs (plain torch.compile's code under codegen="inductor"): kept where no schedule can win
+    as_traced = Variant(AS_TRACED, _as_traced(gm, example_inputs, config, record), record)
     key = choice_key(record.site, hashlib.sha1(gm.code.encode()).hexdigest())
     return SplitOrWhole([as_traced, whole, *variants], key, voting=config.check_ranks)
+
+
+def _as_traced(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
+               record: records.CompileRecord) -> Callable:
+    """Dynamo's graph as it is: run by PyTorch, or under ``codegen="inductor"`` compiled by Inductor as plain
+    ``torch.compile`` would (its Python code, and why, if Inductor fails on it)."""
+    if config.codegen != "inductor":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    try:
+        return compile_fx(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the variant still runs, as Python code
+        if config.strict:
+            raise FSMoECompileError(f"fsmoe: Inductor could not compile the graph as traced: {exc}") from exc
+        record.token_split = [*(record.token_split or []), f"dynamo: the graph as traced runs as Python code "
+                              f"(Inductor failed on it: {type(exc).__name__}: {str(exc)[:300]})"]
+        return gm
 
 
 def _compile_split_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FSMoEConfig,
@@ -271,16 +290,18 @@ def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoECon
     collectives = [(op, _group_shape(g)) for op, g in collective_sequence(gm.graph)]
     plan = None if config is None else (config.scheduler, config.pipeline_degree, config.max_degree,
                                         config.profile_steps, config.measure_steps, config.time_limit_s,
-                                        config.split_tokens, config.max_in_flight_mb)
+                                        config.split_tokens, config.max_in_flight_mb, config.codegen)
     sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions], plan)
     return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 
 
 def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecord) -> Callable:
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        # what Inductor needs to compile the chosen graph later, after profiling
+        trace = inductor_codegen.capture(kind, example_inputs) if config.codegen == "inductor" else None
         with control.doing("compiling", "", f"the {kind} graph of Dynamo graph {record.compile_id} at {record.site}"):
             try:
-                return _compile_graph(kind, config, record, gm)
+                return _compile_graph(kind, config, record, gm, trace)
             except SplitTokensFirst as exc:  # a request, not a failure: the others must not see this rank failed
                 request = exc
         raise request
@@ -288,7 +309,8 @@ def _graph_compiler(kind: str, config: FSMoEConfig, record: records.CompileRecor
     return compile_graph
 
 
-def _compile_graph(kind: str, config: FSMoEConfig, record: records.CompileRecord, gm: fx.GraphModule) -> Callable:
+def _compile_graph(kind: str, config: FSMoEConfig, record: records.CompileRecord, gm: fx.GraphModule,
+                   trace: inductor_codegen.TraceState | None = None) -> Callable:
     ctx = PassContext(graph_kind=kind, config=config, strict=config.strict, original=graph_signature(gm))
     forward = record.latest("forward")
     if kind == "backward" and forward is not None:  # backward regions take their layer from the forward's
@@ -333,7 +355,7 @@ def _compile_graph(kind: str, config: FSMoEConfig, record: records.CompileRecord
     scheduled = ScheduledGraph(result, ctx, config, report, PIPELINES,
                                dump=lambda stage, g: _dump(config, record, kind, stage, g),
                                site=record.site, key=agreement_key(kind, result, regions, config),
-                               traced_only=fallback)
+                               traced_only=fallback, trace=trace)
     return make_boxed_func(lambda *args: scheduled(list(args)))
 
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 #: Values of the ``scheduler`` option.
 SCHEDULERS = ("cpsat", "heuristic", "tutel", "sequential", "none")
+#: Values of the ``codegen`` option.
+CODEGENS = ("eager", "inductor")
 
 
 def _is_int(value: Any) -> bool:
@@ -76,6 +78,10 @@ class FSMoEConfig:
         known only at run time) may be issued and not yet waited on at once in the
         scheduled order; a collective that would go over it waits for the oldest ones first (as PyTorch's
         overlap scheduler bounds ``max_in_flight_gb``; 5 GB there too). None: no bound.
+    codegen: how the graph fsmoe chose runs: "eager" (its ATen ops called from Python, as ``aot_eager``
+        runs a graph) or "inductor" (compiled by Inductor, with fused kernels, the schedule's communication
+        order pinned and checked in the generated code; ``fsmoe_compiler.inductor_codegen``). Profiling runs
+        the plain graphs either way; a graph Inductor cannot compile runs as Python code, with a note.
     """
 
     strict: bool = False
@@ -92,6 +98,7 @@ class FSMoEConfig:
     narrow_comm: bool = True
     max_peak_growth: float | None = 0.5
     max_in_flight_mb: float | None = 5120.0
+    codegen: str = "eager"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -130,6 +137,10 @@ class FSMoEConfig:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(
                 f"fsmoe option 'scheduler' must be one of {', '.join(map(repr, SCHEDULERS))}, got {self.scheduler!r}"
+            )
+        if self.codegen not in CODEGENS:
+            raise ValueError(
+                f"fsmoe option 'codegen' must be one of {', '.join(map(repr, CODEGENS))}, got {self.codegen!r}"
             )
         r = self.pipeline_degree
         if r != "auto" and not (_is_int(r) and r >= 1):

@@ -279,6 +279,11 @@ def cache_keys(variants: Variants) -> dict[int, str]:
             for d in variants.degrees}
 
 
+def calibration_key(variants: Variants, codegen: str) -> str:
+    """The cache key of the calibration factor of ``variants``' graph under ``codegen`` (one per graph)."""
+    return plan_key(variants.base, world_size(), variants.ctx.graph_kind, 0, f"{_settings(variants.config)}/{codegen}")
+
+
 def cached_costs(variants: Variants, cache: ProfileCache) -> dict[int, CostModel] | None:
     """Every degree's cost model from the cache, if every rank has a usable one for every degree (one that prices
     every node of that degree's graph); else None on every rank, which then profiles."""

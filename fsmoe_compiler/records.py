@@ -68,8 +68,19 @@ class ScheduleReport:
     peak_bytes: int | None = None  # the scheduled graph's peak of live tensor bytes in its order (memory.peak_bytes)
     traced_peak_bytes: int | None = None  # the same for the graph as traced
     measured_calls_ms: list[float] = field(default_factory=list)
+    codegen: str = "eager"  # what the measured calls ran: the graph's ATen calls, or Inductor's code for it
+    # Inductor's code against the plain graph's measured time (median of the first scheduled calls over the timed
+    # call), learned in this run or read from the profile cache; the prediction for the compiled code is scaled by it
+    calibration: float | None = None
+    calibration_from: str = ""  # "this run" or "cache"
     schedule: Any = field(default=None, repr=False)  # scheduler.Schedule, for traces
     taskgraph: Any = field(default=None, repr=False)  # scheduler.TaskGraph
+
+    @property
+    def codegen_predicted_ms(self) -> float:
+        """The prediction for the code that runs: ``predicted_ms`` (the plain graph's profile) times the
+        calibration where one is known."""
+        return self.predicted_ms * (self.calibration or 1.0)
 
     @property
     def measured_ms(self) -> float | None:
@@ -85,7 +96,8 @@ class GraphReport:
     ``fallback`` is the reason the unmodified graph was used instead, or None; ``unscheduled`` why the graph
     runs as traced without planning (nothing to schedule), or None;
     ``schedule`` is filled once profiling ends and the scheduled graph is
-    swapped in; ``compile_s`` is the pass pipeline's time at compile, and
+    swapped in; ``compile_s`` is the pass pipeline's time at compile (``codegen_s``: Inductor's compile of the
+    graph that runs, under ``codegen="inductor"``), and
     ``wait_s`` the time this rank then waited for the others to agree on the
     regions (their Dynamo tracing, not this backend's work; not in ``compile_s``).
     """
@@ -99,6 +111,8 @@ class GraphReport:
     compile_s: float = 0.0
     wait_s: float = 0.0
     unscheduled: str | None = None
+    codegen: str = "eager"  # how the graph that runs now was generated ("inductor" once Inductor compiled it)
+    codegen_s: float = 0.0  # Inductor's compile of it (decomposition and pinning included), not in compile_s
 
 
 @dataclass

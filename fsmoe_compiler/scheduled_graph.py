@@ -53,13 +53,13 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from fsmoe_compiler import records
+from fsmoe_compiler import inductor_codegen, records
 from fsmoe_compiler.config import FSMoEConfig
 from fsmoe_compiler.gc_pause import gc_paused
 from fsmoe_compiler.ops import is_collective
 from fsmoe_compiler.passes.context import PassContext
-from fsmoe_compiler.planner import (Pipelines, Plan, PlanError, Variants, cached_costs, distributed, make_plan,
-                                    measure_costs, store_costs)
+from fsmoe_compiler.planner import (Pipelines, Plan, PlanError, Variants, cached_costs, calibration_key, distributed,
+                                    make_plan, measure_costs, store_costs)
 from fsmoe_compiler.profiler import CostModel, ProfileCache, StepProfiler
 from fsmoe_compiler.runtime import control
 from fsmoe_compiler.runtime.executor import GraphExecutor
@@ -70,6 +70,8 @@ _KEEP_CALLS = 64
 MAX_EPOCHS = 3
 #: Calls in a row some rank did not join before this rank stops asking for that program point.
 ABANDON_LIMIT = 3
+#: Calls of a compiled (Inductor) scheduled graph whose median, over the plain graph's timed call, calibrates it.
+CALIBRATION_CALLS = 3
 
 
 @dataclass
@@ -185,7 +187,8 @@ class ScheduledGraph:
 
     def __init__(self, base: fx.GraphModule, ctx: PassContext, config: FSMoEConfig, report: records.GraphReport,
                  pipelines: Pipelines, dump: Callable[[str, fx.GraphModule], None] | None = None,
-                 site: str = "", key: str | None = None, traced_only: str | None = None) -> None:
+                 site: str = "", key: str | None = None, traced_only: str | None = None,
+                 trace: "inductor_codegen.TraceState | None" = None) -> None:
         self.base, self.ctx, self.config, self.report, self.pipelines = base, ctx, config, report, pipelines
         self.dump = dump  # writes the scheduled graph where ``dump_dir`` asks
         self._notes: dict[str, str] = {}
@@ -198,12 +201,13 @@ class ScheduledGraph:
         self.cache = ProfileCache(config.cache_dir) if config.cache_dir else None
         self.static: GraphExecutor | None = None
         self.traced_only = traced_only  # why this graph never runs anything but its traced self
+        self.trace = trace  # under codegen="inductor": what Inductor needs to compile the graph that runs
         self.restart(None)
         reason = self._nothing_to_schedule()
         if reason is not None:
             self.report.notes.append(f"not scheduled: {reason}")
             self.report.unscheduled = reason
-            self.static = GraphExecutor(base)
+            self.static = GraphExecutor(base, compiled=self._inductor(base, "this graph"))
 
     def restart(self, tag: str | None) -> None:
         """Planning from scratch: no variants, profiles or plan yet; ``tag`` names the planning agreements
@@ -215,6 +219,8 @@ class ScheduledGraph:
         self.runner: GraphExecutor | None = None
         self.timed_left = self.config.measure_steps
         self.cache_checked = False
+        self.plain_ms: list[float] = []  # the scheduled graph's timed calls (its plain code), for the calibration
+        self.calibration_key: str | None = None
 
     def note(self, topic: str, text: str) -> None:
         """Put ``text`` in the report, replacing this graph's earlier note on ``topic``."""
@@ -313,13 +319,29 @@ class ScheduledGraph:
             for row in sched.tasks:
                 if row.task in timing:
                     row.measured_start_ms, row.measured_end_ms = timing[row.task]
+            if self.runner.last_total_ms is not None:
+                self.plain_ms.append(self.runner.last_total_ms)
             return out
         t0 = time.perf_counter()
         out = self.runner(list(args))
         if sched is not None:
             sched.measured_calls_ms.append((time.perf_counter() - t0) * 1e3)
             del sched.measured_calls_ms[:-_KEEP_CALLS]
+            if len(sched.measured_calls_ms) == CALIBRATION_CALLS:
+                self._calibrate(sched)
         return out
+
+    def _calibrate(self, sched: records.ScheduleReport) -> None:
+        """Learn how the compiled code's time compares with the plain graph's, once: the median of the first
+        scheduled calls over the timed (plain) call's, stored in the profile cache for later plans of this graph."""
+        if sched.codegen == "eager" or sched.calibration_from == "cache" or not self.plain_ms:
+            return
+        calls = sorted(sched.measured_calls_ms)
+        plain = sorted(self.plain_ms)
+        sched.calibration = calls[len(calls) // 2] / max(plain[len(plain) // 2], 1e-9)
+        sched.calibration_from = "this run"
+        if self.cache is not None and self.calibration_key is not None:
+            self.cache.store_factor(self.calibration_key, sched.calibration)
 
     # -- transitions ------------------------------------------------------
     def _nothing_to_schedule(self) -> str | None:
@@ -352,12 +374,40 @@ class ScheduledGraph:
         finally:
             self.variants.clear()  # the chosen graph lives in the runner; drop the other variants
 
+    def _inductor(self, gm: fx.GraphModule, what: str) -> Callable[[list], Any] | None:
+        """``gm`` compiled by Inductor under ``codegen="inductor"`` (None otherwise, or with a note when Inductor
+        cannot: the graph runs as Python code; ``strict=True`` raises). Only this rank's code changes, never
+        which collectives it issues or in what order, so the ranks need not agree on it."""
+        if self.trace is None:
+            return None
+        try:
+            with control.doing("inductor", "", f"Inductor compiling {what} ({self.what})"):
+                built = inductor_codegen.compile_graph(gm, self.trace, pin=True)
+        except Exception as exc:  # noqa: BLE001 - the graph still runs, as its ATen calls
+            if self.config.strict:
+                raise PlanError(f"fsmoe: Inductor could not compile {what} ({self.what}): {exc}") from exc
+            self.note("codegen", f"codegen: {what} runs as Python code; Inductor could not compile it "
+                      f"({type(exc).__name__}: {str(exc)[:300]})")
+            return None
+        self.report.codegen, self.report.codegen_s = "inductor", self.report.codegen_s + built.compile_s
+        self.note("codegen", f"codegen: {what} compiled by Inductor in {built.compile_s:.1f} s"
+                  + (f", order pinned with {built.pins} control dependencies and checked in its code"
+                     if built.pins else ""))
+        return built.fn
+
     def _swap_in(self, plan: Plan, cache_hit: bool, profile_calls: int) -> None:
-        self.runner = GraphExecutor(plan.gm, plan.ctx.taskmap.task_of)
+        compiled = self._inductor(plan.gm, "the scheduled graph")
+        self.runner = GraphExecutor(plan.gm, plan.ctx.taskmap.task_of, compiled=compiled)
         if self.dump is not None:
             self.dump("scheduled", plan.gm)
         report = records.schedule_report(self.config.scheduler, plan, profile_calls=profile_calls,
                                          cache_hit=cache_hit)
         report.notes[:0] = [n for n in self.variants.chunk_notes if n not in report.notes]
+        report.codegen = "inductor" if compiled is not None else "eager"
+        if compiled is not None and self.cache is not None:  # a factor learned by an earlier run of this graph
+            self.calibration_key = calibration_key(self.variants, report.codegen)
+            factor = self.cache.load_factor(self.calibration_key)
+            if factor is not None:
+                report.calibration, report.calibration_from = factor, "cache"
         self.report.schedule = report
         self.report.num_nodes = len(plan.gm.graph.nodes)

@@ -1,13 +1,15 @@
 """Run a (scheduled) ATen graph, fast or with per-task timing, for the report's predicted-vs-measured view.
 
 ``GraphExecutor(gm, task_of)`` is what the backend swaps in after profiling.
-``executor(args)`` runs the graph's generated code (``gm.forward``); it takes
+``executor(args)`` runs the graph's generated code (``gm.forward``, or the
+same graph compiled, e.g. by Inductor, when one is given); it takes
 aot_autograd's boxed argument list (``_boxed_call``), so it can be returned to
 aot_autograd as a compiled function directly.
 
 ``executor.run(args, timed=True)`` notes, per task (``task_of``: node name ->
 task id; without it each call node is its own task), when its first node
-started and its last node ended, relative to the start of the call. It runs a
+started and its last node ended, relative to the start of the call (always the graph's own code: a compiled
+graph's fused kernels have no task boundaries to stamp). It runs a
 copy of the graph with a clock stamp inserted before each task's first node
 and after its last one: still generated code, so the overhead is two clock
 reads per task rather than an interpreter's per-node cost (which on small
@@ -22,7 +24,7 @@ used here (the runtime never imports passes or the scheduler).
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -48,11 +50,13 @@ class GraphExecutor:
     and ``last_total_ms`` is the whole call.
     """
 
-    def __init__(self, gm: fx.GraphModule, task_of: dict[str, str] | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, task_of: dict[str, str] | None = None,
+                 compiled: Callable[[list], Any] | None = None) -> None:
         # aot_autograd passes one argument list; an instance attribute survives the functools.wraps
         # of dynamo's disable() wrapper (a class attribute would not)
         self._boxed_call = True
         self.gm = gm
+        self.compiled = compiled  # the same graph compiled (Inductor's code; takes the boxed list): plain calls run it
         self.task_of = dict(task_of) if task_of is not None else None
         self.last_timing: dict[str, tuple[float, float]] = {}
         self.last_total_ms: float | None = None
@@ -62,6 +66,8 @@ class GraphExecutor:
         self._cuda = False
 
     def __call__(self, args: Sequence[Any]) -> Any:
+        if self.compiled is not None:
+            return self.compiled(list(args))
         return self.gm.forward(*args)
 
     def run(self, args: Sequence[Any], timed: bool = False) -> Any:

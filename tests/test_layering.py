@@ -20,6 +20,7 @@ RULES: dict[str, tuple[frozenset[str], bool]] = {
     "fsmoe_compiler.ecosystem": (frozenset(), False),
     "fsmoe_compiler.examples": (frozenset({"fsmoe_compiler.moe", "fsmoe_compiler.examples"}), True),
     "fsmoe_compiler.ops": (frozenset({"fsmoe_compiler.names"}), True),
+    "fsmoe_compiler.inductor_codegen": (frozenset({"fsmoe_compiler.ops", "fsmoe_compiler.passes"}), True),
     "fsmoe_compiler.scheduler": (frozenset({"fsmoe_compiler.names", "fsmoe_compiler.scheduler"}), False),
     "fsmoe_compiler.reporting": (frozenset({"fsmoe_compiler.names", "fsmoe_compiler.reporting",
                                             "fsmoe_compiler.scheduler"}), False),

@@ -215,3 +215,37 @@ class ProfileCache:
             warnings.warn(f"could not write profile cache {path}: {e}", stacklevel=2)
             tmp.unlink(missing_ok=True)
         return path
+
+    def factor_path(self, key: str) -> Path:
+        return self.directory / f"calibration-{key}.json"
+
+    def load_factor(self, key: str) -> float | None:
+        """The calibration factor stored under ``key`` (how much faster or slower the compiled code of a scheduled
+        graph ran than its plain code); None if absent, or (with a warning naming the file) unreadable or not a
+        number in [0.05, 20]."""
+        path = self.factor_path(key)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            value = float(data["factor"]) if isinstance(data, dict) and data.get("key") == key else None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"ignoring calibration {path}: {type(e).__name__}: {e}", stacklevel=2)
+            return None
+        if value is None or not 0.05 <= value <= 20.0:  # also rejects NaN
+            warnings.warn(f"ignoring calibration {path}: factor {value!r} is not a number in [0.05, 20] for this "
+                          "key", stacklevel=2)
+            return None
+        return value
+
+    def store_factor(self, key: str, factor: float) -> None:
+        """Write ``factor`` under ``key`` atomically (a warning, not an error, on OSError)."""
+        path = self.factor_path(key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"schema": CACHE_SCHEMA, "key": key, "factor": factor}))
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"could not write calibration {path}: {e}", stacklevel=2)
+            tmp.unlink(missing_ok=True)

@@ -73,17 +73,34 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _codegen_words(sched: Any) -> str:
+    """How the prediction relates to Inductor's code, when that is what ran."""
+    if sched.codegen != "inductor":
+        return ""
+    if sched.calibration_from == "cache":
+        return (f" of Inductor's code; predicted: the plain graph's profile, {sched.predicted_ms:.3f} ms, times "
+                f"{sched.calibration:.3f} learned by an earlier run")
+    words = " of Inductor's code; predicted from the plain graph's profile"
+    if sched.calibration is not None:
+        words += (f"; Inductor's code ran at {sched.calibration:.3f}x the plain graph's timed call, so "
+                  f"{sched.codegen_predicted_ms:.3f} ms is predicted from now on")
+    return words
+
+
 def schedule_summary(sched: Any) -> str:
     """Scheduler, degree per layer, predicted makespan per candidate degree, predicted vs measured graph time, peak
     memory against the graph as traced."""
     measured = sched.measured_ms
-    err = "-" if measured is None else f"{100.0 * (sched.predicted_ms - measured) / measured:+.1f} %"
+    cached = sched.calibration_from == "cache"  # the prediction for the compiled code, from an earlier run's factor
+    predicted = sched.codegen_predicted_ms if cached else sched.predicted_ms
+    err = "-" if measured is None else f"{100.0 * (predicted - measured) / measured:+.1f} %"
     lines = [
         f"scheduler {sched.scheduler} ({sched.status}); degree per layer: "
         + (", ".join(f"L{layer}={d}" for layer, d in sorted(sched.degrees.items())) or "-")
         + "; candidates: " + ", ".join(f"r={d}: {ms:.3f} ms" for d, ms in sorted(sched.candidates.items())),
-        f"predicted {sched.predicted_ms:.3f} ms, measured {_ms(measured)} ms (median of "
-        f"{len(sched.measured_calls_ms)} call(s)), error {err}; planning {sched.plan_s:.2f} s, "
+        f"predicted {predicted:.3f} ms, measured {_ms(measured)} ms (median of "
+        f"{len(sched.measured_calls_ms)} call(s)" + _codegen_words(sched)
+        + f"), error {err}; planning {sched.plan_s:.2f} s, "
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
     peak, traced = sched.peak_bytes, sched.traced_peak_bytes
