@@ -18,6 +18,11 @@
   :class:`CpuRuntimeEstimator` (compute from FLOPs and bytes at rates measured
   on this CPU, collectives from alpha + bytes / link rate), so it runs on CPU
   and still reorders (start collectives early, wait late).
+* ``inductor_overlap``: ``torch.compile(model)`` with PyTorch's overlap
+  scheduling inside Inductor (``aten_distributed_optimizations``: the same
+  scheduler as ``pytorch_overlap``, on Inductor's post-grad graphs, its order
+  pinned with control dependencies, then Inductor's fused kernels), given the
+  same CPU cost estimator.
 * ``torchtitan_graph``: torchtitan's own graph_trainer EP-overlap passes (a
   make_fx joint forward + backward graph, the MoE layers split into 2 token
   chunks along the batch, the overlap schedule), on ``--model torchtitan``
@@ -25,6 +30,8 @@
   for other models or without torchtitan).
 * ``fsmoe_sequential``, ``fsmoe_tutel``, ``fsmoe``: the fsmoe backend with the
   ``sequential``, ``tutel`` and CP-SAT (``pipeline_degree="auto"``) schedules.
+* ``fsmoe_inductor``: ``fsmoe`` with ``codegen="inductor"``: the graph it
+  chooses compiled by Inductor, the schedule's order pinned.
 """
 
 from __future__ import annotations
@@ -38,13 +45,14 @@ import torch
 from torch import fx, nn
 
 #: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
-BENCH_METHODS: tuple[str, ...] = ("eager", "dynamo", "aot_eager", "inductor", "pytorch_overlap", "torchtitan_graph",
-                                  "fsmoe_sequential", "fsmoe_tutel", "fsmoe")
+BENCH_METHODS: tuple[str, ...] = ("eager", "dynamo", "aot_eager", "inductor", "pytorch_overlap", "inductor_overlap",
+                                  "torchtitan_graph", "fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor")
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe_sequential": {"scheduler": "sequential"},
     "fsmoe_tutel": {"scheduler": "tutel"},
     "fsmoe": {"scheduler": "cpsat", "pipeline_degree": "auto"},
+    "fsmoe_inductor": {"scheduler": "cpsat", "pipeline_degree": "auto", "codegen": "inductor"},
 }
 
 
@@ -227,6 +235,28 @@ def overlap_backend(estimator: CpuRuntimeEstimator, stats: OverlapStats | None =
     return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
 
 
+def inductor_overlap_runner(model: nn.Module, estimator: CpuRuntimeEstimator) -> Callable[..., torch.Tensor]:
+    """``torch.compile(model)`` with Inductor's own overlap scheduling on, priced by ``estimator``.
+
+    The scheduler asks triton for the GPU's rates: its roofline for every compute node and the DRAM
+    bandwidth for fused regions. For the rest of this (bench worker) process those answer from the CPU
+    estimate and the CPU's measured copy rate (GB/s), since the backward graph compiles inside
+    ``loss.backward()``, out of any call's reach; on CPU they only fail otherwise.
+    """
+    from torch._inductor.fx_passes import overlap_scheduling
+    from torch.utils import _runtime_estimation
+
+    mock.patch.object(overlap_scheduling, "estimate_roofline_runtime_ms", lambda n: estimator(n, None)).start()
+    mock.patch.object(_runtime_estimation, "get_gpu_dram_gbps", lambda: estimator.bytes_per_ms / 1e6).start()
+    return torch.compile(model, options={
+        "aten_distributed_optimizations.enable_overlap_scheduling": True,
+        "aten_distributed_optimizations.custom_runtime_estimation": estimator,
+        "aten_distributed_optimizations.collective_estimator": "analytical",
+        "aten_distributed_optimizations.compute_estimator": "analytical",
+        "aten_distributed_optimizations.max_memory_increase_gb": 4.0,
+    })
+
+
 @dataclass
 class MethodSetup:
     """A method applied to one model: ``runner(*batch)`` is the loss; ``info`` goes to the report."""
@@ -262,6 +292,11 @@ def make_runner(
         stats = OverlapStats()
         info = {"flops_per_ms": flops, "bytes_per_ms": mem, "link_bytes_per_ms": link_bytes_per_ms}
         return MethodSetup(name, model, torch.compile(model, backend=overlap_backend(est, stats)), info, stats)
+    if name == "inductor_overlap":
+        flops, mem = cpu_rates or measure_cpu_rates()
+        est = CpuRuntimeEstimator(flops, mem, link_bytes_per_ms, world_size)
+        info = {"flops_per_ms": flops, "bytes_per_ms": mem, "link_bytes_per_ms": link_bytes_per_ms}
+        return MethodSetup(name, model, inductor_overlap_runner(model, est), info)
     if name == "torchtitan_graph":
         from .titan_graph import titan_graph_runner
 
@@ -303,7 +338,8 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                 if g is None:
                     continue
                 sch = g.schedule
-                row: dict[str, Any] = {"fallback": g.fallback, "compile_s": g.compile_s,
+                row: dict[str, Any] = {"fallback": g.fallback, "compile_s": g.compile_s, "codegen": g.codegen,
+                                       "codegen_s": g.codegen_s,
                                        "wait_s": g.wait_s + (sch.wait_s if sch is not None else 0.0)}
                 if sch is not None:
                     row.update(

@@ -186,6 +186,7 @@ class MethodResult:
         if all(isinstance(s, dict) and "error" not in s for s in summaries):
             res.info["overhead_s_by_rank"] = [graphs_total(s, "compile_s", "plan_s") for s in summaries]
             res.info["wait_s_by_rank"] = [graphs_total(s, "wait_s") for s in summaries]
+            res.info["codegen_s_by_rank"] = [graphs_total(s, "codegen_s") for s in summaries]
         if times:
             res.median_ms = statistics.median(times)
             qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
