@@ -30,10 +30,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM, STREAMS
 from fsmoe_compiler.ops import is_collective, is_communication, is_wait
+
+
+#: Ops that read a tensor's metadata only (a dropless layer reads the size of what an exchange will return).
+METADATA_OPS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+                          torch.ops.aten.sym_storage_offset.default, torch.ops.aten.size.default,
+                          torch.ops.aten.stride.default, torch.ops.aten.numel.default})
 
 
 class StreamHazard(RuntimeError):
@@ -103,6 +110,8 @@ class StreamRecorder:
 
     def _compute_reads(self, n: fx.Node, skip_inputs: bool = False) -> None:
         if skip_inputs:  # a collective reads its inputs after the compute stream's event: always ordered
+            return
+        if n.target in METADATA_OPS:  # sizes and strides are known at issue; no data is read
             return
         for a in n.all_input_nodes:
             if a in self.in_flight:
