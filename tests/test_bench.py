@@ -23,7 +23,8 @@ def test_parse_methods_keeps_order_and_names_the_valid_ones():
     assert parse_methods(None) == list(BENCH_METHODS)
     assert parse_methods("aot_eager, eager,aot_eager") == ["aot_eager", "eager"]
     with pytest.raises(ValueError, match="unknown method.*'turbo'.*valid methods: eager, dynamo, aot_eager, inductor, "
-                                          "pytorch_overlap, torchtitan_graph, fsmoe_sequential, fsmoe_tutel, fsmoe"):
+                                          "pytorch_overlap, inductor_overlap, torchtitan_graph, fsmoe_sequential, "
+                                          "fsmoe_tutel, fsmoe, fsmoe_inductor"):
         parse_methods("eager,turbo")
     with pytest.raises(ValueError, match="no methods given"):
         parse_methods(" , ")
@@ -195,19 +196,19 @@ def test_cpu_estimator_prices_compute_and_collectives_without_a_gpu():
     assert est(placeholder, None) == 0.0
 
 
-def _run_json(tmp_path, argv: list[str]) -> dict:
+def _run_json(tmp_path, argv: list[str], timeout_s: int = 150) -> dict:
     path = tmp_path / "bench.json"
-    assert bench_main(argv + ["--json", str(path), "--timeout", "150"]) == 0
+    assert bench_main(argv + ["--json", str(path), "--timeout", str(timeout_s)]) == 0
     return json.loads(path.read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
     # without root / iproute2 the emulated link falls back to loopback and says so; force that path here
     monkeypatch.setattr(bench_runner, "netns_unavailable_reason", lambda: "not running as root (test)")
     data = _run_json(tmp_path, TINY + ["--emulate-link", "1gbit", "--shared-expert", "--trace-dir",
-                                       str(tmp_path / "traces")])
+                                       str(tmp_path / "traces")], timeout_s=360)  # three methods run Inductor
     out = capsys.readouterr().out
     assert data["config"]["shared_expert"] and "+ shared expert" in out
     assert "running on loopback instead" in out and "method" in out and "median ms" in out
@@ -221,7 +222,7 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
     malloc = data["config"]["malloc"]  # "auto" made concrete, and the ranks ran what was asked
     assert malloc in ("jemalloc", "glibc-keep") and f"malloc: {malloc}" in out
     assert not any(w.startswith("malloc: asked for") for w in data["warnings"])
-    for name in ("eager", "dynamo", "aot_eager", "pytorch_overlap"):
+    for name in ("eager", "dynamo", "aot_eager", "inductor", "pytorch_overlap", "inductor_overlap"):
         m = by_name[name]
         assert m["ok"], m["error"]
         assert len(m["times_ms"]) == 2 and m["median_ms"] > 0 and m["speedup_vs_eager"] > 0
@@ -230,7 +231,11 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
     assert ov["collectives"] == 4 and ov["moved"] > 0  # forward + backward all-to-alls, really reordered
     assert ov["overlapped_after"] > ov["overlapped_before"]  # some now have compute between start and wait
     assert not any("different orders" in w for w in data["warnings"])
-    for name in ("fsmoe_sequential", "fsmoe_tutel", "fsmoe"):
+    codegen = by_name["fsmoe_inductor"]
+    assert codegen["ok"], codegen["error"]
+    assert min(codegen["info"]["codegen_s_by_rank"]) > 0  # the chosen graphs compiled by Inductor on every rank
+    assert "Inductor compile of the graphs fsmoe chose" in out
+    for name in ("fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor"):
         m = by_name[name]
         assert m["ok"] or m["error"], m  # a failing fsmoe method is marked with its error, the rest go on
         if m["ok"]:
