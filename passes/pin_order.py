@@ -31,6 +31,10 @@ _KERNEL_PACKETS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm",
                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
                    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention")
 KERNEL_OPS = frozenset(getattr(aten, name) for name in _KERNEL_PACKETS if hasattr(aten, name))
+#: Kernel ops never wrapped in ``control_deps`` themselves (they are still what the next communication op waits
+#: for): inside the wrapper Inductor lays out ``_grouped_mm``'s operands without the 16-byte strides the kernel
+#: needs ("strides should be multiple of 16 bytes" at run time, torchtitan's layer in bf16).
+UNWRAPPED = frozenset(getattr(aten, name) for name in ("_grouped_mm", "_scaled_grouped_mm") if hasattr(aten, name))
 
 
 def own_kernel(node: fx.Node) -> bool:
@@ -67,7 +71,7 @@ def order_deps(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
             last_comm, stretch = n, []
         elif own_kernel(n):
             stretch.append(n)
-            if last_comm is not None:
+            if last_comm is not None and n.target.overloadpacket not in UNWRAPPED:
                 deps[n] = [last_comm]
     return deps
 
