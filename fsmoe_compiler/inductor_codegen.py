@@ -77,6 +77,17 @@ class OrderLost(RuntimeError):
     """Inductor's code does not issue the collectives and waits where the schedule put them."""
 
 
+class DataDependentSizes(RuntimeError):
+    """The graph has sizes known only at run time (a dropless layer's split sizes): Inductor, compiling after the
+    fact, checks assumptions about them that the traced graph does not and specialises others; measured here, its
+    code then failed at run time ("u0 <= 512", "expected size 1845==1804"). Such graphs run as Python code."""
+
+
+class SpecializedShapes(RuntimeError):
+    """Inductor guarded on a dynamic size while compiling after the fact: no compiled frame checks that guard, so
+    its code would assert (or be wrong) at the next size."""
+
+
 #: Matmul-like ops: in Inductor's code each is one extern call (or template kernel) of the same name.
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm", "_int_mm")
 _EMITTED = re.compile(r"torch\.ops\._c10d_functional\.(\w+)\.default\(|extern_kernels\.(\w+)\("
@@ -126,6 +137,19 @@ def check_order(planned: list[tuple[str, int]], code: str) -> None:
                             "compute moved across a collective or wait")
 
 
+def data_dependent_sizes(gm: fx.GraphModule, state: TraceState) -> list[str]:
+    """The unbacked symbols (sizes known only at run time) in ``gm``'s values and inputs, sorted by name."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    found: set = set()
+    for value in [*state.fake_inputs, *(n.meta.get("val") for n in gm.graph.nodes)]:
+        try:
+            found |= free_unbacked_symbols(value)
+        except Exception:  # noqa: BLE001 - a value it cannot walk holds no size of ours
+            continue
+    return sorted(str(s) for s in found)
+
+
 def _without_donation(tracing: Any) -> Any:
     """``tracing`` with no backward input marked donated. aot_autograd lets Inductor reuse the memory of saved
     activations it found unaliased in the graph it traced; the planned forward may return them otherwise
@@ -154,11 +178,18 @@ def decompose(gm: fx.GraphModule, state: TraceState) -> fx.GraphModule:
 
 def compile_graph(gm: fx.GraphModule, state: TraceState, pin: bool = True) -> InductorGraph:
     """Compile ``gm`` with Inductor, its communication order pinned (``pin``) and checked in the code Inductor
-    wrote (:class:`OrderLost` if it moved); raises what Inductor raises."""
+    wrote (:class:`OrderLost` if it moved); :class:`SpecializedShapes` if Inductor had to guard on a dynamic size;
+    raises what Inductor raises."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx_inner
 
+    unbacked = data_dependent_sizes(gm, state)
+    if unbacked:
+        raise DataDependentSizes(f"sizes known only at run time ({', '.join(unbacked[:4])}): Inductor's code would "
+                                 "check assumptions about them that the traced graph does not")
     t0 = time.perf_counter()
+    shape_env = getattr(state.fake_mode, "shape_env", None)
+    guards = len(shape_env.guards) if shape_env is not None else 0
     graph = decompose(gm, state)
     planned = planned_order(graph.graph)
     ctx = PassContext(graph_kind=state.kind)
@@ -168,6 +199,11 @@ def compile_graph(gm: fx.GraphModule, state: TraceState, pin: bool = True) -> In
     with torch._guards.tracing(_without_donation(state.tracing)), inductor_config.patch(_NO_REORDER):
         compiled = compile_fx_inner(graph, state.fake_inputs, is_backward=state.kind == "backward",
                                     is_inference=False)
+    if shape_env is not None and len(shape_env.guards) > guards:
+        added = shape_env.guards[guards:]
+        raise SpecializedShapes(f"Inductor guarded on {len(added)} dynamic size(s) "
+                                f"({'; '.join(str(g.expr) for g in added[:3])}); Dynamo's guards for this graph "
+                                "were fixed when it was traced, so nothing would check them")
     code = getattr(compiled, "source_code", "")
     code = code if isinstance(code, str) else ""
     if pin:

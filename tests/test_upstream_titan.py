@@ -165,33 +165,20 @@ def test_titan_ep_layer_is_not_split_along_a_bf16_contraction():
             assert info.degree == 1 and "bfloat16 GEMM split along its contraction dim" in info.reason, info
 
 
-def _plain_inductor_job(rank: int, world_size: int, name: str, steps: int) -> list[dict]:
-    """The same training as :func:`_ep_job` under plain ``torch.compile`` (Inductor): how far Inductor's own
-    fused code lands from eager on this layer."""
-    with ut.titan_ep(world_size) as dims, torch._dynamo.config.patch(**ONE_GRAPH):
-        model = ut.make_block(name, ep=dims)
-        return _train(model, torch.compile(model, fullgraph=True), steps, rank)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_titan_moe_with_expert_parallelism_runs_inductor_code_as_close_to_eager_as_inductor(rank_pool):
-    """codegen="inductor" on torchtitan's dropless layer (unbacked split sizes, bf16 ``_grouped_mm``): the
-    scheduled graphs are decomposed, pinned and compiled by Inductor on both ranks. Inductor's fused bf16
-    casts round differently from eager, so its gradients are compared with eager's no looser than plain
-    ``torch.compile``'s own are (up to 2x, and 1e-5 absolute)."""
+def test_titan_dropless_layer_keeps_python_code_under_codegen_inductor_and_says_why(rank_pool):
+    """codegen="inductor" on torchtitan's dropless layer: its split sizes are known only at run time, and
+    Inductor compiling after the fact checks assumptions about them the traced graph does not (measured: its
+    code failed at run time), so both graphs keep their Python code, say why, and train equal to eager."""
     name = "qwen3-softmax"
-    steps = STEPS_EP + 1
-    results = rank_pool.run(_ep_job, (name, {**OPTIONS_EP, "codegen": "inductor"}, steps), timeout_s=280)
-    plain = rank_pool.run(_plain_inductor_job, (name, steps), timeout_s=280)
-    for res, ref in zip(results, plain):
+    results = rank_pool.run(_ep_job, (name, {**OPTIONS_EP, "codegen": "inductor"}, STEPS_EP), timeout_s=280)
+    for res in results:
         where = f"{name} rank {res['rank']}"
-        for step, (bad, ref_bad) in enumerate(zip(res["bad"], ref)):
-            bound = 2 * max(ref_bad.values(), default=0.0) + 1e-5
-            worst = max(bad.values(), default=0.0)
-            assert worst <= bound, f"{where} step {step}: {bad} against plain torch.compile's {ref_bad}"
+        for step, bad in enumerate(res["bad"]):
+            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
         assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
         for kind in ("forward", "backward"):
             notes = res["codegen_notes"][kind]
-            assert res["schedules"][kind] == 1 and res["codegen"][kind] == "inductor", (where, kind, notes)
-            assert any("order pinned" in n for n in notes), (where, kind, notes)
+            assert res["schedules"][kind] == 1 and res["codegen"][kind] == "eager", (where, kind, notes)
+            assert any("DataDependentSizes: sizes known only at run time (u" in n for n in notes), (where, notes)
