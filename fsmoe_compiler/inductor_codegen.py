@@ -25,7 +25,7 @@ import copy
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -94,31 +94,30 @@ _EMITTED = re.compile(r"torch\.ops\._c10d_functional\.(\w+)\.default\(|extern_ke
                       r"|torch\.ops\.aten\.(\w+)\.default\(")
 
 
+def _stretches(events: Iterable[str | None]) -> list[tuple[str, int]]:
+    """Communication ops in order, each with the matmuls counted after it (``None`` in ``events`` is a matmul);
+    the first entry, "start", counts those before any communication."""
+    out: list[tuple[str, int]] = [("start", 0)]
+    for op in events:
+        if op is None:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((op, 0))
+    return out
+
+
 def planned_order(graph: fx.Graph) -> list[tuple[str, int]]:
     """The communication ops of ``graph`` in order, each with the number of matmuls between it and the next:
     what the generated code must keep (pointwise work may fuse across, matmuls and communication may not)."""
-    out: list[tuple[str, int]] = [("start", 0)]
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        if is_communication(n):
-            out.append((collective_op(n), 0))
-        elif getattr(getattr(n.target, "overloadpacket", None), "__name__", None) in _MATMULS:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-    return out
+    return _stretches(collective_op(n) if is_communication(n) else None for n in graph.nodes
+                      if n.op == "call_function" and (is_communication(n) or getattr(
+                          getattr(n.target, "overloadpacket", None), "__name__", None) in _MATMULS))
 
 
 def emitted_order(code: str) -> list[tuple[str, int]]:
     """:func:`planned_order` read off Inductor's output code (its ``call`` function, in order)."""
-    body = code.split("def call(", 1)[-1]
-    out: list[tuple[str, int]] = [("start", 0)]
-    for m in _EMITTED.finditer(body):
-        comm, extern, aten_op = m.groups()
-        if comm is not None:
-            out.append((comm, 0))
-        elif (extern or aten_op) in _MATMULS:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-    return out
+    matches = (m.groups() for m in _EMITTED.finditer(code.split("def call(", 1)[-1]))
+    return _stretches(comm for comm, extern, aten_op in matches if comm is not None or (extern or aten_op) in _MATMULS)
 
 
 def check_order(planned: list[tuple[str, int]], code: str) -> None:

@@ -46,6 +46,7 @@ as every other rank's traced graph or eager code does. Alone (one rank, or
 from __future__ import annotations
 
 import hashlib
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -336,9 +337,7 @@ class ScheduledGraph:
         scheduled calls over the timed (plain) call's, stored in the profile cache for later plans of this graph."""
         if sched.codegen == "eager" or sched.calibration_from == "cache" or not self.plain_ms:
             return
-        calls = sorted(sched.measured_calls_ms)
-        plain = sorted(self.plain_ms)
-        sched.calibration = calls[len(calls) // 2] / max(plain[len(plain) // 2], 1e-9)
+        sched.calibration = sched.measured_ms / max(statistics.median(self.plain_ms), 1e-9)
         sched.calibration_from = "this run"
         if self.cache is not None and self.calibration_key is not None:
             self.cache.store_factor(self.calibration_key, sched.calibration)

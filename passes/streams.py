@@ -89,8 +89,7 @@ class StreamRecorder:
                 continue
             if n.op != "call_function":
                 continue
-            if is_collective(n):
-                self._compute_reads(n, skip_inputs=True)
+            if is_collective(n):  # it reads its inputs after the compute stream's event: always ordered
                 self.in_flight[n] = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
                 self.events.append(("issue", n.name))
             elif is_wait(n):
@@ -108,9 +107,7 @@ class StreamRecorder:
                                                "come first")
         return self
 
-    def _compute_reads(self, n: fx.Node, skip_inputs: bool = False) -> None:
-        if skip_inputs:  # a collective reads its inputs after the compute stream's event: always ordered
-            return
+    def _compute_reads(self, n: fx.Node) -> None:
         if n.target in METADATA_OPS:  # sizes and strides are known at issue; no data is read
             return
         for a in n.all_input_nodes:

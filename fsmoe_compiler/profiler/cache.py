@@ -206,15 +206,19 @@ class ProfileCache:
     def store(self, key: str, costs: CostModel) -> Path:
         """Write ``costs`` under ``key`` atomically; return the file's path (a warning, not an error, on OSError)."""
         path = self.path(key)
+        self._write(path, {"schema": CACHE_SCHEMA, "key": key, "costs": costs.to_dict()}, "profile cache")
+        return path
+
+    def _write(self, path: Path, payload: dict, what: str) -> None:
+        """``payload`` as JSON at ``path``, atomically (temporary file + ``os.replace``); a warning on OSError."""
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"schema": CACHE_SCHEMA, "key": key, "costs": costs.to_dict()}, sort_keys=True))
+            tmp.write_text(json.dumps(payload, sort_keys=True))
             os.replace(tmp, path)
         except OSError as e:
-            warnings.warn(f"could not write profile cache {path}: {e}", stacklevel=2)
+            warnings.warn(f"could not write {what} {path}: {e}", stacklevel=3)
             tmp.unlink(missing_ok=True)
-        return path
 
     def factor_path(self, key: str) -> Path:
         return self.directory / f"calibration-{key}.json"
@@ -240,12 +244,4 @@ class ProfileCache:
 
     def store_factor(self, key: str, factor: float) -> None:
         """Write ``factor`` under ``key`` atomically (a warning, not an error, on OSError)."""
-        path = self.factor_path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"schema": CACHE_SCHEMA, "key": key, "factor": factor}))
-            os.replace(tmp, path)
-        except OSError as e:
-            warnings.warn(f"could not write calibration {path}: {e}", stacklevel=2)
-            tmp.unlink(missing_ok=True)
+        self._write(self.factor_path(key), {"schema": CACHE_SCHEMA, "key": key, "factor": factor}, "calibration")
