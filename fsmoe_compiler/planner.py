@@ -44,10 +44,13 @@ from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.passes.whole import unchunkable_layers
 from fsmoe_compiler.profiler import (CostModel, ProfileCache, StepProfiler, agree, fit_collectives,
-                                     microbenchmark_collectives, plan_key)
+                                     last_arrivals, microbenchmark_collectives, plan_key)
 from fsmoe_compiler.runtime.control import OwnClock, meet
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+#: Repetitions of each link microbenchmark (after a barrier each; the median of their last-arrival times is fitted).
+LINK_REPEATS = 5
 
 
 class PlanError(RuntimeError):
@@ -216,8 +219,10 @@ class Variants:
 def link_samples(samples: list[dict], tag: str) -> list[dict]:
     """Microbenchmarks of each collective kind and process group the graph uses, at its message sizes.
 
-    Timed after a barrier, so a rank that arrives late does not bill its
-    lateness to the link (the in-graph samples include that skew). The sizes
+    Timed after a barrier, and each repetition read on the rank that came out
+    of it last (``last_arrivals``: the others' times include their wait for
+    it, as the in-graph samples include the skew between ranks); every rank
+    then fits the same samples. The sizes
     are merged over ranks first (a dropless layer sends different sizes on
     each rank), so every rank runs the same list in the same order. Kinds the
     microbenchmark does not know keep their in-graph samples.
@@ -233,11 +238,13 @@ def link_samples(samples: list[dict], tag: str) -> list[dict]:
         for key, nbytes in theirs.items():
             merged.setdefault(key, set()).update(nbytes)
     out = [s for s in samples if s.get("kind") not in COLLECTIVE_KINDS]
+    timed: list[dict] = []
     for (kind, group_name), nbytes in sorted(merged.items()):
         picked = sorted(nbytes)
         picked = sorted({picked[0], picked[len(picked) // 2], picked[-1]})
-        out.extend(microbenchmark_collectives(_resolve_process_group(group_name), (kind,), picked, repeats=3))
-    return out
+        timed.extend(microbenchmark_collectives(_resolve_process_group(group_name), (kind,), picked,
+                                                repeats=LINK_REPEATS))
+    return out + last_arrivals(meet(f"{tag}/links", timed, what="the link microbenchmarks"))
 
 
 def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: str) -> dict[int, CostModel]:

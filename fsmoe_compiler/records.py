@@ -68,7 +68,11 @@ class ScheduleReport:
     reference_ms: dict[str, float] = field(default_factory=dict)  # "tutel", "sequential", "lower_bound"
     peak_bytes: int | None = None  # the scheduled graph's peak of live tensor bytes in its order (memory.peak_bytes)
     traced_peak_bytes: int | None = None  # the same for the graph as traced
-    measured_calls_ms: list[float] = field(default_factory=list)
+    measured_calls_ms: list[float] = field(default_factory=list)  # this rank's wall time of each scheduled call
+    # per scheduled call, the time of the rank that entered it last (the least of every rank's wall time, shared
+    # at the next call's vote): the others' extra is their wait at the first collective for it to arrive, set by
+    # the code between calls (the optimizer, Python, Dynamo's guards), which no graph-level prediction can know
+    aligned_calls_ms: list[float] = field(default_factory=list)
     codegen: str = "eager"  # what the measured calls ran: the graph's ATen calls, or Inductor's code for it
     # Inductor's code against the plain graph's measured time (median of the first scheduled calls over the timed
     # call), learned in this run or read from the profile cache; the prediction for the compiled code is scaled by it
@@ -85,8 +89,15 @@ class ScheduleReport:
 
     @property
     def measured_ms(self) -> float | None:
-        """Median wall time of the scheduled graph's calls so far (None before the first; of an even count, the
-        mean of the middle two, not the slower one)."""
+        """Median time of the scheduled graph's calls so far, each from the last rank's entry
+        (``aligned_calls_ms``; alone, or before any was shared: this rank's wall times); None before the first.
+        Of an even count, the mean of the middle two, not the slower one."""
+        calls = self.aligned_calls_ms or self.measured_calls_ms
+        return statistics.median(calls) if calls else None
+
+    @property
+    def own_ms(self) -> float | None:
+        """Median wall time of the scheduled graph's calls on this rank, its waits for the other ranks included."""
         return statistics.median(self.measured_calls_ms) if self.measured_calls_ms else None
 
 

@@ -168,6 +168,24 @@ class Slot:
         return ("alone",)
 
 
+@dataclass
+class LastCall:
+    """This rank's wall time of call ``n`` of a series, a scheduled call, until the next call's vote shares it.
+
+    Every rank's time of the same call is known there; the least is the time of the rank that entered the call
+    last, which waited for nobody at its first collective: the graph's own time, the one its prediction is for
+    (``ScheduleReport.aligned_calls_ms``). The code between calls sets how long the others waited.
+    """
+
+    n: int
+    ms: float
+    sched: records.ScheduleReport
+
+
+def _last_calls() -> dict[str, LastCall]:
+    return control.local("fsmoe.last_calls", dict)
+
+
 def _slots() -> dict[tuple[str, str], Slot]:
     return control.local("fsmoe.slots", dict)
 
@@ -254,7 +272,7 @@ class ScheduledGraph:
                 return self.base(*args)
         ballot = slot.ballot(self)
         if self.voting:
-            verdict = control.vote(self.series, n, ballot, what=f"call {n} of {self.what}")
+            verdict = self._vote(n, ballot)
         else:
             verdict = control.Verdict(True, [ballot])
         mode = slot.settle(self, verdict, ballot, n)
@@ -263,6 +281,20 @@ class ScheduledGraph:
                 return self.base(*args)
         with control.doing("call", f"{self.series}/{n}", f"call {n} of {self.what}"):
             return self._run(mode, list(args))
+
+    def _vote(self, n: int, ballot: tuple) -> control.Verdict:
+        """The vote on call ``n``; it also carries each rank's wall time of call ``n - 1`` where that was a
+        scheduled call, and the least of them (the rank that entered last, :class:`LastCall`) is recorded."""
+        last = _last_calls().pop(self.series, None)
+        mine = last.ms if last is not None and last.n == n - 1 else None
+        verdict = control.vote(self.series, n, (ballot, mine), what=f"call {n} of {self.what}")
+        if not verdict.agreed or verdict.ballots is None:
+            return verdict
+        times = [t for _, t in verdict.ballots]
+        if last is not None and mine is not None and all(t is not None for t in times):
+            last.sched.aligned_calls_ms.append(min(times))
+            del last.sched.aligned_calls_ms[:-_KEEP_CALLS]
+        return control.Verdict(True, [b for b, _ in verdict.ballots])
 
     def _run(self, mode: tuple, args: list[Any]) -> Any:
         if mode[0] == "planned":
@@ -326,8 +358,11 @@ class ScheduledGraph:
         t0 = time.perf_counter()
         out = self.runner(list(args))
         if sched is not None:
-            sched.measured_calls_ms.append((time.perf_counter() - t0) * 1e3)
+            ms = (time.perf_counter() - t0) * 1e3
+            sched.measured_calls_ms.append(ms)
             del sched.measured_calls_ms[:-_KEEP_CALLS]
+            if self.voting:
+                _last_calls()[self.series] = LastCall(_calls()[self.series] - 1, ms, sched)
             if len(sched.measured_calls_ms) == CALIBRATION_CALLS:
                 self._calibrate(sched)
         return out
@@ -337,7 +372,7 @@ class ScheduledGraph:
         scheduled calls over the timed (plain) call's, stored in the profile cache for later plans of this graph."""
         if sched.codegen == "eager" or sched.calibration_from == "cache" or not self.plain_ms:
             return
-        sched.calibration = sched.measured_ms / max(statistics.median(self.plain_ms), 1e-9)
+        sched.calibration = sched.own_ms / max(statistics.median(self.plain_ms), 1e-9)  # both this rank's wall
         sched.calibration_from = "this run"
         if self.cache is not None and self.calibration_key is not None:
             self.cache.store_factor(self.calibration_key, sched.calibration)

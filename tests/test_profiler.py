@@ -25,6 +25,7 @@ from fsmoe_compiler.profiler import (
     TimingInterpreter,
     agree,
     fit_collectives,
+    last_arrivals,
     profile_call,
     profile_key,
 )
@@ -141,6 +142,22 @@ def test_fit_of_one_size_is_proportional_and_a_negative_intercept_is_clamped():
     flat = fit_collectives([{"kind": "all_gather", "group_size": 2, "bytes": n, "ms": t}
                             for n, t in [(100, 1.0), (200, 0.5)]])["all_gather/2"]
     assert flat.beta == 0.0 and flat.alpha == pytest.approx(0.75)
+
+
+def test_last_arrivals_keep_each_repetitions_least_time_over_ranks_and_fit_their_median():
+    def rank(times: list[float], nbytes: int = 4096) -> list[dict]:
+        return [{"node": None, "kind": "all_to_all", "group": "0", "group_size": 2, "bytes": nbytes, "repeat": i,
+                 "ms": t} for i, t in enumerate(times)]
+
+    # rank 0 left each barrier first and waited for rank 1 inside the collective, except in repetition 2
+    first, last = rank([4.56, 0.50, 0.30, 2.41, 0.9]), rank([0.31, 0.28, 1.7, 0.33, 0.29])
+    loose = {"node": "all_to_all_single", "kind": "all_to_all", "group_size": 2, "bytes": 4096, "ms": 9.0}
+    got = last_arrivals([first + [loose], last])
+    assert sorted(s["ms"] for s in got if "repeat" in s) == [0.28, 0.29, 0.30, 0.31, 0.33]
+    assert loose in got and len(got) == 6  # an in-graph sample (no repetition index) passes through
+    fitted = fit_collectives([s for s in got if "repeat" in s])["all_to_all/2"]
+    assert fitted.alpha == 0.0 and fitted.beta * 4096 == pytest.approx(0.30)  # the median, not rank 0's 0.9
+    assert fit_collectives(first)["all_to_all/2"].beta * 4096 == pytest.approx(0.9)  # what one rank alone read
 
 
 # -- cost model --------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
         "fits": {k: (c.alpha, c.beta) for k, c in fits.items()},
         "sizes": sorted({s["bytes"] for s in samples}),
         "ms_by_size": {n: sorted(s["ms"] for s in samples if s["bytes"] == n) for n in SIZES},
+        "repeats": sorted({(s["bytes"], s["repeat"]) for s in samples}),
         "same_outputs": all(torch.equal(o, expected) for o in (out, exposed, timed)),
         "exposed_samples": [(s["node"], s["bytes"]) for s in exposed_samples],
         "step_samples": step_samples,
@@ -89,6 +90,7 @@ def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
     r0, r1 = rank_pool.run(_profile_and_agree, timeout_s=80, pg_timeout_s=30)
     for r in (r0, r1):
         assert r["sizes"] == list(SIZES)
+        assert r["repeats"] == [(n, i) for n in SIZES for i in range(3)]  # what last_arrivals pairs ranks by
         assert set(r["fits"]) == {"all_to_all/2"}
         assert r["fits"]["all_to_all/2"][1] > 0, r["ms_by_size"]  # beta: bigger messages take longer
         assert r["same_outputs"] and r["timing_ok"]

@@ -9,6 +9,7 @@ task; the profile cache must skip profiling and survive corruption.
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import re
 
@@ -78,6 +79,7 @@ def _steps_match(case: tuple, rank: int, options: dict, steps: int = STEPS) -> d
         "predicted": {k: (s.predicted_ms if s else None) for k, s in scheds.items()},
         "reference": {k: (s.reference_ms if s else None) for k, s in scheds.items()},
         "measured": {k: (s.measured_ms if s else None) for k, s in scheds.items()},
+        "calls": {k: ((list(s.measured_calls_ms), list(s.aligned_calls_ms)) if s else None) for k, s in scheds.items()},
         "peaks": {k: ((s.peak_bytes, s.traced_peak_bytes) if s else None) for k, s in scheds.items()},
         "timed_tasks": {k: (sum(t.measured_end_ms is not None for t in s.tasks) if s else 0) for k, s in scheds.items()},
         "tasks": {k: (len(s.tasks) if s else 0) for k, s in scheds.items()},
@@ -113,7 +115,8 @@ def test_every_router_and_dispatch_matches_eager_at_every_step_with_chunking_on_
 
 
 def _fixed_degree_and_trace(rank: int, world_size: int, trace_path: str) -> dict:
-    res = _steps_match(("gshard", "capacity", "gelu", False), rank, {**OPTIONS, "pipeline_degree": 2})
+    # two more steps than the others: the last call's time is shared at the next call's vote
+    res = _steps_match(("gshard", "capacity", "gelu", False), rank, {**OPTIONS, "pipeline_degree": 2}, STEPS + 2)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Block("gshard", "capacity", "gelu", False)
@@ -139,11 +142,19 @@ def test_fixed_degree_is_applied_reported_and_traced(rank_pool, tmp_path):
         assert res["degrees"]["forward"] == {0: 2} and res["degrees"]["backward"] == {0: 2}
         for kind, ref in res["reference"].items():  # same graph, same costs: baselines >= ours >= the bound
             assert ref["lower_bound"] - 1e-9 <= res["predicted"][kind] <= min(ref["tutel"], ref["sequential"]) + 1e-9
+    for kind in ("forward", "backward"):  # each call's time from the last rank's entry: the least, every rank's
+        aligned = [res["calls"][kind][1] for res in results]
+        assert aligned[0] and all(a == aligned[0] for a in aligned), f"{kind}: ranks disagree: {aligned}"
+        for res in results:
+            own = res["calls"][kind][0]
+            assert all(a <= o for a, o in zip(aligned[0], own)), f"{kind}: {aligned[0]} vs this rank's {own}"
+            assert res["measured"][kind] == statistics.median(aligned[0])
     for res in results:  # dump_dir also gets the scheduled graph, each node with its task and stream
         assert "task F.L0.c1." in res["scheduled_dump"]["forward"] and "stream comm" in res["scheduled_dump"]["forward"]
         assert "task B.L0.c1." in res["scheduled_dump"]["backward"]
     text = results[0]["render"]
     assert "degree per layer: L0=2" in text and "predicted" in text and "meas ms" in text
+    assert "each from the last rank's entry; this rank's own" in text
     assert "peak memory in graph order (tensors alive, inputs included): scheduled " in text
     assert "same task graph and costs: tutel " in text and "lower bound" in text
     trace = json.load(open(path))

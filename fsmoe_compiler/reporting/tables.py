@@ -87,6 +87,14 @@ def _codegen_words(sched: Any) -> str:
     return words
 
 
+def _calls_words(sched: Any) -> str:
+    """Which calls the measurement is the median of."""
+    if not sched.aligned_calls_ms:
+        return f"{len(sched.measured_calls_ms)} call(s)"
+    return (f"{len(sched.aligned_calls_ms)} call(s), each from the last rank's entry; this rank's own "
+            f"{_ms(sched.own_ms)} ms includes its wait for the others to arrive")
+
+
 def schedule_summary(sched: Any) -> str:
     """Scheduler, degree per layer, predicted makespan per candidate degree, predicted vs measured graph time, peak
     memory against the graph as traced."""
@@ -99,7 +107,7 @@ def schedule_summary(sched: Any) -> str:
         + (", ".join(f"L{layer}={d}" for layer, d in sorted(sched.degrees.items())) or "-")
         + "; candidates: " + ", ".join(f"r={d}: {ms:.3f} ms" for d, ms in sorted(sched.candidates.items())),
         f"predicted {predicted:.3f} ms, measured {_ms(measured)} ms (median of "
-        f"{len(sched.measured_calls_ms)} call(s)" + _codegen_words(sched)
+        + _calls_words(sched) + _codegen_words(sched)
         + f"), error {err}; planning {sched.plan_s:.2f} s, "
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
