@@ -43,8 +43,8 @@ from fsmoe_compiler.passes.context import PassContext
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.verify import collective_order
 from fsmoe_compiler.passes.whole import unchunkable_layers
-from fsmoe_compiler.profiler import (CostModel, ProfileCache, StepProfiler, agree, fit_collectives,
-                                     last_arrivals, microbenchmark_collectives, plan_key)
+from fsmoe_compiler.profiler import (CostModel, ProfileCache, StepProfiler, agree, cpu_shares, fit_collectives,
+                                     last_arrivals, microbenchmark_collectives, microbenchmark_contention, plan_key)
 from fsmoe_compiler.runtime.control import OwnClock, meet
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
@@ -242,9 +242,16 @@ def link_samples(samples: list[dict], tag: str) -> list[dict]:
     for (kind, group_name), nbytes in sorted(merged.items()):
         picked = sorted(nbytes)
         picked = sorted({picked[0], picked[len(picked) // 2], picked[-1]})
-        timed.extend(microbenchmark_collectives(_resolve_process_group(group_name), (kind,), picked,
-                                                repeats=LINK_REPEATS))
+        group = _resolve_process_group(group_name)
+        timed.extend(microbenchmark_collectives(group, (kind,), picked, repeats=LINK_REPEATS))
+        if _host_side(group):
+            timed.extend(microbenchmark_contention(group, kind, picked, repeats=LINK_REPEATS))
     return out + last_arrivals(meet(f"{tag}/links", timed, what="the link microbenchmarks"))
+
+
+def _host_side(group: Any) -> bool:
+    """Whether ``group``'s collectives run on the host's cores beside the compute (gloo; not NCCL's kernels)."""
+    return "nccl" not in str(dist.get_backend(group))
 
 
 def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: str) -> dict[int, CostModel]:
@@ -258,7 +265,8 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
     compared before any rank runs one (:func:`make_plan`).
     """
     samples = [s for d in degrees if d in profiles for s in profiles[d].samples]
-    comm = fit_collectives(link_samples(samples, tag))
+    links = link_samples(samples, tag)
+    comm, shares = fit_collectives(links), cpu_shares(links)
     out: dict[int, CostModel] = {}
     for degree in degrees:
         profile = profiles.get(degree)
@@ -270,7 +278,7 @@ def measure_costs(profiles: dict[int, StepProfiler], degrees: list[int], tag: st
         common = set(everyone[0]).intersection(*everyone[1:])
         own = {k: v for k, v in node_ms.items() if k not in common}
         agreed = agree(CostModel(node_ms={k: v for k, v in node_ms.items() if k in common}, comm=comm,
-                                 samples=list(samples)), f"{tag}/costs{degree}")
+                                 samples=list(samples), cpu_share=dict(shares)), f"{tag}/costs{degree}")
         agreed.node_ms.update(own)
         out[degree] = agreed
     return out

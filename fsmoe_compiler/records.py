@@ -35,6 +35,7 @@ class TaskRow:
     end_ms: float
     measured_start_ms: float | None = None
     measured_end_ms: float | None = None
+    kind: str = ""  # the task's kind; "host_cpu": a collective's time on the host's cores, no node of its own to time
 
 
 @dataclass
@@ -227,7 +228,7 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
         for tid in ids:
             t = graph.tasks[tid]
             rows.append(TaskRow(task=tid, resource=resource, layer=t.layer, chunk=t.chunk, role=t.role,
-                                start_ms=sched.start[tid], end_ms=sched.end[tid]))
+                                start_ms=sched.start[tid], end_ms=sched.end[tid], kind=t.kind))
     rows.sort(key=lambda r: (r.start_ms, r.resource, r.task))
     return ScheduleReport(scheduler=scheduler, degrees={layer: info.degree for layer, info in ctx.chunking.items()},
                           candidates=dict(plan.predicted), predicted_ms=sched.makespan, tasks=rows,

@@ -94,6 +94,9 @@ class TaskMap:
     segment: dict[str, int] = field(default_factory=dict)
     position: dict[str, int] = field(default_factory=dict)
     deps: list[tuple[str, str]] = field(default_factory=list)
+    # host-CPU task -> its collective's task: compute time the collective takes from the host while in flight
+    # (``CostModel.cpu_ms``); such tasks have no nodes and no deps here, only in the TaskGraph
+    cpu_of: dict[str, str] = field(default_factory=dict)
 
     def first_pos(self) -> dict[str, int]:
         """Position (in the graph as built from) of each task's first node."""
@@ -348,12 +351,17 @@ def _duration(cost: Cost, node: fx.Node) -> float:
 # the builder
 # ---------------------------------------------------------------------------
 
-def build_taskgraph(gm: fx.GraphModule, cost: Cost, phase: str) -> tuple[TaskGraph, TaskMap]:
+def build_taskgraph(gm: fx.GraphModule, cost: Cost, phase: str, cpu_cost: Cost | None = None
+                    ) -> tuple[TaskGraph, TaskMap]:
     """Turn ``gm`` into a scheduler ``TaskGraph`` plus the ``TaskMap`` back to its nodes.
 
     ``cost(node)`` gives ms for one node (``CostModel.node_cost`` in production, a
     fixed table in tests); a compute task lasts the sum over its nodes, a collective
-    task ``cost(start)``. ``phase`` is ``"forward"`` or ``"backward"``.
+    task ``cost(start)``. ``phase`` is ``"forward"`` or ``"backward"``. Where
+    ``cpu_cost(start)`` (``CostModel.cpu_ms``) is positive, the collective also
+    takes that long of the ``compute`` resource somewhere between its inputs and
+    its users (task ``<id>.cpu``): gloo's threads share the host's cores with
+    the compute it overlaps.
     """
     if phase not in ("forward", "backward"):
         raise ValueError(f"phase must be 'forward' or 'backward', got {phase!r}")
@@ -460,8 +468,27 @@ def build_taskgraph(gm: fx.GraphModule, cost: Cost, phase: str) -> tuple[TaskGra
     for u, v in deps:
         tg.add_dep(u, v)
     tm.deps = list(deps)
+    if cpu_cost is not None:
+        _add_cpu_tasks(tg, tm, cpu_cost, {n.name: n for n in starts})
     tg.validate()
     return tg, tm
+
+
+def _add_cpu_tasks(tg: TaskGraph, tm: TaskMap, cpu_cost: Cost, starts: dict[str, fx.Node]) -> None:
+    """One compute task per collective with host CPU time, between the collective's predecessors and users."""
+    for tid, (start, _) in list(tm.collective.items()):
+        ms = _duration(cpu_cost, starts[start])
+        if ms <= 0:
+            continue
+        t = tg[tid]
+        cpu = f"{tid}.cpu"
+        tg.add(cpu, "host_cpu", "compute", ms, size=t.size, layer=t.layer, chunk=t.chunk, role=t.role, phase=t.phase)
+        for u in tg.preds(tid):
+            tg.add_dep(u, cpu)
+        for v in tg.succs(tid):
+            if v != cpu:
+                tg.add_dep(cpu, v)
+        tm.cpu_of[cpu] = tid
 
 
 def _compute_role(members: list[fx.Node], phase: str, layer: int | None, kinds: dict[fx.Node, str]) -> str:
@@ -505,7 +532,9 @@ def _graph_order(taskgraph: TaskGraph, first: dict[str, int]) -> list[str]:
 
 
 def _first_positions(taskgraph: TaskGraph, taskmap: TaskMap) -> dict[str, int]:
-    return {t: p for t, p in taskmap.first_pos().items() if t in taskgraph}
+    first = {t: p for t, p in taskmap.first_pos().items() if t in taskgraph}
+    first.update({cpu: first[coll] for cpu, coll in taskmap.cpu_of.items() if cpu in taskgraph and coll in first})
+    return first
 
 
 def sequential_order(taskgraph: TaskGraph, taskmap: TaskMap) -> dict[str, list[str]]:
@@ -584,5 +613,5 @@ def taskgraph(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if costs is None:
         ctx.notes.append(f"{ctx.graph_kind}: no cost model; task durations are 0")
     ctx.taskgraph, ctx.taskmap = build_taskgraph(gm, costs.node_cost if costs is not None else _zero_cost,
-                                                 ctx.graph_kind)
+                                                 ctx.graph_kind, getattr(costs, "cpu_ms", None))
     return gm

@@ -24,6 +24,7 @@ from fsmoe_compiler.profiler import (
     StepProfiler,
     TimingInterpreter,
     agree,
+    cpu_shares,
     fit_collectives,
     last_arrivals,
     profile_call,
@@ -158,6 +159,31 @@ def test_last_arrivals_keep_each_repetitions_least_time_over_ranks_and_fit_their
     fitted = fit_collectives([s for s in got if "repeat" in s])["all_to_all/2"]
     assert fitted.alpha == 0.0 and fitted.beta * 4096 == pytest.approx(0.30)  # the median, not rank 0's 0.9
     assert fit_collectives(first)["all_to_all/2"].beta * 4096 == pytest.approx(0.9)  # what one rank alone read
+
+
+def test_cpu_share_is_the_part_of_a_collective_the_compute_beside_it_could_not_hide():
+    def alone(ms: float, nbytes: int) -> list[dict]:
+        return [{"node": None, "kind": "all_to_all", "group": "0", "group_size": 2, "bytes": nbytes, "repeat": i,
+                 "ms": ms} for i in range(3)]
+
+    def beside(ms: float, load_ms: float, nbytes: int) -> list[dict]:
+        return [{**s, "beside": True, "load_ms": load_ms} for s in alone(ms, nbytes)]
+
+    serial = alone(1.0, 4096) + beside(2.0, 1.0, 4096)  # the sum: the collective needed the core throughout
+    hidden = alone(4.0, 4096) + beside(4.1, 2.0, 4096)  # the larger: the link waits, the core was free
+    half = alone(2.0, 1 << 20) + beside(3.0, 2.0, 1 << 20)
+    assert cpu_shares(serial) == {"all_to_all/2": 1.0}
+    assert cpu_shares(hidden) == {"all_to_all/2": pytest.approx(0.05)}
+    assert cpu_shares(alone(1.0, 4096) + half) == {"all_to_all/2": pytest.approx(0.5)}  # no pair at 4 KiB
+    assert cpu_shares(alone(1.0, 4096)) == {}
+    # the loaded runs are not the link: the fit reads the collective alone
+    assert fit_collectives(serial)["all_to_all/2"].beta * 4096 == pytest.approx(1.0)
+    nodes = {n.name: n for n in _a2a_graph().graph.nodes}
+    costs = CostModel(node_ms={"mm": 6.0}, comm={"all_to_all/2": LinearCost(0.5, 0.0)}, cpu_share={"all_to_all/2": 0.4})
+    assert costs.cpu_ms(nodes["all_to_all_single"]) == pytest.approx(0.2)
+    assert costs.cpu_ms(nodes["mm"]) == 0.0 and CostModel(comm=costs.comm).cpu_ms(nodes["all_to_all_single"]) == 0.0
+    assert CostModel.from_json(costs.to_json()) == costs
+    assert "CPU shares not in [0, 1]: all_to_all/2=1.5" in CostModel(cpu_share={"all_to_all/2": 1.5}).problems()[0]
 
 
 # -- cost model --------------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from fsmoe_compiler.profiler import CostModel, agree, fit_collectives, microbenchmark_collectives, profile_call
+    from fsmoe_compiler.profiler import (CostModel, agree, cpu_shares, fit_collectives, microbenchmark_collectives,
+                                         microbenchmark_contention, profile_call)
     from fsmoe_compiler.runtime.executor import GraphExecutor
 
     samples = microbenchmark_collectives(None, ["all_to_all"], SIZES, repeats=3)
     fits = fit_collectives(samples)
+    loaded = microbenchmark_contention(None, "all_to_all", SIZES[:1], repeats=2)
 
     torch.manual_seed(rank)
     x, w = torch.randn(64, 32), torch.randn(32, 16)
@@ -74,6 +76,8 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
         "sizes": sorted({s["bytes"] for s in samples}),
         "ms_by_size": {n: sorted(s["ms"] for s in samples if s["bytes"] == n) for n in SIZES},
         "repeats": sorted({(s["bytes"], s["repeat"]) for s in samples}),
+        "loaded": [(s["bytes"], s["repeat"], s["beside"], s["ms"] > 0, s["load_ms"] > 0) for s in loaded],
+        "shares": cpu_shares(samples + loaded),
         "same_outputs": all(torch.equal(o, expected) for o in (out, exposed, timed)),
         "exposed_samples": [(s["node"], s["bytes"]) for s in exposed_samples],
         "step_samples": step_samples,
@@ -91,6 +95,8 @@ def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
     for r in (r0, r1):
         assert r["sizes"] == list(SIZES)
         assert r["repeats"] == [(n, i) for n in SIZES for i in range(3)]  # what last_arrivals pairs ranks by
+        assert r["loaded"] == [(SIZES[0], i, True, True, True) for i in range(2)]
+        assert set(r["shares"]) == {"all_to_all/2"} and 0.0 <= r["shares"]["all_to_all/2"] <= 1.0
         assert set(r["fits"]) == {"all_to_all/2"}
         assert r["fits"]["all_to_all/2"][1] > 0, r["ms_by_size"]  # beta: bigger messages take longer
         assert r["same_outputs"] and r["timing_ok"]

@@ -82,7 +82,7 @@ def _steps_match(case: tuple, rank: int, options: dict, steps: int = STEPS) -> d
         "calls": {k: ((list(s.measured_calls_ms), list(s.aligned_calls_ms)) if s else None) for k, s in scheds.items()},
         "peaks": {k: ((s.peak_bytes, s.traced_peak_bytes) if s else None) for k, s in scheds.items()},
         "timed_tasks": {k: (sum(t.measured_end_ms is not None for t in s.tasks) if s else 0) for k, s in scheds.items()},
-        "tasks": {k: (len(s.tasks) if s else 0) for k, s in scheds.items()},
+        "tasks": {k: (sum(t.kind != "host_cpu" for t in s.tasks) if s else 0) for k, s in scheds.items()},
         "render": rep.render() if rank == 0 else "",
     }
 

@@ -38,6 +38,25 @@ def test_each_collective_with_its_wait_is_one_task_on_the_link_priced_by_its_sta
     assert tm.group["F.L0.c0.a2a0"] == "ep"
 
 
+def test_a_collectives_host_cpu_time_is_a_compute_task_between_its_inputs_and_users_with_no_nodes():
+    gm = forward_ep_chunked()
+    plain, _ = build_taskgraph(gm, cost_table(FWD_COSTS), "forward")
+    tg, tm = build_taskgraph(gm, cost_table(FWD_COSTS), "forward",
+                             cpu_cost=lambda n: 0.5 if n.name == "a2a_d0" else 0.0)
+    assert set(tg.tasks) - set(plain.tasks) == {"F.L0.c0.a2a0.cpu"} and tm.cpu_of == {"F.L0.c0.a2a0.cpu": "F.L0.c0.a2a0"}
+    cpu = tg["F.L0.c0.a2a0.cpu"]
+    assert (cpu.resource, cpu.kind, cpu.duration, cpu.role) == ("compute", "host_cpu", 0.5, "dispatch")
+    assert set(tg.preds(cpu.id)) == set(tg.preds("F.L0.c0.a2a0")) and tg.preds(cpu.id)
+    assert set(tg.succs(cpu.id)) == set(tg.succs("F.L0.c0.a2a0")) and tg.succs(cpu.id)
+    assert cpu.id not in tm.nodes_of and all(cpu.id not in d for d in tm.deps)  # annotate never sees it
+    assert tg.total("compute") == pytest.approx(plain.total("compute") + 0.5)
+    for order in (sequential_order(tg, tm), tutel_order(tg, tm)):  # the baselines place it too
+        assert cpu.id in order["compute"]
+        validate_schedule(tg, fixed_order_schedule(tg, order))
+    # overlapping the exchange with compute gains at most what the host leaves free
+    assert heuristic_schedule(tg).makespan >= heuristic_schedule(plain).makespan
+
+
 def test_region_nodes_group_by_layer_chunk_and_nearest_collectives_with_readable_ids():
     gm = forward_ep_chunked()
     tg, tm = build_taskgraph(gm, cost_table(FWD_COSTS), "forward")

@@ -9,7 +9,8 @@ prices nodes for the scheduler; ``agree`` makes all ranks hold the same model;
 """
 
 from fsmoe_compiler.profiler.cache import ProfileCache, plan_key, profile_key
-from fsmoe_compiler.profiler.comm import fit_collectives, last_arrivals, microbenchmark_collectives
+from fsmoe_compiler.profiler.comm import (cpu_shares, fit_collectives, last_arrivals, microbenchmark_collectives,
+                                          microbenchmark_contention)
 from fsmoe_compiler.profiler.costs import CostModel, agree, fastest_per_node
 from fsmoe_compiler.profiler.session import StepProfiler
 from fsmoe_compiler.profiler.timing import CollectiveSample, TimingInterpreter, profile_call
@@ -21,10 +22,12 @@ __all__ = [
     "StepProfiler",
     "TimingInterpreter",
     "agree",
+    "cpu_shares",
     "fastest_per_node",
     "fit_collectives",
     "last_arrivals",
     "microbenchmark_collectives",
+    "microbenchmark_contention",
     "profile_call",
     "plan_key",
     "profile_key",

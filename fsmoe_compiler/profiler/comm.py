@@ -36,11 +36,11 @@ def fit_collectives(samples: Iterable[dict]) -> dict[str, LinearCost]:
     outlier and keeps repeated sizes from dominating), then fitted by least
     squares with alpha, beta clamped to >= 0. A key observed at one size only
     gets ``alpha = 0, beta = ms / bytes`` (or ``alpha = ms`` for 0-byte
-    messages). Samples without a group size are skipped.
+    messages). Samples without a group size, and :func:`microbenchmark_contention`'s, are skipped.
     """
     by_key: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
-        if s.get("group_size") is None:
+        if s.get("group_size") is None or s.get("beside"):  # a collective with a load beside it is not the link
             continue
         by_key[comm_key(s["kind"], s["group_size"])][int(s["bytes"])].append(float(s["ms"]))
     fits: dict[str, LinearCost] = {}
@@ -56,18 +56,7 @@ def fit_collectives(samples: Iterable[dict]) -> dict[str, LinearCost]:
 
 
 def _run_collective(kind: str, x, group) -> object:
-    import torch.distributed._functional_collectives as funcol
-
-    kind = check_kind(kind)
-    if kind == ALL_TO_ALL:
-        out = funcol.all_to_all_single(x, None, None, group)
-    elif kind == ALL_GATHER:  # torch >= 2.10 names it *_single (the *_tensor name warns there); same signature
-        out = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)(x, 0, group)
-    elif kind == REDUCE_SCATTER:
-        out = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)(x, "sum", 0, group)
-    else:
-        out = funcol.all_reduce(x, "sum", group)
-    return funcol.wait_tensor(out)
+    return _wait(_issue(check_kind(kind), x, group))
 
 
 def microbenchmark_collectives(
@@ -140,7 +129,119 @@ def last_arrivals(by_rank: Sequence[Sequence[dict]]) -> list[dict]:
             if s.get("repeat") is None:
                 loose.append(dict(s))
                 continue
-            key = (s["kind"], s.get("group"), s.get("group_size"), int(s["bytes"]), int(s["repeat"]))
+            key = (s["kind"], s.get("group"), s.get("group_size"), int(s["bytes"]), int(s["repeat"]),
+                   bool(s.get("beside")))
             if key not in best or float(s["ms"]) < float(best[key]["ms"]):
                 best[key] = dict(s)
     return [best[k] for k in sorted(best, key=str)] + loose
+
+
+def microbenchmark_contention(group, kind: str, sizes_bytes: Sequence[int], repeats: int = 5) -> list[dict]:
+    """Time a collective with a compute load beside it on every rank of ``group`` (CPU tensors only).
+
+    On a host whose cores run both the compute and the communication library's
+    threads (gloo on CPU), a collective in flight takes CPU time from the
+    compute it is meant to hide behind: on 2 ranks sharing 2 cores a 40 KiB
+    loopback all-to-all beside 0.44 ms of matmuls took 0.78 ms, the sum, not
+    the larger. Per size, the load is a chain of matmuls about as long as the
+    collective alone; each repetition, after a barrier, issues the collective,
+    runs the load, waits. Returns samples ``{"kind", "group", "group_size",
+    "bytes", "repeat", "beside": True, "ms"`` (issue to wait, load included),
+    ``"load_ms"`` (the same load alone, just before)``}``; :func:`cpu_shares`
+    reads them.
+    """
+    import torch
+    import torch.distributed as dist
+
+    check_kind(kind)
+    group = group if group is not None else dist.group.WORLD
+    size = dist.get_world_size(group)
+    name = getattr(group, "group_name", None)
+    a = torch.randn(128, 128)
+    mm_ms = _time_ms(lambda: torch.mm(a, a), 5) / 5
+    samples: list[dict] = []
+    for nbytes in sizes_bytes:
+        numel = max(size, (int(nbytes) // 4) // size * size)
+        x = torch.randn(numel)
+        alone = []
+        for _ in range(3):
+            dist.barrier(group)
+            alone.append(_time_ms(lambda: _run_collective(kind, x, group), 1))
+        # the same number of matmuls on every rank (the least estimate of the collective alone decides)
+        steps = torch.tensor([max(1, int(min(alone) / max(mm_ms, 1e-6)))])
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN, group=group)
+
+        def load(n: int = int(steps)) -> None:
+            for _ in range(n):
+                torch.mm(a, a)
+        for rep in range(repeats):
+            load_ms = _time_ms(load, 1)
+            dist.barrier(group)
+            start = time.perf_counter()
+            out = _issue(kind, x, group)
+            load()
+            _wait(out)
+            ms = (time.perf_counter() - start) * 1e3
+            samples.append({"node": None, "kind": kind, "group": name, "group_size": size, "bytes": numel * 4,
+                            "repeat": rep, "beside": True, "ms": ms, "load_ms": load_ms})
+    return samples
+
+
+def cpu_shares(samples: Iterable[dict]) -> dict[str, float]:
+    """The share of a collective's time it takes from the compute beside it, per ``f"{kind}/{group_size}"``.
+
+    From :func:`microbenchmark_contention`'s samples (``beside``) and the
+    collective's own samples at the same sizes (after :func:`last_arrivals`):
+    with the collective alone taking ``c``, the load alone ``d`` and both
+    together ``T`` (medians), the share is ``(T - max(c, d)) / min(c, d)``
+    clamped to [0, 1]: 0 where they overlap fully, 1 where they run one after
+    the other. The median over sizes. The task graph bills ``share * c`` of
+    each collective to the compute resource.
+    """
+    alone: dict[tuple[str, int], list[float]] = defaultdict(list)
+    beside: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for s in samples:
+        if s.get("group_size") is None or s.get("node") is not None:
+            continue
+        key = (comm_key(s["kind"], s["group_size"]), int(s["bytes"]))
+        if s.get("beside"):
+            beside[key].append((float(s["ms"]), float(s["load_ms"])))
+        else:
+            alone[key].append(float(s["ms"]))
+    per_key: dict[str, list[float]] = defaultdict(list)
+    for key, pairs in sorted(beside.items()):
+        if not alone.get(key):
+            continue
+        c = statistics.median(alone[key])
+        both = statistics.median(t for t, _ in pairs)
+        d = statistics.median(d for _, d in pairs)
+        low = min(c, d)
+        if low <= 0:
+            continue
+        per_key[key[0]].append(min(1.0, max(0.0, (both - max(c, d)) / low)))
+    return {k: statistics.median(v) for k, v in sorted(per_key.items())}
+
+
+def _issue(kind: str, x, group) -> object:
+    import torch.distributed._functional_collectives as funcol
+
+    if kind == ALL_TO_ALL:
+        return funcol.all_to_all_single(x, None, None, group)
+    if kind == ALL_GATHER:
+        return getattr(funcol, "all_gather_single", funcol.all_gather_tensor)(x, 0, group)
+    if kind == REDUCE_SCATTER:
+        return getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)(x, "sum", 0, group)
+    return funcol.all_reduce(x, "sum", group)
+
+
+def _wait(out) -> object:
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol.wait_tensor(out)
+
+
+def _time_ms(fn, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) * 1e3

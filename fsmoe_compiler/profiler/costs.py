@@ -64,6 +64,9 @@ class CostModel:
     node_ms: dict[str, float] = field(default_factory=dict)
     comm: dict[str, LinearCost] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
+    # per link key, the share of a collective's time it takes from compute running beside it (profiler.comm's
+    # cpu_shares: 0 where the communication library needs no host CPU, 1 where it needs a core the whole time)
+    cpu_share: dict[str, float] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -83,7 +86,7 @@ class CostModel:
         samples = [dict(s) for s in self.samples] + [dict(s) for s in other.samples]
         comm = {**self.comm, **other.comm}
         comm.update(fit_collectives(samples))
-        return CostModel(node_ms=node_ms, comm=comm, samples=samples)
+        return CostModel(node_ms=node_ms, comm=comm, samples=samples, cpu_share={**self.cpu_share, **other.cpu_share})
 
     # -- pricing ------------------------------------------------------------------------------------
     def collective_ms(self, kind: str, group_size: int | None, nbytes: int) -> float:
@@ -121,6 +124,18 @@ class CostModel:
         if origin is not None and origin in self.node_ms:
             return self.node_ms[origin] / max(int(info.get("degree") or 1), 1)
         return 0.0
+
+    def cpu_ms(self, node: fx.Node) -> float:
+        """Compute time a collective node takes from the host while in flight: its ``node_cost`` times the
+        ``cpu_share`` of its link (the nearest group size of its kind); 0.0 for any other node."""
+        if not is_collective(node) or not self.cpu_share:
+            return 0.0
+        kind, size = collective_kind(node), collective_group_size(node)
+        same = sorted(k for k in self.cpu_share if k.split("/")[0] == kind)
+        if not same:
+            return 0.0
+        best = min(same, key=lambda k: (abs(int(k.split("/")[1]) - (size or 0)), k))
+        return self.cpu_share[best] * self.node_cost(node)
 
     def observed_bytes(self, node: fx.Node) -> int:
         """The median bytes ``node`` sent in the profiled calls of its chunk degree (every rank's, after
@@ -160,6 +175,9 @@ class CostModel:
         if odd:
             found.append("link models not a time: " + ", ".join(
                 f"{k} (alpha {self.comm[k].alpha!r}, beta {self.comm[k].beta!r})" for k in odd[:5]))
+        odd = sorted(k for k, v in self.cpu_share.items() if not isinstance(v, (int, float)) or not 0 <= v <= 1)
+        if odd:
+            found.append("CPU shares not in [0, 1]: " + ", ".join(f"{k}={self.cpu_share[k]!r}" for k in odd[:5]))
         odd = [s.get("node") for s in self.samples if bad(s.get("ms"))]
         if odd:
             found.append(f"collective samples without a time: {odd[:5]}")
@@ -177,6 +195,7 @@ class CostModel:
             "node_ms": dict(self.node_ms),
             "comm": {k: [c.alpha, c.beta] for k, c in sorted(self.comm.items())},
             "samples": [dict(s) for s in self.samples],
+            "cpu_share": dict(sorted(self.cpu_share.items())),
         }
 
     @classmethod
@@ -187,10 +206,11 @@ class CostModel:
             node_ms={str(k): float(v) for k, v in data["node_ms"].items()},
             comm={str(k): LinearCost(float(a), float(b)) for k, (a, b) in data["comm"].items()},
             samples=[dict(s) for s in data["samples"]],
+            cpu_share={str(k): float(v) for k, v in data.get("cpu_share", {}).items()},  # absent before it existed
         )
 
     def to_json(self) -> str:
-        """JSON text (``{"schema", "node_ms", "comm": {key: [alpha, beta]}, "samples"}``)."""
+        """JSON text (``{"schema", "node_ms", "comm": {key: [alpha, beta]}, "samples", "cpu_share"}``)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
@@ -205,8 +225,8 @@ def _first_difference(a: list[str], b: list[str]) -> str:
 
 
 def agree(costs: CostModel, key: str) -> CostModel:
-    """Every rank gets the same model: node times and each link model's alpha and beta are the MAX over ranks
-    (deterministic, and pessimistic: the slowest rank sets the pace of a synchronous step), ``samples`` every
+    """Every rank gets the same model: node times, each link model's alpha and beta and the CPU shares are the
+    MAX over ranks (deterministic, and pessimistic: the slowest rank sets the pace of a synchronous step), ``samples`` every
     rank's in rank order. ``key`` names the agreement (unique to the graph, planning epoch and degree).
 
     It goes over the control plane (``runtime.control.meet``), the one channel the ranks agree on everything
@@ -219,7 +239,8 @@ def agree(costs: CostModel, key: str) -> CostModel:
 
     names, keys = sorted(costs.node_ms), sorted(costs.comm)
     mine = (names, keys, [costs.node_ms[n] for n in names],
-            [(costs.comm[k].alpha, costs.comm[k].beta) for k in keys], [dict(s) for s in costs.samples])
+            [(costs.comm[k].alpha, costs.comm[k].beta) for k in keys], [dict(s) for s in costs.samples],
+            dict(costs.cpu_share))
     everyone = control.meet(key, mine, what="the cost model")
     if len(everyone) == 1:
         return costs
@@ -232,4 +253,5 @@ def agree(costs: CostModel, key: str) -> CostModel:
     comm = {k: LinearCost(max(max(e[3][i][0] for e in everyone), 0.0), max(max(e[3][i][1] for e in everyone), 0.0))
             for i, k in enumerate(keys)}
     samples = [dict(s) for e in everyone for s in e[4]]
-    return CostModel(node_ms=node_ms, comm=comm, samples=samples)
+    share = {k: max(e[5].get(k, 0.0) for e in everyone) for k in sorted({k for e in everyone for k in e[5]})}
+    return CostModel(node_ms=node_ms, comm=comm, samples=samples, cpu_share=share)
