@@ -49,8 +49,17 @@ from fsmoe_compiler.runtime.control import OwnClock, meet
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
-#: Repetitions of each link microbenchmark (after a barrier each; the median of their last-arrival times is fitted).
+#: Repetitions of each link microbenchmark (after a barrier each; the median of their last-arrival times is fitted):
+#: messages under ``SMALL_MESSAGE_BYTES`` take well under a millisecond where a shared host adds millisecond stalls
+#: to some of them, so they get more (5 repetitions of a 5 KiB loopback all-to-all once read 2.6 ms for 0.4 ms).
 LINK_REPEATS = 5
+SMALL_LINK_REPEATS = 15
+SMALL_MESSAGE_BYTES = 1 << 20
+
+
+def link_repeats(nbytes: int) -> int:
+    """How many times the link microbenchmarks repeat a message of ``nbytes`` (the same on every rank)."""
+    return SMALL_LINK_REPEATS if nbytes < SMALL_MESSAGE_BYTES else LINK_REPEATS
 
 
 class PlanError(RuntimeError):
@@ -243,9 +252,11 @@ def link_samples(samples: list[dict], tag: str) -> list[dict]:
         picked = sorted(nbytes)
         picked = sorted({picked[0], picked[len(picked) // 2], picked[-1]})
         group = _resolve_process_group(group_name)
-        timed.extend(microbenchmark_collectives(group, (kind,), picked, repeats=LINK_REPEATS))
-        if _host_side(group):
-            timed.extend(microbenchmark_contention(group, kind, picked, repeats=LINK_REPEATS))
+        for nbytes in picked:
+            reps = link_repeats(nbytes)
+            timed.extend(microbenchmark_collectives(group, (kind,), (nbytes,), repeats=reps))
+            if _host_side(group):
+                timed.extend(microbenchmark_contention(group, kind, (nbytes,), repeats=reps))
     return out + last_arrivals(meet(f"{tag}/links", timed, what="the link microbenchmarks"))
 
 

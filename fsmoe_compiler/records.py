@@ -79,6 +79,8 @@ class ScheduleReport:
     # call), learned in this run or read from the profile cache; the prediction for the compiled code is scaled by it
     calibration: float | None = None
     calibration_from: str = ""  # "this run" or "cache"
+    # the link models the prediction used, per f"{kind}/{group_size}": (alpha ms, ms per MiB, host CPU share or None)
+    links: dict[str, tuple[float, float, float | None]] = field(default_factory=dict)
     schedule: Any = field(default=None, repr=False)  # scheduler.Schedule, for traces
     taskgraph: Any = field(default=None, repr=False)  # scheduler.TaskGraph
 
@@ -230,12 +232,15 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
             rows.append(TaskRow(task=tid, resource=resource, layer=t.layer, chunk=t.chunk, role=t.role,
                                 start_ms=sched.start[tid], end_ms=sched.end[tid], kind=t.kind))
     rows.sort(key=lambda r: (r.start_ms, r.resource, r.task))
+    costs = ctx.costs
+    links = {k: (c.alpha, c.beta * (1 << 20), costs.cpu_share.get(k)) for k, c in sorted(costs.comm.items())
+             } if costs is not None else {}
     return ScheduleReport(scheduler=scheduler, degrees={layer: info.degree for layer, info in ctx.chunking.items()},
                           candidates=dict(plan.predicted), predicted_ms=sched.makespan, tasks=rows,
                           notes=list(ctx.notes), profile_calls=profile_calls, plan_s=plan.plan_s, wait_s=plan.wait_s,
                           plan_split_s=dict(plan.split_s), cache_hit=cache_hit, status=sched.status,
                           reference_ms=dict(sched.meta.get("reference_ms", {})), peak_bytes=plan.peak_bytes,
-                          traced_peak_bytes=plan.traced_peak_bytes, schedule=sched, taskgraph=graph)
+                          traced_peak_bytes=plan.traced_peak_bytes, links=links, schedule=sched, taskgraph=graph)
 
 
 _RECORDS: list[CompileRecord] = []

@@ -155,6 +155,7 @@ def test_fixed_degree_is_applied_reported_and_traced(rank_pool, tmp_path):
     text = results[0]["render"]
     assert "degree per layer: L0=2" in text and "predicted" in text and "meas ms" in text
     assert "each from the last rank's entry; this rank's own" in text
+    assert re.search(r"link models \(measured\): all_to_all/2 [0-9.]+ ms \+ [0-9.]+ ms/MiB, host CPU share [01]\.\d\d", text)
     assert "peak memory in graph order (tensors alive, inputs included): scheduled " in text
     assert "same task graph and costs: tutel " in text and "lower bound" in text
     trace = json.load(open(path))

@@ -270,6 +270,11 @@ def render(result: BenchResult) -> str:
             meas = sum(g["measured_ms"] for g in graphs)
             lines.append(f"{m.name}: predicted forward + backward {pred:.1f} ms, measured {meas:.1f} ms "
                          f"(median per graph, rank 0), error {100 * (pred - meas) / meas:+.1f} %")
+        links = {k: v for g in graphs for k, v in (g.get("links") or {}).items()}
+        if links:
+            lines.append(f"{m.name} link models (measured, last graph's): " + "; ".join(
+                f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + ("" if share is None else f", host CPU share {share:.2f}")
+                for k, (a, b, share) in sorted(links.items())))
         chosen = (fs or {}).get("token_split")
         if chosen:
             lines.append(f"{m.name}: {chosen}")

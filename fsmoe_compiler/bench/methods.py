@@ -351,6 +351,7 @@ def fsmoe_summary(model: nn.Module) -> dict[str, Any]:
                         plan_split_s=dict(sch.plan_split_s),
                         status=sch.status,
                         reference_ms=dict(sch.reference_ms),
+                        links={k: list(v) for k, v in sch.links.items()},
                         notes=list(sch.notes)[:5],
                     )
                 out[f"{kind}{rec.id}" if kind in out else kind] = row

@@ -193,7 +193,8 @@ def cpu_shares(samples: Iterable[dict]) -> dict[str, float]:
     From :func:`microbenchmark_contention`'s samples (``beside``) and the
     collective's own samples at the same sizes (after :func:`last_arrivals`):
     with the collective alone taking ``c``, the load alone ``d`` and both
-    together ``T`` (medians), the share is ``(T - max(c, d)) / min(c, d)``
+    together ``T`` (each the least of its repetitions: the noise of a shared
+    host only ever adds, and a slow ``c`` alone would read as overlap), the share is ``(T - max(c, d)) / min(c, d)``
     clamped to [0, 1]: 0 where they overlap fully, 1 where they run one after
     the other. The median over sizes. The task graph bills ``share * c`` of
     each collective to the compute resource.
@@ -212,9 +213,7 @@ def cpu_shares(samples: Iterable[dict]) -> dict[str, float]:
     for key, pairs in sorted(beside.items()):
         if not alone.get(key):
             continue
-        c = statistics.median(alone[key])
-        both = statistics.median(t for t, _ in pairs)
-        d = statistics.median(d for _, d in pairs)
+        c, both, d = min(alone[key]), min(t for t, _ in pairs), min(d for _, d in pairs)
         low = min(c, d)
         if low <= 0:
             continue

@@ -111,6 +111,10 @@ def schedule_summary(sched: Any) -> str:
         + f"), error {err}; planning {sched.plan_s:.2f} s, "
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
+    if sched.links:
+        lines.append("link models (measured): " + "; ".join(
+            f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + ("" if share is None else f", host CPU share {share:.2f}")
+            for k, (a, b, share) in sched.links.items()))
     peak, traced = sched.peak_bytes, sched.traced_peak_bytes
     if peak is not None and traced:
         lines.append(f"peak memory in graph order (tensors alive, inputs included): scheduled {fmt_bytes(peak)}, "
