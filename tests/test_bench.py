@@ -42,6 +42,13 @@ def test_parse_methods_keeps_order_and_names_the_valid_ones():
         (["--tokens", "8", "--seq", "16"], "--tokens (8) must be >= --seq (16)"),
         (["--fsmoe-option", "max_degree"], "--fsmoe-option wants KEY=VALUE, got 'max_degree'"),
         (["--model", "torchtitan", "--dispatch", "capacity"], "--model torchtitan is dropless only"),
+        (["--emulate-link", "inter=300mbit,intra=fast"], "bad link rate 'fast'"),
+        (["--emulate-link", "intra=2gbit"], "no inter=RATE; the forms: RATE or inter=RATE[,intra=RATE]"),
+        (["--emulate-link", "inter=1gbit,between=1gbit"], "at 'between=1gbit'; the forms"),
+        (["--ranks", "4", "--ranks-per-node", "3"], "--ranks-per-node must divide --ranks (4), got 3"),
+        (["--ranks-per-node", "2"], "--ranks-per-node 2 places ranks in node namespaces: it needs --emulate-link"),
+        (["--emulate-link", "inter=300mbit,intra=2gbit"], "an intra-node rate (2gbit) needs nodes of >= 2 ranks"),
+        (["--ranks-per-node", "2", "--emulate-link", "300mbit"], "joins >= 2 nodes: 2 ranks at 2 per node make 1"),
     ],
 )
 def test_bad_input_is_an_error_naming_the_fix(argv, message, capsys):

@@ -55,6 +55,19 @@ def test_one_rank_is_not_a_link():
         LinkEmulation(1, "1gbit")
 
 
+def test_a_node_layout_must_divide_the_ranks_into_two_or_more_nodes():
+    with pytest.raises(ValueError, match="positive divisor of the 4 ranks, got 3"):
+        LinkEmulation(4, "1gbit", ranks_per_node=3)
+    with pytest.raises(ValueError, match="joins >= 2 nodes: 4 ranks at 4 per node make 1"):
+        LinkEmulation(4, "1gbit", ranks_per_node=4)
+    with pytest.raises(ValueError, match=r"intra-node rate \(10gbit\) needs nodes of >= 2 ranks"):
+        LinkEmulation(4, "1gbit", intra_rate="10gbit")
+    with pytest.raises(ValueError, match="bad link rate"):
+        LinkEmulation(4, "1gbit", ranks_per_node=2, intra_rate="fast")
+    link = LinkEmulation(4, "1gbit", tag="x", ranks_per_node=2)
+    assert [link.rank_ns(r) for r in range(4)] == ["fsmxn0", "fsmxn0", "fsmxn1", "fsmxn1"] and link.nodes == 2
+
+
 @needs_netns
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world", [2, 3])
@@ -138,6 +151,22 @@ def test_bridge_links_every_pair_of_ranks_at_the_rate():
     with LinkEmulation(3, "100mbit", tag=f"{os.getpid()}g") as link:
         t = measure_transfer(link, 4_000_000, src=2, dst=0)
     assert 0.3 <= t <= 2.0, t
+
+
+@needs_netns
+@pytest.mark.timeout(90)
+def test_two_nodes_of_two_ranks_talk_fast_inside_a_node_and_at_the_rate_between_nodes():
+    tag = f"{os.getpid()}n"
+    with LinkEmulation(4, "50mbit", tag=tag, ranks_per_node=2, intra_rate="800mbit") as link:
+        assert sorted(_mine(tag)) == sorted(link.namespaces) == [f"fsm{tag}n0", f"fsm{tag}n1"]
+        assert link.addresses == ["10.66.0.1", "10.66.0.1", "10.66.0.2", "10.66.0.2"]
+        assert link.exec_prefix(1) == link.exec_prefix(0) != link.exec_prefix(2)
+        assert "lo: qdisc tbf" in link.qdiscs() and "rate 800Mbit" in link.qdiscs()
+        inter = measure_transfer(link, 3_000_000, src=1, dst=2)  # 3 MB at 50 mbit/s: 0.48 s
+        intra = measure_transfer(link, 3_000_000, src=2, dst=3)  # the same inside node 1 at 800 mbit/s: 30 ms
+    assert 0.4 <= inter <= 2.5, inter
+    assert intra <= inter / 4, (intra, inter)
+    assert _mine(tag) == []
 
 
 @needs_netns

@@ -98,7 +98,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     p.add_argument("--emulate-link", default=None, metavar="RATE",
                    help="root only: each rank in its own network namespace, veth links shaped with tc tbf to RATE "
-                   "(e.g. 200mbit, 1gbit); without root it says so and runs on loopback")
+                   "(e.g. 200mbit, 1gbit); with --ranks-per-node, inter=RATE[,intra=RATE]: nodes joined at the "
+                   "inter rate, the ranks of a node on its loopback, shaped to the intra rate if given; without "
+                   "root it says so and runs on loopback")
+    p.add_argument("--ranks-per-node", type=int, default=1,
+                   help="with --emulate-link: ranks per node namespace (default 1), e.g. --ranks 4 "
+                   "--ranks-per-node 2 for two nodes of two ranks")
     p.add_argument("--fsmoe-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra fsmoe backend option for the fsmoe methods, repeatable (e.g. max_degree=8, "
                    "time_limit_s=2, cache_dir=/tmp/fsmoe-cache); VALUE is read as JSON, else as a string")
@@ -153,12 +158,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     from fsmoe_compiler.demo import example_module
 
     from .methods import parse_methods
-    from .netns import parse_rate
+    from .netns import parse_link_spec
 
     example_module(args.model)
     methods = parse_methods(args.methods)
     if args.emulate_link:
-        parse_rate(args.emulate_link)
+        parse_link_spec(args.emulate_link)
     batch = args.batch
     if args.tokens is not None:
         if args.tokens < args.seq:
@@ -177,7 +182,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         shared_expert=args.shared_expert, batch=batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
         dispatch=args.dispatch or ("dropless" if args.model in DROPLESS_ONLY else "capacity"),
         threads=args.threads,
-        emulate_link=args.emulate_link, timeout_s=args.timeout, breakdown=args.breakdown,
+        emulate_link=args.emulate_link, ranks_per_node=args.ranks_per_node, timeout_s=args.timeout,
+        breakdown=args.breakdown,
         fsmoe_options=fsmoe_options, grad_sync=args.grad_sync,
         trace_dir=os.path.abspath(args.trace_dir) if args.trace_dir else None, malloc=args.malloc,
     )

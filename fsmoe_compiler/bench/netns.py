@@ -11,9 +11,14 @@ Layout (names carry the launcher's pid, so parallel runs never collide):
   (``eth0`` in each), addresses 10.66.0.1 and 10.66.0.2.
 * N ranks: one more namespace ``fsm<pid>br`` holding a bridge ``br0``; rank r's
   ``eth0`` is paired with ``p<r>`` on the bridge.
+* Nodes of several ranks (``ranks_per_node``): one namespace per node,
+  ``fsm<pid>n<i>``, joined as above node to node; the ranks of a node share
+  its namespace and address, so their traffic stays on the node's loopback,
+  shaped to ``intra_rate`` when one is given (a fast intra-node link beside
+  the slow inter-node one; two "nodes" of two ranks on one machine).
 
-Every veth end is shaped on egress with ``tbf rate RATE``, so each rank's
-upload and download are each limited to RATE (a full-duplex link per rank).
+Every veth end is shaped on egress with ``tbf rate RATE``, so each node's
+upload and download are each limited to RATE (a full-duplex link per node).
 Namespaces are deleted (which deletes their veths and qdiscs) on leaving the
 context, at interpreter exit, and on SIGINT/SIGTERM. Needs root and the
 ``ip``/``tc`` tools of iproute2; :func:`netns_unavailable_reason` says why not.
@@ -72,6 +77,34 @@ def parse_rate(rate: str) -> int:
     if bits < 8000:
         raise ValueError(f"link rate {rate!r} is below 8 kbit/s; give a usable rate, e.g. 200mbit")
     return int(bits)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """What ``--emulate-link`` asks for: the rate between nodes and, for nodes of several ranks, within one."""
+
+    inter: str
+    intra: str | None = None
+
+
+def parse_link_spec(text: str) -> LinkSpec:
+    """``RATE`` or ``inter=RATE[,intra=RATE]`` (e.g. ``300mbit``, ``inter=300mbit,intra=2gbit``); ValueError
+    naming the forms otherwise. The rates are checked by :func:`parse_rate`."""
+    forms = "RATE or inter=RATE[,intra=RATE] (e.g. 300mbit, inter=300mbit,intra=2gbit)"
+    if "=" not in text:
+        parse_rate(text)
+        return LinkSpec(text.strip())
+    parts: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("inter", "intra") or key in parts:
+            raise ValueError(f"bad --emulate-link {text!r} at {item!r}; the forms: {forms}")
+        parse_rate(value)
+        parts[key] = value.strip()
+    if "inter" not in parts:
+        raise ValueError(f"bad --emulate-link {text!r}: no inter=RATE; the forms: {forms}")
+    return LinkSpec(parts["inter"], parts.get("intra"))
 
 
 def netns_unavailable_reason() -> str | None:
@@ -133,11 +166,14 @@ def tbf_params(rate_bps: int) -> tuple[str, str, str]:
 
 @dataclass
 class LinkEmulation:
-    """N namespaces joined by RATE-shaped veth links; use as a context manager.
+    """One namespace per node joined by RATE-shaped veth links; use as a context manager.
 
-    ``addresses[r]``: rank r's IPv4 address; ``exec_prefix(r)``: the argv
-    prefix that runs a command inside rank r's namespace; ``ifname``: the
-    interface name inside every rank namespace (for ``GLOO_SOCKET_IFNAME``).
+    A node is one rank unless ``ranks_per_node`` says more (it must divide
+    ``world_size``, leaving at least 2 nodes); ``intra_rate`` shapes the
+    loopback inside each node. ``addresses[r]``: rank r's IPv4 address (its
+    node's); ``exec_prefix(r)``: the argv prefix that runs a command inside
+    rank r's namespace; ``ifname``: the interface name inside every node
+    namespace (for ``GLOO_SOCKET_IFNAME``).
     """
 
     world_size: int
@@ -148,6 +184,8 @@ class LinkEmulation:
     addresses: list[str] = field(default_factory=list)
     ifname: str = "eth0"
     notes: list[str] = field(default_factory=list)
+    ranks_per_node: int = 1
+    intra_rate: str | None = None
     _old_handlers: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -155,15 +193,34 @@ class LinkEmulation:
             raise ValueError(f"an emulated link needs >= 2 ranks, got {self.world_size}")
         if self.world_size > 250:
             raise ValueError(f"at most 250 ranks on an emulated link, got {self.world_size}")
+        per = self.ranks_per_node
+        if isinstance(per, bool) or not isinstance(per, int) or per < 1 or self.world_size % per:
+            raise ValueError(f"ranks per node must be a positive divisor of the {self.world_size} ranks, got {per!r}")
+        if self.world_size // per < 2:
+            raise ValueError(f"an emulated link joins >= 2 nodes: {self.world_size} ranks at {per} per node make "
+                             f"{self.world_size // per}")
+        if self.intra_rate is not None and per < 2:
+            raise ValueError(f"an intra-node rate ({self.intra_rate}) needs nodes of >= 2 ranks; ranks per node: {per}")
         self.rate_bps = parse_rate(self.rate)
+        self.intra_bps = parse_rate(self.intra_rate) if self.intra_rate is not None else None
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.ranks_per_node
 
     # -- names -------------------------------------------------------------------------------
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
     def rank_ns(self, rank: int) -> str:
-        return f"{NS_PREFIX}{self.tag}r{rank}"
+        """The namespace rank ``rank`` runs in (its node's)."""
+        if self.ranks_per_node == 1:
+            return f"{NS_PREFIX}{self.tag}r{rank}"
+        return f"{NS_PREFIX}{self.tag}n{self.node_of(rank)}"
 
     def exec_prefix(self, rank: int) -> list[str]:
         """argv prefix running a command in rank ``rank``'s namespace."""
-        return ["ip", "netns", "exec", self.namespaces[rank]]
+        return ["ip", "netns", "exec", self.namespaces[self.node_of(rank)]]
 
     # -- setup / teardown --------------------------------------------------------------------
     def _add_ns(self, name: str) -> None:
@@ -172,8 +229,8 @@ class LinkEmulation:
             _LIVE.add(name)
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
 
-    def _shape(self, ns: str, dev: str) -> None:
-        rate, burst, latency = tbf_params(self.rate_bps)
+    def _shape(self, ns: str, dev: str, rate_bps: int | None = None) -> None:
+        rate, burst, latency = tbf_params(self.rate_bps if rate_bps is None else rate_bps)
         _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
               "rate", rate, "burst", burst, "latency", latency])
 
@@ -194,11 +251,14 @@ class LinkEmulation:
         if reason:
             raise NetnsError(f"cannot emulate a link: {reason}")
         try:
-            for r in range(self.world_size):
+            firsts = range(0, self.world_size, self.ranks_per_node)  # each node's first rank names its namespace
+            for r in firsts:
                 self._add_ns(self.rank_ns(r))
                 self.namespaces.append(self.rank_ns(r))
-            self.addresses = [f"{SUBNET}.{r + 1}" for r in range(self.world_size)]
-            if self.world_size == 2:
+                if self.intra_bps is not None:
+                    self._shape(self.rank_ns(r), "lo", self.intra_bps)  # rank to rank inside the node
+            self.addresses = [f"{SUBNET}.{self.node_of(r) + 1}" for r in range(self.world_size)]
+            if self.nodes == 2:
                 a, b = self.namespaces
                 _run(["ip", "-n", a, "link", "add", self.ifname, "type", "veth",
                       "peer", "name", self.ifname, "netns", b])
@@ -218,7 +278,7 @@ class LinkEmulation:
                     _run(["ip", "-n", br, "link", "set", port, "up"])
                     self._shape(ns, self.ifname)  # rank's upload
                     self._shape(br, port)  # rank's download
-            for ns, addr in zip(self.namespaces, self.addresses):
+            for ns, addr in zip(self.namespaces, [self.addresses[r] for r in firsts]):
                 _run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", self.ifname])
                 _run(["ip", "-n", ns, "link", "set", self.ifname, "up"])
                 self._tune_tcp(ns)
@@ -237,9 +297,11 @@ class LinkEmulation:
     def qdiscs(self) -> str:
         """``tc -s qdisc`` of every rank's interface (for reports and tests)."""
         out = []
+        devs = [self.ifname] + (["lo"] if self.intra_bps is not None else [])
         for ns in self.namespaces:
-            out.append(f"{ns}: " + _run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show",
-                                         "dev", self.ifname], check=False).stdout.strip())
+            for dev in devs:
+                out.append(f"{ns} {dev}: " + _run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show",
+                                                   "dev", dev], check=False).stdout.strip())
         return "\n".join(out)
 
     # -- context manager with signal safety -------------------------------------------------------

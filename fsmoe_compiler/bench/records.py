@@ -60,7 +60,8 @@ class BenchConfig:
     threads: int = 1
     seed: int = 0
     lr: float = 0.01
-    emulate_link: str | None = None  # suggested for the default model: "300mbit" to "500mbit"
+    emulate_link: str | None = None  # suggested for the default model: "300mbit" to "500mbit"; or inter=R,intra=R
+    ranks_per_node: int = 1  # with emulate_link: ranks sharing one node namespace (and its loopback)
     timeout_s: float = 600.0
     pg_timeout_s: float = 120.0
     breakdown: bool = True
@@ -96,6 +97,11 @@ class BenchConfig:
             raise ValueError(f"--grad-sync must be one of {', '.join(GRAD_SYNC)}, got {self.grad_sync!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
+        if self.ranks_per_node < 1 or self.ranks % self.ranks_per_node:
+            raise ValueError(f"--ranks-per-node must divide --ranks ({self.ranks}), got {self.ranks_per_node}")
+        if self.ranks_per_node > 1 and not self.emulate_link:
+            raise ValueError(f"--ranks-per-node {self.ranks_per_node} places ranks in node namespaces: it needs "
+                             "--emulate-link (e.g. inter=300mbit,intra=2gbit)")
 
     @property
     def presets(self) -> dict[str, Any]:

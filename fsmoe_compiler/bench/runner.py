@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from . import allocator
 from .methods import BENCH_METHODS
-from .netns import LinkEmulation, netns_unavailable_reason, parse_rate
+from .netns import LinkEmulation, netns_unavailable_reason, parse_link_spec
 from .records import BenchConfig, BenchResult, MethodResult, RankMethodRaw
 
 
@@ -47,7 +47,8 @@ def _link(cfg: BenchConfig, notes: list[str]) -> Iterator[LinkEmulation | None]:
         notes.append(f"--emulate-link {cfg.emulate_link}: {reason}; running on loopback instead")
         yield None
         return
-    with LinkEmulation(cfg.ranks, cfg.emulate_link) as link:
+    spec = parse_link_spec(cfg.emulate_link)
+    with LinkEmulation(cfg.ranks, spec.inter, ranks_per_node=cfg.ranks_per_node, intra_rate=spec.intra) as link:
         yield link
 
 
@@ -200,6 +201,14 @@ def aggregate(cfg: BenchConfig, ranks: list[dict[str, Any]], link_info: dict[str
     )
 
 
+def _topology(cfg: BenchConfig) -> str:
+    nodes = cfg.ranks // cfg.ranks_per_node
+    joined = "veth pair" if nodes == 2 else "bridge"
+    if cfg.ranks_per_node == 1:
+        return joined
+    return f"{nodes} nodes of {cfg.ranks_per_node} ranks: {joined} between nodes, loopback within"
+
+
 def run(cfg: BenchConfig) -> BenchResult:
     """Validate, set up the link, run the ranks, tear everything down, aggregate."""
     cfg.validate()
@@ -207,9 +216,11 @@ def run(cfg: BenchConfig) -> BenchResult:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(BENCH_METHODS)}")
     if cfg.emulate_link:
-        parse_rate(cfg.emulate_link)  # bad RATE -> ValueError before anything starts
+        spec = parse_link_spec(cfg.emulate_link)  # bad RATE -> ValueError before anything starts
         if cfg.ranks < 2:
             raise ValueError("--emulate-link needs --ranks >= 2")
+        # the node layout's own checks (>= 2 nodes, intra only with nodes of several ranks), before anything starts
+        LinkEmulation(cfg.ranks, spec.inter, ranks_per_node=cfg.ranks_per_node, intra_rate=spec.intra)
     notes: list[str] = []
     malloc, why = allocator.resolve(cfg.malloc)  # "auto" made concrete once, so every rank gets the same
     cfg = dataclasses.replace(cfg, malloc=malloc)
@@ -219,7 +230,7 @@ def run(cfg: BenchConfig) -> BenchResult:
     with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="fsmoe-bench-") as workdir, \
             _link(cfg, notes) as link:
         link_info: dict[str, Any] = (
-            {"mode": "emulated", "rate": cfg.emulate_link, "topology": "veth pair" if cfg.ranks == 2 else "bridge"}
+            {"mode": "emulated", "rate": cfg.emulate_link, "topology": _topology(cfg)}
             if link else {"mode": "loopback"}
         )
         ranks = launch(cfg, link, workdir)
