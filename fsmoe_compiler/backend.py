@@ -36,6 +36,7 @@ from fsmoe_compiler.passes.chunk import chunk
 from fsmoe_compiler.passes.context import Pass, PassContext, check_pipeline
 from fsmoe_compiler.passes.graph_utils import copy_graph_module
 from fsmoe_compiler.passes.narrow_comm import narrow_comm
+from fsmoe_compiler.passes.partition_grads import partition_grads
 from fsmoe_compiler.passes.recognize import recognize
 from fsmoe_compiler.passes.whole import whole
 from fsmoe_compiler.passes.solve import solve
@@ -80,6 +81,7 @@ SCREEN: tuple[Pass, ...] = (
 )
 #: On the best-ranked degree.
 SCHEDULE: tuple[Pass, ...] = (
+    partition_grads,  # gradient all-reduces merged into the partitions the costs price fastest (grad_partition)
     taskgraph,
     solve,  # the scheduler the options name -> ctx.schedule
     annotate,  # reorder: collectives early, waits late; meta task/stream (the sequential baseline stays as traced)
@@ -279,6 +281,10 @@ def _group_shape(name: str | None) -> Any:
     return _GROUP_SHAPES[name]
 
 
+#: Options that do not shape a plan (what is checked, reported or cached): every other option is part of the key.
+NOT_IN_AGREEMENT = frozenset({"strict", "check_ranks", "dump_dir", "cache_dir"})
+
+
 def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoEConfig | None = None) -> str:
     """What the ranks agree on for a graph: its kind, its collectives in traced order (op and group, not
     sizes: dropless sizes differ per rank, a dynamic-shape recompile makes them symbolic) and its MoE regions
@@ -288,9 +294,8 @@ def agreement_key(kind: str, gm: fx.GraphModule, regions: list, config: FSMoECon
     The options that shape the plan are part of it: the same model compiled twice with other options (the
     bench's methods, side by side in one process) is two graphs to agree on, not one."""
     collectives = [(op, _group_shape(g)) for op, g in collective_sequence(gm.graph)]
-    plan = None if config is None else (config.scheduler, config.pipeline_degree, config.max_degree,
-                                        config.profile_steps, config.measure_steps, config.time_limit_s,
-                                        config.split_tokens, config.max_in_flight_mb, config.codegen)
+    plan = None if config is None else tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+                                             if f.name not in NOT_IN_AGREEMENT)
     sig = (kind, collectives, [_region_summary(r, sizes=False) for r in regions], plan)
     return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 

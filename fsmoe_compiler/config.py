@@ -82,6 +82,10 @@ class FSMoEConfig:
         runs a graph) or "inductor" (compiled by Inductor, with fused kernels, the schedule's communication
         order pinned and checked in the generated code; ``fsmoe_compiler.inductor_codegen``). Profiling runs
         the plain graphs either way; a graph Inductor cannot compile runs as Python code, with a note.
+    grad_partition: how the backward graph's gradient all-reduces (``sync_gradients_in_graph``) are sent:
+        "off" (one per parameter, as traced; the default), an int > 0 (merged into partitions of at most
+        that many bytes, in the order the gradients appear) or "auto" (the cap whose schedule the measured
+        costs price fastest; ``passes.partition_grads``).
     """
 
     strict: bool = False
@@ -99,6 +103,7 @@ class FSMoEConfig:
     max_peak_growth: float | None = 0.5
     max_in_flight_mb: float | None = 5120.0
     codegen: str = "eager"
+    grad_partition: int | str = "off"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FSMoEConfig" | None) -> "FSMoEConfig":
@@ -149,6 +154,10 @@ class FSMoEConfig:
             value = getattr(self, name)
             if not (_is_int(value) and value >= low):
                 raise ValueError(f"fsmoe option {name!r} must be an int >= {low}, got {value!r}")
+        gp = self.grad_partition
+        if gp not in ("off", "auto") and not (_is_int(gp) and gp > 0):
+            raise ValueError(f"fsmoe option 'grad_partition' must be 'off', 'auto' or a number of bytes > 0 "
+                             f"(an int), got {gp!r}")
         st = self.split_tokens
         if st != "auto" and not (_is_int(st) and st >= 1):
             raise ValueError(f"fsmoe option 'split_tokens' must be an int >= 1 or 'auto', got {st!r}")

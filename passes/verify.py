@@ -67,8 +67,13 @@ def _details(graph: fx.Graph) -> tuple[tuple[str, str | None, str, int | None], 
         if is_collective(n):
             meta = n.meta.get("fsmoe") if isinstance(n.meta.get("fsmoe"), dict) else {}
             src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-            out.append((collective_op(n), collective_group(n), str(meta.get("origin") or n.name),
-                        nbytes(src) if src is not None else None))
+            size = nbytes(src) if src is not None else None
+            merged = meta.get("merged")  # passes.partition_grads: one all-reduce standing for several
+            if merged:
+                out.extend((collective_op(n), collective_group(n), str(name), size if i == 0 else 0)
+                           for i, name in enumerate(merged))
+                continue
+            out.append((collective_op(n), collective_group(n), str(meta.get("origin") or n.name), size))
     return tuple(out)
 
 
@@ -118,7 +123,7 @@ def _reordered(gm: fx.GraphModule) -> bool:
     """A scheduling or chunking pass touched the graph (task or origin metadata present)."""
     for n in gm.graph.nodes:
         meta = n.meta.get("fsmoe")
-        if isinstance(meta, dict) and ("task" in meta or "origin" in meta):
+        if isinstance(meta, dict) and ("task" in meta or "origin" in meta or "merged" in meta):
             return True
     return False
 
@@ -127,7 +132,8 @@ def compare_collectives(before: GraphSignature, now: GraphSignature) -> str | No
     """Why the collectives of ``now`` are not those of ``before`` up to chunking and reordering, or None.
 
     Per process group: the multiset of collective kinds, counting the chunk copies of one
-    origin once, must be unchanged, and so must the total bytes sent (when all sizes are known).
+    origin once and a merged gradient all-reduce as each of its members, must be unchanged, and so must
+    the total bytes sent (when all sizes are known).
     """
     if not before.details or not now.details:
         return None if Counter(before.collectives) == Counter(now.collectives) else (

@@ -213,5 +213,7 @@ def test_the_agreement_key_tells_graphs_compiled_with_other_plan_options_apart()
     base = FSMoEConfig()
     assert key("forward", gm, [], base) == key("forward", gm, [], FSMoEConfig(dump_dir="/tmp/x"))
     assert key("forward", gm, [], base) != key("backward", gm, [], base)
-    for other in (FSMoEConfig(scheduler="tutel"), FSMoEConfig(pipeline_degree=2), FSMoEConfig(profile_steps=3)):
+    assert key("forward", gm, [], base) == key("forward", gm, [], FSMoEConfig(strict=True, cache_dir="/tmp/c"))
+    for other in (FSMoEConfig(scheduler="tutel"), FSMoEConfig(pipeline_degree=2), FSMoEConfig(profile_steps=3),
+                  FSMoEConfig(grad_partition="auto"), FSMoEConfig(narrow_comm=False), FSMoEConfig(codegen="inductor")):
         assert key("forward", gm, [], base) != key("forward", gm, [], other), other

@@ -32,8 +32,10 @@ estimator), torchtitan_graph (torchtitan's own graph_trainer
 EP-overlap passes: one make_fx forward + backward graph, each MoE layer in 2
 token chunks along the batch, its overlap schedule; --model torchtitan only,
 else skipped; the CPU-only changes it needs are listed under the table),
-fsmoe_sequential, fsmoe_tutel, fsmoe (CP-SAT, pipeline_degree="auto") and fsmoe_inductor (fsmoe with
-codegen="inductor": the chosen graph compiled by Inductor, its order pinned). The methods' steps run round-robin, one of each per
+fsmoe_sequential, fsmoe_tutel, fsmoe (CP-SAT, pipeline_degree="auto"), fsmoe_inductor (fsmoe with
+codegen="inductor": the chosen graph compiled by Inductor, its order pinned) and fsmoe_partitioned (fsmoe with
+grad_partition="auto": with --grad-sync graph, the gradient all-reduces merged into partitions). The methods' steps
+run round-robin, one of each per
 repeat; the table shows the median over repeats of the slowest rank's step
 time, the interquartile range, the speedup over eager and the first step's
 loss (all methods must agree). A method that fails is marked failed with its

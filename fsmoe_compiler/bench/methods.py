@@ -32,6 +32,9 @@
   ``sequential``, ``tutel`` and CP-SAT (``pipeline_degree="auto"``) schedules.
 * ``fsmoe_inductor``: ``fsmoe`` with ``codegen="inductor"``: the graph it
   chooses compiled by Inductor, the schedule's order pinned.
+* ``fsmoe_partitioned``: ``fsmoe`` with ``grad_partition="auto"``: with
+  ``--grad-sync graph``, the backward's gradient all-reduces merged into the
+  partitions the measured costs price fastest (``passes.partition_grads``).
 """
 
 from __future__ import annotations
@@ -46,13 +49,15 @@ from torch import fx, nn
 
 #: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
 BENCH_METHODS: tuple[str, ...] = ("eager", "dynamo", "aot_eager", "inductor", "pytorch_overlap", "inductor_overlap",
-                                  "torchtitan_graph", "fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor")
+                                  "torchtitan_graph", "fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor",
+                                  "fsmoe_partitioned")
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe_sequential": {"scheduler": "sequential"},
     "fsmoe_tutel": {"scheduler": "tutel"},
     "fsmoe": {"scheduler": "cpsat", "pipeline_degree": "auto"},
     "fsmoe_inductor": {"scheduler": "cpsat", "pipeline_degree": "auto", "codegen": "inductor"},
+    "fsmoe_partitioned": {"scheduler": "cpsat", "pipeline_degree": "auto", "grad_partition": "auto"},
 }
 
 
