@@ -55,7 +55,7 @@ class FSMoEConfig:
     profile_steps: calls of each graph that run under the timing interpreter
         before the scheduled graph is swapped in (they compute the same results);
         they cycle through the candidate degrees, and each node costs the
-        fastest of its degree's calls (a first, cold call only adds time).
+        median of its degree's calls (the typical steady-state call, not the undisturbed best).
     measure_steps: calls after the swap that run timed per task, for the
         report's predicted-vs-measured columns.
     cache_dir: directory of the JSON profile cache (None: no cache); a hit

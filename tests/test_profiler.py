@@ -89,7 +89,7 @@ def test_interpreter_keeps_only_the_latest_call():
     assert set(interp.node_ms) == set(first)
 
 
-def test_step_profiler_is_a_boxed_compiled_function_whose_nodes_cost_their_fastest_call():
+def test_step_profiler_is_a_boxed_compiled_function_whose_nodes_cost_the_median_of_their_calls():
     gm = _moe_forward()
     prof = StepProfiler(gm)
     assert prof._boxed_call
@@ -99,8 +99,8 @@ def test_step_profiler_is_a_boxed_compiled_function_whose_nodes_cost_their_faste
     assert prof.calls == 3
     costs = prof.cost_model(_samples(0.1, 1e-6, [100, 1000]))
     assert set(costs.node_ms) == set(prof.node_ms_runs[0])
-    for name, ms in costs.node_ms.items():  # call 1 paid the warm-up: the fastest call is the node's cost
-        assert ms == pytest.approx(min(run[name] for run in prof.node_ms_runs))
+    for name, ms in costs.node_ms.items():  # the typical call: the middle one of three
+        assert ms == pytest.approx(sorted(run[name] for run in prof.node_ms_runs)[1])
     assert set(costs.comm) == {"all_to_all/2"}
 
 
@@ -248,9 +248,10 @@ def test_cost_model_json_round_trip_and_merge():
     assert costs.merge(other, nodes=False).node_ms == costs.node_ms
 
 
-def test_from_profiles_takes_the_fastest_call_per_node():
-    costs = CostModel.from_profiles([{"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 1.0}, {"a": 2.0, "b": 2.0, "c": 4.0}])
-    assert costs.node_ms == {"a": 1.0, "b": 1.0, "c": 4.0}
+def test_from_profiles_takes_the_median_call_per_node():
+    costs = CostModel.from_profiles([{"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 1.0}, {"a": 2.0, "b": 2.0, "c": 4.0},
+                                     {"b": 9.0}])
+    assert costs.node_ms == {"a": 2.0, "b": 3.5, "c": 4.0}  # b: the mean of the middle two of four
 
 
 def test_agree_without_distributed_is_the_identity():

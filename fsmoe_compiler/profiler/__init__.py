@@ -5,13 +5,13 @@ step); ``fit_collectives`` / ``microbenchmark_collectives`` give
 ``t = alpha + beta * bytes`` per collective kind and group size; ``CostModel``
 prices nodes for the scheduler; ``agree`` makes all ranks hold the same model;
 ``ProfileCache`` / ``profile_key`` / ``plan_key`` skip profiling next time;
-``StepProfiler`` is one graph's profiling calls (a node costs its fastest call).
+``StepProfiler`` is one graph's profiling calls (a node costs the median of its calls).
 """
 
 from fsmoe_compiler.profiler.cache import ProfileCache, plan_key, profile_key
 from fsmoe_compiler.profiler.comm import (cpu_shares, fit_collectives, last_arrivals, microbenchmark_collectives,
                                           microbenchmark_contention)
-from fsmoe_compiler.profiler.costs import CostModel, agree, fastest_per_node
+from fsmoe_compiler.profiler.costs import CostModel, agree, median_per_node
 from fsmoe_compiler.profiler.session import StepProfiler
 from fsmoe_compiler.profiler.timing import CollectiveSample, TimingInterpreter, profile_call
 
@@ -23,12 +23,12 @@ __all__ = [
     "TimingInterpreter",
     "agree",
     "cpu_shares",
-    "fastest_per_node",
     "fit_collectives",
     "last_arrivals",
+    "median_per_node",
     "microbenchmark_collectives",
     "microbenchmark_contention",
-    "profile_call",
     "plan_key",
+    "profile_call",
     "profile_key",
 ]

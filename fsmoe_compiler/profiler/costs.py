@@ -1,7 +1,7 @@
 """The measured cost model the scheduler prices an ATen graph with, and how ranks agree on it.
 
 ``CostModel`` holds what profiling measured: compute ms per node name (the
-fastest of the profiled calls, :func:`fastest_per_node`), one link model per ``f"{kind}/{group_size}"``
+median of the profiled calls, :func:`median_per_node`), one link model per ``f"{kind}/{group_size}"``
 (``LinearCost`` in ms with ``n`` = bytes sent, see ``profiler.comm``) and the
 raw collective samples it was fitted from. ``node_cost(node)`` prices any
 node of the profiled graph *or of a rewritten copy of it*: a chunk copy made
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -38,18 +39,21 @@ SCHEMA = 1
 ABSURD_MS = 3_600_000.0
 
 
-def fastest_per_node(node_ms_runs: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per node name, the fastest of the calls that ran it.
+def median_per_node(node_ms_runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per node name, the median of the calls that ran it (of an even count, the mean of the middle two).
 
-    A first call's new shapes (allocator growth, GEMM set-up) and a call
-    another process interrupted only ever add time, so the minimum is the
-    node's own cost.
+    The prediction is for a typical steady-state call. The fastest call is an
+    undisturbed one: on a host whose cores the other ranks and the
+    communication library share, the steady state rarely sees it (with
+    minima, the demo's backward was predicted 25-40 % fast, each small task
+    running 30-100 % over its fastest profiled time; with medians, within
+    about 15 %).
     """
-    out: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
     for run in node_ms_runs:
         for name, ms in run.items():
-            out[name] = min(out.get(name, float("inf")), float(ms))
-    return out
+            by_name.setdefault(name, []).append(float(ms))
+    return {name: statistics.median(times) for name, times in by_name.items()}
 
 
 @dataclass
@@ -71,9 +75,9 @@ class CostModel:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_profiles(cls, node_ms_runs: Sequence[dict[str, float]], samples: Sequence[dict] = ()) -> "CostModel":
-        """The fastest time per node over several profiled calls; link models fitted from ``samples``."""
+        """The median time per node over several profiled calls; link models fitted from ``samples``."""
         samples = [dict(s) for s in samples]
-        return cls(node_ms=fastest_per_node(node_ms_runs), comm=fit_collectives(samples), samples=samples)
+        return cls(node_ms=median_per_node(node_ms_runs), comm=fit_collectives(samples), samples=samples)
 
     def merge(self, other: "CostModel", *, nodes: bool = True) -> "CostModel":
         """A new model with both models' data: ``other`` wins on equal node names; link models refitted.

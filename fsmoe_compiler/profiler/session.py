@@ -2,9 +2,8 @@
 
 ``StepProfiler(gm)`` is a drop-in compiled function (boxed: it takes
 aot_autograd's argument list) that runs each call under the
-``TimingInterpreter`` and keeps its numbers. A node costs the fastest of its
-calls: a first call's new shapes (allocator growth, GEMM set-up, connection
-set-up) and a call another process interrupted only ever add time. The
+``TimingInterpreter`` and keeps its numbers. A node costs the median of its
+calls (``median_per_node``: the steady state is not the undisturbed best). The
 planner keeps one per candidate degree; ``cost_model()`` turns the calls
 into a ``CostModel``.
 """
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from fsmoe_compiler.profiler.costs import CostModel, fastest_per_node
+from fsmoe_compiler.profiler.costs import CostModel, median_per_node
 from fsmoe_compiler.profiler.timing import TimingInterpreter
 
 
@@ -48,8 +47,8 @@ class StepProfiler:
         return [s for run in self.sample_runs for s in run]
 
     def node_ms(self) -> dict[str, float]:
-        """Per node, the fastest of the calls so far."""
-        return fastest_per_node(self.node_ms_runs)
+        """Per node, the median of the calls so far."""
+        return median_per_node(self.node_ms_runs)
 
     def cost_model(self, extra_samples: Sequence[dict] = ()) -> CostModel:
         """The calls so far as a ``CostModel`` (link models also fitted from ``extra_samples``, e.g. microbenchmarks)."""
