@@ -17,8 +17,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ranks", type=int, default=2, help="number of local gloo ranks (default 2)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: enough to reach the scheduled graphs and print their schedule, 10 "
-                   "with the default options)")
+                   help="training steps (default: enough to reach the scheduled graphs, run them 8 steps and print "
+                   "their schedule with predicted against measured times, 16 with the default options)")
     p.add_argument("--model", default="mixtral", help="example model: mixtral or gpt2 (default mixtral)")
     p.add_argument("--dispatch", default=None, help="override the model's dispatch: capacity or dropless")
     p.add_argument("--timeout", type=float, default=600.0, help="hard deadline for the whole run, seconds")
