@@ -24,7 +24,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 
 import fsmoe_compiler  # noqa: E402
 import upstream_deepspeed as ud  # noqa: E402
-from upstream_checks import grad_differences, regions_by_kind  # noqa: E402
+from upstream_checks import assert_every_step_equal, grad_differences, regions_by_kind  # noqa: E402
 from moe_cases import ONE_GRAPH  # noqa: E402
 
 STEPS_ONE = 2
@@ -187,9 +187,7 @@ def test_deepspeed_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equ
     for res in results:
         where = f"{name} rank {res['rank']}"
         assert res["local_experts"] == [case.experts // 2], f"{where}: experts not split by EP"
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         for kind in ("forward", "backward"):
             assert res["regions"][kind] == [want], f"{where} {kind}: {res['regions'][kind]}"
             assert res["schedules"][kind] == 1, f"{where}: no schedule swapped in for the {kind} graph"
@@ -208,9 +206,7 @@ def test_deepspeed_moe_without_token_dropping_runs_chunked_in_two_and_equals_eag
     results = rank_pool.run(_ep_job, ("top1-nodrop", {**OPTIONS_EP, "pipeline_degree": 2}, STEPS_EP), timeout_s=360)
     for res in results:
         where = f"top1-nodrop rank {res['rank']}"
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         for kind in ("forward", "backward"):
             assert res["degrees"][kind] == [{0: 2}], f"{where} {kind}: {res['degrees']}"
             ((timed, plain),) = res["after_swap"][kind]

@@ -29,7 +29,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 import fsmoe_compiler  # noqa: E402
 import upstream_megatron as um  # noqa: E402
-from upstream_checks import grad_differences, regions_by_kind  # noqa: E402
+from upstream_checks import assert_every_step_equal, grad_differences, regions_by_kind  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # Megatron warns at import (Apex, TE) and per linear call
@@ -160,9 +160,7 @@ def test_megatron_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equa
     for res in results:
         where = f"{name} rank {res['rank']}"
         assert res["local_experts"] == um.CASES[name].experts // 2, f"{where}: experts not split by EP"
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         for kind in ("forward", "backward"):
             assert res["graphs"][kind] == 1, f"{where}: {res['graphs']} graphs ({res['notes']})"
             assert res["regions"][kind] == [want], f"{where} {kind}: {res['regions'][kind]} ({res['notes']})"
@@ -186,9 +184,7 @@ def test_megatron_alltoall_layer_runs_chunked_in_two_and_equals_eager(rank_pool,
     results = rank_pool.run(_ep_job, (name, {**OPTIONS_EP, "pipeline_degree": 2}, STEPS_EP), timeout_s=240)
     for res in results:
         where = f"{name} rank {res['rank']}"
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         for kind in ("forward", "backward"):
             assert res["degrees"][kind] == [{0: 2}], f"{where} {kind}: {res['degrees']} ({res['notes'][kind]})"
             ((timed, plain),) = res["after_swap"][kind]

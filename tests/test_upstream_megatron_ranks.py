@@ -19,7 +19,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 import fsmoe_compiler  # noqa: E402
 import upstream_megatron as um  # noqa: E402
-from upstream_checks import grad_differences  # noqa: E402
+from upstream_checks import assert_every_step_equal, grad_differences  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # Megatron warns at import (Apex, TE) and per linear call
@@ -76,9 +76,7 @@ def test_megatron_alltoall_on_two_ranks_trains_with_default_options_equal_to_eag
     for res in results:
         where = f"rank {res['rank']}"
         assert len(res["bad"]) == STEPS
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         if settings == "one-graph":  # the same single graph per direction on both ranks, the layer found
             assert res["graphs"] == {"forward": 1, "backward": 1}, f"{where}: {res}"
             assert res["regions"] == {"forward": 1, "backward": 1}, f"{where}: {res}"

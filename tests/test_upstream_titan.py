@@ -20,7 +20,7 @@ pytest.importorskip("torchtitan")
 
 import fsmoe_compiler  # noqa: E402
 import upstream_titan as ut  # noqa: E402
-from upstream_checks import grad_differences, regions_by_kind  # noqa: E402
+from upstream_checks import assert_every_step_equal, grad_differences, regions_by_kind  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:In CPU autocast"),  # torchtitan's router asks for fp32 autocast
@@ -130,9 +130,7 @@ def test_titan_moe_with_expert_parallelism_on_two_ranks_is_scheduled_and_equals_
     for res in results:
         where = f"{name} rank {res['rank']}"
         assert set(res["sharded"].values()) == {"DTensor"}, f"{where}: experts not sharded by EP: {res['sharded']}"
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         for kind in ("forward", "backward"):
             assert res["regions"][kind] == [want], f"{where} {kind}: {res['regions'][kind]}"
             assert res["schedules"][kind] == 1, f"{where}: no schedule swapped in for the {kind} graph"
@@ -175,9 +173,7 @@ def test_titan_dropless_layer_keeps_python_code_under_codegen_inductor_and_says_
     results = rank_pool.run(_ep_job, (name, {**OPTIONS_EP, "codegen": "inductor"}, STEPS_EP), timeout_s=280)
     for res in results:
         where = f"{name} rank {res['rank']}"
-        for step, bad in enumerate(res["bad"]):
-            assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
-        assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+        assert_every_step_equal(res, where)
         for kind in ("forward", "backward"):
             notes = res["codegen_notes"][kind]
             assert res["schedules"][kind] == 1 and res["codegen"][kind] == "eager", (where, kind, notes)

@@ -18,6 +18,13 @@ def grad_differences(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
             if not torch.allclose(got[k], ref[k], rtol=RTOL, atol=ATOL)}
 
 
+def assert_every_step_equal(res: dict, where: str) -> None:
+    """A rank's result of a multi-rank job: every step's values equal eager's, and no graph fell back."""
+    for step, bad in enumerate(res["bad"]):
+        assert not bad, f"{where} step {step}: fsmoe differs from eager: {bad}"
+    assert res["fallbacks"] == [], f"{where}: {res['fallbacks']}"
+
+
 def region_facts(region, keys: Iterable[str]) -> dict:
     """The named facts of a found region, comparable with a case's expected facts."""
     every = {"router": region.router, "top_k": region.top_k, "num_experts": region.num_experts,

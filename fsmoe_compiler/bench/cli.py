@@ -16,6 +16,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from fsmoe_compiler.reporting.tables import link_models_text
+
 from .allocator import MALLOCS
 from .records import DEFAULT_MODEL, DEFAULT_SIZES, DISPATCH, DROPLESS_ONLY, GRAD_SYNC, BenchConfig, BenchResult
 
@@ -280,9 +282,7 @@ def render(result: BenchResult) -> str:
                          f"(median per graph, rank 0), error {100 * (pred - meas) / meas:+.1f} %")
         links = {k: v for g in graphs for k, v in (g.get("links") or {}).items()}
         if links:
-            lines.append(f"{m.name} link models (measured, last graph's): " + "; ".join(
-                f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + ("" if share is None else f", host CPU share {share:.2f}")
-                for k, (a, b, share) in sorted(links.items())))
+            lines.append(f"{m.name} link models (measured, last graph's): " + link_models_text(links))
         chosen = (fs or {}).get("token_split")
         if chosen:
             lines.append(f"{m.name}: {chosen}")

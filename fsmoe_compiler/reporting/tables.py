@@ -87,6 +87,12 @@ def _codegen_words(sched: Any) -> str:
     return words
 
 
+def link_models_text(links: dict) -> str:
+    """``{key: (alpha ms, ms per MiB, host CPU share or None)}`` as one line, by key."""
+    return "; ".join(f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + ("" if share is None else f", host CPU share {share:.2f}")
+                     for k, (a, b, share) in sorted(links.items()))
+
+
 def _calls_words(sched: Any) -> str:
     """Which calls the measurement is the median of."""
     if not sched.aligned_calls_ms:
@@ -112,9 +118,7 @@ def schedule_summary(sched: Any) -> str:
         + ("profile from cache" if sched.cache_hit else f"profiled in {sched.profile_calls} call(s)"),
     ]
     if sched.links:
-        lines.append("link models (measured): " + "; ".join(
-            f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + ("" if share is None else f", host CPU share {share:.2f}")
-            for k, (a, b, share) in sched.links.items()))
+        lines.append("link models (measured): " + link_models_text(sched.links))
     peak, traced = sched.peak_bytes, sched.traced_peak_bytes
     if peak is not None and traced:
         lines.append(f"peak memory in graph order (tensors alive, inputs included): scheduled {fmt_bytes(peak)}, "
