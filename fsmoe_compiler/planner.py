@@ -49,12 +49,17 @@ from fsmoe_compiler.runtime.control import OwnClock, meet
 
 Pipeline = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
-#: Repetitions of each link microbenchmark (after a barrier each; the median of their last-arrival times is fitted):
-#: messages under ``SMALL_MESSAGE_BYTES`` take well under a millisecond where a shared host adds millisecond stalls
-#: to some of them, so they get more (5 repetitions of a 5 KiB loopback all-to-all once read 2.6 ms for 0.4 ms).
+#: Repetitions of each link microbenchmark (after a barrier each; the ``typical_ms`` of their last-arrival times is
+#: fitted): messages under ``SMALL_MESSAGE_BYTES`` take well under a millisecond where a shared host adds
+#: millisecond stalls to some of them, so they get more (5 repetitions of a 5 KiB loopback all-to-all once read
+#: 2.6 ms for 0.4 ms), enough for a mean without the slowest to settle.
 LINK_REPEATS = 5
-SMALL_LINK_REPEATS = 15
+SMALL_LINK_REPEATS = 30
 SMALL_MESSAGE_BYTES = 1 << 20
+#: The link model's slope needs a message whose transfer stands clear of the per-message latency's noise: a graph
+#: that sends only smaller ones (a tiny layer's all-to-alls of a few KiB) has one of this size timed as well (fitted
+#: on loopback from 4-16 KiB messages alone, the slope came out anywhere from 0 to 6 ms/MiB over six runs).
+SLOPE_ANCHOR_BYTES = 1 << 20
 
 
 def link_repeats(nbytes: int) -> int:
@@ -225,6 +230,18 @@ class Variants:
 # costs
 
 
+def link_sizes(sent: set[int] | list[int]) -> list[int]:
+    """The message sizes the link microbenchmarks time for one kind and group: the least, the median and the
+    largest the graph sent, and ``SLOPE_ANCHOR_BYTES`` where all of them are smaller."""
+    if not sent:
+        raise ValueError("link_sizes needs at least one message size")
+    ordered = sorted(sent)
+    picked = {ordered[0], ordered[len(ordered) // 2], ordered[-1]}
+    if ordered[-1] < SLOPE_ANCHOR_BYTES:
+        picked.add(SLOPE_ANCHOR_BYTES)
+    return sorted(picked)
+
+
 def link_samples(samples: list[dict], tag: str) -> list[dict]:
     """Microbenchmarks of each collective kind and process group the graph uses, at its message sizes.
 
@@ -234,7 +251,9 @@ def link_samples(samples: list[dict], tag: str) -> list[dict]:
     then fits the same samples. The sizes
     are merged over ranks first (a dropless layer sends different sizes on
     each rank), so every rank runs the same list in the same order. Kinds the
-    microbenchmark does not know keep their in-graph samples.
+    microbenchmark does not know keep their in-graph samples. Where every
+    message is under ``SLOPE_ANCHOR_BYTES``, one of that size is timed too, so
+    the fitted slope is the link's bandwidth and not the latency's noise.
     """
     if not distributed():
         return list(samples)
@@ -248,14 +267,12 @@ def link_samples(samples: list[dict], tag: str) -> list[dict]:
             merged.setdefault(key, set()).update(nbytes)
     out = [s for s in samples if s.get("kind") not in COLLECTIVE_KINDS]
     timed: list[dict] = []
-    for (kind, group_name), nbytes in sorted(merged.items()):
-        picked = sorted(nbytes)
-        picked = sorted({picked[0], picked[len(picked) // 2], picked[-1]})
+    for (kind, group_name), sent in sorted(merged.items()):
         group = _resolve_process_group(group_name)
-        for nbytes in picked:
+        for nbytes in link_sizes(sent):
             reps = link_repeats(nbytes)
             timed.extend(microbenchmark_collectives(group, (kind,), (nbytes,), repeats=reps))
-            if _host_side(group):
+            if _host_side(group) and nbytes in sent:  # the shares are of the graph's own sizes, not the anchor
                 timed.extend(microbenchmark_contention(group, kind, (nbytes,), repeats=reps))
     return out + last_arrivals(meet(f"{tag}/links", timed, what="the link microbenchmarks"))
 

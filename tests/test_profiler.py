@@ -12,6 +12,7 @@ import json
 import math
 import random
 import re
+import statistics
 import warnings
 
 import pytest
@@ -29,7 +30,9 @@ from fsmoe_compiler.profiler import (
     last_arrivals,
     profile_call,
     profile_key,
+    typical_ms,
 )
+from fsmoe_compiler.planner import SLOPE_ANCHOR_BYTES, link_sizes
 from fsmoe_compiler.profiler.cache import key_payload
 from fsmoe_compiler.ops import is_collective, is_wait
 from fsmoe_compiler.runtime.topology import world_layout
@@ -145,7 +148,7 @@ def test_fit_of_one_size_is_proportional_and_a_negative_intercept_is_clamped():
     assert flat.beta == 0.0 and flat.alpha == pytest.approx(0.75)
 
 
-def test_last_arrivals_keep_each_repetitions_least_time_over_ranks_and_fit_their_median():
+def test_last_arrivals_keep_each_repetitions_least_time_over_ranks_and_fit_their_typical_time():
     def rank(times: list[float], nbytes: int = 4096) -> list[dict]:
         return [{"node": None, "kind": "all_to_all", "group": "0", "group_size": 2, "bytes": nbytes, "repeat": i,
                  "ms": t} for i, t in enumerate(times)]
@@ -157,8 +160,33 @@ def test_last_arrivals_keep_each_repetitions_least_time_over_ranks_and_fit_their
     assert sorted(s["ms"] for s in got if "repeat" in s) == [0.28, 0.29, 0.30, 0.31, 0.33]
     assert loose in got and len(got) == 6  # an in-graph sample (no repetition index) passes through
     fitted = fit_collectives([s for s in got if "repeat" in s])["all_to_all/2"]
-    assert fitted.alpha == 0.0 and fitted.beta * 4096 == pytest.approx(0.30)  # the median, not rank 0's 0.9
-    assert fit_collectives(first)["all_to_all/2"].beta * 4096 == pytest.approx(0.9)  # what one rank alone read
+    assert fitted.alpha == 0.0 and fitted.beta * 4096 == pytest.approx(0.295)  # without the slowest, not rank 0's
+    assert fit_collectives(first)["all_to_all/2"].beta * 4096 == pytest.approx(1.0275)  # what one rank alone read
+
+
+def test_a_repeated_time_costs_its_mean_without_the_slowest_twentieth():
+    tail = [0.3] * 16 + [0.6, 0.9, 1.2, 40.0]  # a loopback all-to-all: mostly fast, a long tail, one host stall
+    assert typical_ms(tail) == pytest.approx((16 * 0.3 + 0.6 + 0.9 + 1.2) / 19)  # the stall is dropped, the tail is not
+    assert typical_ms(tail) > statistics.median(tail)  # a step sums such times: the median would price it short
+    assert typical_ms([0.5, 0.7]) == pytest.approx(0.6) and typical_ms([2.0]) == 2.0  # too few to drop any
+    assert typical_ms(list(range(1, 41))) == pytest.approx(statistics.fmean(range(1, 39)))  # two of forty
+    with pytest.raises(ValueError, match="at least one"):
+        typical_ms([])
+
+
+def test_link_microbenchmarks_time_a_message_large_enough_to_fix_the_slope():
+    assert link_sizes({32, 8192, 6720, 16384}) == [32, 8192, 16384, SLOPE_ANCHOR_BYTES]  # a tiny layer's messages
+    assert link_sizes([4 << 20, 1 << 20, 2 << 20, 3 << 20]) == [1 << 20, 3 << 20, 4 << 20]  # large enough alone
+    assert link_sizes([SLOPE_ANCHOR_BYTES]) == [SLOPE_ANCHOR_BYTES]
+    with pytest.raises(ValueError, match="at least one"):
+        link_sizes(set())
+    # fitted from the small sizes alone, noise of 0.05 ms reads as a slope of several ms/MiB; with the anchor it is
+    # the link's: 0.3 ms + 0.4 ms/MiB
+    true = lambda n: 0.3 + 0.4 * n / (1 << 20)
+    small = [(32, 0.05), (8192, -0.05), (16384, 0.05)]
+    pts = [{"kind": "all_to_all", "group_size": 2, "bytes": n, "ms": true(n) + e} for n, e in small]
+    anchor = [{"kind": "all_to_all", "group_size": 2, "bytes": SLOPE_ANCHOR_BYTES, "ms": true(SLOPE_ANCHOR_BYTES)}]
+    assert fit_collectives(pts + anchor)["all_to_all/2"].beta * (1 << 20) == pytest.approx(0.4, rel=0.05)
 
 
 def test_cpu_share_is_the_part_of_a_collective_the_compute_beside_it_could_not_hide():

@@ -10,7 +10,7 @@ prices nodes for the scheduler; ``agree`` makes all ranks hold the same model;
 
 from fsmoe_compiler.profiler.cache import ProfileCache, plan_key, profile_key
 from fsmoe_compiler.profiler.comm import (cpu_shares, fit_collectives, last_arrivals, microbenchmark_collectives,
-                                          microbenchmark_contention)
+                                          microbenchmark_contention, typical_ms)
 from fsmoe_compiler.profiler.costs import CostModel, agree, median_per_node
 from fsmoe_compiler.profiler.session import StepProfiler
 from fsmoe_compiler.profiler.timing import CollectiveSample, TimingInterpreter, profile_call
@@ -31,4 +31,5 @@ __all__ = [
     "plan_key",
     "profile_call",
     "profile_key",
+    "typical_ms",
 ]
