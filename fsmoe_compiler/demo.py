@@ -41,8 +41,10 @@ def example_module(name: str) -> ModuleType:
     return importlib.import_module(EXAMPLES[name])
 
 
-def _overrides(dispatch: str | None, router: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def model_options(name: str, dispatch: str | None = None, router: str | None = None) -> dict[str, Any]:
+    """``build_model`` keyword arguments for example ``name``: its preset (``MODEL_PRESETS``), then the caller's
+    dispatch and router where given."""
+    out: dict[str, Any] = dict(MODEL_PRESETS.get(name, {}))
     if dispatch is not None:
         out["dispatch"] = dispatch
     if router is not None:
@@ -56,7 +58,7 @@ def build_example(
     """An example model and one batch ``(idx, targets)`` for it: ``model(*inputs)`` is the loss."""
     mod = example_module(name)
     torch.manual_seed(seed)
-    model = mod.build_model(**{**MODEL_PRESETS.get(name, {}), **_overrides(dispatch, router)})
+    model = mod.build_model(**model_options(name, dispatch, router))
     return model, tuple(mod.make_batch(seed=seed))
 
 
@@ -76,10 +78,11 @@ def train_side_by_side(
     from fsmoe_compiler.moe.parallel import sync_gradients
 
     mod = example_module(model_name)
+    options = model_options(model_name, dispatch)  # with its preset: torchtitan_dsv3 is sigmoid, group-limited
     torch.manual_seed(0)
-    eager = mod.build_model(**_overrides(dispatch, None))
+    eager = mod.build_model(**options)
     torch.manual_seed(0)
-    fs = mod.build_model(**_overrides(dispatch, None))
+    fs = mod.build_model(**options)
     compiled = torch.compile(fs, backend="fsmoe")
     opt_e = torch.optim.SGD(eager.parameters(), lr=lr)
     opt_f = torch.optim.SGD(fs.parameters(), lr=lr)

@@ -25,7 +25,7 @@ def test_parse_methods_keeps_order_and_names_the_valid_ones():
     assert parse_methods("aot_eager, eager,aot_eager") == ["aot_eager", "eager"]
     with pytest.raises(ValueError, match="unknown method.*'turbo'.*valid methods: eager, dynamo, aot_eager, inductor, "
                                           "pytorch_overlap, inductor_overlap, torchtitan_graph, fsmoe_sequential, "
-                                          "fsmoe_tutel, fsmoe, fsmoe_inductor, fsmoe_partitioned"):
+                                          "fsmoe_tutel, fsmoe, fsmoe_inductor, fsmoe_partitioned, fsmoe_bucket"):
         parse_methods("eager,turbo")
     with pytest.raises(ValueError, match="no methods given"):
         parse_methods(" , ")
@@ -243,7 +243,7 @@ def test_bench_runs_every_method_on_two_ranks_and_writes_json(tmp_path, capsys, 
     assert codegen["ok"], codegen["error"]
     assert min(codegen["info"]["codegen_s_by_rank"]) > 0  # the chosen graphs compiled by Inductor on every rank
     assert "Inductor compile of the graphs fsmoe chose" in out
-    for name in ("fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor", "fsmoe_partitioned"):
+    for name in ("fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor", "fsmoe_partitioned", "fsmoe_bucket"):
         m = by_name[name]
         assert m["ok"] or m["error"], m  # a failing fsmoe method is marked with its error, the rest go on
         if m["ok"]:

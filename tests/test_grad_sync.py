@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from fsmoe_compiler.bench.methods import DDP_BUCKET_BYTES
 from fsmoe_compiler.bench.records import BenchConfig
 from fsmoe_compiler.moe.parallel import sync_gradients_in_graph
 
@@ -80,7 +81,7 @@ def test_in_graph_gradient_sync_matches_the_eager_reference_and_is_scheduled_on_
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("partition", [1 << 30, "auto"])
+@pytest.mark.parametrize("partition", [DDP_BUCKET_BYTES, "auto"])  # the bench's fsmoe_bucket and fsmoe_partitioned
 def test_gradient_all_reduces_merged_into_partitions_give_the_same_gradients(rank_pool, partition):
     results = rank_pool.run(_compare_on_rank, ("off",), timeout_s=240)  # the same run unpartitioned
     per_parameter = results[0]["grad_sync_tasks"]

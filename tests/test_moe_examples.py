@@ -110,3 +110,11 @@ def test_mixtral_trains_on_two_expert_parallel_ranks_with_synchronised_replicas(
         assert res["replicas_equal"] and res["expert_scaled"]
         assert all(torch.isfinite(torch.tensor(res["losses"])))
         assert res["losses"][-1] < res["losses"][0]
+
+
+def test_the_demo_builds_an_example_with_its_preset_and_the_callers_dispatch():
+    from fsmoe_compiler.demo import model_options
+
+    dsv3 = model_options("torchtitan_dsv3", "dropless")
+    assert dsv3["score_func"] == "sigmoid" and dsv3["num_limited_groups"] == 2 and dsv3["dispatch"] == "dropless"
+    assert model_options("torchtitan") == {} and model_options("mixtral", None, "top1") == {"router": "top1"}

@@ -36,7 +36,9 @@ token chunks along the batch, its overlap schedule; --model torchtitan only,
 else skipped; the CPU-only changes it needs are listed under the table),
 fsmoe_sequential, fsmoe_tutel, fsmoe (CP-SAT, pipeline_degree="auto"), fsmoe_inductor (fsmoe with
 codegen="inductor": the chosen graph compiled by Inductor, its order pinned) and fsmoe_partitioned (fsmoe with
-grad_partition="auto": with --grad-sync graph, the gradient all-reduces merged into partitions). The methods' steps
+grad_partition="auto": with --grad-sync graph, the gradient all-reduces merged into partitions) and fsmoe_bucket
+(fsmoe with the gradients in DDP's 25 MiB buckets: a small model's in one all-reduce after its last gradient, the
+baseline partitioning must beat). The methods' steps
 run round-robin, one of each per
 repeat; the table shows the median over repeats of the slowest rank's step
 time, the interquartile range, the speedup over eager and the first step's

@@ -35,6 +35,11 @@
 * ``fsmoe_partitioned``: ``fsmoe`` with ``grad_partition="auto"``: with
   ``--grad-sync graph``, the backward's gradient all-reduces merged into the
   partitions the measured costs price fastest (``passes.partition_grads``).
+* ``fsmoe_bucket``: ``fsmoe`` with the gradients merged as DDP buckets them
+  (``grad_partition`` = ``DDP_BUCKET_BYTES``, DDP's default 25 MiB cap): with
+  ``--grad-sync graph``, each bucket one all-reduce issued when its last
+  gradient exists; a model under 25 MiB of gradients gets one bucket after
+  its last gradient, the baseline partitioning must beat.
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ from torch import fx, nn
 #: The methods ``fsmoe bench`` times, in table order (the simulator's are ``sim.methods.METHODS``).
 BENCH_METHODS: tuple[str, ...] = ("eager", "dynamo", "aot_eager", "inductor", "pytorch_overlap", "inductor_overlap",
                                   "torchtitan_graph", "fsmoe_sequential", "fsmoe_tutel", "fsmoe", "fsmoe_inductor",
-                                  "fsmoe_partitioned")
+                                  "fsmoe_partitioned", "fsmoe_bucket")
+
+#: DDP's default bucket cap (``bucket_cap_mb=25``): ``fsmoe_bucket``'s gradient partitions.
+DDP_BUCKET_BYTES = 25 << 20
 
 FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe_sequential": {"scheduler": "sequential"},
@@ -58,6 +66,7 @@ FSMOE_OPTIONS: dict[str, dict[str, Any]] = {
     "fsmoe": {"scheduler": "cpsat", "pipeline_degree": "auto"},
     "fsmoe_inductor": {"scheduler": "cpsat", "pipeline_degree": "auto", "codegen": "inductor"},
     "fsmoe_partitioned": {"scheduler": "cpsat", "pipeline_degree": "auto", "grad_partition": "auto"},
+    "fsmoe_bucket": {"scheduler": "cpsat", "pipeline_degree": "auto", "grad_partition": DDP_BUCKET_BYTES},
 }
 
 
