@@ -6,6 +6,9 @@ import argparse
 import sys
 from typing import Sequence
 
+#: The examples ``demo`` and ``explain`` take (``demo.EXAMPLES``; not imported here, it imports torch).
+_MODEL_HELP = ("example model: mixtral, gpt2, torchtitan or torchtitan_dsv3 (torchtitan's MoE layer, the ecosystem "
+               "extra; default mixtral)")
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,7 +22,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: enough to reach the scheduled graphs, run them 8 steps and print "
                    "their schedule with predicted against measured times, 16 with the default options)")
-    p.add_argument("--model", default="mixtral", help="example model: mixtral, gpt2, torchtitan or torchtitan_dsv3 (torchtitan's MoE layer, the ecosystem extra; default mixtral)")
+    p.add_argument("--model", default="mixtral", help=_MODEL_HELP)
     p.add_argument("--dispatch", default=None, help="override the model's dispatch: capacity or dropless")
     p.add_argument("--timeout", type=float, default=600.0, help="hard deadline for the whole run, seconds")
     p.set_defaults(func=_run_demo)
@@ -39,7 +42,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         description="Compile an example model with the fsmoe backend on one process, run one forward and "
         "backward, and print per graph a table of the MoE regions found and the nodes in each role.",
     )
-    p.add_argument("--model", default="mixtral", help="example model: mixtral, gpt2, torchtitan or torchtitan_dsv3 (torchtitan's MoE layer, the ecosystem extra; default mixtral)")
+    p.add_argument("--model", default="mixtral", help=_MODEL_HELP)
     p.add_argument("--dispatch", default=None, help="override the model's dispatch: capacity or dropless")
     p.add_argument("--router", default=None, help="override the model's router (e.g. gshard, sigmoid, xmoe, softmoe)")
     p.add_argument("--all-nodes", action="store_true", help="list every node of each role, not the first 8")

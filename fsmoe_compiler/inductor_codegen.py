@@ -109,9 +109,15 @@ def _stretches(events: Iterable[str | None]) -> list[tuple[str, int]]:
 def planned_order(graph: fx.Graph) -> list[tuple[str, int]]:
     """The communication ops of ``graph`` in order, each with the number of matmuls between it and the next:
     what the generated code must keep (pointwise work may fuse across, matmuls and communication may not)."""
-    return _stretches(collective_op(n) if is_communication(n) else None for n in graph.nodes
-                      if n.op == "call_function" and (is_communication(n) or getattr(
-                          getattr(n.target, "overloadpacket", None), "__name__", None) in _MATMULS))
+    events: list[str | None] = []
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if is_communication(n):
+            events.append(collective_op(n))
+        elif getattr(getattr(n.target, "overloadpacket", None), "__name__", None) in _MATMULS:
+            events.append(None)
+    return _stretches(events)
 
 
 def emitted_order(code: str) -> list[tuple[str, int]]:

@@ -291,7 +291,7 @@ class ScheduledGraph:
         if not verdict.agreed or verdict.ballots is None:
             return verdict
         times = [t for _, t in verdict.ballots]
-        if last is not None and mine is not None and all(t is not None for t in times):
+        if mine is not None and all(t is not None for t in times):
             last.sched.aligned_calls_ms.append(min(times))
             del last.sched.aligned_calls_ms[:-_KEEP_CALLS]
         return control.Verdict(True, [b for b, _ in verdict.ballots])

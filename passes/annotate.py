@@ -42,6 +42,7 @@ import torch.fx as fx
 from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM, SEQUENTIAL
 from fsmoe_compiler.ops import collective_bytes, is_communication
 from fsmoe_compiler.passes.context import PassContext, graph_pass
+from fsmoe_compiler.passes.graph_utils import apply_order
 from fsmoe_compiler.passes.taskgraph import TaskMap
 from fsmoe_compiler.scheduler import Schedule
 
@@ -212,16 +213,6 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
     if len(out) != len(nodes):  # pragma: no cover - every node is a placeholder, in a task, or the output
         raise AnnotateError(f"ordered {len(out)} of {len(nodes)} nodes")
     return out
-
-
-def apply_order(gm: fx.GraphModule, order: list[fx.Node]) -> None:
-    """Move ``gm``'s nodes into ``order`` (placeholders stay first), lint and recompile."""
-    output = gm.graph.output_node()
-    for n in order:
-        if n.op != "placeholder" and n is not output:
-            output.prepend(n)
-    gm.graph.lint()
-    gm.recompile()
 
 
 def write_meta(gm: fx.GraphModule, taskmap: TaskMap) -> None:

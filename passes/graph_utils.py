@@ -173,6 +173,16 @@ def dim_through_transpose(node: fx.Node, dim: int, upward: bool) -> int | None:
     return perm[dim] if upward else perm.index(dim)
 
 
+def apply_order(gm: fx.GraphModule, order: list[fx.Node]) -> None:
+    """Move ``gm``'s nodes into ``order`` (placeholders stay first), lint and recompile."""
+    output = gm.graph.output_node()
+    for n in order:
+        if n.op != "placeholder" and n is not output:
+            output.prepend(n)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose graph passes may edit while ``gm`` stays intact (node names and meta kept).
 

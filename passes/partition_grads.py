@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fsmoe_compiler.names import ALL_REDUCE
 from fsmoe_compiler.ops import collective_group, collective_kind, is_collective, is_wait
 from fsmoe_compiler.passes.context import PassContext, graph_pass
-from fsmoe_compiler.passes.graph_utils import copy_graph_module, numel
+from fsmoe_compiler.passes.graph_utils import apply_order, copy_graph_module, numel
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -85,13 +85,14 @@ def partitions(reduces: list[GradReduce], cap: float) -> list[list[GradReduce]]:
     """Consecutive runs of ``reduces`` with the same key, each filled while its bytes stay within ``cap`` (a
     gradient over the cap is a partition of its own); cap 0: one partition per all-reduce."""
     parts: list[list[GradReduce]] = []
+    filled = 0  # bytes in parts[-1]
     for r in reduces:
-        last = parts[-1] if parts else None
-        if (last is not None and last[0].key() == r.key()
-                and sum(m.nbytes for m in last) + r.nbytes <= cap):
-            last.append(r)
+        if parts and parts[-1][0].key() == r.key() and filled + r.nbytes <= cap:
+            parts[-1].append(r)
+            filled += r.nbytes
         else:
             parts.append([r])
+            filled = r.nbytes
     return parts
 
 
@@ -145,29 +146,19 @@ def apply_partitions(gm: fx.GraphModule, parts: list[list[GradReduce]]) -> int:
     """Merge every partition of more than one all-reduce; how many all-reduces there are left of them."""
     for i, part in enumerate(p for p in parts if len(p) > 1):
         merge(gm, part, i)
-    _stable_topological(gm)
-    gm.recompile()
+    apply_order(gm, _stable_topological(gm.graph))
     return len(parts)
 
 
-def _stable_topological(gm: fx.GraphModule) -> None:
-    """Put ``gm``'s nodes in a topological order that keeps every node where it was unless an input now comes
+def _stable_topological(graph: fx.Graph) -> list[fx.Node]:
+    """A topological order of ``graph``'s nodes that keeps every node where it was unless an input now comes
     later (the first such order by position, placeholders first): the rest keeps the order it was traced in."""
-    graph = gm.graph
     pos = {n: i for i, n in enumerate(graph.nodes)}
     dag = nx.DiGraph()
     dag.add_nodes_from(graph.nodes)
     dag.add_edges_from((a, n) for n in graph.nodes for a in n.all_input_nodes)
     first = {"placeholder": 0, "output": 2}
-    order = list(nx.lexicographical_topological_sort(dag, key=lambda n: (first.get(n.op, 1), pos[n])))
-    if order == list(graph.nodes):
-        return
-    new = fx.Graph()
-    new._codegen = graph._codegen
-    env: dict[fx.Node, fx.Node] = {}
-    for n in order:
-        env[n] = new.node_copy(n, lambda a: env[a])
-    gm.graph = new
+    return list(nx.lexicographical_topological_sort(dag, key=lambda n: (first.get(n.op, 1), pos[n])))
 
 
 def _region_nodes(ctx: PassContext) -> set[str]:
@@ -200,9 +191,7 @@ def partition_grads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if ctx.costs is None:
             ctx.notes.append("gradient partitioning: no cost model to choose a cap; per parameter")
             return gm
-        priced = {0.0: _priced(gm, ctx, 0.0)}
-        for cap in CANDIDATE_CAPS:
-            priced[cap] = _priced(gm, ctx, cap)
+        priced = {cap: _priced(gm, ctx, cap) for cap in (0.0, *CANDIDATE_CAPS)}
         cap = min(priced, key=lambda c: (priced[c], c))
         detail = ", ".join(f"{_cap_words(c)} {ms:.3f} ms" for c, ms in priced.items())
     else:

@@ -486,8 +486,7 @@ def _add_cpu_tasks(tg: TaskGraph, tm: TaskMap, cpu_cost: Cost, starts: dict[str,
         for u in tg.preds(tid):
             tg.add_dep(u, cpu)
         for v in tg.succs(tid):
-            if v != cpu:
-                tg.add_dep(cpu, v)
+            tg.add_dep(cpu, v)
         tm.cpu_of[cpu] = tid
 
 
