@@ -204,6 +204,15 @@ def test_cpu_share_is_the_part_of_a_collective_the_compute_beside_it_could_not_h
     assert cpu_shares(hidden) == {"all_to_all/2": pytest.approx(0.05)}
     assert cpu_shares(alone(1.0, 4096) + half) == {"all_to_all/2": pytest.approx(0.5)}  # no pair at 4 KiB
     assert cpu_shares(alone(1.0, 4096)) == {}
+    # an emulated link's token bucket: one repetition after idling bursts through; the steady state needed no core
+    def reps(times: list[float], load_ms: float | None = None) -> list[dict]:
+        extra = {} if load_ms is None else {"beside": True, "load_ms": load_ms}
+        return [{"node": None, "kind": "all_to_all", "group": "0", "group_size": 2, "bytes": 4096, "repeat": i,
+                 "ms": t, **extra} for i, t in enumerate(times)]
+
+    bursty = reps([1.3, 3.7, 3.7, 3.8]) + reps([1.6, 3.6, 3.6, 3.7], load_ms=1.0)
+    # the steady state: (2.933 - 2.9) / 1.0; from the least of each, the bursts, it read (1.6 - 1.3) / 1.0 = 0.3
+    assert cpu_shares(bursty) == {"all_to_all/2": pytest.approx(0.1 / 3)}
     # the loaded runs are not the link: the fit reads the collective alone
     assert fit_collectives(serial)["all_to_all/2"].beta * 4096 == pytest.approx(1.0)
     nodes = {n.name: n for n in _a2a_graph().graph.nodes}

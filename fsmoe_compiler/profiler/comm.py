@@ -165,7 +165,7 @@ def microbenchmark_contention(group, kind: str, sizes_bytes: Sequence[int], repe
     collective alone; each repetition, after a barrier, issues the collective,
     runs the load, waits. Returns samples ``{"kind", "group", "group_size",
     "bytes", "repeat", "beside": True, "ms"`` (issue to wait, load included),
-    ``"load_ms"`` (the same load alone, just before)``}``; :func:`cpu_shares`
+    ``"load_ms"`` (the same load alone, timed before the repetitions)``}``; :func:`cpu_shares`
     reads them.
     """
     import torch
@@ -185,15 +185,18 @@ def microbenchmark_contention(group, kind: str, sizes_bytes: Sequence[int], repe
         for _ in range(3):
             dist.barrier(group)
             alone.append(_time_ms(lambda: _run_collective(kind, x, group), 1))
-        # the same number of matmuls on every rank (the least estimate of the collective alone decides)
-        steps = torch.tensor([max(1, int(min(alone) / max(mm_ms, 1e-6)))])
+        # the same number of matmuls on every rank (the rank whose collective read fastest decides)
+        steps = torch.tensor([max(1, int(typical_ms(alone) / max(mm_ms, 1e-6)))])
         dist.all_reduce(steps, op=dist.ReduceOp.MIN, group=group)
 
         def load(n: int = int(steps)) -> None:
             for _ in range(n):
                 torch.mm(a, a)
-        for rep in range(repeats):
-            load_ms = _time_ms(load, 1)
+        # the load alone first, then the repetitions back to back as the collective's own: a link idle while a
+        # repetition's load was timed would start the next one with a full token bucket (an emulated link's
+        # burst: 320 KiB all-to-alls on 300 Mbit/s took 1.3 ms after idling, 3.7 ms back to back)
+        loads = [_time_ms(load, 1) for _ in range(repeats)]
+        for rep, load_ms in enumerate(loads):
             dist.barrier(group)
             start = time.perf_counter()
             out = _issue(kind, x, group)
@@ -211,8 +214,10 @@ def cpu_shares(samples: Iterable[dict]) -> dict[str, float]:
     From :func:`microbenchmark_contention`'s samples (``beside``) and the
     collective's own samples at the same sizes (after :func:`last_arrivals`):
     with the collective alone taking ``c``, the load alone ``d`` and both
-    together ``T`` (each the least of its repetitions: the noise of a shared
-    host only ever adds, and a slow ``c`` alone would read as overlap), the share is ``(T - max(c, d)) / min(c, d)``
+    together ``T`` (each the ``typical_ms`` of its repetitions, the statistic the
+    link model prices ``c`` with: the least of each read an emulated link's
+    token-bucket bursts, shares of 0.4 for all-to-alls whose steady state
+    needed no core), the share is ``(T - max(c, d)) / min(c, d)``
     clamped to [0, 1]: 0 where they overlap fully, 1 where they run one after
     the other. The median over sizes. The task graph bills ``share * c`` of
     each collective to the compute resource.
@@ -231,7 +236,7 @@ def cpu_shares(samples: Iterable[dict]) -> dict[str, float]:
     for key, pairs in sorted(beside.items()):
         if not alone.get(key):
             continue
-        c, both, d = min(alone[key]), min(t for t, _ in pairs), min(d for _, d in pairs)
+        c, both, d = typical_ms(alone[key]), typical_ms([t for t, _ in pairs]), typical_ms([d for _, d in pairs])
         low = min(c, d)
         if low <= 0:
             continue
