@@ -15,19 +15,21 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsmoe_compiler.launch import run_ranks
+from fsmoe_compiler.planner import LINK_STREAM, SLOPE_ANCHOR_BYTES
 
 SIZES = (1 << 16, 1 << 20, 1 << 23)  # bytes sent per rank: 64 KiB .. 8 MiB, far apart so load noise cannot hide beta
 
 
 class _CountWaits(TorchDispatchMode):
-    """Counts ``wait_tensor`` calls that reach the dispatcher."""
+    """Counts ``wait_tensor`` (``count``) and ``all_to_all_single`` (``issued``) calls that reach the dispatcher."""
 
     def __enter__(self):
-        self.count = 0
+        self.count = self.issued = 0
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func is torch.ops._c10d_functional.wait_tensor.default
+        self.issued += func is torch.ops._c10d_functional.all_to_all_single.default
         return func(*args, **(kwargs or {}))
 
 
@@ -50,6 +52,13 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
     samples = microbenchmark_collectives(None, ["all_to_all"], SIZES, repeats=3)
     fits = fit_collectives(samples)
     loaded = microbenchmark_contention(None, "all_to_all", SIZES[:1], repeats=2)
+    with _CountWaits() as streamed_calls:  # each repetition: 3 all-to-alls back to back, timed as their mean
+        streamed = microbenchmark_collectives(None, ["all_to_all"], SIZES[:1], repeats=2, stream=3)
+    try:
+        microbenchmark_collectives(None, ["all_to_all"], SIZES[:1], stream=0)
+        bad_stream = None
+    except ValueError as e:
+        bad_stream = str(e)
 
     torch.manual_seed(rank)
     x, w = torch.randn(64, 32), torch.randn(32, 16)
@@ -62,6 +71,9 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
         timed = ex.run([x, w], timed=True)
     graph_waits = sum(n.target == torch.ops._c10d_functional.wait_tensor.default for n in gm.graph.nodes)
 
+    from fsmoe_compiler.planner import link_samples
+
+    links = link_samples(step_samples, "test/links")  # what planning times at the graph's sizes
     costs = CostModel.from_profiles([node_ms], samples + step_samples)
     with FakeTensorMode():  # as inside a compiled graph's call
         agreed = agree(costs, "test/costs")
@@ -78,6 +90,10 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
         "repeats": sorted({(s["bytes"], s["repeat"]) for s in samples}),
         "loaded": [(s["bytes"], s["repeat"], s["beside"], s["ms"] > 0, s["load_ms"] > 0) for s in loaded],
         "shares": cpu_shares(samples + loaded),
+        "streamed": [(s["bytes"], s["repeat"], s["stream"], s["ms"] > 0) for s in streamed],
+        "streamed_calls": (streamed_calls.issued, streamed_calls.count),
+        "bad_stream": bad_stream,
+        "links": sorted({(s["bytes"], s.get("stream"), bool(s.get("beside"))) for s in links}, key=str),
         "same_outputs": all(torch.equal(o, expected) for o in (out, exposed, timed)),
         "exposed_samples": [(s["node"], s["bytes"]) for s in exposed_samples],
         "step_samples": step_samples,
@@ -96,6 +112,13 @@ def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
         assert r["sizes"] == list(SIZES)
         assert r["repeats"] == [(n, i) for n in SIZES for i in range(3)]  # what last_arrivals pairs ranks by
         assert r["loaded"] == [(SIZES[0], i, True, True, True) for i in range(2)]
+        assert r["streamed"] == [(SIZES[0], i, 3, True) for i in range(2)]
+        assert r["streamed_calls"] == (1 + 2 * 3, 1 + 2 * 3)  # the warm-up, then 2 repetitions of 3, each waited
+        assert "stream must be >= 1" in r["bad_stream"] and "got 0" in r["bad_stream"]
+        # planning times the graph's own message back to back (and beside a load), and the slope's anchor
+        a2a = 64 * 16 * 4
+        assert r["links"] == sorted({(a2a, LINK_STREAM, False), (a2a, None, True),
+                                     (SLOPE_ANCHOR_BYTES, LINK_STREAM, False)}, key=str)
         assert set(r["shares"]) == {"all_to_all/2"} and 0.0 <= r["shares"]["all_to_all/2"] <= 1.0
         assert set(r["fits"]) == {"all_to_all/2"}
         assert r["fits"]["all_to_all/2"][1] > 0, r["ms_by_size"]  # beta: bigger messages take longer
