@@ -145,6 +145,8 @@ class Origin:
 
 #: How a note of ``CompileRecord.token_split`` that records the whole-or-split choice starts.
 SPLIT_CHOICE = "token split:"
+#: How a compiled graph's ``fallback`` begins when the whole-or-split choice kept Dynamo's graph instead: no failure.
+FASTEST_AS_TRACED = "runs as traced: Dynamo's graph, run by PyTorch, was the fastest"
 
 
 @dataclass

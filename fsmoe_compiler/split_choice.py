@@ -175,7 +175,7 @@ class SplitOrWhole:
         winner.token_split = [*(winner.token_split or []), note]
         if won.name == AS_TRACED:  # the compiled graphs the report shows for it never run
             for g in winner.graphs:
-                g.fallback = f"runs as traced: Dynamo's graph, run by PyTorch, was the fastest ({note})"
+                g.fallback = f"{records.FASTEST_AS_TRACED} ({note})"
         for v in self.variants:
             if v.record is not winner:
                 records.drop(v.record)

@@ -188,6 +188,23 @@ def test_method_result_of_one_repeat_has_a_degenerate_range():
     assert (r.median_ms, r.q1_ms, r.q3_ms, r.min_ms, r.max_ms) == (3.0,) * 5
 
 
+def test_the_table_tells_a_graph_kept_as_traced_from_one_that_failed_and_says_why():
+    from fsmoe_compiler import records
+    from fsmoe_compiler.bench.cli import render
+    from fsmoe_compiler.bench.records import BenchResult
+
+    kept = f"{records.FASTEST_AS_TRACED} (token split: as traced chosen, 5.0 ms)"
+    failed = "scheduling failed, graph runs as traced: costs failed: rank 1: ValueError: bad cost"
+    config = {"model": "gpt2", "layers": 1, "d_model": 8, "d_ff": 16, "experts": 2, "top_k": 1, "capacity_factor": 1.0,
+              "batch": 1, "seq": 4, "ranks": 2, "threads": 1, "warmup": 1, "steps": 1}
+    methods = [MethodResult("fsmoe", ok=True, median_ms=5.0, times_ms=[5.0],
+                            info={"fsmoe": {"forward": {"fallback": kept}, "backward": {"fallback": failed}}})]
+    text = render(BenchResult(config=config, link={"mode": "loopback"}, methods=methods))
+    assert "fw: as traced, measured fastest; bw: fallback, why below" in text
+    assert f"fsmoe backward graph fell back: {failed}" in text
+    assert "forward graph fell back" not in text  # a choice, not a failure
+
+
 def test_cpu_estimator_prices_compute_and_collectives_without_a_gpu():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx

@@ -16,6 +16,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from fsmoe_compiler import records
 from fsmoe_compiler.reporting.tables import link_models_text
 
 from .allocator import MALLOCS
@@ -244,7 +245,8 @@ def render(result: BenchResult) -> str:
                 if not g:
                     continue
                 if g.get("fallback"):
-                    parts.append(f"{short}: fallback")
+                    kept = g["fallback"].startswith(records.FASTEST_AS_TRACED)  # chosen, not failed
+                    parts.append(f"{short}: " + ("as traced, measured fastest" if kept else "fallback, why below"))
                 elif "predicted_ms" in g:
                     meas = g.get("measured_ms")
                     parts.append(f"{short} r={','.join(map(str, g['degrees'].values())) or '-'} "
@@ -285,6 +287,10 @@ def render(result: BenchResult) -> str:
         links = {k: v for g in graphs for k, v in (g.get("links") or {}).items()}
         if links:
             lines.append(f"{m.name} link models (measured, last graph's): " + link_models_text(links))
+        for kind in ("forward", "backward"):
+            why = ((fs or {}).get(kind) or {}).get("fallback")
+            if why and not why.startswith(records.FASTEST_AS_TRACED):
+                lines.append(f"{m.name} {kind} graph fell back: {why}")
         chosen = (fs or {}).get("token_split")
         if chosen:
             lines.append(f"{m.name}: {chosen}")
