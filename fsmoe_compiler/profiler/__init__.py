@@ -11,7 +11,7 @@ prices nodes for the scheduler; ``agree`` makes all ranks hold the same model;
 from fsmoe_compiler.profiler.cache import ProfileCache, plan_key, profile_key
 from fsmoe_compiler.profiler.comm import (cpu_shares, fit_collectives, last_arrivals, microbenchmark_collectives,
                                           microbenchmark_contention, typical_ms)
-from fsmoe_compiler.profiler.costs import CostModel, agree, median_per_node
+from fsmoe_compiler.profiler.costs import CostModel, agree, median_per_node, steady_calls
 from fsmoe_compiler.profiler.session import StepProfiler
 from fsmoe_compiler.profiler.timing import CollectiveSample, TimingInterpreter, profile_call
 
@@ -31,5 +31,6 @@ __all__ = [
     "plan_key",
     "profile_call",
     "profile_key",
+    "steady_calls",
     "typical_ms",
 ]

@@ -3,7 +3,8 @@
 ``StepProfiler(gm)`` is a drop-in compiled function (boxed: it takes
 aot_autograd's argument list) that runs each call under the
 ``TimingInterpreter`` and keeps its numbers. A node costs the median of its
-calls (``median_per_node``: the steady state is not the undisturbed best). The
+steady calls (``steady_calls``: the faster half, by the call's summed time;
+``median_per_node``: the steady state is not the undisturbed best). The
 planner keeps one per candidate degree; ``cost_model()`` turns the calls
 into a ``CostModel``.
 """
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from fsmoe_compiler.profiler.costs import CostModel, median_per_node
+from fsmoe_compiler.profiler.costs import CostModel, median_per_node, steady_calls
 from fsmoe_compiler.profiler.timing import TimingInterpreter
 
 
@@ -47,11 +48,11 @@ class StepProfiler:
         return [s for run in self.sample_runs for s in run]
 
     def node_ms(self) -> dict[str, float]:
-        """Per node, the median of the calls so far."""
-        return median_per_node(self.node_ms_runs)
+        """Per node, the median of the steady calls so far (``steady_calls``)."""
+        return median_per_node(steady_calls(self.node_ms_runs))
 
     def cost_model(self, extra_samples: Sequence[dict] = ()) -> CostModel:
         """The calls so far as a ``CostModel`` (link models also fitted from ``extra_samples``, e.g. microbenchmarks)."""
         if not self.node_ms_runs:
             raise RuntimeError("StepProfiler.cost_model: no call has been profiled yet")
-        return CostModel.from_profiles(self.node_ms_runs, self.samples + [dict(s) for s in extra_samples])
+        return CostModel.from_profiles(steady_calls(self.node_ms_runs), self.samples + [dict(s) for s in extra_samples])
