@@ -55,7 +55,8 @@ class FSMoEConfig:
     profile_steps: calls of each graph that run under the timing interpreter
         before the scheduled graph is swapped in (they compute the same results);
         they cycle through the candidate degrees, and each node costs the
-        median of its degree's calls (the typical steady-state call, not the undisturbed best).
+        median of its degree's steady calls (the faster half by summed time: a variant's first call after
+        another ran pays for touching its buffers; the typical steady-state call, not the undisturbed best).
     measure_steps: calls after the swap that run timed per task, for the
         report's predicted-vs-measured columns.
     cache_dir: directory of the JSON profile cache (None: no cache); a hit
