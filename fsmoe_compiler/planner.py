@@ -250,7 +250,8 @@ def link_sizes(sent: set[int] | list[int]) -> list[int]:
 def link_samples(samples: list[dict], tag: str) -> list[dict]:
     """Microbenchmarks of each collective kind and process group the graph uses, at its message sizes.
 
-    Timed after a barrier, and each repetition read on the rank that came out
+    Each repetition is ``LINK_STREAM`` collectives back to back after a barrier
+    (what a message costs on a busy link), read on the rank that came out
     of it last (``last_arrivals``: the others' times include their wait for
     it, as the in-graph samples include the skew between ranks); every rank
     then fits the same samples. The sizes
