@@ -1,8 +1,8 @@
 """The measured cost model the scheduler prices an ATen graph with, and how ranks agree on it.
 
 ``CostModel`` holds what profiling measured: compute ms per node name (the
-median of the profiled calls, :func:`median_per_node`, of the steady ones, :func:`steady_calls`), one link model per ``f"{kind}/{group_size}"``
-(``LinearCost`` in ms with ``n`` = bytes sent, see ``profiler.comm``) and the
+median of the steady profiled calls, :func:`steady_calls` and :func:`median_per_node`), one link model per
+``f"{kind}/{group_size}"`` (``LinearCost`` in ms with ``n`` = bytes sent, see ``profiler.comm``) and the
 raw collective samples it was fitted from. ``node_cost(node)`` prices any
 node of the profiled graph *or of a rewritten copy of it*: a chunk copy made
 by ``passes/chunk.py`` that was never run costs its origin's time divided by

@@ -55,4 +55,5 @@ class StepProfiler:
         """The calls so far as a ``CostModel`` (link models also fitted from ``extra_samples``, e.g. microbenchmarks)."""
         if not self.node_ms_runs:
             raise RuntimeError("StepProfiler.cost_model: no call has been profiled yet")
-        return CostModel.from_profiles(steady_calls(self.node_ms_runs), self.samples + [dict(s) for s in extra_samples])
+        samples = self.samples + [dict(s) for s in extra_samples]
+        return CostModel.from_profiles(steady_calls(self.node_ms_runs), samples)
