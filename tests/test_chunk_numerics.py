@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_cases import violation
 
 D_MODEL, D_FF, EXPERTS = 16, 32, 4
-RTOL, ATOL = 1e-4, 1e-5
 
 
 def degree_of(degree, layer: int, kind: str = "forward") -> int:
@@ -52,11 +52,6 @@ def chunking_backend(degree, infos: list):
         return compile_graph
 
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-
-
-def _errors(got, want) -> float:
-    """Largest violation of |got - want| <= ATOL + RTOL |want| (<= 0 when close)."""
-    return ((got - want).abs() - ATOL - RTOL * want.abs()).max().item()
 
 
 class Stack(torch.nn.Module):
@@ -105,9 +100,9 @@ def _run_case(rank: int, cfg: dict, degree) -> dict:
         params = eager if name == "eager" else compiled_layer
         out[name] = (y.detach(), aux.detach())
         grads[name] = {"x": xi.grad, **{n: p.grad for n, p in params.named_parameters() if p.grad is not None}}
-    errs = {"y": _errors(out["chunked"][0], out["eager"][0]), "aux": _errors(out["chunked"][1], out["eager"][1])}
+    errs = {"y": violation(out["chunked"][0], out["eager"][0]), "aux": violation(out["chunked"][1], out["eager"][1])}
     assert grads["chunked"].keys() == grads["eager"].keys(), (grads["chunked"].keys(), grads["eager"].keys())
-    errs.update({f"grad {n}": _errors(grads["chunked"][n], grads["eager"][n]) for n in grads["eager"]})
+    errs.update({f"grad {n}": violation(grads["chunked"][n], grads["eager"][n]) for n in grads["eager"]})
     return {"errs": errs, "infos": infos, "nonzero": min(g.abs().max().item() for g in grads["eager"].values())}
 
 

@@ -16,22 +16,19 @@ import re
 import pytest
 import torch
 
-from fsmoe_compiler.moe import DISPATCHERS, ROUTERS
-from fsmoe_compiler.moe.layer import CAPACITY_ONLY_ROUTERS
+from moe_cases import CASES, plain_name, violation
 
 D_MODEL, D_FF, EXPERTS, WORLD = 16, 32, 4, 4
 STEPS = 4  # warm-up, one profiling call, the first scheduled call (timed per task), a plain scheduled call
-RTOL, ATOL = 1e-4, 1e-5
 PARTITION_BYTES = 1024  # a 16 x 16 weight alone; the biases and norms merge into partitions around it
 ROUTER_KWARGS = {"deepseek": dict(num_groups=2, topk_groups=1), "softmoe": dict(slots_per_expert=4)}
-CASES = [(router, dispatch) for router in ROUTERS for dispatch in DISPATCHERS
-         if not (router in CAPACITY_ONLY_ROUTERS and dispatch != "capacity")]
 
 
 class Net(torch.nn.Module):
-    """A dense layer, a norm, one MoE layer (a shared expert beside it for half the routers) and a dense head."""
+    """A dense layer, a norm, one MoE layer (its case's expert, and shared expert where it has one) and a dense
+    head."""
 
-    def __init__(self, router: str, dispatch: str, shared: bool) -> None:
+    def __init__(self, router: str, dispatch: str, expert: str, shared: bool) -> None:
         from fsmoe_compiler.moe import MoELayer
 
         super().__init__()
@@ -39,23 +36,13 @@ class Net(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(D_MODEL)
         self.moe = MoELayer(D_MODEL, D_FF, EXPERTS, router=router, dispatch=dispatch,
                             capacity_factor=2.0 if router == "switch" else 1.0, shared_expert=shared,
-                            expert="swiglu" if shared else "gelu", router_kwargs=ROUTER_KWARGS.get(router))
+                            expert=expert, router_kwargs=ROUTER_KWARGS.get(router))
         self.head = torch.nn.Linear(D_MODEL, D_MODEL)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
         y, aux = self.moe(self.norm(h))
         return (self.head(h + y) * w).sum() + aux
-
-
-def _plain(name: str) -> str:
-    """A parameter's name without the parametrization ``sync_gradients_in_graph`` puts on it."""
-    return name.replace("parametrizations.", "").replace(".original", "")
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Largest violation of |got - want| <= ATOL + RTOL |want| (<= 0 when close)."""
-    return float(((got - want).abs() - ATOL - RTOL * want.abs()).max())
 
 
 def _train_every_case(rank: int, world_size: int) -> list[dict]:
@@ -66,12 +53,11 @@ def _train_every_case(rank: int, world_size: int) -> list[dict]:
     from fsmoe_compiler.moe.parallel import sync_gradients_in_graph
 
     out = []
-    for i, (router, dispatch) in enumerate(CASES):
-        shared = i % 2 == 1
+    for router, dispatch, expert, shared in CASES:
         torch.manual_seed(0)
-        ref = Net(router, dispatch, shared)
+        ref = Net(router, dispatch, expert, shared)
         torch.manual_seed(0)
-        model = sync_gradients_in_graph(Net(router, dispatch, shared))
+        model = sync_gradients_in_graph(Net(router, dispatch, expert, shared))
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="fsmoe", options={
             "strict": True, "pipeline_degree": 2, "profile_steps": 1, "split_tokens": 1,
@@ -88,16 +74,16 @@ def _train_every_case(rank: int, world_size: int) -> list[dict]:
             loss = compiled(x, w)
             loss.backward()
             want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-            got = {_plain(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+            got = {plain_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
             assert got.keys() == want.keys(), (router, dispatch, sorted(set(got) ^ set(want)))
-            worst[f"step {step} loss"] = _close(loss.detach(), want_loss.detach())
+            worst[f"step {step} loss"] = violation(loss.detach(), want_loss.detach())
             for n in want:
-                worst[f"step {step} {n}"] = max(worst.get(f"step {step} {n}", -1.0), _close(got[n], want[n]))
+                worst[f"step {step} {n}"] = max(worst.get(f"step {step} {n}", -1.0), violation(got[n], want[n]))
         rep = fsmoe_compiler.report(compiled)
         schedules = {s_kind: s for s_kind in ("forward", "backward") for s in rep.schedules(s_kind)}
         notes = [n for s in rep.schedules("backward") for n in s.notes if "gradient partitioning" in n]
         out.append({
-            "case": (router, dispatch, shared),
+            "case": (router, dispatch, expert, shared),
             "bad": {k: v for k, v in worst.items() if v > 0},
             "fallbacks": rep.fallbacks(),
             "degrees": {k: sorted(set(s.degrees.values())) for k, s in schedules.items()},
@@ -113,9 +99,9 @@ def test_every_router_and_dispatch_trains_as_eager_on_four_ranks_chunked_and_par
     from fsmoe_compiler.launch import run_ranks
 
     results = run_ranks(_train_every_case, WORLD, timeout_s=840, pg_timeout_s=120)
-    assert len(CASES) == 14  # 8 routers with capacity, the 6 that route dropless too
+    assert len(CASES) == 14  # 8 routers with capacity, the 6 that route dropless too (moe_cases)
     for per_rank in results:
-        assert [r["case"][:2] for r in per_rank] == CASES
+        assert [r["case"] for r in per_rank] == [tuple(c) for c in CASES]
         for r in per_rank:
             assert not r["bad"], (r["case"], r["bad"])
             assert r["fallbacks"] == [], r["case"]

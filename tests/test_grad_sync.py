@@ -7,18 +7,15 @@ import re
 
 import pytest
 import torch
+from moe_cases import plain_name
 
 from fsmoe_compiler.bench.methods import DDP_BUCKET_BYTES
 from fsmoe_compiler.bench.records import BenchConfig
 from fsmoe_compiler.moe.parallel import sync_gradients_in_graph
 
 
-def _plain(name: str) -> str:
-    return name.replace("parametrizations.", "").replace(".original", "")
-
-
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {_plain(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {plain_name(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _compare_on_rank(rank: int, world_size: int, partition: int | str = "off") -> dict:
