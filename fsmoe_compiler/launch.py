@@ -104,6 +104,14 @@ def _join_group(rank: int, world_size: int, backend: str, pg_timeout_s: float, s
 # fresh processes
 
 
+def _dump_stacks_to(file: Any) -> None:
+    """Have this process write its threads' stacks to ``file`` when it crashes (SIGSEGV, SIGABRT, ...) and when
+    the parent asks (SIGUSR1, a hang): the parent puts them in the error it raises."""
+    faulthandler.enable(file=file, all_threads=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=file, all_threads=True)
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -116,8 +124,8 @@ def _rank_main(
     results: Any,
     stack_file: str | None = None,
 ) -> None:
-    if stack_file is not None and hasattr(signal, "SIGUSR1"):  # the parent asks for our stack when we hang
-        faulthandler.register(signal.SIGUSR1, file=open(stack_file, "w"), all_threads=True)
+    if stack_file is not None:
+        _dump_stacks_to(open(stack_file, "w"))
     os.environ.update(_rank_env(rank, world_size, port))
     torch.set_num_threads(threads)
     try:
@@ -210,7 +218,7 @@ def _collect(procs: list, results: Any, job: int | None, timeout_s: float, grace
         except queue_mod.Empty:
             for r, p in enumerate(procs):
                 if r not in out and r not in errors and p.exitcode not in (None, 0):
-                    errors[r] = f"exited with code {p.exitcode} without a result"
+                    errors[r] = f"exited with code {p.exitcode} without a result" + _crash_of(stack_files[r])
             continue
         if job_of != job:  # a late answer to an earlier job of a pool (its ranks were replaced since)
             continue
@@ -225,6 +233,16 @@ def _collect(procs: list, results: Any, job: int | None, timeout_s: float, grace
         raise RankError("\n".join(f"rank {r} failed:\n{errors[r]}" for r in sorted(errors))
                         + _stacks_of(procs, silent, stack_files), failed=errors, silent=silent)
     return [out[r] for r in range(world_size)]
+
+
+def _crash_of(stack_file: str) -> str:
+    """What a rank that died wrote when it crashed (faulthandler's dump of a fatal signal), for the error."""
+    try:
+        with open(stack_file) as f:
+            text = f.read().strip()
+    except OSError:
+        return ""
+    return f"; where it crashed:\n{text}" if text else ""
 
 
 def _stacks_of(procs: list, ranks: list[int], stack_files: list[str]) -> str:
@@ -308,8 +326,7 @@ def _pool_main(rank: int, world_size: int, backend: str, jobs: Any, results: Any
                parent: int, preload: tuple[str, ...]) -> None:
     """A pool rank: run jobs until told to stop (``None``) or the parent is gone; each job starts clean."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills the pool
-    if hasattr(signal, "SIGUSR1"):  # appends, so the parent can empty the file before each job
-        faulthandler.register(signal.SIGUSR1, file=open(stack_file, "a"), all_threads=True)
+    _dump_stacks_to(open(stack_file, "a"))  # appends, so the parent can empty the file before each job
     import fsmoe_compiler.runtime.control  # noqa: F401 - reset before every job
 
     for name in preload:  # what they set at import (a Dynamo flag) belongs to the state every job starts from

@@ -50,6 +50,27 @@ def test_results_come_back_from_every_rank():
     assert [float(t) for t in out] == [3.0, 3.0]
 
 
+def _crash_on_one(rank, world_size):
+    if rank == 1:
+        import faulthandler
+
+        faulthandler._sigsegv()  # a crash in native code (as a library bug would cause)
+    return rank
+
+
+def test_a_crashing_rank_raises_with_where_it_crashed():
+    def in_a_pool():
+        with RankPool(2) as pool:
+            pool.run(_crash_on_one)
+
+    for run in (lambda: run_ranks(_crash_on_one, 2, timeout_s=120), in_a_pool):
+        with pytest.raises(RankError, match="rank 1 failed") as err:
+            run()
+        text = str(err.value)
+        assert "exited with code -11" in text and "where it crashed" in text, text
+        assert "Segmentation fault" in text and "_crash_on_one" in text, text  # its Python stack, from faulthandler
+
+
 def test_a_failing_rank_raises_with_its_traceback():
     with pytest.raises(RankError, match="boom from rank one"):
         run_ranks(_raise_on_one, 2, timeout_s=120)
