@@ -13,7 +13,8 @@ The new order is a topological order of ALL nodes built from three rules:
   the new order (or at a barrier, or before the output). A collective that would put
   more than ``max_in_flight_bytes`` of collective buffers in flight is issued once an
   outstanding wait has been placed (or, when something needs it first, right after the
-  oldest waits).
+  oldest waits). The same rule keeps an all-gather on gloo alone in flight
+  (``ops.GLOO_ALONE_OPS``: PyTorch's gloo all-gather corrupts memory beside another collective).
 
 Barriers (``passes.taskgraph.classify_nodes``: ops with communication or other side
 effects the scheduler does not model) keep their place: nothing moves across one; a
@@ -40,7 +41,7 @@ import networkx as nx
 import torch.fx as fx
 
 from fsmoe_compiler.names import COMM_STREAM, COMPUTE_STREAM, SEQUENTIAL
-from fsmoe_compiler.ops import collective_bytes, is_communication
+from fsmoe_compiler.ops import collective_bytes, flies_alone, is_communication
 from fsmoe_compiler.passes.context import PassContext, graph_pass
 from fsmoe_compiler.passes.graph_utils import apply_order
 from fsmoe_compiler.passes.taskgraph import TaskMap
@@ -83,15 +84,16 @@ def footprint_bytes(start: fx.Node, costs: Any = None) -> int:
 
 
 def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, sync_collectives: bool = False,
-                max_in_flight_bytes: int | None = None, held: list[str] | None = None, costs: Any = None
-                ) -> list[fx.Node]:
+                max_in_flight_bytes: int | None = None, held: list[str] | None = None, costs: Any = None,
+                alone: set[str] | None = None, held_alone: list[str] | None = None) -> list[fx.Node]:
     """The new node order of ``gm`` under ``schedule`` (placeholders first, output last); pure.
 
     ``sync_collectives`` places each wait right after its start (no overlap at all: the
     ``sequential`` baseline, DeepSpeed-MoE style). ``max_in_flight_bytes`` bounds the
     ``footprint_bytes`` of the collectives issued and not yet waited on: one that would go over it is
     issued once an outstanding wait is placed, or, when something needs it first, after the oldest
-    waits; their names are appended to ``held``.
+    waits; their names are appended to ``held``. A collective task in ``alone`` is issued only with nothing
+    else in flight, and nothing is issued while it is (the same rule; names appended to ``held_alone``).
     """
     graph = gm.graph
     nodes = list(graph.nodes)
@@ -122,8 +124,11 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
     emitted: set[fx.Node] = set()
     outstanding: list[fx.Node] = []  # waits of issued collectives not yet placed, in issue order
     cur_seg = 0
-    bounded = bool(max_in_flight_bytes) and not sync_collectives  # a synchronous wait leaves nothing in flight
-    size = {wait_of[t]: footprint_bytes(start_of[t], costs) for t in coll_tasks} if bounded else {}
+    alone = {t for t in (alone or ()) if t in wait_of}
+    alone_waits = {wait_of[t] for t in alone}
+    # a synchronous wait leaves nothing in flight
+    bounded = (bool(max_in_flight_bytes) or bool(alone)) and not sync_collectives
+    size = {wait_of[t]: footprint_bytes(start_of[t], costs) for t in coll_tasks} if max_in_flight_bytes else {}
     starts = set(start_of.values())
 
     def emit(n: fx.Node) -> None:
@@ -150,8 +155,15 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
                 continue
             raise AnnotateError(f"node {n.name} needs {a.name}, which the schedule places later")
 
-    def fits(t: str) -> bool:
-        return not outstanding or sum(size[w] for w in outstanding) + size[wait_of[t]] <= max_in_flight_bytes
+    def blocked(t: str) -> str | None:
+        """Why ``t`` cannot be issued now ("alone", "bytes"), or None."""
+        if not outstanding:
+            return None
+        if t in alone or alone_waits.intersection(outstanding):
+            return "alone"
+        if max_in_flight_bytes and sum(size[w] for w in outstanding) + size[wait_of[t]] > max_in_flight_bytes:
+            return "bytes"
+        return None
 
     def flush(need: fx.Node | None = None, force: bool = False) -> None:
         """Issue every collective whose turn has come; one over the in-flight bound waits until an outstanding
@@ -167,12 +179,14 @@ def order_nodes(gm: fx.GraphModule, schedule: Schedule, taskmap: TaskMap, *, syn
                     g = grp_q[taskmap.group.get(t)]
                     if g[0] != t or segment.get(s, 0) > cur_seg or not all(available(a) for a in s.all_input_nodes):
                         break
-                    if bounded and not fits(t):
-                        if held is not None and s.name not in held:
-                            held.append(s.name)
+                    why = blocked(t) if bounded else None
+                    if why is not None:
+                        note = held_alone if why == "alone" else held
+                        if note is not None and s.name not in note:
+                            note.append(s.name)
                         if not (force or (need is not None and need not in emitted)):
                             break
-                        while not fits(t):
+                        while blocked(t) is not None:
                             emit(outstanding.pop(0))
                     pull_inputs(s)
                     emit(s)
@@ -254,8 +268,12 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     sync = schedule.method == "sequential" or bool(schedule.meta.get("sync_collectives", False))
     bound_mb = ctx.config.max_in_flight_mb
     held: list[str] = []
+    held_alone: list[str] = []
+    by_name = {n.name: n for n in gm.graph.nodes}
+    alone = {t for t, (start, _) in taskmap.collective.items() if start in by_name and flies_alone(by_name[start])}
     order = order_nodes(gm, schedule, taskmap, sync_collectives=sync, held=held, costs=ctx.costs,
-                        max_in_flight_bytes=None if bound_mb is None else int(bound_mb * 2**20))
+                        max_in_flight_bytes=None if bound_mb is None else int(bound_mb * 2**20),
+                        alone=alone, held_alone=held_alone)
     apply_order(gm, order)
     write_meta(gm, taskmap)
     ctx.notes.append(f"{ctx.graph_kind}: nodes ordered by the {schedule.method or 'given'} schedule "
@@ -264,4 +282,9 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.notes.append(f"{ctx.graph_kind}: {len(held)} collective(s) issued later than the schedule asks, to keep "
                          f"at most {bound_mb:g} MB of collective buffers in flight (max_in_flight_mb): "
                          + ", ".join(held[:4]) + (" ..." if len(held) > 4 else ""))
+    if held_alone:
+        ctx.notes.append(f"{ctx.graph_kind}: {len(held_alone)} collective(s) issued later than the schedule asks, so "
+                         f"that no all-gather on gloo shares the link with another collective (gloo's "
+                         f"all_gather_into_tensor corrupts memory then): "
+                         + ", ".join(held_alone[:4]) + (" ..." if len(held_alone) > 4 else ""))
     return gm

@@ -17,6 +17,7 @@ from torch.testing import FileCheck
 
 from fsmoe_compiler.passes.annotate import AnnotateError, annotate, order_nodes, task_order
 from fsmoe_compiler.passes.context import PassContext
+from fsmoe_compiler.passes.graph_utils import apply_order
 from fsmoe_compiler.passes.taskgraph import build_taskgraph, taskgraph
 from fsmoe_compiler.passes.verify import check_topological, collective_order
 from fsmoe_compiler.passes.streams import stream_of
@@ -181,6 +182,42 @@ def test_a_collective_held_back_by_the_in_flight_bound_goes_out_when_a_node_read
     assert held == ["second"]  # held back, then issued (after the oldest wait) when `rows` needed it
     assert order.index("first") < order.index("wait_first") < order.index("second") < order.index("rows"), order
     assert _names(order_nodes(gm, s, tm)).index("second") < order.index("second")  # unbounded: issued earlier
+
+
+def _in_flight_at_issue(order: list[str], pairs: dict[str, str]) -> dict[str, list[str]]:
+    """Per collective start (``pairs``: start -> wait name), the collectives issued and not yet waited when it goes."""
+    out, flying = {}, []
+    for name in order:
+        if name in pairs:
+            out[name] = list(flying)
+            flying.append(name)
+        for start in [f for f in flying if pairs[f] == name]:
+            flying.remove(start)
+    return out
+
+
+@pytest.mark.parametrize("alone", [["a2a_d0"], ["a2a_c0"], ["a2a_d1", "a2a_c1"]])
+def test_a_collective_that_flies_alone_has_nothing_in_flight_beside_it(alone):
+    gm = forward_ep_chunked()
+    tg, tm = build_taskgraph(gm, cost_table(FWD_COSTS), "forward")
+    s = heuristic_schedule(tg)
+    pairs = dict(tm.collective.values())
+    tasks = {t for t, (start, _) in tm.collective.items() if start in alone}
+    held: list = []
+    order = _names(order_nodes(gm, s, tm, alone=tasks, held_alone=held))
+    free = _names(order_nodes(gm, s, tm))
+    flying, flying_free = _in_flight_at_issue(order, pairs), _in_flight_at_issue(free, pairs)
+    for start in pairs:
+        if start in alone:
+            assert flying[start] == [], (start, order)  # issued with nothing in flight ...
+        else:
+            assert not set(flying[start]) & set(alone), (start, order)  # ... and nothing issued beside it
+    assert held and set(held) <= set(pairs)  # what went later than the schedule asked is named
+    # without the rule each of them shared the link
+    assert all(flying_free[a] or any(a in f for f in flying_free.values()) for a in alone)
+    assert _names(order_nodes(gm, s, tm, alone=set())) == free
+    apply_order(gm, order_nodes(gm, s, tm, alone=tasks))
+    check_topological(gm)
 
 
 def test_nothing_moves_across_a_barrier():

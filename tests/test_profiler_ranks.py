@@ -20,16 +20,22 @@ from fsmoe_compiler.planner import LINK_STREAM, SLOPE_ANCHOR_BYTES
 SIZES = (1 << 16, 1 << 20, 1 << 23)  # bytes sent per rank: 64 KiB .. 8 MiB, far apart so load noise cannot hide beta
 
 
+_ISSUES = (torch.ops._c10d_functional.all_to_all_single.default,
+           torch.ops._c10d_functional.all_gather_into_tensor.default)
+
+
 class _CountWaits(TorchDispatchMode):
-    """Counts ``wait_tensor`` (``count``) and ``all_to_all_single`` (``issued``) calls that reach the dispatcher."""
+    """Counts ``wait_tensor`` (``count``) and all-to-all / all-gather calls (``issued``) that reach the
+    dispatcher, and the most issued and not yet waited for at once (``most_in_flight``)."""
 
     def __enter__(self):
-        self.count = self.issued = 0
+        self.count = self.issued = self.most_in_flight = 0
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func is torch.ops._c10d_functional.wait_tensor.default
-        self.issued += func is torch.ops._c10d_functional.all_to_all_single.default
+        self.issued += func in _ISSUES
+        self.most_in_flight = max(self.most_in_flight, self.issued - self.count)
         return func(*args, **(kwargs or {}))
 
 
@@ -54,6 +60,21 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
     loaded = microbenchmark_contention(None, "all_to_all", SIZES[:1], repeats=2)
     with _CountWaits() as streamed_calls:  # each repetition: 3 all-to-alls back to back, timed as their mean
         streamed = microbenchmark_collectives(None, ["all_to_all"], SIZES[:1], repeats=2, stream=3)
+    with _CountWaits() as gathers:  # gloo's all-gather never shares the link: one at a time, still 3 per repetition
+        microbenchmark_collectives(None, ["all_gather"], SIZES[:1], repeats=2, stream=3)
+    from fsmoe_compiler.ops import flies_alone, is_gloo_group
+
+    def both(x):
+        import torch.distributed._functional_collectives as funcol
+
+        g = funcol.wait_tensor(funcol.all_gather_tensor(x, 0, dist.group.WORLD))
+        return funcol.wait_tensor(funcol.all_to_all_single(g, None, None, dist.group.WORLD))
+
+    traced = make_fx(both)(torch.randn(4, 2))
+    alone = {n.target.name().split("::")[1]: flies_alone(n) for n in traced.graph.nodes
+             if n.op == "call_function" and "wait" not in str(n.target)}
+    gloo = (is_gloo_group(dist.group.WORLD), is_gloo_group(dist.group.WORLD.group_name),
+            is_gloo_group(dist.group.WORLD, "cuda"), is_gloo_group("no-such-group"))
     try:
         microbenchmark_collectives(None, ["all_to_all"], SIZES[:1], stream=0)
         bad_stream = None
@@ -91,7 +112,10 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
         "loaded": [(s["bytes"], s["repeat"], s["beside"], s["ms"] > 0, s["load_ms"] > 0) for s in loaded],
         "shares": cpu_shares(samples + loaded),
         "streamed": [(s["bytes"], s["repeat"], s["stream"], s["ms"] > 0) for s in streamed],
-        "streamed_calls": (streamed_calls.issued, streamed_calls.count),
+        "streamed_calls": (streamed_calls.issued, streamed_calls.count, streamed_calls.most_in_flight),
+        "gathers": (gathers.issued, gathers.count, gathers.most_in_flight),
+        "alone": alone,
+        "gloo": gloo,
         "bad_stream": bad_stream,
         "links": sorted({(s["bytes"], s.get("stream"), bool(s.get("beside"))) for s in links}, key=str),
         "same_outputs": all(torch.equal(o, expected) for o in (out, exposed, timed)),
@@ -113,7 +137,11 @@ def test_two_ranks_measure_fit_profile_and_agree_on_identical_costs(rank_pool):
         assert r["repeats"] == [(n, i) for n in SIZES for i in range(3)]  # what last_arrivals pairs ranks by
         assert r["loaded"] == [(SIZES[0], i, True, True, True) for i in range(2)]
         assert r["streamed"] == [(SIZES[0], i, 3, True) for i in range(2)]
-        assert r["streamed_calls"] == (1 + 2 * 3, 1 + 2 * 3)  # the warm-up, then 2 repetitions of 3, each waited
+        # the warm-up, then 2 repetitions of 3 all-to-alls issued back to back, each waited
+        assert r["streamed_calls"] == (1 + 2 * 3, 1 + 2 * 3, 3)
+        assert r["gathers"] == (1 + 2 * 3, 1 + 2 * 3, 1)  # all-gathers on gloo: one in flight at a time
+        assert r["alone"] == {"all_gather_into_tensor": True, "all_to_all_single": False}
+        assert r["gloo"] == (True, True, False, False)
         assert "stream must be >= 1" in r["bad_stream"] and "got 0" in r["bad_stream"]
         # planning times the graph's own message back to back (and beside a load), and the slope's anchor
         a2a = 64 * 16 * 4

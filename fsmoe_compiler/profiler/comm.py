@@ -24,6 +24,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 from fsmoe_compiler.names import ALL_GATHER, ALL_TO_ALL, REDUCE_SCATTER, check_kind, comm_key
+from fsmoe_compiler.ops import is_gloo_group
 from fsmoe_compiler.scheduler.costs import LinearCost
 
 DEFAULT_SIZES_BYTES = (1 << 16, 1 << 18, 1 << 20)
@@ -96,7 +97,9 @@ def microbenchmark_collectives(
     to back and then waited for, timed as their mean: with ``stream`` > 1 that
     is what a message costs on a link kept busy, as a pipelined graph keeps it
     (on the emulated 300 Mbit/s link a 300 KiB all-to-all took 3.7 ms alone
-    after a barrier and 4.5 ms back to back in the graph). Returns samples
+    after a barrier and 4.5 ms back to back in the graph). A kind that must fly
+    alone on ``group`` (an all-gather on gloo: ``ops.GLOO_ALONE_OPS``) is waited
+    for before the next is issued, as the scheduled graph runs it. Returns samples
     ``{"node": None, "kind", "group", "group_size", "bytes", "repeat", "ms", "stream"}`` (``repeat``: the
     repetition's index, the same on every rank, which :func:`last_arrivals` pairs them by).
     """
@@ -118,6 +121,7 @@ def microbenchmark_collectives(
         device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else "cpu"
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     samples: list[dict] = []
+    one_at_a_time = {ALL_GATHER} if is_gloo_group(group, torch.device(device).type) else set()
     for kind in kinds:
         for nbytes in sizes_bytes:
             numel = max(size, (int(nbytes) // 4) // size * size)
@@ -127,8 +131,12 @@ def microbenchmark_collectives(
                 dist.barrier(group)
                 sync()
                 start = time.perf_counter()
-                for out in [_issue(kind, x, group) for _ in range(stream)]:
-                    _wait(out)
+                if kind in one_at_a_time:
+                    for _ in range(stream):
+                        _wait(_issue(kind, x, group))
+                else:
+                    for out in [_issue(kind, x, group) for _ in range(stream)]:
+                        _wait(out)
                 sync()
                 ms = (time.perf_counter() - start) * 1e3 / stream
                 samples.append(
