@@ -334,8 +334,14 @@ class ScheduledGraph:
             raise
         except Exception as exc:  # noqa: BLE001 - agreed below, so every rank takes the same path
             error = f"{type(exc).__name__}: {exc}"
-        errors = {r: e for r, e in enumerate(control.meet(f"{self.tag}/{phase}-ok", error,
-                                                          what=f"{phase} of {self.what}")) if e}
+        try:
+            posted = control.meet(f"{self.tag}/{phase}-ok", error, what=f"{phase} of {self.what}")
+        except control.ExchangeTimeout as exc:
+            if error is None:
+                raise
+            # a peer that died mid-collective often fails this rank's own call too: keep both reasons
+            raise type(exc)(f"{exc}\n(this rank's {phase} had failed first: {error})") from exc
+        errors = {r: e for r, e in enumerate(posted) if e}
         if not errors:
             return value
         why = "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items()))

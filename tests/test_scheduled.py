@@ -262,3 +262,26 @@ def test_a_memory_bound_of_zero_keeps_every_schedule_within_the_traced_peak_or_s
             assert noted or peak <= traced, f"{kind}: peak {peak} > traced {traced} without a note"
             if noted:
                 assert noted[0].endswith("over max_peak_growth=0.0): the chunks run in traced order instead"), noted
+
+
+def test_a_failed_agreement_keeps_this_ranks_own_failure_beside_the_missing_peer(monkeypatch):
+    """A peer that died mid-collective often fails this rank's own profiling too; the error names both."""
+    from types import SimpleNamespace
+
+    from fsmoe_compiler.runtime import control
+    from fsmoe_compiler.scheduled_graph import ScheduledGraph
+
+    def gone(key, value, what):
+        raise control.RankGone(f"agreement {key!r} ({what}): rank(s) [1] did not arrive")
+
+    def measure():
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(control, "meet", gone)
+    slot = SimpleNamespace(tag="plan/x/0", what="the backward graph")
+    with pytest.raises(control.RankGone, match=r"(?s)rank\(s\) \[1\] did not arrive.*this rank's costs had failed "
+                                               r"first: RuntimeError: Connection closed by peer"):
+        ScheduledGraph._agreed(slot, measure, "costs")
+    with pytest.raises(control.RankGone) as err:  # nothing of its own failed: the peer's absence alone
+        ScheduledGraph._agreed(slot, lambda: 1, "costs")
+    assert "had failed first" not in str(err.value)
