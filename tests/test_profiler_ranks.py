@@ -67,7 +67,8 @@ def _profile_and_agree(rank: int, world_size: int) -> dict:
     def both(x):
         import torch.distributed._functional_collectives as funcol
 
-        g = funcol.wait_tensor(funcol.all_gather_tensor(x, 0, dist.group.WORLD))
+        gather = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+        g = funcol.wait_tensor(gather(x, 0, dist.group.WORLD))
         return funcol.wait_tensor(funcol.all_to_all_single(g, None, None, dist.group.WORLD))
 
     traced = make_fx(both)(torch.randn(4, 2))
