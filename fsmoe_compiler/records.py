@@ -235,7 +235,7 @@ def schedule_report(scheduler: str, plan: Any, profile_calls: int, cache_hit: bo
                                 start_ms=sched.start[tid], end_ms=sched.end[tid], kind=t.kind))
     rows.sort(key=lambda r: (r.start_ms, r.resource, r.task))
     costs = ctx.costs
-    links = {k: (c.alpha, c.beta * (1 << 20), costs.cpu_share.get(k)) for k, c in sorted(costs.comm.items())
+    links = {k: (c.alpha, c.beta * (1 << 20), costs.cpu_share.get(k), c.floor) for k, c in sorted(costs.comm.items())
              } if costs is not None else {}
     return ScheduleReport(scheduler=scheduler, degrees={layer: info.degree for layer, info in ctx.chunking.items()},
                           candidates=dict(plan.predicted), predicted_ms=sched.makespan, tasks=rows,

@@ -162,6 +162,33 @@ def test_fit_of_one_size_is_proportional_and_a_negative_intercept_is_clamped():
     assert flat.beta == 0.0 and flat.alpha == pytest.approx(0.75)
 
 
+def test_a_link_whose_small_messages_cost_more_than_the_line_gets_a_floor():
+    from fsmoe_compiler.profiler.comm import with_floor
+    from fsmoe_compiler.reporting.tables import link_models_text
+
+    def samples(points):
+        return [{"kind": "all_reduce", "group_size": 2, "bytes": n, "ms": t} for n, t in points for _ in range(3)]
+
+    # an all-reduce on the emulated 300 Mbit/s link, back to back: 384 B, 4 KiB, 64 KiB, 1 MiB
+    measured = [(384, 0.98), (4096, 0.77), (65536, 1.79), (1 << 20, 29.12)]
+    fit = fit_collectives(samples(measured))["all_reduce/2"]
+    line = LinearCost(fit.alpha, fit.beta)
+    assert line(384) < 0.6 and fit.floor == pytest.approx(0.77)  # the next size's time bounds the floor
+    assert fit(384) == fit(4096) == pytest.approx(0.77) and fit(1 << 20) == line(1 << 20)
+    on_a_line = [(n, 0.25 + 3e-5 * n) for n in (384, 4096, 65536, 1 << 20)]
+    assert fit_collectives(samples(on_a_line))["all_reduce/2"].floor == 0.0
+    assert with_floor(line, measured[:1]) is line  # one size: nothing to compare with
+    # the floor travels with the cost model (a cache written before it existed loads as a plain line)
+    costs = CostModel(comm={"all_reduce/2": fit})
+    assert CostModel.from_dict(costs.to_dict()).comm["all_reduce/2"] == fit
+    old = costs.to_dict()
+    old["comm"]["all_reduce/2"] = old["comm"]["all_reduce/2"][:2]
+    assert CostModel.from_dict(old).comm["all_reduce/2"] == line
+    assert "at least 0.770 ms" in link_models_text({"all_reduce/2": (fit.alpha, 28.0, None, fit.floor)})
+    with pytest.raises(ValueError, match="floor=-1"):
+        LinearCost(0.1, 0.0, -1.0)
+
+
 def test_last_arrivals_keep_each_repetitions_least_time_over_ranks_and_fit_their_typical_time():
     def rank(times: list[float], nbytes: int = 4096) -> list[dict]:
         return [{"node": None, "kind": "all_to_all", "group": "0", "group_size": 2, "bytes": nbytes, "repeat": i,

@@ -192,7 +192,8 @@ class CostModel:
         if odd:
             found.append(f"node costs not a time in [0, {ABSURD_MS:.0f}] ms: "
                          + ", ".join(f"{n}={self.node_ms[n]!r}" for n in odd[:5]))
-        odd = sorted(k for k, c in self.comm.items() if bad(c.alpha) or bad(c.beta) or bad(c.beta * (1 << 20)))
+        odd = sorted(k for k, c in self.comm.items()
+                     if bad(c.alpha) or bad(c.beta) or bad(c.beta * (1 << 20)) or bad(c.floor))
         if odd:
             found.append("link models not a time: " + ", ".join(
                 f"{k} (alpha {self.comm[k].alpha!r}, beta {self.comm[k].beta!r})" for k in odd[:5]))
@@ -214,7 +215,7 @@ class CostModel:
         return {
             "schema": SCHEMA,
             "node_ms": dict(self.node_ms),
-            "comm": {k: [c.alpha, c.beta] for k, c in sorted(self.comm.items())},
+            "comm": {k: [c.alpha, c.beta, c.floor] for k, c in sorted(self.comm.items())},
             "samples": [dict(s) for s in self.samples],
             "cpu_share": dict(sorted(self.cpu_share.items())),
         }
@@ -225,7 +226,7 @@ class CostModel:
             raise ValueError(f"cost model schema {data.get('schema')!r}, expected {SCHEMA}")
         return cls(
             node_ms={str(k): float(v) for k, v in data["node_ms"].items()},
-            comm={str(k): LinearCost(float(a), float(b)) for k, (a, b) in data["comm"].items()},
+            comm={str(k): LinearCost(*(float(x) for x in v)) for k, v in data["comm"].items()},
             samples=[dict(s) for s in data["samples"]],
             cpu_share={str(k): float(v) for k, v in data.get("cpu_share", {}).items()},  # absent before it existed
         )
@@ -260,7 +261,8 @@ def agree(costs: CostModel, key: str) -> CostModel:
 
     names, keys = sorted(costs.node_ms), sorted(costs.comm)
     mine = (names, keys, [costs.node_ms[n] for n in names],
-            [(costs.comm[k].alpha, costs.comm[k].beta) for k in keys], [dict(s) for s in costs.samples],
+            [(costs.comm[k].alpha, costs.comm[k].beta, costs.comm[k].floor) for k in keys],
+            [dict(s) for s in costs.samples],
             dict(costs.cpu_share))
     everyone = control.meet(key, mine, what="the cost model")
     if len(everyone) == 1:
@@ -271,7 +273,7 @@ def agree(costs: CostModel, key: str) -> CostModel:
                 f"ranks profiled different graphs: rank {r} and rank {control.rank()} disagree on the cost keys "
                 f"(nodes {_first_difference(their_names, names)}; links {_first_difference(their_keys, keys)})")
     node_ms = {n: max(e[2][i] for e in everyone) for i, n in enumerate(names)}
-    comm = {k: LinearCost(max(max(e[3][i][0] for e in everyone), 0.0), max(max(e[3][i][1] for e in everyone), 0.0))
+    comm = {k: LinearCost(*(max(max(e[3][i][j] for e in everyone), 0.0) for j in range(3)))
             for i, k in enumerate(keys)}
     samples = [dict(s) for e in everyone for s in e[4]]
     share = {k: max(e[5].get(k, 0.0) for e in everyone) for k in sorted({k for e in everyone for k in e[5]})}

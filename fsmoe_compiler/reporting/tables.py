@@ -88,9 +88,11 @@ def _codegen_words(sched: Any) -> str:
 
 
 def link_models_text(links: dict) -> str:
-    """``{key: (alpha ms, ms per MiB, host CPU share or None)}`` as one line, by key."""
-    return "; ".join(f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + ("" if share is None else f", host CPU share {share:.2f}")
-                     for k, (a, b, share) in sorted(links.items()))
+    """``{key: (alpha ms, ms per MiB, host CPU share or None[, floor ms])}`` as one line, by key."""
+    def one(k: str, a: float, b: float, share: float | None, floor: float = 0.0) -> str:
+        return (f"{k} {a:.3f} ms + {b:.3f} ms/MiB" + (f", at least {floor:.3f} ms" if floor else "")
+                + ("" if share is None else f", host CPU share {share:.2f}"))
+    return "; ".join(one(k, *v) for k, v in sorted(links.items()))
 
 
 def _calls_words(sched: Any) -> str:

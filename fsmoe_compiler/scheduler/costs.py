@@ -1,4 +1,4 @@
-"""Linear cost models: ``t(n) = alpha + beta * n`` milliseconds, and their least-squares fit.
+"""Linear cost models: ``t(n) = max(floor, alpha + beta * n)`` milliseconds, and their least-squares fit.
 
 FSMoE prices every operation this way: ``n`` is elements or bytes for a
 collective and multiply-accumulates for a GEMM, whatever the caller fitted it
@@ -16,17 +16,25 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class LinearCost:
-    """t(n) = alpha + beta * n, in milliseconds."""
+    """t(n) = max(floor, alpha + beta * n), in milliseconds; ``floor`` 0 (the default) is the plain line.
+
+    The floor is a link's least time per message where small messages cost
+    more than the line through the large ones says (see
+    ``profiler.comm.fit_collectives``).
+    """
 
     alpha: float
     beta: float
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.beta < 0 or not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
-            raise ValueError(f"LinearCost needs finite alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}")
+        values = (self.alpha, self.beta, self.floor)
+        if min(values) < 0 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"LinearCost needs finite alpha, beta, floor >= 0, got alpha={self.alpha}, "
+                             f"beta={self.beta}, floor={self.floor}")
 
     def __call__(self, n: float) -> float:
-        return self.alpha + self.beta * n
+        return max(self.floor, self.alpha + self.beta * n)
 
     @classmethod
     def fit(cls, ns: Sequence[float], ts: Sequence[float]) -> "LinearCost":
