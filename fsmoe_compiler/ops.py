@@ -259,7 +259,8 @@ def collective_bytes(node: fx.Node) -> int:
     return 0
 
 
-def _resolve_group_size(group_name: str | None) -> int | None:
+def _live_group(group_name: str | None) -> Any:
+    """The live process group named ``group_name``, or None (no torch.distributed, or a name from another run)."""
     if group_name is None:
         return None
     try:
@@ -269,9 +270,14 @@ def _resolve_group_size(group_name: str | None) -> int | None:
             return None
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        return int(_resolve_process_group(group_name).size())
+        return _resolve_process_group(group_name)
     except Exception:  # noqa: BLE001 - unknown name (graph captured in another run)
         return None
+
+
+def _resolve_group_size(group_name: str | None) -> int | None:
+    group = _live_group(group_name)
+    return None if group is None else int(group.size())
 
 
 def collective_group_size(node: fx.Node) -> int | None:
@@ -308,17 +314,15 @@ GLOO_ALONE_OPS = frozenset({"all_gather_into_tensor", "all_gather_into_tensor_co
 def is_gloo_group(group: Any, device_type: str = "cpu") -> bool:
     """Whether collectives on ``group`` (a process group or its name) with tensors on ``device_type`` run on
     gloo; False when torch.distributed is not initialised or the name is unknown."""
+    import torch.distributed as dist
+
+    if isinstance(group, str):
+        group = _live_group(group)
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return False
     try:
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            return False
-        if isinstance(group, str):
-            from torch.distributed.distributed_c10d import _resolve_process_group
-
-            group = _resolve_process_group(group)
         backend = str(dist.get_backend(group)).lower()
-    except Exception:  # noqa: BLE001 - unknown name (graph captured in another run)
+    except Exception:  # noqa: BLE001 - a group this process is not in
         return False
     if ":" in backend:  # "cpu:gloo,cuda:nccl": the tensors' device picks the backend
         parts = dict(p.split(":", 1) for p in backend.split(",") if ":" in p)
